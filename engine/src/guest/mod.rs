@@ -1,0 +1,234 @@
+//! Guest abstractions: memory, dirty log and vCPUs, and the synthetic guest that implements them.
+//!
+//! The engine reads a guest only through three small traits, so that a KVM adapter, a vm-memory adapter and the
+//! synthetic guest are interchangeable:
+//! - [`GuestMemory`] hands out host mappings of guest RAM ([`HostRegion`]s). Pages are numbered globally, regions
+//!   concatenated in order, and the engine copies pages out of (source) or into (destination) those mappings.
+//! - [`DirtyLog`] harvests the pages written since the last harvest and clears them, as KVM's dirty log does.
+//! - [`Vcpus`] throttles, pauses, resumes, and saves or restores an opaque state blob.
+
+mod mmap;
+mod synthetic;
+
+pub use mmap::{resident_pages, MmapRegion};
+pub use synthetic::{PageKind, SyntheticConfig, SyntheticGuest, SyntheticVcpus, TEXT_WORDS};
+
+use crate::dirty::Bitmap;
+use std::ptr::NonNull;
+
+/// The page size the engine moves. Guests with larger pages present them as runs of 4 KiB pages.
+pub const PAGE_SIZE: usize = 4096;
+
+/// Errors from guest adapters.
+#[derive(Debug, thiserror::Error)]
+pub enum GuestError {
+    /// Mapping guest memory failed.
+    #[error("mapping {bytes} bytes of guest memory failed: {source}")]
+    Map {
+        /// Size asked for.
+        bytes: u64,
+        /// The OS error.
+        source: std::io::Error,
+    },
+    /// The guest's memory size is not a whole number of pages, or is zero.
+    #[error(
+        "guest memory of {0} bytes is not a non-zero multiple of the {PAGE_SIZE}-byte page size"
+    )]
+    BadSize(u64),
+    /// A page range reaches past the end of guest memory.
+    #[error("pages {first}..{end} are outside guest memory of {pages} pages")]
+    OutOfRange {
+        /// First page asked for.
+        first: u64,
+        /// One past the last page asked for.
+        end: u64,
+        /// Pages the guest has.
+        pages: u64,
+    },
+    /// A saved vCPU state blob could not be restored.
+    #[error("vCPU state blob rejected: {0}")]
+    BadState(String),
+    /// A vCPU thread could not be started.
+    #[error("starting a vCPU thread failed: {0}")]
+    Thread(std::io::Error),
+    /// Reading the kernel's page map failed.
+    #[error("reading /proc/self/pagemap failed: {0}")]
+    PageMap(std::io::Error),
+}
+
+/// A host mapping of one contiguous range of guest-physical memory.
+#[derive(Debug, Clone, Copy)]
+pub struct HostRegion {
+    guest_addr: u64,
+    ptr: NonNull<u8>,
+    len: usize,
+}
+
+// SAFETY: a HostRegion is an address range, not an owner; the memory object that hands it out guarantees the mapping
+// outlives it and is shared between threads by design (guest memory is written by vCPUs and read by the migration).
+unsafe impl Send for HostRegion {}
+// SAFETY: as for Send; all access through it goes through raw-pointer copies.
+unsafe impl Sync for HostRegion {}
+
+impl HostRegion {
+    /// Describes `len` bytes of host memory at `ptr`, holding guest-physical `guest_addr..guest_addr + len`.
+    ///
+    /// # Safety
+    /// `ptr` must be valid for reads and writes of `len` bytes for as long as the [`GuestMemory`] that returns this
+    /// region is alive, and `len` must be a multiple of [`PAGE_SIZE`].
+    pub unsafe fn new(guest_addr: u64, ptr: NonNull<u8>, len: usize) -> Self {
+        debug_assert_eq!(len % PAGE_SIZE, 0);
+        HostRegion {
+            guest_addr,
+            ptr,
+            len,
+        }
+    }
+
+    /// Guest-physical address of the region's first byte.
+    pub fn guest_addr(&self) -> u64 {
+        self.guest_addr
+    }
+
+    /// Length in bytes.
+    pub fn len(&self) -> usize {
+        self.len
+    }
+
+    /// True for an empty region.
+    pub fn is_empty(&self) -> bool {
+        self.len == 0
+    }
+
+    /// Pages in the region.
+    pub fn pages(&self) -> u64 {
+        (self.len / PAGE_SIZE) as u64
+    }
+
+    /// Host address of the region's first byte.
+    pub fn as_ptr(&self) -> *mut u8 {
+        self.ptr.as_ptr()
+    }
+}
+
+/// The shape of guest memory, as the handshake carries it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct MemoryLayout {
+    /// (guest-physical address, length in bytes) per region, in page-numbering order.
+    pub regions: Vec<(u64, u64)>,
+}
+
+impl MemoryLayout {
+    /// Total pages over all regions.
+    pub fn total_pages(&self) -> u64 {
+        self.regions
+            .iter()
+            .map(|&(_, len)| len / PAGE_SIZE as u64)
+            .sum()
+    }
+
+    /// Total bytes over all regions.
+    pub fn total_bytes(&self) -> u64 {
+        self.regions.iter().map(|&(_, len)| len).sum()
+    }
+}
+
+/// Guest RAM as host mappings.
+pub trait GuestMemory: Send + Sync {
+    /// The regions, in page-numbering order.
+    fn regions(&self) -> &[HostRegion];
+
+    /// Pages that may hold non-zero data. Pages outside it are known to be zero and round 0 skips them. The default
+    /// claims every page, which is always safe.
+    fn maybe_nonzero(&self) -> Result<Bitmap, GuestError> {
+        Ok(Bitmap::full(self.total_pages()))
+    }
+
+    /// Total pages over all regions.
+    fn total_pages(&self) -> u64 {
+        self.regions().iter().map(HostRegion::pages).sum()
+    }
+
+    /// The layout for the handshake.
+    fn layout(&self) -> MemoryLayout {
+        MemoryLayout {
+            regions: self
+                .regions()
+                .iter()
+                .map(|r| (r.guest_addr, r.len as u64))
+                .collect(),
+        }
+    }
+}
+
+/// Where a run of pages lives in host memory.
+///
+/// Returns the host pointer of page `first` and how many of the `count` pages follow it contiguously in the same
+/// region (a run that crosses a region boundary is served in pieces), or an error when `first` is out of range.
+pub fn host_pages(
+    mem: &dyn GuestMemory,
+    first: u64,
+    count: u64,
+) -> Result<(*mut u8, u64), GuestError> {
+    let mut base = 0u64;
+    for r in mem.regions() {
+        let pages = r.pages();
+        if first < base + pages {
+            let off = (first - base) as usize * PAGE_SIZE;
+            // SAFETY: off < r.len, inside the mapping HostRegion::new vouched for.
+            let ptr = unsafe { r.as_ptr().add(off) };
+            return Ok((ptr, count.min(base + pages - first)));
+        }
+        base += pages;
+    }
+    Err(GuestError::OutOfRange {
+        first,
+        end: first + count,
+        pages: base,
+    })
+}
+
+/// Copies page `page` of guest memory into `out` (exactly one page long).
+///
+/// Guest memory is shared with running vCPUs, so the copy may see a page mid-write. That is harmless: the writer sets
+/// the page's dirty bit after writing, so a torn copy is always sent again in a later round.
+pub fn read_page(mem: &dyn GuestMemory, page: u64, out: &mut [u8]) -> Result<(), GuestError> {
+    assert_eq!(out.len(), PAGE_SIZE);
+    let (ptr, _) = host_pages(mem, page, 1)?;
+    // SAFETY: host_pages returned a pointer to a whole page inside a live mapping; `out` is a distinct Rust buffer.
+    unsafe { std::ptr::copy_nonoverlapping(ptr, out.as_mut_ptr(), PAGE_SIZE) };
+    Ok(())
+}
+
+/// Copies `data` (exactly one page) into page `page` of guest memory.
+pub fn write_page(mem: &dyn GuestMemory, page: u64, data: &[u8]) -> Result<(), GuestError> {
+    assert_eq!(data.len(), PAGE_SIZE);
+    let (ptr, _) = host_pages(mem, page, 1)?;
+    // SAFETY: as in read_page; the destination guest's vCPUs are not running while pages are applied.
+    unsafe { std::ptr::copy_nonoverlapping(data.as_ptr(), ptr, PAGE_SIZE) };
+    Ok(())
+}
+
+/// Harvests written pages, the way KVM's dirty log does.
+pub trait DirtyLog: Send + Sync {
+    /// ORs every page written since the previous harvest into `out` and clears those pages in the log.
+    fn harvest(&self, out: &mut Bitmap) -> Result<(), GuestError>;
+}
+
+/// The guest's virtual CPUs, as the migration controls them.
+pub trait Vcpus: Send + Sync {
+    /// Makes the vCPUs sleep `pct` percent (0–99) of each time slice. 0 means unthrottled.
+    fn set_throttle(&self, pct: f64);
+    /// The throttle in force, in percent.
+    fn throttle(&self) -> f64;
+    /// Stops every vCPU and returns once none of them can write guest memory any more.
+    fn pause(&self);
+    /// Lets the vCPUs run again.
+    fn resume(&self);
+    /// True while paused.
+    fn is_paused(&self) -> bool;
+    /// The vCPU state as an opaque, versioned blob. Call while paused.
+    fn save_state(&self) -> Result<Vec<u8>, GuestError>;
+    /// Loads a blob from [`Vcpus::save_state`] on the destination, before [`Vcpus::resume`].
+    fn restore_state(&self, blob: &[u8]) -> Result<(), GuestError>;
+}

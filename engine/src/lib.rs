@@ -1,0 +1,17 @@
+//! livemig's engine: everything about a migration that is not I/O.
+//!
+//! - [`guest`]: the guest abstractions (memory, dirty log, vCPUs) and the synthetic guest.
+//! - [`dirty`]: dirty bitmaps and the parallel word-at-a-time scan that turns them into page runs.
+//! - [`encode`]: zero pages, the compression decision, batches, and the per-page hash tables.
+//! - [`precopy`]: the sans-IO pre-copy state machine and its estimators.
+//! - [`receive`]: the destination's page apply with the per-page epoch rule.
+//!
+//! Drivers (threads and sockets, in `livemig-transport`) read guest memory through [`guest`], encode with
+//! [`encode`], and let the [`precopy`] machine decide what happens next.
+#![deny(missing_docs)]
+
+pub mod dirty;
+pub mod encode;
+pub mod guest;
+pub mod precopy;
+pub mod receive;

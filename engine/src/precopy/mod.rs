@@ -1,0 +1,334 @@
+//! The pre-copy state machine: sans-IO, deterministic, driven by its caller.
+//!
+//! The machine owns no sockets, threads or clocks. Its inputs are events with the time they happened (pages
+//! delivered, a round finished, a harvest, the vCPUs paused, the peer's verdict, a failure); its outputs are
+//! [`Action`]s, taken with [`Precopy::poll`], that a driver carries out and reports back on:
+//!
+//! ```text
+//!  SendRound(0: all maybe-non-zero pages) ─▶ round_delivered ─▶ Harvest ─▶ harvested(dirty)
+//!        ▲                                                                    │
+//!        └──── SendRound(r+1: dirty) ◀── predicted pause > target, r < cap ───┤
+//!                                                                             ▼ fits (or round cap)
+//!  Pause ─▶ paused ─▶ Harvest ─▶ harvested ─▶ SendRound(final) ─▶ round_delivered ─▶ SendState ─▶ state_delivered
+//!        ─▶ Verify ─▶ verified(ok) ─▶ Commit ─▶ committed ─▶ Done(Completed)
+//!  any failure before Commit ─▶ ResumeSource ─▶ Done(Failed)
+//! ```
+//!
+//! The stop rule: the pause is predicted as (dirty pages × measured wire bytes per page) ÷ measured bandwidth + the
+//! switchover's fixed cost. When that fits the downtime target the machine stops and copies; after `max_rounds`
+//! rounds it stops regardless.
+
+mod estimate;
+
+pub use estimate::RateEstimator;
+
+use crate::dirty::Bitmap;
+use std::collections::VecDeque;
+use std::time::{Duration, Instant};
+
+/// Tunables of a migration.
+#[derive(Debug, Clone, PartialEq)]
+pub struct PrecopyConfig {
+    /// The pause the migration aims for.
+    pub downtime_target: Duration,
+    /// Pre-copy rounds (round 0 included) after which the machine switches over whatever is left.
+    pub max_rounds: u32,
+    /// The switchover's fixed cost (vCPU state, verification, commit round trip), added to every prediction.
+    pub switchover_cost: Duration,
+}
+
+impl Default for PrecopyConfig {
+    fn default() -> Self {
+        PrecopyConfig {
+            downtime_target: Duration::from_millis(300),
+            max_rounds: 30,
+            switchover_cost: Duration::from_millis(5),
+        }
+    }
+}
+
+/// What the driver must do next.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Action {
+    /// Read, encode and send the pages in `pages` as round `epoch`, reporting deliveries with
+    /// [`Precopy::delivered`] and the end of the round with [`Precopy::round_delivered`].
+    SendRound {
+        /// The round number, carried by every frame as its epoch.
+        epoch: u32,
+        /// The pages to send.
+        pages: Bitmap,
+        /// True for the stop-and-copy round, sent with the vCPUs paused.
+        last: bool,
+    },
+    /// Harvest the dirty log and report it with [`Precopy::harvested`].
+    Harvest,
+    /// Pause the vCPUs and report with [`Precopy::paused`].
+    Pause,
+    /// Send the vCPU state and report with [`Precopy::state_delivered`].
+    SendState,
+    /// Ask the destination to compare digests and report its verdict with [`Precopy::verified`].
+    Verify,
+    /// Tell the destination to resume the guest; report its acknowledgement with [`Precopy::committed`].
+    Commit,
+    /// Resume the source's vCPUs, unthrottled: the migration failed before commit and the source keeps the guest.
+    ResumeSource,
+    /// Nothing more to do.
+    Done(Outcome),
+}
+
+/// How a migration ended.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Outcome {
+    /// The destination runs the guest; its memory was verified equal to the source's.
+    Completed,
+    /// The source keeps running the guest. The reason names what went wrong.
+    Failed(String),
+}
+
+/// One round's figures.
+#[derive(Debug, Clone, PartialEq)]
+pub struct RoundStats {
+    /// Round number.
+    pub index: u32,
+    /// Pages the round sent.
+    pub dirty_pages: u64,
+    /// Wire bytes the round's pages took, as delivered.
+    pub bytes_on_wire: u64,
+    /// From the round's start to its last delivery.
+    pub duration: Duration,
+    /// True for the stop-and-copy round.
+    pub last: bool,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Phase {
+    Rounds,
+    Pausing,
+    FinalHarvest,
+    FinalRound,
+    State,
+    Verifying,
+    Committing,
+    Done,
+}
+
+/// The pre-copy state machine.
+#[derive(Debug)]
+pub struct Precopy {
+    cfg: PrecopyConfig,
+    phase: Phase,
+    actions: VecDeque<Action>,
+    epoch: u32,
+    round_start: Instant,
+    round_bytes: u64,
+    round_pages: u64,
+    rounds: Vec<RoundStats>,
+    rate: RateEstimator,
+    bytes_per_page: f64,
+    paused_at: Option<Instant>,
+    predicted: Option<Duration>,
+    /// The harvest that triggered the pause, sent with the final one.
+    pending_final: Option<Bitmap>,
+}
+
+impl Precopy {
+    /// Starts a migration at `now`. `initial` holds the pages that may be non-zero; the driver must have cleared the
+    /// dirty log just before reading it, so that every later write shows up in a harvest.
+    pub fn new(cfg: PrecopyConfig, initial: Bitmap, now: Instant) -> Self {
+        let mut m = Precopy {
+            cfg,
+            phase: Phase::Rounds,
+            actions: VecDeque::new(),
+            epoch: 0,
+            round_start: now,
+            round_bytes: 0,
+            round_pages: initial.count_ones(),
+            rounds: Vec::new(),
+            rate: RateEstimator::new(Duration::from_millis(500)),
+            bytes_per_page: crate::guest::PAGE_SIZE as f64,
+            paused_at: None,
+            predicted: None,
+            pending_final: None,
+        };
+        m.actions.push_back(Action::SendRound {
+            epoch: 0,
+            pages: initial,
+            last: false,
+        });
+        m
+    }
+
+    /// The next action, if any is ready.
+    pub fn poll(&mut self) -> Option<Action> {
+        self.actions.pop_front()
+    }
+
+    /// `bytes` of wire data, carrying `pages` pages of the current round, were delivered at `at`.
+    pub fn delivered(&mut self, bytes: u64, at: Instant) {
+        self.round_bytes += bytes;
+        self.rate.record(at, bytes);
+    }
+
+    /// Every page of the current round has been delivered.
+    pub fn round_delivered(&mut self, now: Instant) {
+        let stats = RoundStats {
+            index: self.epoch,
+            dirty_pages: self.round_pages,
+            bytes_on_wire: self.round_bytes,
+            duration: now.saturating_duration_since(self.round_start),
+            last: self.phase == Phase::FinalRound,
+        };
+        if stats.dirty_pages > 0 {
+            self.bytes_per_page = stats.bytes_on_wire as f64 / stats.dirty_pages as f64;
+        }
+        self.rounds.push(stats);
+        match self.phase {
+            Phase::Rounds => self.actions.push_back(Action::Harvest),
+            Phase::FinalRound => {
+                self.phase = Phase::State;
+                self.actions.push_back(Action::SendState);
+            }
+            _ => {}
+        }
+    }
+
+    /// The dirty log's harvest, taken at `now`.
+    pub fn harvested(&mut self, dirty: Bitmap, now: Instant) {
+        let pages = dirty.count_ones();
+        match self.phase {
+            Phase::Rounds => {
+                let predicted = self.predict(pages);
+                self.predicted = Some(predicted);
+                let rounds_done = self.epoch + 1;
+                if predicted <= self.cfg.downtime_target || rounds_done >= self.cfg.max_rounds {
+                    // The harvest is not lost: the final harvest after the pause ORs it back in.
+                    self.pending_final = Some(dirty);
+                    self.phase = Phase::Pausing;
+                    self.actions.push_back(Action::Pause);
+                } else {
+                    self.start_round(dirty, pages, now, false);
+                }
+            }
+            Phase::FinalHarvest => {
+                let mut all = self
+                    .pending_final
+                    .take()
+                    .unwrap_or_else(|| Bitmap::new(dirty.len()));
+                all.or_assign(&dirty);
+                let pages = all.count_ones();
+                self.phase = Phase::FinalRound;
+                self.start_round(all, pages, now, true);
+            }
+            _ => {}
+        }
+    }
+
+    fn start_round(&mut self, pages: Bitmap, count: u64, now: Instant, last: bool) {
+        self.epoch += 1;
+        self.round_start = now;
+        self.round_bytes = 0;
+        self.round_pages = count;
+        self.actions.push_back(Action::SendRound {
+            epoch: self.epoch,
+            pages,
+            last,
+        });
+    }
+
+    /// The vCPUs are paused.
+    pub fn paused(&mut self, now: Instant) {
+        if self.phase == Phase::Pausing {
+            self.paused_at = Some(now);
+            self.phase = Phase::FinalHarvest;
+            self.actions.push_back(Action::Harvest);
+        }
+    }
+
+    /// The vCPU state reached the destination.
+    pub fn state_delivered(&mut self) {
+        if self.phase == Phase::State {
+            self.phase = Phase::Verifying;
+            self.actions.push_back(Action::Verify);
+        }
+    }
+
+    /// The destination's verdict on the digests.
+    pub fn verified(&mut self, equal: bool) {
+        if self.phase != Phase::Verifying {
+            return;
+        }
+        if equal {
+            self.phase = Phase::Committing;
+            self.actions.push_back(Action::Commit);
+        } else {
+            self.fail("destination memory digest differs from the source's".into());
+        }
+    }
+
+    /// The destination acknowledged the commit: it runs the guest now.
+    pub fn committed(&mut self) {
+        if self.phase == Phase::Committing {
+            self.phase = Phase::Done;
+            self.actions.push_back(Action::Done(Outcome::Completed));
+        }
+    }
+
+    /// Something failed. Before the commit was sent, the source resumes and keeps the guest. Once it was sent, the
+    /// destination may already run the guest, so the source must not: it stays paused and the outcome is reported
+    /// as failed with the reason, for the operator to decide (vMotion and QEMU treat this window the same way).
+    pub fn fail(&mut self, reason: String) {
+        if self.phase == Phase::Done {
+            return;
+        }
+        let committing = self.phase == Phase::Committing;
+        self.phase = Phase::Done;
+        self.actions.clear();
+        if committing {
+            self.actions.push_back(Action::Done(Outcome::Failed(format!(
+                "commit not acknowledged ({reason}); the source stays paused because the destination may be running"
+            ))));
+        } else {
+            self.actions.push_back(Action::ResumeSource);
+            self.actions
+                .push_back(Action::Done(Outcome::Failed(reason)));
+        }
+    }
+
+    /// The pause predicted for `pages` dirty pages at the measured bandwidth and bytes per page.
+    pub fn predict(&self, pages: u64) -> Duration {
+        let wire = match self.rate.rate() {
+            Some(r) if r > 0.0 => {
+                Duration::from_secs_f64((pages as f64 * self.bytes_per_page / r).min(1e6))
+            }
+            // No measurement: only an empty set is known to fit.
+            _ if pages == 0 => Duration::ZERO,
+            _ => Duration::MAX / 2,
+        };
+        wire.saturating_add(self.cfg.switchover_cost)
+    }
+
+    /// The measured bandwidth in bytes per second, once known.
+    pub fn bandwidth(&self) -> Option<f64> {
+        self.rate.rate()
+    }
+
+    /// The current round.
+    pub fn epoch(&self) -> u32 {
+        self.epoch
+    }
+
+    /// The rounds finished so far.
+    pub fn rounds(&self) -> &[RoundStats] {
+        &self.rounds
+    }
+
+    /// When the vCPUs were paused.
+    pub fn paused_at(&self) -> Option<Instant> {
+        self.paused_at
+    }
+
+    /// The pause predicted at the last pre-copy harvest.
+    pub fn last_prediction(&self) -> Option<Duration> {
+        self.predicted
+    }
+}

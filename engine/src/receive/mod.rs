@@ -1,0 +1,280 @@
+//! The destination's page apply: decode each page, apply it only if it is not older than what the page holds, and
+//! record its hash.
+//!
+//! Frames can arrive out of order once several links carry them, so every page remembers the epoch (round) of the
+//! copy it holds. A copy is applied when its epoch is at least that (invariant 1, newest wins). Entries come from the
+//! wire, so every field is checked before it is used (invariant 5): the page index against the layout, the length
+//! against the codec, and an lz4 block must decode to exactly one page.
+
+use crate::encode::{page_hash, zero_page_hash, Codec, HashTable, PageCounts, PageEntry};
+use crate::guest::{host_pages, GuestMemory, PAGE_SIZE};
+
+/// A page entry the receiver cannot apply.
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+pub enum ApplyError {
+    /// The page index is past the end of guest memory.
+    #[error("page index {page} out of range: the guest has {pages} pages")]
+    PageOutOfRange {
+        /// The index received.
+        page: u64,
+        /// Pages the guest has.
+        pages: u64,
+    },
+    /// The payload length does not fit the codec.
+    #[error("page {page}: a {codec:?} payload of {len} bytes is impossible")]
+    BadLength {
+        /// The page.
+        page: u64,
+        /// Its codec.
+        codec: Codec,
+        /// The length received.
+        len: u32,
+    },
+    /// An lz4 block did not decode to exactly one page.
+    #[error("page {page}: lz4 block does not decode to one page: {reason}")]
+    Decompress {
+        /// The page.
+        page: u64,
+        /// What went wrong.
+        reason: String,
+    },
+}
+
+/// What one apply did.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Applied {
+    /// The page now holds this copy.
+    Written,
+    /// The page already held a newer copy; this one was dropped.
+    Stale,
+}
+
+/// The destination's view of guest memory during a migration.
+pub struct Receiver<'a> {
+    mem: &'a dyn GuestMemory,
+    pages: u64,
+    /// Per page: 0 if never applied, else epoch + 1 of the copy it holds.
+    epochs: Vec<u32>,
+    hashes: HashTable,
+    scratch: Box<[u8; PAGE_SIZE]>,
+    /// Pages applied, by codec.
+    pub counts: PageCounts,
+    /// Copies dropped as stale.
+    pub stale: u64,
+}
+
+impl<'a> Receiver<'a> {
+    /// A receiver writing into `mem`, which must be all zero (freshly mapped).
+    pub fn new(mem: &'a dyn GuestMemory) -> Self {
+        let pages = mem.total_pages();
+        Receiver {
+            mem,
+            pages,
+            epochs: vec![0; pages as usize],
+            hashes: HashTable::new(pages),
+            scratch: Box::new([0u8; PAGE_SIZE]),
+            counts: PageCounts::default(),
+            stale: 0,
+        }
+    }
+
+    /// Checks an entry against the layout and its codec, before any of its payload is touched.
+    pub fn check_entry(&self, e: &PageEntry) -> Result<(), ApplyError> {
+        if e.page >= self.pages {
+            return Err(ApplyError::PageOutOfRange {
+                page: e.page,
+                pages: self.pages,
+            });
+        }
+        let ok = match e.codec {
+            Codec::Zero => e.len == 0,
+            Codec::Raw => e.len as usize == PAGE_SIZE,
+            Codec::Lz4 => {
+                e.len > 0 && (e.len as usize) <= lz4_flex::block::get_maximum_output_size(PAGE_SIZE)
+            }
+        };
+        if ok {
+            Ok(())
+        } else {
+            Err(ApplyError::BadLength {
+                page: e.page,
+                codec: e.codec,
+                len: e.len,
+            })
+        }
+    }
+
+    /// Applies one page copy read in round `epoch`. `payload` is the entry's `len` bytes.
+    pub fn apply(
+        &mut self,
+        epoch: u32,
+        e: &PageEntry,
+        payload: &[u8],
+    ) -> Result<Applied, ApplyError> {
+        self.check_entry(e)?;
+        if payload.len() != e.len as usize {
+            return Err(ApplyError::BadLength {
+                page: e.page,
+                codec: e.codec,
+                len: payload.len() as u32,
+            });
+        }
+        let slot = &mut self.epochs[e.page as usize];
+        let stamp = epoch.saturating_add(1);
+        if *slot > stamp {
+            self.stale += 1;
+            return Ok(Applied::Stale);
+        }
+        let never_written = *slot == 0;
+        *slot = stamp;
+        let data: &[u8] = match e.codec {
+            Codec::Zero => {
+                self.counts.zero += 1;
+                self.hashes.set(e.page, zero_page_hash());
+                // Fresh destination memory is already zero: writing it would only fault the page in.
+                if never_written {
+                    return Ok(Applied::Written);
+                }
+                self.scratch.fill(0);
+                &self.scratch[..]
+            }
+            Codec::Raw => {
+                self.counts.raw += 1;
+                payload
+            }
+            Codec::Lz4 => {
+                let n = lz4_flex::block::decompress_into(payload, &mut self.scratch[..]).map_err(
+                    |err| ApplyError::Decompress {
+                        page: e.page,
+                        reason: err.to_string(),
+                    },
+                )?;
+                if n != PAGE_SIZE {
+                    return Err(ApplyError::Decompress {
+                        page: e.page,
+                        reason: format!("decoded to {n} bytes, not {PAGE_SIZE}"),
+                    });
+                }
+                self.counts.compressed += 1;
+                &self.scratch[..]
+            }
+        };
+        if e.codec != Codec::Zero {
+            self.hashes.set(e.page, page_hash(data));
+        }
+        let (ptr, _) = host_pages(self.mem, e.page, 1).map_err(|_| ApplyError::PageOutOfRange {
+            page: e.page,
+            pages: self.pages,
+        })?;
+        // SAFETY: host_pages points at one whole page of the destination's live mapping, whose vCPUs are paused until
+        // the migration commits; `data` is a separate buffer of exactly one page.
+        unsafe { std::ptr::copy_nonoverlapping(data.as_ptr(), ptr, PAGE_SIZE) };
+        Ok(Applied::Written)
+    }
+
+    /// The receiver's hash table.
+    pub fn hashes(&self) -> &HashTable {
+        &self.hashes
+    }
+
+    /// The root over the hashes of every page applied so far.
+    pub fn root(&self) -> u64 {
+        self.hashes.root()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::guest::{read_page, MemoryLayout, SyntheticGuest};
+
+    fn dest(pages: u64) -> SyntheticGuest {
+        SyntheticGuest::destination(&MemoryLayout {
+            regions: vec![(0, pages * PAGE_SIZE as u64)],
+        })
+        .unwrap()
+    }
+
+    fn raw(page: u64) -> PageEntry {
+        PageEntry {
+            page,
+            codec: Codec::Raw,
+            len: PAGE_SIZE as u32,
+        }
+    }
+
+    #[test]
+    fn newest_epoch_wins_in_any_arrival_order() {
+        let g = dest(4);
+        let mut r = Receiver::new(&g);
+        let (old, new) = (vec![1u8; PAGE_SIZE], vec![2u8; PAGE_SIZE]);
+        assert_eq!(r.apply(3, &raw(1), &new).unwrap(), Applied::Written);
+        assert_eq!(r.apply(2, &raw(1), &old).unwrap(), Applied::Stale);
+        let mut out = vec![0u8; PAGE_SIZE];
+        read_page(&g, 1, &mut out).unwrap();
+        assert_eq!(out, new);
+        assert_eq!(r.hashes().get(1), Some(page_hash(&new)));
+        // A zero page from a later round overwrites data.
+        r.apply(
+            4,
+            &PageEntry {
+                page: 1,
+                codec: Codec::Zero,
+                len: 0,
+            },
+            &[],
+        )
+        .unwrap();
+        read_page(&g, 1, &mut out).unwrap();
+        assert!(out.iter().all(|&b| b == 0));
+    }
+
+    #[test]
+    fn bad_entries_get_their_own_errors() {
+        let g = dest(4);
+        let mut r = Receiver::new(&g);
+        let page = vec![7u8; PAGE_SIZE];
+        assert_eq!(
+            r.apply(0, &raw(4), &page),
+            Err(ApplyError::PageOutOfRange { page: 4, pages: 4 })
+        );
+        let short = PageEntry {
+            page: 0,
+            codec: Codec::Raw,
+            len: 100,
+        };
+        assert!(matches!(
+            r.apply(0, &short, &page[..100]),
+            Err(ApplyError::BadLength { len: 100, .. })
+        ));
+        let zero_with_data = PageEntry {
+            page: 0,
+            codec: Codec::Zero,
+            len: 5,
+        };
+        assert!(matches!(
+            r.apply(0, &zero_with_data, &page[..5]),
+            Err(ApplyError::BadLength { .. })
+        ));
+        let garbage = PageEntry {
+            page: 0,
+            codec: Codec::Lz4,
+            len: 16,
+        };
+        assert!(matches!(
+            r.apply(0, &garbage, &[0xff; 16]),
+            Err(ApplyError::Decompress { .. })
+        ));
+        // A valid lz4 block of the wrong size.
+        let small = lz4_flex::block::compress(&[1u8; 100]);
+        let e = PageEntry {
+            page: 0,
+            codec: Codec::Lz4,
+            len: small.len() as u32,
+        };
+        assert!(matches!(
+            r.apply(0, &e, &small),
+            Err(ApplyError::Decompress { .. })
+        ));
+    }
+}
