@@ -1,1 +1,23 @@
+//! livemig: a live-migration memory transfer engine.
+//!
+//! This crate is the CLI's home and re-exports the two libraries an embedder needs:
+//! [`engine`] (guest abstractions, the sans-IO pre-copy machine, encoding, the receiver) and [`transport`] (the wire
+//! format and the source and destination drivers).
+//!
+//! ```no_run
+//! use livemig::engine::guest::{SyntheticConfig, SyntheticGuest};
+//! use livemig::transport::source::{migrate, SourceOptions};
+//!
+//! let guest = SyntheticGuest::new(&SyntheticConfig { memory_bytes: 64 << 20, ..Default::default() })?;
+//! let stream = std::net::TcpStream::connect("127.0.0.1:7000")?;
+//! let report = migrate(&guest, stream, &SourceOptions::default(), &|_| {});
+//! println!("{:?}", report.result);
+//! # Ok::<(), Box<dyn std::error::Error>>(())
+//! ```
+#![deny(missing_docs)]
 
+pub use livemig_engine as engine;
+pub use livemig_transport as transport;
+
+pub mod loopback;
+pub mod report;

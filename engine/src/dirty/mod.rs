@@ -192,13 +192,19 @@ where
         return vec![work(0)];
     }
     crossbeam::thread::scope(|s| {
-        let handles: Vec<_> = (1..workers).map(|i| s.spawn(move |_| work(i))).collect();
+        let handles: Vec<_> = (1..workers)
+            .map(|i| {
+                s.builder()
+                    .name(format!("lm-scan{i}"))
+                    .spawn(move |_| work(i))
+            })
+            .collect();
         let mut states = vec![work(0)];
-        states.extend(
-            handles
-                .into_iter()
-                .map(|h| h.join().expect("scan worker panicked")),
-        );
+        states.extend(handles.into_iter().map(|h| {
+            h.expect("spawning a scan worker")
+                .join()
+                .expect("scan worker panicked")
+        }));
         states
     })
     .expect("scan worker panicked")

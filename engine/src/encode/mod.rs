@@ -284,12 +284,15 @@ impl CodecPolicy {
             let old = a.load(Ordering::Relaxed);
             a.store((old * 7 + sample) / 8, Ordering::Relaxed);
         }
-        if input > 0 {
-            blend(&self.compress_ps_per_byte, nanos * 1000 / input);
-            blend(&self.ratio_milli, output * 1000 / input);
+        if let (Some(ps), Some(ratio)) = (
+            (nanos * 1000).checked_div(input),
+            (output * 1000).checked_div(input),
+        ) {
+            blend(&self.compress_ps_per_byte, ps);
+            blend(&self.ratio_milli, ratio);
         }
-        if nonzero > 0 {
-            blend(&self.compressible_milli, looked * 1000 / nonzero);
+        if let Some(share) = (looked * 1000).checked_div(nonzero) {
+            blend(&self.compressible_milli, share);
         }
     }
 }

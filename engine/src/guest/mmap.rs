@@ -18,7 +18,7 @@ impl MmapRegion {
     /// With `huge_pages`, the range is marked for transparent huge pages: a destination that receives hundreds of
     /// megabytes faults them in 2 MiB at a time instead of 4 KiB at a time, which is most of its apply cost.
     pub fn new(guest_addr: u64, bytes: u64, huge_pages: bool) -> Result<Self, GuestError> {
-        if bytes == 0 || bytes % PAGE_SIZE as u64 != 0 {
+        if bytes == 0 || !bytes.is_multiple_of(PAGE_SIZE as u64) {
             return Err(GuestError::BadSize(bytes));
         }
         let len = usize::try_from(bytes).map_err(|_| GuestError::BadSize(bytes))?;

@@ -11,7 +11,9 @@ mod mmap;
 mod synthetic;
 
 pub use mmap::{resident_pages, MmapRegion};
-pub use synthetic::{PageKind, SyntheticConfig, SyntheticGuest, SyntheticVcpus, TEXT_WORDS};
+pub use synthetic::{
+    PageKind, SyntheticConfig, SyntheticGuest, SyntheticVcpus, TEXT_WORDS, THROTTLE_SLICE,
+};
 
 use crate::dirty::Bitmap;
 use std::ptr::NonNull;
@@ -231,4 +233,18 @@ pub trait Vcpus: Send + Sync {
     fn save_state(&self) -> Result<Vec<u8>, GuestError>;
     /// Loads a blob from [`Vcpus::save_state`] on the destination, before [`Vcpus::resume`].
     fn restore_state(&self, blob: &[u8]) -> Result<(), GuestError>;
+}
+
+/// A whole guest as the drivers see it: memory, dirty log and vCPUs.
+pub trait Guest: Send + Sync {
+    /// Guest RAM.
+    fn memory(&self) -> &dyn GuestMemory;
+    /// The dirty log over that RAM.
+    fn dirty_log(&self) -> &dyn DirtyLog;
+    /// The vCPUs.
+    fn vcpus(&self) -> &dyn Vcpus;
+    /// The adapter's name, carried in the handshake ("synthetic", "kvm").
+    fn kind(&self) -> &'static str;
+    /// Number of vCPUs.
+    fn vcpu_count(&self) -> u32;
 }

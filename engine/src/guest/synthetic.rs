@@ -592,3 +592,21 @@ fn vcpu_loop(id: usize, mem: &Memory, control: &Control) {
         }
     }
 }
+
+impl super::Guest for SyntheticGuest {
+    fn memory(&self) -> &dyn GuestMemory {
+        self
+    }
+    fn dirty_log(&self) -> &dyn DirtyLog {
+        self
+    }
+    fn vcpus(&self) -> &dyn Vcpus {
+        &self.vcpus
+    }
+    fn kind(&self) -> &'static str {
+        "synthetic"
+    }
+    fn vcpu_count(&self) -> u32 {
+        self.vcpus.count() as u32
+    }
+}

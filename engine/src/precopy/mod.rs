@@ -163,7 +163,7 @@ impl Precopy {
         self.actions.pop_front()
     }
 
-    /// `bytes` of wire data, carrying `pages` pages of the current round, were delivered at `at`.
+    /// `bytes` of the current round's wire data were delivered at `at`.
     pub fn delivered(&mut self, bytes: u64, at: Instant) {
         self.round_bytes += bytes;
         self.rate.record(at, bytes);

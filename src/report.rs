@@ -1,0 +1,309 @@
+//! The JSON report of SPEC.md, built from the drivers' reports, and the terminal table.
+
+use livemig_engine::encode::PageCounts;
+use livemig_transport::source::{SourceReport, VerifyMode};
+use serde::Serialize;
+
+/// The guest part of the report.
+#[derive(Debug, Clone, Serialize)]
+pub struct GuestInfo {
+    /// "synthetic" or "kvm".
+    pub kind: String,
+    /// Guest RAM in bytes.
+    pub memory_bytes: u64,
+    /// Always 4096.
+    pub page_size: u64,
+    /// vCPUs.
+    pub vcpus: u32,
+}
+
+/// Pages by kind.
+#[derive(Debug, Clone, Copy, Serialize)]
+pub struct Pages {
+    /// All pages sent, zero markers included.
+    pub sent: u64,
+    /// Zero pages (markers).
+    pub zero: u64,
+    /// lz4 pages.
+    pub compressed: u64,
+    /// Raw pages.
+    pub raw: u64,
+}
+
+impl From<PageCounts> for Pages {
+    fn from(c: PageCounts) -> Self {
+        Pages {
+            sent: c.total(),
+            zero: c.zero,
+            compressed: c.compressed,
+            raw: c.raw,
+        }
+    }
+}
+
+/// One round.
+#[derive(Debug, Clone, Serialize)]
+pub struct Round {
+    /// Round number.
+    pub index: u32,
+    /// Pages sent in the round.
+    pub dirty_pages: u64,
+    /// Wire bytes of the round.
+    pub bytes_on_wire: u64,
+    /// Seconds from the round's start to its last acknowledgement.
+    pub duration_s: f64,
+    /// vCPU throttle during the round.
+    pub throttle_pct: f64,
+    /// Pages by codec (an addition to SPEC.md's fields).
+    pub pages: Pages,
+    /// True for the stop-and-copy round (an addition).
+    pub last: bool,
+}
+
+/// One link.
+#[derive(Debug, Clone, Serialize)]
+pub struct Link {
+    /// Local > remote.
+    pub name: String,
+    /// Bytes written to it.
+    pub bytes_on_wire: u64,
+    /// Average throughput, bits per second.
+    pub throughput_bps: f64,
+    /// Whether it failed.
+    pub failed: bool,
+}
+
+/// Where the pause went, in milliseconds (an addition to SPEC.md's fields).
+#[derive(Debug, Clone, Serialize)]
+pub struct Downtime {
+    /// Final harvest and last dirty pages.
+    pub last_pages_ms: f64,
+    /// vCPU state.
+    pub vcpu_state_ms: f64,
+    /// Digest comparison.
+    pub verification_ms: f64,
+    /// Commit round trip.
+    pub commit_ms: f64,
+    /// What the controller predicted when it stopped pre-copy.
+    pub predicted_ms: Option<f64>,
+}
+
+/// The report of SPEC.md.
+#[derive(Debug, Clone, Serialize)]
+pub struct Report {
+    /// "completed", "failed" or "cancelled".
+    pub status: &'static str,
+    /// The one-line reason when not completed.
+    pub error: Option<String>,
+    /// Destination memory digest equals the source's at switchover.
+    pub verified: bool,
+    /// "tables" or "full" (an addition).
+    pub verify_mode: &'static str,
+    /// The guest.
+    pub guest: GuestInfo,
+    /// Seconds from migration start to the destination resumed.
+    pub total_time_s: f64,
+    /// From source pause to destination resume, in ms; null when the migration did not switch over (or on the
+    /// destination, which cannot see the source's pause).
+    pub downtime_ms: Option<f64>,
+    /// The target.
+    pub downtime_target_ms: f64,
+    /// The parts of the downtime (an addition).
+    pub downtime_parts: Option<Downtime>,
+    /// Payload and framing bytes written to sockets, all links together.
+    pub bytes_on_wire: u64,
+    /// Pages by kind.
+    pub pages: Pages,
+    /// Per round.
+    pub rounds: Vec<Round>,
+    /// Per link.
+    pub links: Vec<Link>,
+    /// Highest throttle.
+    pub max_throttle_pct: f64,
+}
+
+fn ms(d: std::time::Duration) -> f64 {
+    d.as_secs_f64() * 1000.0
+}
+
+impl Report {
+    /// The source's report.
+    pub fn from_source(
+        r: &SourceReport,
+        guest: GuestInfo,
+        target_ms: f64,
+        verify: VerifyMode,
+    ) -> Report {
+        Report {
+            status: if r.result.is_ok() {
+                "completed"
+            } else {
+                "failed"
+            },
+            error: r.result.as_ref().err().map(|e| e.to_string()),
+            verified: r.verified,
+            verify_mode: match verify {
+                VerifyMode::Tables => "tables",
+                VerifyMode::Full => "full",
+            },
+            guest,
+            total_time_s: r.total_time.as_secs_f64(),
+            downtime_ms: r.downtime.map(ms),
+            downtime_target_ms: target_ms,
+            downtime_parts: r.downtime.map(|_| Downtime {
+                last_pages_ms: ms(r.downtime_parts.last_pages),
+                vcpu_state_ms: ms(r.downtime_parts.vcpu_state),
+                verification_ms: ms(r.downtime_parts.verification),
+                commit_ms: ms(r.downtime_parts.commit),
+                predicted_ms: r.predicted_downtime.map(ms),
+            }),
+            bytes_on_wire: r.bytes_on_wire,
+            pages: r.pages.into(),
+            rounds: r
+                .rounds
+                .iter()
+                .map(|x| Round {
+                    index: x.stats.index,
+                    dirty_pages: x.stats.dirty_pages,
+                    bytes_on_wire: x.stats.bytes_on_wire,
+                    duration_s: x.stats.duration.as_secs_f64(),
+                    throttle_pct: x.throttle_pct,
+                    pages: x.counts.into(),
+                    last: x.stats.last,
+                })
+                .collect(),
+            links: r
+                .links
+                .iter()
+                .map(|l| Link {
+                    name: l.name.clone(),
+                    bytes_on_wire: l.bytes_on_wire,
+                    throughput_bps: l.throughput_bps * 8.0,
+                    failed: l.failed,
+                })
+                .collect(),
+            max_throttle_pct: r.max_throttle_pct,
+        }
+    }
+
+    /// The per-round table and the summary, for a terminal.
+    pub fn table(&self) -> String {
+        use std::fmt::Write;
+        let mut s = String::new();
+        let mib = |b: u64| b as f64 / (1u64 << 20) as f64;
+        let _ = writeln!(
+            s,
+            "{:>5} {:>9} {:>9} {:>9} {:>9} {:>10} {:>8} {:>10} {:>8}",
+            "round", "pages", "zero", "lz4", "raw", "wire MiB", "secs", "MiB/s", "throttle"
+        );
+        for r in &self.rounds {
+            let rate = if r.duration_s > 0.0 {
+                mib(r.bytes_on_wire) / r.duration_s
+            } else {
+                0.0
+            };
+            let _ = writeln!(
+                s,
+                "{:>5} {:>9} {:>9} {:>9} {:>9} {:>10.1} {:>8.3} {:>10.0} {:>7.0}%{}",
+                r.index,
+                r.dirty_pages,
+                r.pages.zero,
+                r.pages.compressed,
+                r.pages.raw,
+                mib(r.bytes_on_wire),
+                r.duration_s,
+                rate,
+                r.throttle_pct,
+                if r.last { "  (paused)" } else { "" }
+            );
+        }
+        let _ = writeln!(s);
+        let _ = writeln!(
+            s,
+            "status      {}{}",
+            self.status,
+            self.error
+                .as_ref()
+                .map(|e| format!(": {e}"))
+                .unwrap_or_default()
+        );
+        let _ = writeln!(s, "verified    {} ({})", self.verified, self.verify_mode);
+        let _ = writeln!(s, "total time  {:.3} s", self.total_time_s);
+        if let (Some(d), Some(p)) = (self.downtime_ms, &self.downtime_parts) {
+            let _ = writeln!(
+                s,
+                "downtime    {:.1} ms (target {:.0}; last pages {:.1}, vCPU state {:.1}, verify {:.1}, commit {:.1}; predicted {})",
+                d,
+                self.downtime_target_ms,
+                p.last_pages_ms,
+                p.vcpu_state_ms,
+                p.verification_ms,
+                p.commit_ms,
+                p.predicted_ms.map_or("-".into(), |x| format!("{x:.1}"))
+            );
+        }
+        let ratio = self.bytes_on_wire as f64 / self.guest.memory_bytes.max(1) as f64;
+        let _ = writeln!(
+            s,
+            "on the wire {:.1} MiB ({:.3} × guest memory)",
+            mib(self.bytes_on_wire),
+            ratio
+        );
+        let _ = writeln!(
+            s,
+            "pages       {} sent: {} zero, {} lz4, {} raw",
+            self.pages.sent, self.pages.zero, self.pages.compressed, self.pages.raw
+        );
+        for l in &self.links {
+            let _ = writeln!(
+                s,
+                "link        {} {:.1} MiB at {:.2} Gbit/s{}",
+                l.name,
+                mib(l.bytes_on_wire),
+                l.throughput_bps / 1e9,
+                if l.failed { " FAILED" } else { "" }
+            );
+        }
+        s
+    }
+}
+
+/// Parses a size such as `512MiB`, `2GiB`, `64k` or `4096` into bytes (binary units).
+pub fn parse_size(s: &str) -> Result<u64, String> {
+    let t = s.trim();
+    let split = t.find(|c: char| !c.is_ascii_digit()).unwrap_or(t.len());
+    let (num, unit) = t.split_at(split);
+    let n: u64 = num
+        .parse()
+        .map_err(|_| format!("'{s}' is not a size (try 512MiB or 2GiB)"))?;
+    let shift = match unit.trim().to_ascii_lowercase().as_str() {
+        "" | "b" => 0,
+        "k" | "kb" | "kib" => 10,
+        "m" | "mb" | "mib" => 20,
+        "g" | "gb" | "gib" => 30,
+        "t" | "tb" | "tib" => 40,
+        u => {
+            return Err(format!(
+                "unknown size unit '{u}' in '{s}' (use KiB, MiB, GiB)"
+            ))
+        }
+    };
+    n.checked_mul(1u64 << shift)
+        .ok_or_else(|| format!("size '{s}' is too large"))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn sizes_parse() {
+        assert_eq!(parse_size("2GiB"), Ok(2 << 30));
+        assert_eq!(parse_size("512MiB"), Ok(512 << 20));
+        assert_eq!(parse_size("64k"), Ok(64 << 10));
+        assert_eq!(parse_size("4096"), Ok(4096));
+        assert!(parse_size("2 potatoes").is_err());
+        assert!(parse_size("GiB").is_err());
+        assert!(parse_size("99999999999TiB").is_err());
+    }
+}

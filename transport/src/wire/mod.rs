@@ -1,0 +1,593 @@
+//! The wire format: frames, the handshake, and the messages of a migration.
+//!
+//! Every message is one frame: a fixed 32-byte header and a body. The header names the protocol (magic), its version,
+//! the frame kind, the round (epoch) and a sequence number, the body length, and an xxh3 over the header's first 24
+//! bytes and the body. A receiver checks magic, version, kind and length before it reads the body, so a stranger or a
+//! corrupt stream is refused before any allocation it could size.
+//!
+//! ```text
+//!  source                                              destination
+//!    │── Hello {session, layout, vCPUs} ─────────────────▶│  maps empty guest memory
+//!    │◀──────────────────────────────── HelloAck {session}│
+//!    │── Pages {epoch r, seq, entries, payload} ─────────▶│  apply if epoch ≥ page's epoch
+//!    │◀──────────────────────────── Ack {seq, wire bytes} │  (one per Pages frame, after apply)
+//!    │        … rounds r = 0, 1, 2 …; pause; final round  │
+//!    │── VcpuState {blob} ───────────────────────────────▶│  restore (still paused)
+//!    │◀─────────────────────────────────────────── StateAck│
+//!    │── Verify {mode, table root, memory root} ─────────▶│  compare with its own roots
+//!    │◀──────────────────────── Verified {equal, its roots}│  phase 1: prepared
+//!    │── Commit ─────────────────────────────────────────▶│  resume the guest
+//!    │◀────────────────────────────────────────── Committed│  phase 2: the source stops for good
+//!    │◀─────── Abort {reason} ───────▶ (either side, any time before Commit)
+//! ```
+//!
+//! Integers are little-endian. Lengths and counts read from the wire are bounded before use (DESIGN.md invariant 5).
+
+use livemig_engine::encode::{Codec, EncodedBatch, PageEntry};
+use livemig_engine::guest::MemoryLayout;
+use std::io::{IoSlice, Read, Write};
+use xxhash_rust::xxh3::Xxh3;
+
+/// The frame magic: "LMIG".
+pub const MAGIC: [u8; 4] = *b"LMIG";
+/// The protocol version this build speaks.
+pub const VERSION: u16 = 1;
+/// The oldest version this build accepts from a peer.
+pub const MIN_VERSION: u16 = 1;
+/// Header size in bytes.
+pub const HEADER_LEN: usize = 32;
+/// The largest body accepted: a Pages frame of 64 raw pages is about 257 KiB; vCPU state blobs are far smaller.
+pub const MAX_BODY: u32 = 4 << 20;
+/// Bytes per page entry in a Pages frame.
+pub const ENTRY_LEN: usize = 16;
+
+/// Frame kinds.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[repr(u16)]
+pub enum Kind {
+    /// Source → destination: session and memory layout.
+    Hello = 1,
+    /// Destination → source: the handshake is accepted.
+    HelloAck = 2,
+    /// Source → destination: a batch of pages.
+    Pages = 3,
+    /// Destination → source: a Pages frame was applied.
+    Ack = 4,
+    /// Source → destination: the vCPU state blob.
+    VcpuState = 5,
+    /// Destination → source: the vCPU state was restored.
+    StateAck = 6,
+    /// Source → destination: compare digests.
+    Verify = 7,
+    /// Destination → source: the digest verdict.
+    Verified = 8,
+    /// Source → destination: resume the guest.
+    Commit = 9,
+    /// Destination → source: the guest runs on the destination.
+    Committed = 10,
+    /// Either way: the migration is off, with a reason.
+    Abort = 11,
+}
+
+impl Kind {
+    fn from_u16(v: u16) -> Option<Kind> {
+        use Kind::*;
+        Some(match v {
+            1 => Hello,
+            2 => HelloAck,
+            3 => Pages,
+            4 => Ack,
+            5 => VcpuState,
+            6 => StateAck,
+            7 => Verify,
+            8 => Verified,
+            9 => Commit,
+            10 => Committed,
+            11 => Abort,
+            _ => return None,
+        })
+    }
+}
+
+/// Everything that can be wrong with what arrives on a connection.
+#[derive(Debug, thiserror::Error)]
+pub enum WireError {
+    /// The first bytes are not livemig's magic: not a livemig peer, or a corrupt stream.
+    #[error("bad magic {0:02x?}: not a livemig frame")]
+    BadMagic([u8; 4]),
+    /// The peer speaks a protocol version this build does not.
+    #[error("unsupported protocol version {found} (this build speaks {MIN_VERSION}..={VERSION})")]
+    UnsupportedVersion {
+        /// The version received.
+        found: u16,
+    },
+    /// The frame kind is not one this version defines.
+    #[error("unknown frame type {0}")]
+    UnknownKind(u16),
+    /// The body is larger than any frame may be.
+    #[error("frame body of {0} bytes exceeds the {MAX_BODY}-byte limit")]
+    TooLarge(u32),
+    /// The checksum does not match the frame.
+    #[error("bad checksum: frame says {expected:#018x}, content hashes to {computed:#018x}")]
+    BadChecksum {
+        /// The checksum carried by the header.
+        expected: u64,
+        /// The checksum of what arrived.
+        computed: u64,
+    },
+    /// The connection ended inside a frame.
+    #[error("truncated frame: connection ended {got} bytes into a {needed}-byte {part}")]
+    Truncated {
+        /// "header" or "body".
+        part: &'static str,
+        /// Bytes the part needs.
+        needed: usize,
+        /// Bytes that arrived.
+        got: usize,
+    },
+    /// A body's structure is inconsistent (counts, lengths, codes).
+    #[error("malformed {kind:?} frame: {why}")]
+    Malformed {
+        /// The frame kind.
+        kind: Kind,
+        /// What is inconsistent.
+        why: String,
+    },
+    /// A frame arrived that the protocol does not allow at this point.
+    #[error("unexpected {got:?} frame while waiting for {expected}")]
+    Unexpected {
+        /// The frame kind that arrived.
+        got: Kind,
+        /// What was expected.
+        expected: &'static str,
+    },
+    /// The peer closed the connection between frames.
+    #[error("peer closed the connection")]
+    Closed,
+    /// The peer called the migration off.
+    #[error("peer aborted: {0}")]
+    PeerAbort(String),
+    /// The socket failed.
+    #[error("connection error: {0}")]
+    Io(#[from] std::io::Error),
+}
+
+/// A parsed frame header.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Header {
+    /// The protocol version of the frame.
+    pub version: u16,
+    /// Frame kind.
+    pub kind: Kind,
+    /// Round number (Pages frames), else 0.
+    pub epoch: u32,
+    /// Batch sequence number (Pages and Ack frames), else 0.
+    pub seq: u32,
+    /// Body length.
+    pub len: u32,
+    /// xxh3 over header bytes 0..24 and the body.
+    pub checksum: u64,
+}
+
+impl Header {
+    /// Serializes the header, computing the checksum over the body parts.
+    pub fn encode(kind: Kind, epoch: u32, seq: u32, body: &[&[u8]]) -> [u8; HEADER_LEN] {
+        let len: usize = body.iter().map(|b| b.len()).sum();
+        let len = u32::try_from(len).expect("frame body over 4 GiB");
+        let mut h = [0u8; HEADER_LEN];
+        h[0..4].copy_from_slice(&MAGIC);
+        h[4..6].copy_from_slice(&VERSION.to_le_bytes());
+        h[6..8].copy_from_slice(&(kind as u16).to_le_bytes());
+        h[8..12].copy_from_slice(&epoch.to_le_bytes());
+        h[12..16].copy_from_slice(&seq.to_le_bytes());
+        h[16..20].copy_from_slice(&len.to_le_bytes());
+        let sum = checksum(&h[..24], body);
+        h[24..32].copy_from_slice(&sum.to_le_bytes());
+        h
+    }
+
+    /// Parses and checks a header: magic, version, kind and length, in that order.
+    pub fn decode(h: &[u8; HEADER_LEN]) -> Result<Header, WireError> {
+        let u16_at = |o: usize| u16::from_le_bytes([h[o], h[o + 1]]);
+        let u32_at = |o: usize| u32::from_le_bytes(h[o..o + 4].try_into().expect("4 bytes"));
+        let magic: [u8; 4] = h[0..4].try_into().expect("4 bytes");
+        if magic != MAGIC {
+            return Err(WireError::BadMagic(magic));
+        }
+        let version = u16_at(4);
+        if !(MIN_VERSION..=VERSION).contains(&version) {
+            return Err(WireError::UnsupportedVersion { found: version });
+        }
+        let kind = Kind::from_u16(u16_at(6)).ok_or(WireError::UnknownKind(u16_at(6)))?;
+        let len = u32_at(16);
+        if len > MAX_BODY {
+            return Err(WireError::TooLarge(len));
+        }
+        Ok(Header {
+            version,
+            kind,
+            epoch: u32_at(8),
+            seq: u32_at(12),
+            len,
+            checksum: u64::from_le_bytes(h[24..32].try_into().expect("8 bytes")),
+        })
+    }
+}
+
+fn checksum(head: &[u8], body: &[&[u8]]) -> u64 {
+    let mut x = Xxh3::new();
+    x.update(head);
+    for b in body {
+        x.update(b);
+    }
+    x.digest()
+}
+
+/// Reads until `buf` is full; on a clean or unclean end of stream reports how much arrived.
+fn read_full(r: &mut impl Read, buf: &mut [u8]) -> Result<usize, std::io::Error> {
+    let mut got = 0;
+    while got < buf.len() {
+        match r.read(&mut buf[got..]) {
+            Ok(0) => break,
+            Ok(n) => got += n,
+            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+            Err(e) => return Err(e),
+        }
+    }
+    Ok(got)
+}
+
+/// Reads one frame: the header, checked, then the body into `body` (resized to fit), checked against the checksum.
+pub fn read_frame(r: &mut impl Read, body: &mut Vec<u8>) -> Result<Header, WireError> {
+    let mut h = [0u8; HEADER_LEN];
+    match read_full(r, &mut h)? {
+        0 => return Err(WireError::Closed),
+        n if n < HEADER_LEN => {
+            return Err(WireError::Truncated {
+                part: "header",
+                needed: HEADER_LEN,
+                got: n,
+            })
+        }
+        _ => {}
+    }
+    let header = Header::decode(&h)?;
+    body.resize(header.len as usize, 0);
+    let got = read_full(r, body)?;
+    if got < body.len() {
+        return Err(WireError::Truncated {
+            part: "body",
+            needed: body.len(),
+            got,
+        });
+    }
+    let computed = checksum(&h[..24], &[body]);
+    if computed != header.checksum {
+        return Err(WireError::BadChecksum {
+            expected: header.checksum,
+            computed,
+        });
+    }
+    Ok(header)
+}
+
+/// Writes one frame, header and body parts, with vectored writes (no staging copy of the body).
+pub fn write_frame(
+    w: &mut impl Write,
+    kind: Kind,
+    epoch: u32,
+    seq: u32,
+    body: &[&[u8]],
+) -> std::io::Result<usize> {
+    let h = Header::encode(kind, epoch, seq, body);
+    let mut slices: Vec<IoSlice<'_>> = Vec::with_capacity(body.len() + 1);
+    slices.push(IoSlice::new(&h));
+    slices.extend(
+        body.iter()
+            .filter(|b| !b.is_empty())
+            .map(|b| IoSlice::new(b)),
+    );
+    let total = slices.iter().map(|s| s.len()).sum();
+    let mut rest = &mut slices[..];
+    while !rest.is_empty() {
+        match w.write_vectored(rest) {
+            Ok(0) => return Err(std::io::ErrorKind::WriteZero.into()),
+            Ok(n) => IoSlice::advance_slices(&mut rest, n),
+            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+            Err(e) => return Err(e),
+        }
+    }
+    Ok(total)
+}
+
+/// Bounded little-endian reader over a frame body.
+struct Body<'a> {
+    kind: Kind,
+    b: &'a [u8],
+}
+
+impl<'a> Body<'a> {
+    fn take(&mut self, n: usize, what: &str) -> Result<&'a [u8], WireError> {
+        if self.b.len() < n {
+            return Err(WireError::Malformed {
+                kind: self.kind,
+                why: format!("body ends inside {what}"),
+            });
+        }
+        let (head, rest) = self.b.split_at(n);
+        self.b = rest;
+        Ok(head)
+    }
+    fn u8(&mut self, what: &str) -> Result<u8, WireError> {
+        Ok(self.take(1, what)?[0])
+    }
+    fn u32(&mut self, what: &str) -> Result<u32, WireError> {
+        Ok(u32::from_le_bytes(
+            self.take(4, what)?.try_into().expect("4 bytes"),
+        ))
+    }
+    fn u64(&mut self, what: &str) -> Result<u64, WireError> {
+        Ok(u64::from_le_bytes(
+            self.take(8, what)?.try_into().expect("8 bytes"),
+        ))
+    }
+    fn end(&self) -> Result<(), WireError> {
+        if self.b.is_empty() {
+            Ok(())
+        } else {
+            Err(WireError::Malformed {
+                kind: self.kind,
+                why: format!("{} trailing bytes", self.b.len()),
+            })
+        }
+    }
+}
+
+/// The source's opening message.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Hello {
+    /// Identifies the migration; every later connection of it presents the same id.
+    pub session: u64,
+    /// The guest's memory layout.
+    pub layout: MemoryLayout,
+    /// vCPUs of the guest.
+    pub vcpus: u32,
+    /// The guest adapter kind ("synthetic", "kvm"), so the destination builds a matching guest.
+    pub guest_kind: String,
+}
+
+/// The most regions a Hello may describe.
+pub const MAX_REGIONS: u32 = 1024;
+
+impl Hello {
+    /// Serializes the body.
+    pub fn encode(&self) -> Vec<u8> {
+        let mut b = Vec::new();
+        b.extend_from_slice(&self.session.to_le_bytes());
+        b.extend_from_slice(&(livemig_engine::guest::PAGE_SIZE as u32).to_le_bytes());
+        b.extend_from_slice(&self.vcpus.to_le_bytes());
+        b.push(u8::try_from(self.guest_kind.len()).expect("guest kind name over 255 bytes"));
+        b.extend_from_slice(self.guest_kind.as_bytes());
+        b.extend_from_slice(&(self.layout.regions.len() as u32).to_le_bytes());
+        for &(gpa, len) in &self.layout.regions {
+            b.extend_from_slice(&gpa.to_le_bytes());
+            b.extend_from_slice(&len.to_le_bytes());
+        }
+        b
+    }
+
+    /// Parses and checks a body: the page size must be ours, and regions whole pages.
+    pub fn decode(body: &[u8]) -> Result<Hello, WireError> {
+        let mut r = Body {
+            kind: Kind::Hello,
+            b: body,
+        };
+        let bad = |why: String| WireError::Malformed {
+            kind: Kind::Hello,
+            why,
+        };
+        let session = r.u64("session")?;
+        let page_size = r.u32("page size")?;
+        if page_size as usize != livemig_engine::guest::PAGE_SIZE {
+            return Err(bad(format!(
+                "page size {page_size}, this build moves 4096-byte pages"
+            )));
+        }
+        let vcpus = r.u32("vCPU count")?;
+        let n = r.u8("guest kind length")?;
+        let guest_kind = String::from_utf8(r.take(n.into(), "guest kind")?.to_vec())
+            .map_err(|_| bad("guest kind is not UTF-8".into()))?;
+        let count = r.u32("region count")?;
+        if count == 0 || count > MAX_REGIONS {
+            return Err(bad(format!(
+                "{count} memory regions (1..={MAX_REGIONS} allowed)"
+            )));
+        }
+        let mut regions = Vec::with_capacity(count as usize);
+        for _ in 0..count {
+            let (gpa, len) = (r.u64("region address")?, r.u64("region length")?);
+            if len == 0 || len % page_size as u64 != 0 || gpa % page_size as u64 != 0 {
+                return Err(bad(format!("region {gpa:#x}+{len:#x} is not whole pages")));
+            }
+            regions.push((gpa, len));
+        }
+        r.end()?;
+        Ok(Hello {
+            session,
+            layout: MemoryLayout { regions },
+            vcpus,
+            guest_kind,
+        })
+    }
+}
+
+/// Serializes a batch's entry table: a count, then 16 bytes per page (index, payload length, codec).
+pub fn encode_entries(batch: &EncodedBatch, out: &mut Vec<u8>) {
+    out.clear();
+    out.extend_from_slice(&(batch.entries.len() as u32).to_le_bytes());
+    out.extend_from_slice(&0u32.to_le_bytes());
+    for e in &batch.entries {
+        out.extend_from_slice(&e.page.to_le_bytes());
+        out.extend_from_slice(&e.len.to_le_bytes());
+        out.extend_from_slice(&[e.codec as u8, 0, 0, 0]);
+    }
+}
+
+/// Parses a Pages body into its entries (into `entries`) and returns the payload. Checks that the count fits the
+/// body, every codec is known, and the payload lengths add up to exactly the payload; page indices and per-codec
+/// lengths are the receiver's to check against the layout.
+pub fn decode_pages<'a>(
+    body: &'a [u8],
+    entries: &mut Vec<PageEntry>,
+) -> Result<&'a [u8], WireError> {
+    let mut r = Body {
+        kind: Kind::Pages,
+        b: body,
+    };
+    let bad = |why: String| WireError::Malformed {
+        kind: Kind::Pages,
+        why,
+    };
+    let count = r.u32("page count")? as usize;
+    r.u32("reserved")?;
+    if count > (body.len() - 8) / ENTRY_LEN {
+        return Err(bad(format!(
+            "{count} entries do not fit a {}-byte body",
+            body.len()
+        )));
+    }
+    entries.clear();
+    let mut total = 0u64;
+    for _ in 0..count {
+        let page = r.u64("entry page")?;
+        let len = r.u32("entry length")?;
+        let code = r.take(4, "entry codec")?[0];
+        let codec =
+            Codec::from_u8(code).ok_or_else(|| bad(format!("unknown page codec {code}")))?;
+        total += u64::from(len);
+        entries.push(PageEntry { page, codec, len });
+    }
+    let payload = r.b;
+    if total != payload.len() as u64 {
+        return Err(bad(format!(
+            "entries claim {total} payload bytes, frame carries {}",
+            payload.len()
+        )));
+    }
+    Ok(payload)
+}
+
+/// The Verify body: how thorough, and the source's roots.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Verify {
+    /// Whether both sides also re-hash all of memory.
+    pub full: bool,
+    /// Root over the source's table of sent pages.
+    pub table_root: u64,
+    /// Root over the source's memory as it is (only with `full`).
+    pub memory_root: u64,
+}
+
+/// The Verified body: the destination's verdict and its roots.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Verified {
+    /// True when every compared root matched.
+    pub equal: bool,
+    /// Root over the destination's table of applied pages.
+    pub table_root: u64,
+    /// Root over the destination's memory (only with a full verify).
+    pub memory_root: u64,
+}
+
+fn encode_roots(flag: bool, a: u64, b: u64) -> [u8; 17] {
+    let mut out = [0u8; 17];
+    out[0] = u8::from(flag);
+    out[1..9].copy_from_slice(&a.to_le_bytes());
+    out[9..17].copy_from_slice(&b.to_le_bytes());
+    out
+}
+
+fn decode_roots(kind: Kind, body: &[u8]) -> Result<(bool, u64, u64), WireError> {
+    let mut r = Body { kind, b: body };
+    let flag = match r.u8("flag")? {
+        0 => false,
+        1 => true,
+        v => {
+            return Err(WireError::Malformed {
+                kind,
+                why: format!("flag byte {v}"),
+            })
+        }
+    };
+    let (a, b) = (r.u64("root")?, r.u64("root")?);
+    r.end()?;
+    Ok((flag, a, b))
+}
+
+impl Verify {
+    /// Serializes the body.
+    pub fn encode(&self) -> [u8; 17] {
+        encode_roots(self.full, self.table_root, self.memory_root)
+    }
+    /// Parses a body.
+    pub fn decode(body: &[u8]) -> Result<Verify, WireError> {
+        let (full, table_root, memory_root) = decode_roots(Kind::Verify, body)?;
+        Ok(Verify {
+            full,
+            table_root,
+            memory_root,
+        })
+    }
+}
+
+impl Verified {
+    /// Serializes the body.
+    pub fn encode(&self) -> [u8; 17] {
+        encode_roots(self.equal, self.table_root, self.memory_root)
+    }
+    /// Parses a body.
+    pub fn decode(body: &[u8]) -> Result<Verified, WireError> {
+        let (equal, table_root, memory_root) = decode_roots(Kind::Verified, body)?;
+        Ok(Verified {
+            equal,
+            table_root,
+            memory_root,
+        })
+    }
+}
+
+/// Serializes an Ack body: the wire bytes and the pages of the acknowledged frame.
+pub fn encode_ack(bytes: u64, pages: u32) -> [u8; 12] {
+    let mut out = [0u8; 12];
+    out[..8].copy_from_slice(&bytes.to_le_bytes());
+    out[8..].copy_from_slice(&pages.to_le_bytes());
+    out
+}
+
+/// Parses an Ack body into (wire bytes, pages) of the acknowledged frame.
+pub fn decode_ack(body: &[u8]) -> Result<(u64, u64), WireError> {
+    let mut r = Body {
+        kind: Kind::Ack,
+        b: body,
+    };
+    let bytes = r.u64("byte count")?;
+    let pages = r.u32("page count")?;
+    r.end()?;
+    Ok((bytes, u64::from(pages)))
+}
+
+/// Parses a Hello-Ack body: the session id echoed.
+pub fn decode_session(kind: Kind, body: &[u8]) -> Result<u64, WireError> {
+    let mut r = Body { kind, b: body };
+    let s = r.u64("session")?;
+    r.end()?;
+    Ok(s)
+}
+
+/// An Abort body's reason, made printable whatever bytes arrived.
+pub fn decode_reason(body: &[u8]) -> String {
+    String::from_utf8_lossy(&body[..body.len().min(1024)]).into_owned()
+}
+
+#[cfg(test)]
+mod tests;

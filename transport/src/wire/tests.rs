@@ -1,0 +1,219 @@
+use super::*;
+use livemig_engine::encode::PageCounts;
+
+fn frame(kind: Kind, epoch: u32, seq: u32, body: &[u8]) -> Vec<u8> {
+    let mut out = Vec::new();
+    write_frame(&mut out, kind, epoch, seq, &[body]).unwrap();
+    out
+}
+
+fn read(bytes: &[u8]) -> Result<(Header, Vec<u8>), WireError> {
+    let mut body = Vec::new();
+    let h = read_frame(&mut &bytes[..], &mut body)?;
+    Ok((h, body))
+}
+
+#[test]
+fn frame_round_trips() {
+    let f = frame(Kind::Ack, 7, 42, &encode_ack(99, 3));
+    let (h, body) = read(&f).unwrap();
+    assert_eq!(
+        (h.kind, h.epoch, h.seq, h.len, h.version),
+        (Kind::Ack, 7, 42, 12, VERSION)
+    );
+    assert_eq!(decode_ack(&body).unwrap(), (99, 3));
+}
+
+#[test]
+fn hello_round_trips_and_rejects_odd_layouts() {
+    let hello = Hello {
+        session: 0xfeed,
+        layout: MemoryLayout {
+            regions: vec![(0, 1 << 20), (1 << 32, 8192)],
+        },
+        vcpus: 2,
+        guest_kind: "synthetic".into(),
+    };
+    assert_eq!(Hello::decode(&hello.encode()).unwrap(), hello);
+    let mut odd = hello.clone();
+    odd.layout.regions[1].1 = 100;
+    assert!(matches!(
+        Hello::decode(&odd.encode()),
+        Err(WireError::Malformed {
+            kind: Kind::Hello,
+            ..
+        })
+    ));
+    let body = hello.encode();
+    assert!(matches!(
+        Hello::decode(&body[..body.len() - 3]),
+        Err(WireError::Malformed { .. })
+    ));
+}
+
+#[test]
+fn pages_round_trip() {
+    let batch = EncodedBatch {
+        epoch: 3,
+        entries: vec![
+            PageEntry {
+                page: 5,
+                codec: Codec::Zero,
+                len: 0,
+            },
+            PageEntry {
+                page: 6,
+                codec: Codec::Raw,
+                len: 4096,
+            },
+            PageEntry {
+                page: 9,
+                codec: Codec::Lz4,
+                len: 10,
+            },
+        ],
+        payload: vec![1; 4106],
+        counts: PageCounts::default(),
+    };
+    let mut table = Vec::new();
+    encode_entries(&batch, &mut table);
+    let mut bytes = Vec::new();
+    write_frame(&mut bytes, Kind::Pages, 3, 1, &[&table, &batch.payload]).unwrap();
+    let (h, body) = read(&bytes).unwrap();
+    assert_eq!(h.kind, Kind::Pages);
+    let mut entries = Vec::new();
+    let payload = decode_pages(&body, &mut entries).unwrap();
+    assert_eq!(entries, batch.entries);
+    assert_eq!(payload, &batch.payload[..]);
+}
+
+#[test]
+fn roots_round_trip() {
+    let v = Verify {
+        full: true,
+        table_root: 1,
+        memory_root: 2,
+    };
+    assert_eq!(Verify::decode(&v.encode()).unwrap(), v);
+    let d = Verified {
+        equal: false,
+        table_root: 3,
+        memory_root: 4,
+    };
+    assert_eq!(Verified::decode(&d.encode()).unwrap(), d);
+    let mut b = d.encode();
+    b[0] = 7;
+    assert!(matches!(
+        Verified::decode(&b),
+        Err(WireError::Malformed { .. })
+    ));
+}
+
+#[test]
+fn bad_magic_is_named() {
+    let mut f = frame(Kind::Ack, 0, 0, &[0; 8]);
+    f[0..4].copy_from_slice(b"GET ");
+    assert!(matches!(read(&f), Err(WireError::BadMagic(m)) if &m == b"GET "));
+}
+
+#[test]
+fn wrong_version_is_named() {
+    let mut f = frame(Kind::Ack, 0, 0, &[0; 8]);
+    f[4..6].copy_from_slice(&(VERSION + 1).to_le_bytes());
+    let err = read(&f).unwrap_err();
+    assert!(matches!(err, WireError::UnsupportedVersion { found } if found == VERSION + 1));
+    assert!(
+        err.to_string().contains("unsupported protocol version 2"),
+        "{err}"
+    );
+}
+
+#[test]
+fn unknown_kind_is_named() {
+    let mut f = frame(Kind::Ack, 0, 0, &[0; 8]);
+    f[6..8].copy_from_slice(&999u16.to_le_bytes());
+    assert!(matches!(read(&f), Err(WireError::UnknownKind(999))));
+}
+
+#[test]
+fn bad_checksum_is_named() {
+    let mut f = frame(Kind::Ack, 0, 0, &[0; 8]);
+    let last = f.len() - 1;
+    f[last] ^= 0x40;
+    assert!(matches!(read(&f), Err(WireError::BadChecksum { .. })));
+    // A flipped epoch in the header is caught too: the checksum covers it.
+    let mut f = frame(Kind::Ack, 0, 0, &[0; 8]);
+    f[8] ^= 1;
+    assert!(matches!(read(&f), Err(WireError::BadChecksum { .. })));
+}
+
+#[test]
+fn truncation_is_named_for_header_and_body() {
+    let f = frame(Kind::Ack, 0, 0, &[0; 8]);
+    assert!(matches!(
+        read(&f[..10]),
+        Err(WireError::Truncated {
+            part: "header",
+            got: 10,
+            ..
+        })
+    ));
+    assert!(matches!(
+        read(&f[..HEADER_LEN + 3]),
+        Err(WireError::Truncated {
+            part: "body",
+            got: 3,
+            needed: 8
+        })
+    ));
+    assert!(matches!(read(&[]), Err(WireError::Closed)));
+}
+
+#[test]
+fn oversized_bodies_are_refused_before_allocation() {
+    let mut f = frame(Kind::Pages, 0, 0, &[]);
+    f[16..20].copy_from_slice(&u32::MAX.to_le_bytes());
+    assert!(matches!(read(&f), Err(WireError::TooLarge(u32::MAX))));
+}
+
+#[test]
+fn inconsistent_page_tables_are_refused() {
+    let mut entries = Vec::new();
+    // Count far beyond the body.
+    let mut body = vec![0u8; 8];
+    body[0..4].copy_from_slice(&1_000_000u32.to_le_bytes());
+    assert!(matches!(
+        decode_pages(&body, &mut entries),
+        Err(WireError::Malformed { .. })
+    ));
+    // One raw entry whose payload is short.
+    let batch = EncodedBatch {
+        entries: vec![PageEntry {
+            page: 1,
+            codec: Codec::Raw,
+            len: 4096,
+        }],
+        ..Default::default()
+    };
+    let mut table = Vec::new();
+    encode_entries(&batch, &mut table);
+    table.extend_from_slice(&[0u8; 100]);
+    let err = decode_pages(&table, &mut entries).unwrap_err();
+    assert!(
+        err.to_string().contains("claim 4096 payload bytes"),
+        "{err}"
+    );
+    // An unknown codec.
+    encode_entries(&batch, &mut table);
+    table[8 + 12] = 77;
+    table.extend_from_slice(&[0u8; 4096]);
+    assert!(decode_pages(&table, &mut entries)
+        .unwrap_err()
+        .to_string()
+        .contains("unknown page codec 77"));
+    // A body too short for even the count.
+    assert!(matches!(
+        decode_pages(&[1, 2], &mut entries),
+        Err(WireError::Malformed { .. })
+    ));
+}
