@@ -15,11 +15,7 @@ use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
 #[derive(Parser)]
-#[command(
-    name = "livemig",
-    version,
-    about = "Live-migration memory transfer engine"
-)]
+#[command(name = "livemig", version, about = "Live-migration memory transfer engine")]
 struct Cli {
     #[command(subcommand)]
     cmd: Cmd,
@@ -121,12 +117,7 @@ fn main() {
     let result = match cli.cmd {
         Cmd::Demo { guest, run } => demo(&guest, &run),
         Cmd::Send { to, guest, run } => send(&to, &guest, &run),
-        Cmd::Receive {
-            listen,
-            run_for_ms,
-            report,
-            json,
-        } => receive_cmd(&listen, run_for_ms, report, json),
+        Cmd::Receive { listen, run_for_ms, report, json } => receive_cmd(&listen, run_for_ms, report, json),
     };
     if let Err(e) = result {
         // One line: the chain of causes joined with ": ".
@@ -177,11 +168,7 @@ fn source_options(run: &RunOpts) -> SourceOptions {
 
 /// A progress bar on a terminal, nothing otherwise.
 fn progress_bar() -> (ProgressBar, impl Fn(&Progress) + Sync) {
-    let bar = if std::io::stderr().is_terminal() {
-        ProgressBar::new(0)
-    } else {
-        ProgressBar::hidden()
-    };
+    let bar = if std::io::stderr().is_terminal() { ProgressBar::new(0) } else { ProgressBar::hidden() };
     bar.set_style(
         ProgressStyle::with_template("round {prefix:>2} [{bar:40}] {pos}/{len} pages  {msg}")
             .expect("valid template")
@@ -227,26 +214,15 @@ fn finish(report: &Report, run_report: &Option<PathBuf>, json: bool) -> Result<(
     }
 }
 
-fn source_report(
-    guest: &SyntheticGuest,
-    r: &SourceReport,
-    run: &RunOpts,
-    opts: &SourceOptions,
-) -> Report {
-    Report::from_source(
-        r,
-        guest_info(guest),
-        run.downtime_target as f64,
-        opts.verify,
-    )
+fn source_report(guest: &SyntheticGuest, r: &SourceReport, run: &RunOpts, opts: &SourceOptions) -> Report {
+    Report::from_source(r, guest_info(guest), run.downtime_target as f64, opts.verify)
 }
 
 fn demo(g: &GuestOpts, run: &RunOpts) -> Result<()> {
     let guest = make_guest(g)?;
     let opts = source_options(run);
     let (bar, update) = progress_bar();
-    let out =
-        migrate_loopback(&guest, &opts, &update).context("setting up the loopback connection")?;
+    let out = migrate_loopback(&guest, &opts, &update).context("setting up the loopback connection")?;
     bar.finish_and_clear();
     let report = source_report(&guest, &out.source, run, &opts);
     if let Ok((dest, _)) = &out.dest {
@@ -267,10 +243,7 @@ fn check_running(dest: &SyntheticGuest) -> Result<()> {
     let before = v.pages_written();
     std::thread::sleep(Duration::from_millis(100));
     let after = v.pages_written();
-    eprintln!(
-        "destination guest running: {} pages written in its first 100 ms",
-        after - before
-    );
+    eprintln!("destination guest running: {} pages written in its first 100 ms", after - before);
     Ok(())
 }
 
@@ -282,38 +255,19 @@ fn send(to: &str, g: &GuestOpts, run: &RunOpts) -> Result<()> {
     let (bar, update) = progress_bar();
     let r = migrate(&guest, stream, &opts, &update);
     bar.finish_and_clear();
-    finish(
-        &source_report(&guest, &r, run, &opts),
-        &run.report,
-        run.json,
-    )
+    finish(&source_report(&guest, &r, run, &opts), &run.report, run.json)
 }
 
-fn receive_cmd(
-    listen: &str,
-    run_for_ms: u64,
-    report_path: Option<PathBuf>,
-    json: bool,
-) -> Result<()> {
+fn receive_cmd(listen: &str, run_for_ms: u64, report_path: Option<PathBuf>, json: bool) -> Result<()> {
     let listener = TcpListener::bind(listen).with_context(|| format!("listening on {listen}"))?;
     eprintln!("waiting for a migration on {}", listener.local_addr()?);
     let opts = DestOptions::default();
     let t0 = Instant::now();
-    let (stream, hello) = accept_migration(&listener, &opts, &|peer, e| {
-        eprintln!("refused {peer}: {e}")
-    })?;
+    let (stream, hello) = accept_migration(&listener, &opts, &|peer, e| eprintln!("refused {peer}: {e}"))?;
     let start = Instant::now();
-    let (guest, r) = receive(
-        &stream,
-        hello,
-        |h| SyntheticGuest::destination(&h.layout),
-        &opts,
-    )
-    .context("receiving the migration")?;
-    eprintln!(
-        "guest resumed {:.3} s after the handshake",
-        r.resumed_at.duration_since(start).as_secs_f64()
-    );
+    let (guest, r) = receive(&stream, hello, |h| SyntheticGuest::destination(&h.layout), &opts)
+        .context("receiving the migration")?;
+    eprintln!("guest resumed {:.3} s after the handshake", r.resumed_at.duration_since(start).as_secs_f64());
     check_running(&guest)?;
     std::thread::sleep(Duration::from_millis(run_for_ms.saturating_sub(100)));
     let report = Report {

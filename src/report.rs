@@ -32,12 +32,7 @@ pub struct Pages {
 
 impl From<PageCounts> for Pages {
     fn from(c: PageCounts) -> Self {
-        Pages {
-            sent: c.total(),
-            zero: c.zero,
-            compressed: c.compressed,
-            raw: c.raw,
-        }
+        Pages { sent: c.total(), zero: c.zero, compressed: c.compressed, raw: c.raw }
     }
 }
 
@@ -128,18 +123,9 @@ fn ms(d: std::time::Duration) -> f64 {
 
 impl Report {
     /// The source's report.
-    pub fn from_source(
-        r: &SourceReport,
-        guest: GuestInfo,
-        target_ms: f64,
-        verify: VerifyMode,
-    ) -> Report {
+    pub fn from_source(r: &SourceReport, guest: GuestInfo, target_ms: f64, verify: VerifyMode) -> Report {
         Report {
-            status: if r.result.is_ok() {
-                "completed"
-            } else {
-                "failed"
-            },
+            status: if r.result.is_ok() { "completed" } else { "failed" },
             error: r.result.as_ref().err().map(|e| e.to_string()),
             verified: r.verified,
             verify_mode: match verify {
@@ -197,11 +183,7 @@ impl Report {
             "round", "pages", "zero", "lz4", "raw", "wire MiB", "secs", "MiB/s", "throttle"
         );
         for r in &self.rounds {
-            let rate = if r.duration_s > 0.0 {
-                mib(r.bytes_on_wire) / r.duration_s
-            } else {
-                0.0
-            };
+            let rate = if r.duration_s > 0.0 { mib(r.bytes_on_wire) / r.duration_s } else { 0.0 };
             let _ = writeln!(
                 s,
                 "{:>5} {:>9} {:>9} {:>9} {:>9} {:>10.1} {:>8.3} {:>10.0} {:>7.0}%{}",
@@ -222,10 +204,7 @@ impl Report {
             s,
             "status      {}{}",
             self.status,
-            self.error
-                .as_ref()
-                .map(|e| format!(": {e}"))
-                .unwrap_or_default()
+            self.error.as_ref().map(|e| format!(": {e}")).unwrap_or_default()
         );
         let _ = writeln!(s, "verified    {} ({})", self.verified, self.verify_mode);
         let _ = writeln!(s, "total time  {:.3} s", self.total_time_s);
@@ -243,12 +222,7 @@ impl Report {
             );
         }
         let ratio = self.bytes_on_wire as f64 / self.guest.memory_bytes.max(1) as f64;
-        let _ = writeln!(
-            s,
-            "on the wire {:.1} MiB ({:.3} × guest memory)",
-            mib(self.bytes_on_wire),
-            ratio
-        );
+        let _ = writeln!(s, "on the wire {:.1} MiB ({:.3} × guest memory)", mib(self.bytes_on_wire), ratio);
         let _ = writeln!(
             s,
             "pages       {} sent: {} zero, {} lz4, {} raw",
@@ -273,23 +247,16 @@ pub fn parse_size(s: &str) -> Result<u64, String> {
     let t = s.trim();
     let split = t.find(|c: char| !c.is_ascii_digit()).unwrap_or(t.len());
     let (num, unit) = t.split_at(split);
-    let n: u64 = num
-        .parse()
-        .map_err(|_| format!("'{s}' is not a size (try 512MiB or 2GiB)"))?;
+    let n: u64 = num.parse().map_err(|_| format!("'{s}' is not a size (try 512MiB or 2GiB)"))?;
     let shift = match unit.trim().to_ascii_lowercase().as_str() {
         "" | "b" => 0,
         "k" | "kb" | "kib" => 10,
         "m" | "mb" | "mib" => 20,
         "g" | "gb" | "gib" => 30,
         "t" | "tb" | "tib" => 40,
-        u => {
-            return Err(format!(
-                "unknown size unit '{u}' in '{s}' (use KiB, MiB, GiB)"
-            ))
-        }
+        u => return Err(format!("unknown size unit '{u}' in '{s}' (use KiB, MiB, GiB)")),
     };
-    n.checked_mul(1u64 << shift)
-        .ok_or_else(|| format!("size '{s}' is too large"))
+    n.checked_mul(1u64 << shift).ok_or_else(|| format!("size '{s}' is too large"))
 }
 
 #[cfg(test)]

@@ -11,6 +11,7 @@ use livemig_engine::guest::{Guest, GuestError};
 use livemig_engine::receive::{ApplyError, Receiver};
 use std::io::Write;
 use std::net::TcpStream;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
 /// Why the destination gave up on a migration. The source keeps its guest.
@@ -25,6 +26,14 @@ pub enum ReceiveError {
     /// The destination guest could not be built, restored or resumed.
     #[error("guest: {0}")]
     Guest(#[from] GuestError),
+    /// The source's guest is larger than this destination accepts.
+    #[error("guest memory of {asked} bytes exceeds the {max} bytes this destination accepts")]
+    TooLarge {
+        /// Bytes the Hello describes.
+        asked: u64,
+        /// The destination's limit.
+        max: u64,
+    },
     /// The source asked to commit before the digests were found equal.
     #[error("commit requested before a successful verification")]
     CommitBeforeVerify,
@@ -50,12 +59,19 @@ pub struct DestReport {
 pub struct DestOptions {
     /// A source silent this long is declared gone.
     pub idle_timeout: Duration,
+    /// The largest guest accepted, in bytes. A Hello sizes the destination's tables, so it is bounded before any of
+    /// them is allocated. Defaults to this host's physical memory.
+    pub max_memory: u64,
 }
 
 impl Default for DestOptions {
     fn default() -> Self {
+        // SAFETY: sysconf only reads system configuration.
+        let (pages, size) = unsafe { (libc::sysconf(libc::_SC_PHYS_PAGES), libc::sysconf(libc::_SC_PAGESIZE)) };
+        let max_memory = u64::try_from(pages).unwrap_or(0).saturating_mul(u64::try_from(size).unwrap_or(0));
         DestOptions {
             idle_timeout: Duration::from_secs(30),
+            max_memory: if max_memory > 0 { max_memory } else { u64::MAX },
         }
     }
 }
@@ -66,10 +82,7 @@ pub fn read_hello(stream: &TcpStream, opts: &DestOptions) -> Result<Hello, WireE
     let mut buf = Vec::new();
     let h = wire::read_frame(&mut &*stream, &mut buf)?;
     if h.kind != Kind::Hello {
-        return Err(WireError::Unexpected {
-            got: h.kind,
-            expected: "Hello",
-        });
+        return Err(WireError::Unexpected { got: h.kind, expected: "Hello" });
     }
     Hello::decode(&buf)
 }
@@ -83,17 +96,32 @@ pub fn receive<G: Guest>(
     opts: &DestOptions,
 ) -> Result<(G, DestReport), ReceiveError> {
     let result: Result<(G, DestReport), ReceiveError> = (|| {
+        let asked = hello.layout.total_bytes();
+        if asked > opts.max_memory {
+            return Err(ReceiveError::TooLarge { asked, max: opts.max_memory });
+        }
         let guest = make_guest(&hello)?;
         let mut w = stream;
-        wire::write_frame(
-            &mut w,
-            Kind::HelloAck,
-            0,
-            0,
-            &[&hello.session.to_le_bytes()],
-        )
-        .map_err(WireError::from)?;
-        let report = apply_stream(stream, &guest, hello, opts)?;
+        wire::write_frame(&mut w, Kind::HelloAck, 0, 0, &[&hello.session.to_le_bytes()]).map_err(WireError::from)?;
+        let stop = AtomicBool::new(false);
+        let report = std::thread::scope(|s| {
+            let (guest, chunks, stop) = (&guest, &hello.chunks, &stop);
+            // Faulting fresh memory in (the kernel zeroes each page) costs more than copying data into it, and would
+            // otherwise stall the apply loop; a helper thread does it ahead of the pages, in the order they come.
+            let _ = std::thread::Builder::new().name("lm-prefault".into()).spawn_scoped(s, move || {
+                chunks.for_each_run(|run| {
+                    for c in run.first..run.first + run.count {
+                        if stop.load(Ordering::Relaxed) {
+                            return;
+                        }
+                        guest.memory().prefault(c * wire::CHUNK_PAGES, wire::CHUNK_PAGES);
+                    }
+                });
+            });
+            let r = apply_stream(stream, guest, hello.clone(), opts);
+            stop.store(true, Ordering::Relaxed);
+            r
+        })?;
         Ok((guest, report))
     })();
     if let Err(e) = &result {
@@ -110,23 +138,19 @@ fn apply_stream(
     hello: Hello,
     opts: &DestOptions,
 ) -> Result<DestReport, ReceiveError> {
-    stream
-        .set_read_timeout(Some(opts.idle_timeout))
-        .map_err(WireError::from)?;
+    stream.set_read_timeout(Some(opts.idle_timeout)).map_err(WireError::from)?;
     let mut rx = Receiver::new(guest.memory());
     let mut body = Vec::new();
     let mut entries = Vec::new();
     let mut received = 0u64;
     let mut verified = false;
-    let mut r = std::io::BufReader::with_capacity(1 << 20, stream);
+    // Unbuffered: a buffer would add a copy of every page; frames are large enough that two reads each are cheap.
+    let mut r = stream;
     let mut w = stream;
     loop {
         let h = match wire::read_frame(&mut r, &mut body) {
             Err(WireError::Io(e))
-                if matches!(
-                    e.kind(),
-                    std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut
-                ) =>
+                if matches!(e.kind(), std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut) =>
             {
                 return Err(WireError::Io(std::io::Error::new(
                     e.kind(),
@@ -139,7 +163,7 @@ fn apply_stream(
         received += (HEADER_LEN + body.len()) as u64;
         match h.kind {
             Kind::Pages => {
-                let payload = wire::decode_pages(&body, &mut entries)?;
+                let payload = wire::decode_pages(&h, &body, &mut entries)?;
                 // Check the whole frame before applying any of it, so a bad frame changes nothing.
                 for e in &entries {
                     rx.check_entry(e)?;
@@ -151,8 +175,7 @@ fn apply_stream(
                     off += len;
                 }
                 let ack = wire::encode_ack((HEADER_LEN + body.len()) as u64, entries.len() as u32);
-                wire::write_frame(&mut w, Kind::Ack, h.epoch, h.seq, &[&ack])
-                    .map_err(WireError::from)?;
+                wire::write_frame(&mut w, Kind::Ack, h.epoch, h.seq, &[&ack]).map_err(WireError::from)?;
             }
             Kind::VcpuState => {
                 guest.vcpus().restore_state(&body)?;
@@ -161,21 +184,11 @@ fn apply_stream(
             Kind::Verify => {
                 let want = Verify::decode(&body)?;
                 let table_root = rx.root();
-                let memory_root = if want.full {
-                    memory_root(guest.memory())?
-                } else {
-                    0
-                };
-                let equal = table_root == want.table_root
-                    && (!want.full || memory_root == want.memory_root);
+                let memory_root = if want.full { memory_root(guest.memory())? } else { 0 };
+                let equal = table_root == want.table_root && (!want.full || memory_root == want.memory_root);
                 verified = equal;
-                let v = Verified {
-                    equal,
-                    table_root,
-                    memory_root,
-                };
-                wire::write_frame(&mut w, Kind::Verified, 0, 0, &[&v.encode()])
-                    .map_err(WireError::from)?;
+                let v = Verified { equal, table_root, memory_root };
+                wire::write_frame(&mut w, Kind::Verified, 0, 0, &[&v.encode()]).map_err(WireError::from)?;
             }
             Kind::Commit => {
                 if !verified {
@@ -194,13 +207,7 @@ fn apply_stream(
                 });
             }
             Kind::Abort => return Err(WireError::PeerAbort(wire::decode_reason(&body)).into()),
-            got => {
-                return Err(WireError::Unexpected {
-                    got,
-                    expected: "a source frame",
-                }
-                .into())
-            }
+            got => return Err(WireError::Unexpected { got, expected: "a source frame" }.into()),
         }
     }
 }

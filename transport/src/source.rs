@@ -10,12 +10,12 @@
 //! machine as `fail`, and before commit the machine answers with `ResumeSource`: the source's vCPUs run again,
 //! unthrottled, and the report carries the reason.
 
-use crate::wire::{self, Hello, Kind, Verified, Verify, WireError, HEADER_LEN};
+use crate::cpu::CpuMeter;
+use crate::wire::{self, Hello, Kind, Verified, Verify, WireError};
 use crossbeam::channel::{bounded, Receiver, RecvTimeoutError, Sender};
 use livemig_engine::dirty::{scan_parallel, Bitmap};
 use livemig_engine::encode::{
-    memory_root, BatchEncoder, BatchSink, CodecPolicy, EncodeError, EncodedBatch, HashTable,
-    PageCounts, BATCH_PAGES,
+    memory_root, BatchEncoder, BatchSink, CodecPolicy, EncodeError, EncodedBatch, HashTable, PageCounts, BATCH_PAGES,
 };
 use livemig_engine::guest::{Guest, GuestError};
 use livemig_engine::precopy::{Action, Outcome, Precopy, PrecopyConfig, RoundStats};
@@ -65,13 +65,8 @@ impl Default for SourceOptions {
 
 /// A session id that differs between runs and hosts.
 pub fn session_id() -> u64 {
-    let t = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .unwrap_or_default()
-        .as_nanos() as u64;
-    xxhash_rust::xxh3::xxh3_64(
-        &[t.to_le_bytes(), u64::from(std::process::id()).to_le_bytes()].concat(),
-    )
+    let t = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap_or_default().as_nanos() as u64;
+    xxhash_rust::xxh3::xxh3_64(&[t.to_le_bytes(), u64::from(std::process::id()).to_le_bytes()].concat())
 }
 
 /// Why a migration failed. In every case before commit the source guest is running again, unthrottled.
@@ -187,20 +182,11 @@ enum Outgoing {
 }
 
 enum Event {
-    Acked {
-        epoch: u32,
-        bytes: u64,
-        pages: u64,
-        at: Instant,
-    },
+    Acked { epoch: u32, bytes: u64, pages: u64, at: Instant },
     StateAck,
     Verified(Verified),
     Committed,
-    ScanDone {
-        batches: u32,
-        counts: PageCounts,
-        error: Option<EncodeError>,
-    },
+    ScanDone { batches: u32, counts: PageCounts, error: Option<EncodeError> },
     Failed(MigrateError),
 }
 
@@ -210,7 +196,6 @@ struct LinkSink {
     pool: Receiver<EncodedBatch>,
     seq: AtomicU32,
     round_batches: AtomicU32,
-    submitted_bytes: AtomicU64,
     abort: AtomicBool,
 }
 
@@ -219,18 +204,13 @@ impl BatchSink for LinkSink {
         if self.abort.load(Ordering::Relaxed) {
             return false;
         }
-        let frame = HEADER_LEN + 8 + batch.entries.len() * wire::ENTRY_LEN + batch.payload.len();
-        self.submitted_bytes
-            .fetch_add(frame as u64, Ordering::Relaxed);
         self.round_batches.fetch_add(1, Ordering::Relaxed);
         let seq = self.seq.fetch_add(1, Ordering::Relaxed);
         self.tx.send(Outgoing::Batch { seq, batch }).is_ok()
     }
 
     fn take_buffer(&self) -> EncodedBatch {
-        self.pool
-            .try_recv()
-            .unwrap_or_else(|_| EncodedBatch::with_capacity(BATCH_PAGES))
+        self.pool.try_recv().unwrap_or_else(|_| EncodedBatch::with_capacity(BATCH_PAGES))
     }
 }
 
@@ -266,12 +246,18 @@ pub fn migrate(
         _ => "link0".to_string(),
     };
     let written = AtomicU64::new(0);
-    if let Err(e) = handshake(guest, &stream, opts, &written) {
-        report.result = Err(e);
-        report.total_time = start.elapsed();
-        report.bytes_on_wire = written.load(Ordering::Relaxed);
-        return report;
-    }
+    let initial = match start_logging(guest).and_then(|initial| {
+        handshake(guest, &stream, opts, &written, &initial)?;
+        Ok(initial)
+    }) {
+        Ok(initial) => initial,
+        Err(e) => {
+            report.result = Err(e);
+            report.total_time = start.elapsed();
+            report.bytes_on_wire = written.load(Ordering::Relaxed);
+            return report;
+        }
+    };
     let (out_tx, out_rx) = bounded::<Outgoing>(QUEUE_BATCHES);
     let (pool_tx, pool_rx) = bounded::<EncodedBatch>(QUEUE_BATCHES * 2);
     let (ev_tx, ev_rx) = crossbeam::channel::unbounded::<Event>();
@@ -280,7 +266,6 @@ pub fn migrate(
         pool: pool_rx,
         seq: AtomicU32::new(0),
         round_batches: AtomicU32::new(0),
-        submitted_bytes: AtomicU64::new(0),
         abort: AtomicBool::new(false),
     };
     let done = AtomicBool::new(false);
@@ -297,9 +282,7 @@ pub fn migrate(
         let ev = ev_tx.clone();
         let written = &written;
         let spawn = |name: &str| std::thread::Builder::new().name(name.to_string());
-        let writer = spawn("lm-writer").spawn_scoped(s, move || {
-            write_loop(&mut wstream, out_rx, pool_tx, ev, written)
-        });
+        let writer = spawn("lm-writer").spawn_scoped(s, move || write_loop(&mut wstream, out_rx, pool_tx, ev, written));
         let ev = ev_tx.clone();
         let done = &done;
         let reader = spawn("lm-reader").spawn_scoped(s, move || read_loop(&mut rstream, ev, done));
@@ -322,11 +305,11 @@ pub fn migrate(
             round_counts: Vec::new(),
             progress,
             written,
-            acked_bytes: 0,
+            cpu: CpuMeter::new(),
             last_progress: Instant::now(),
             stream: &stream,
         };
-        d.run(&mut report, start);
+        d.run(&mut report, start, initial);
         done.store(true, Ordering::SeqCst);
         sink.abort.store(true, Ordering::SeqCst);
         // Unblocks the reader and a writer stuck on a full socket; the destination has answered everything by now.
@@ -341,12 +324,18 @@ pub fn migrate(
         name,
         bytes_on_wire: report.bytes_on_wire,
         throughput_bps: report.bytes_on_wire as f64 / secs,
-        failed: matches!(
-            report.result,
-            Err(MigrateError::Link(_) | MigrateError::Stalled(_))
-        ),
+        failed: matches!(report.result, Err(MigrateError::Link(_) | MigrateError::Stalled(_))),
     });
     report
+}
+
+/// Clears the dirty log, then reads which pages may be non-zero: every write after the clear is harvested later, and
+/// a page outside the result was never populated, so reads as zero.
+fn start_logging(guest: &dyn Guest) -> Result<Bitmap, MigrateError> {
+    let mem = guest.memory();
+    let mut scratch = Bitmap::new(mem.total_pages());
+    guest.dirty_log().harvest(&mut scratch)?;
+    Ok(mem.maybe_nonzero()?)
 }
 
 fn handshake(
@@ -354,21 +343,20 @@ fn handshake(
     stream: &TcpStream,
     opts: &SourceOptions,
     written: &AtomicU64,
+    initial: &Bitmap,
 ) -> Result<(), MigrateError> {
     let hello = Hello {
         session: opts.session,
         layout: guest.memory().layout(),
         vcpus: guest.vcpu_count(),
         guest_kind: guest.kind().to_string(),
+        chunks: wire::chunk_map(initial),
     };
     let body = hello.encode();
     let mut w = stream;
-    let n = wire::write_frame(&mut w, Kind::Hello, 0, 0, &[&body])
-        .map_err(|e| MigrateError::Handshake(e.into()))?;
+    let n = wire::write_frame(&mut w, Kind::Hello, 0, 0, &[&body]).map_err(|e| MigrateError::Handshake(e.into()))?;
     written.fetch_add(n as u64, Ordering::Relaxed);
-    stream
-        .set_read_timeout(Some(opts.peer_timeout))
-        .map_err(|e| MigrateError::Handshake(e.into()))?;
+    stream.set_read_timeout(Some(opts.peer_timeout)).map_err(|e| MigrateError::Handshake(e.into()))?;
     let mut buf = Vec::new();
     let h = wire::read_frame(&mut &*stream, &mut buf).map_err(MigrateError::Handshake)?;
     match h.kind {
@@ -381,22 +369,11 @@ fn handshake(
                 }));
             }
         }
-        Kind::Abort => {
-            return Err(MigrateError::Handshake(WireError::PeerAbort(
-                wire::decode_reason(&buf),
-            )))
-        }
-        got => {
-            return Err(MigrateError::Handshake(WireError::Unexpected {
-                got,
-                expected: "HelloAck",
-            }))
-        }
+        Kind::Abort => return Err(MigrateError::Handshake(WireError::PeerAbort(wire::decode_reason(&buf)))),
+        got => return Err(MigrateError::Handshake(WireError::Unexpected { got, expected: "HelloAck" })),
     }
     // From here the reader thread blocks on the socket; stalls are detected by the driver's clock instead.
-    stream
-        .set_read_timeout(None)
-        .map_err(|e| MigrateError::Handshake(e.into()))?;
+    stream.set_read_timeout(None).map_err(|e| MigrateError::Handshake(e.into()))?;
     Ok(())
 }
 
@@ -412,7 +389,7 @@ fn write_loop(
         let res = match &out {
             Outgoing::Batch { seq, batch } => {
                 wire::encode_entries(batch, &mut table);
-                wire::write_frame(w, Kind::Pages, batch.epoch, *seq, &[&table, &batch.payload])
+                wire::write_pages(w, batch.epoch, *seq, &table, &batch.payload)
             }
             Outgoing::Frame { kind, body } => wire::write_frame(w, *kind, 0, 0, &[body]),
         };
@@ -446,12 +423,7 @@ fn read_loop(r: &mut TcpStream, ev: Sender<Event>, done: &AtomicBool) {
         };
         let event = match h.kind {
             Kind::Ack => match wire::decode_ack(&buf) {
-                Ok((bytes, pages)) => Event::Acked {
-                    epoch: h.epoch,
-                    bytes,
-                    pages,
-                    at: Instant::now(),
-                },
+                Ok((bytes, pages)) => Event::Acked { epoch: h.epoch, bytes, pages, at: Instant::now() },
                 Err(e) => Event::Failed(MigrateError::Link(e)),
             },
             Kind::StateAck => Event::StateAck,
@@ -460,13 +432,8 @@ fn read_loop(r: &mut TcpStream, ev: Sender<Event>, done: &AtomicBool) {
                 Err(e) => Event::Failed(MigrateError::Link(e)),
             },
             Kind::Committed => Event::Committed,
-            Kind::Abort => Event::Failed(MigrateError::Link(WireError::PeerAbort(
-                wire::decode_reason(&buf),
-            ))),
-            got => Event::Failed(MigrateError::Link(WireError::Unexpected {
-                got,
-                expected: "an acknowledgement",
-            })),
+            Kind::Abort => Event::Failed(MigrateError::Link(WireError::PeerAbort(wire::decode_reason(&buf)))),
+            got => Event::Failed(MigrateError::Link(WireError::Unexpected { got, expected: "an acknowledgement" })),
         };
         let stop = matches!(event, Event::Failed(_) | Event::Committed);
         if ev.send(event).is_err() || stop {
@@ -488,20 +455,13 @@ struct Driver<'a> {
     round_counts: Vec<(PageCounts, f64)>,
     progress: &'a (dyn Fn(&Progress) + Sync),
     written: &'a AtomicU64,
-    acked_bytes: u64,
+    cpu: CpuMeter,
     last_progress: Instant,
     stream: &'a TcpStream,
 }
 
 impl Driver<'_> {
-    fn run(&mut self, report: &mut SourceReport, start: Instant) {
-        let initial = match self.start_logging() {
-            Ok(b) => b,
-            Err(e) => {
-                report.result = Err(e);
-                return;
-            }
-        };
+    fn run(&mut self, report: &mut SourceReport, start: Instant, initial: Bitmap) {
         self.machine = Some(Precopy::new(self.opts.precopy.clone(), initial, start));
         let vcpus = self.guest.vcpus();
         let mut marks: [Option<Instant>; 4] = [None; 4];
@@ -532,10 +492,7 @@ impl Driver<'_> {
                     match vcpus.save_state() {
                         Ok(blob) => {
                             self.send_frame(Kind::VcpuState, blob);
-                            if self
-                                .wait_for(|e| matches!(e, Event::StateAck).then_some(()))
-                                .is_some()
-                            {
+                            if self.wait_for(|e| matches!(e, Event::StateAck).then_some(())).is_some() {
                                 self.machine().state_delivered();
                             }
                         }
@@ -552,10 +509,7 @@ impl Driver<'_> {
                 }
                 Action::Commit => {
                     self.send_frame(Kind::Commit, Vec::new());
-                    if self
-                        .wait_for(|e| matches!(e, Event::Committed).then_some(()))
-                        .is_some()
-                    {
+                    if self.wait_for(|e| matches!(e, Event::Committed).then_some(())).is_some() {
                         self.machine().committed();
                     }
                     marks[3] = Some(Instant::now());
@@ -566,8 +520,7 @@ impl Driver<'_> {
                 }
                 Action::Done(outcome) => {
                     if let Outcome::Failed(reason) = outcome {
-                        report.result =
-                            Err(self.error.take().unwrap_or(MigrateError::Machine(reason)));
+                        report.result = Err(self.error.take().unwrap_or(MigrateError::Machine(reason)));
                     }
                     break;
                 }
@@ -578,11 +531,7 @@ impl Driver<'_> {
             .rounds()
             .iter()
             .zip(&self.round_counts)
-            .map(|(s, &(counts, throttle_pct))| RoundReport {
-                stats: s.clone(),
-                counts,
-                throttle_pct,
-            })
+            .map(|(s, &(counts, throttle_pct))| RoundReport { stats: s.clone(), counts, throttle_pct })
             .collect();
         for r in &report.rounds {
             report.pages.add(&r.counts);
@@ -601,14 +550,6 @@ impl Driver<'_> {
 
     fn machine(&mut self) -> &mut Precopy {
         self.machine.as_mut().expect("machine exists")
-    }
-
-    /// Clears the dirty log, then reads which pages may be non-zero: every write after the clear is harvested later.
-    fn start_logging(&self) -> Result<Bitmap, MigrateError> {
-        let mem = self.guest.memory();
-        let mut scratch = Bitmap::new(mem.total_pages());
-        self.guest.dirty_log().harvest(&mut scratch)?;
-        Ok(mem.maybe_nonzero()?)
     }
 
     fn fail(&mut self, e: MigrateError) {
@@ -657,10 +598,7 @@ impl Driver<'_> {
     fn next_event(&mut self) -> Option<Event> {
         match self.ev_rx.recv_timeout(Duration::from_millis(50)) {
             Ok(e) => {
-                if matches!(
-                    e,
-                    Event::Acked { .. } | Event::StateAck | Event::Verified(_) | Event::Committed
-                ) {
+                if matches!(e, Event::Acked { .. } | Event::StateAck | Event::Verified(_) | Event::Committed) {
                     self.last_progress = Instant::now();
                 }
                 Some(e)
@@ -683,48 +621,32 @@ impl Driver<'_> {
         let total_pages = pages.count_ones();
         self.sink.round_batches.store(0, Ordering::SeqCst);
         self.last_progress = Instant::now();
-        let (mem, hashes, policy, sink, workers) = (
-            self.guest.memory(),
-            self.hashes,
-            self.policy,
-            self.sink,
-            self.opts.workers,
-        );
+        let (mem, hashes, policy, sink, workers) =
+            (self.guest.memory(), self.hashes, self.policy, self.sink, self.opts.workers);
         let ev_tx = self.ev_tx.clone();
         let mut counts = PageCounts::default();
         std::thread::scope(|s| {
-            let scan = std::thread::Builder::new()
-                .name("lm-scan".into())
-                .spawn_scoped(s, move || {
-                    let states = scan_parallel(
-                        pages,
-                        workers,
-                        |_| {
-                            (
-                                BatchEncoder::new(mem, hashes, policy, sink, epoch),
-                                None::<EncodeError>,
-                            )
-                        },
-                        |(enc, err), run| {
-                            if err.is_none() {
-                                *err = enc.push_run(run).err();
-                            }
-                        },
-                    );
-                    let mut counts = PageCounts::default();
-                    let mut error = None;
-                    for (mut enc, err) in states {
-                        let err = err.or_else(|| enc.flush().err());
-                        counts.add(&enc.counts);
-                        error = error.or(err);
-                    }
-                    let batches = sink.round_batches.load(Ordering::SeqCst);
-                    let _ = ev_tx.send(Event::ScanDone {
-                        batches,
-                        counts,
-                        error,
-                    });
-                });
+            let scan = std::thread::Builder::new().name("lm-scan".into()).spawn_scoped(s, move || {
+                let states = scan_parallel(
+                    pages,
+                    workers,
+                    |_| (BatchEncoder::new(mem, hashes, policy, sink, epoch), None::<EncodeError>),
+                    |(enc, err), run| {
+                        if err.is_none() {
+                            *err = enc.push_run(run).err();
+                        }
+                    },
+                );
+                let mut counts = PageCounts::default();
+                let mut error = None;
+                for (mut enc, err) in states {
+                    let err = err.or_else(|| enc.flush().err());
+                    counts.add(&enc.counts);
+                    error = error.or(err);
+                }
+                let batches = sink.round_batches.load(Ordering::SeqCst);
+                let _ = ev_tx.send(Event::ScanDone { batches, counts, error });
+            });
             if let Err(e) = scan {
                 self.fail(MigrateError::Link(WireError::Io(e)));
                 return;
@@ -732,27 +654,15 @@ impl Driver<'_> {
             let mut scan_done: Option<u32> = None;
             let (mut acked, mut pages_done, mut last_report) = (0u32, 0u64, Instant::now());
             // Even after a failure, wait for the scan to finish: its threads borrow from this frame.
-            while scan_done.is_none()
-                || (self.error.is_none() && acked < scan_done.unwrap_or(u32::MAX))
-            {
+            while scan_done.is_none() || (self.error.is_none() && acked < scan_done.unwrap_or(u32::MAX)) {
                 match self.next_event() {
-                    Some(Event::Acked {
-                        epoch: e,
-                        bytes,
-                        pages,
-                        at,
-                    }) if e == epoch => {
+                    Some(Event::Acked { epoch: e, bytes, pages, at }) if e == epoch => {
                         acked += 1;
-                        self.acked_bytes += bytes;
                         pages_done += pages;
                         self.machine().delivered(bytes, at);
                         let rate = self.machine().bandwidth().unwrap_or(0.0);
-                        let queued = self
-                            .sink
-                            .submitted_bytes
-                            .load(Ordering::Relaxed)
-                            .saturating_sub(self.acked_bytes);
-                        self.policy.set_link(rate as u64, queued);
+                        let spare = self.cpu.spare_cpus(Duration::from_millis(100));
+                        self.policy.set_link(rate as u64, spare);
                         if last_report.elapsed() > Duration::from_millis(50) {
                             last_report = Instant::now();
                             (self.progress)(&Progress {
@@ -764,21 +674,14 @@ impl Driver<'_> {
                             });
                         }
                     }
-                    Some(Event::ScanDone {
-                        batches,
-                        counts: c,
-                        error,
-                        ..
-                    }) => {
+                    Some(Event::ScanDone { batches, counts: c, error, .. }) => {
                         scan_done = Some(batches);
                         counts = c;
                         if let Some(e) = error {
                             if self.error.is_none() {
                                 self.fail(match e {
                                     EncodeError::Guest(g) => MigrateError::Guest(g),
-                                    EncodeError::SinkClosed => {
-                                        MigrateError::Link(WireError::Closed)
-                                    }
+                                    EncodeError::SinkClosed => MigrateError::Link(WireError::Closed),
                                 });
                             }
                         }
@@ -812,29 +715,14 @@ impl Driver<'_> {
                 }
             },
         };
-        let ours = Verify {
-            full: self.opts.verify == VerifyMode::Full,
-            table_root,
-            memory_root,
-        };
+        let ours = Verify { full: self.opts.verify == VerifyMode::Full, table_root, memory_root };
         self.send_frame(Kind::Verify, ours.encode().to_vec());
-        let theirs = self.wait_for(|e| {
-            if let Event::Verified(v) = e {
-                Some(*v)
-            } else {
-                None
-            }
-        })?;
-        let ok = theirs.equal
-            && theirs.table_root == table_root
-            && (!ours.full || theirs.memory_root == memory_root);
+        let theirs = self.wait_for(|e| if let Event::Verified(v) = e { Some(*v) } else { None })?;
+        let ok = theirs.equal && theirs.table_root == table_root && (!ours.full || theirs.memory_root == memory_root);
         if !ok {
             self.error = Some(MigrateError::DigestMismatch {
                 ours: format!("table {table_root:#018x} memory {memory_root:#018x}"),
-                theirs: format!(
-                    "table {:#018x} memory {:#018x}",
-                    theirs.table_root, theirs.memory_root
-                ),
+                theirs: format!("table {:#018x} memory {:#018x}", theirs.table_root, theirs.memory_root),
             });
         }
         Some(ok)

@@ -30,18 +30,12 @@ fn words_for(bits: u64) -> usize {
 impl Bitmap {
     /// An all-clear bitmap of `bits` pages.
     pub fn new(bits: u64) -> Self {
-        Bitmap {
-            words: vec![0; words_for(bits)],
-            bits,
-        }
+        Bitmap { words: vec![0; words_for(bits)], bits }
     }
 
     /// An all-set bitmap of `bits` pages.
     pub fn full(bits: u64) -> Self {
-        let mut b = Bitmap {
-            words: vec![u64::MAX; words_for(bits)],
-            bits,
-        };
+        let mut b = Bitmap { words: vec![u64::MAX; words_for(bits)], bits };
         b.mask_tail();
         b
     }
@@ -182,9 +176,7 @@ where
                 break;
             }
             let end = (start + SCAN_CHUNK_WORDS).min(words.len());
-            runs_in_words(&words[start..end], start as u64 * 64, |run| {
-                each(&mut state, run)
-            });
+            runs_in_words(&words[start..end], start as u64 * 64, |run| each(&mut state, run));
         }
         state
     };
@@ -192,19 +184,12 @@ where
         return vec![work(0)];
     }
     crossbeam::thread::scope(|s| {
-        let handles: Vec<_> = (1..workers)
-            .map(|i| {
-                s.builder()
-                    .name(format!("lm-scan{i}"))
-                    .spawn(move |_| work(i))
-            })
-            .collect();
+        let handles: Vec<_> =
+            (1..workers).map(|i| s.builder().name(format!("lm-scan{i}")).spawn(move |_| work(i))).collect();
         let mut states = vec![work(0)];
-        states.extend(handles.into_iter().map(|h| {
-            h.expect("spawning a scan worker")
-                .join()
-                .expect("scan worker panicked")
-        }));
+        states.extend(
+            handles.into_iter().map(|h| h.expect("spawning a scan worker").join().expect("scan worker panicked")),
+        );
         states
     })
     .expect("scan worker panicked")
@@ -220,10 +205,7 @@ pub struct AtomicBitmap {
 impl AtomicBitmap {
     /// An all-clear bitmap of `bits` pages.
     pub fn new(bits: u64) -> Self {
-        AtomicBitmap {
-            words: (0..words_for(bits)).map(|_| AtomicU64::new(0)).collect(),
-            bits,
-        }
+        AtomicBitmap { words: (0..words_for(bits)).map(|_| AtomicU64::new(0)).collect(), bits }
     }
 
     /// Number of pages covered.
@@ -286,9 +268,7 @@ mod tests {
             for density in [1u64, 8, 32, 60, 64] {
                 let mut b = Bitmap::new(bits);
                 for i in 0..bits {
-                    seed = seed
-                        .wrapping_mul(6364136223846793005)
-                        .wrapping_add(1442695040888963407);
+                    seed = seed.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
                     if (seed >> 58) < density {
                         b.set(i);
                     }

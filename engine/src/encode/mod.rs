@@ -50,6 +50,9 @@ pub struct PageEntry {
     pub codec: Codec,
     /// Payload bytes (0 for zero pages, [`PAGE_SIZE`] for raw ones).
     pub len: u32,
+    /// xxh3 of the page's content (decoded). The receiver checks it before applying the page, which makes it both
+    /// the payload's integrity check and the value both hash tables record.
+    pub hash: u64,
 }
 
 /// Counters over encoded pages.
@@ -160,9 +163,7 @@ impl HashTable {
     /// A table of `pages` zero pages.
     pub fn new(pages: u64) -> Self {
         let z = zero_page_hash();
-        HashTable {
-            hashes: (0..pages).map(|_| AtomicU64::new(z)).collect(),
-        }
+        HashTable { hashes: (0..pages).map(|_| AtomicU64::new(z)).collect() }
     }
 
     /// Records page `page`'s hash. Each page is set by one worker at a time (a round sends a page once), so a relaxed
@@ -175,9 +176,7 @@ impl HashTable {
 
     /// Page `page`'s recorded hash.
     pub fn get(&self, page: u64) -> Option<u64> {
-        self.hashes
-            .get(page as usize)
-            .map(|h| h.load(Ordering::Relaxed))
+        self.hashes.get(page as usize).map(|h| h.load(Ordering::Relaxed))
     }
 
     /// Number of pages.
@@ -217,16 +216,21 @@ pub fn memory_root(mem: &dyn GuestMemory) -> Result<u64, GuestError> {
     Ok(table.root())
 }
 
-/// What the encoders know about the link and the codec, shared between them and the driver that measures the link.
+/// What the encoders know about the link, the machine and the codec, shared between them and the driver that
+/// measures the link.
 ///
-/// Compression pays when it finishes a batch no later than the link could take it anyway (the batch waits behind the
-/// bytes already queued), or when the wire time it saves exceeds the CPU time it costs. Both sides of that are
-/// measured: the link rate and queue from acks, the codec's speed and ratio from the batches it compressed.
+/// Compression pays in one of two ways. Serially: its CPU time is less than the wire time it saves. Or in parallel:
+/// cores that would otherwise sit idle do it, and spread over them it keeps up with the link. The second needs a
+/// measurement of idle CPU, not a guess from the encoders' queue: on loopback the "link" is itself CPU, so encoders
+/// that wait on a full queue do not mean the machine has cycles to spare. Every input is measured: the link rate
+/// from acks, spare cores from the OS, the codec's speed and ratio from the batches it compressed. To keep those
+/// two current when the data changes, every [`PROBE_EVERY`]th batch of a worker is compressed regardless.
 #[derive(Debug)]
 pub struct CodecPolicy {
     enabled: bool,
     link_rate_bps: AtomicU64,
-    queued_bytes: AtomicU64,
+    /// Idle cores, in thousandths, as the OS reports them.
+    spare_milli_cpus: AtomicU64,
     /// Compression cost in picoseconds per input byte, smoothed.
     compress_ps_per_byte: AtomicU64,
     /// Compressed size over input size for pages that looked compressible, in thousandths, smoothed.
@@ -235,13 +239,16 @@ pub struct CodecPolicy {
     compressible_milli: AtomicU64,
 }
 
+/// One batch in this many is compressed to measure the codec, whatever the policy says.
+pub const PROBE_EVERY: u64 = 32;
+
 impl CodecPolicy {
     /// A policy with no measurements yet. With `enabled` false nothing is ever compressed.
     pub fn new(enabled: bool) -> Self {
         CodecPolicy {
             enabled,
             link_rate_bps: AtomicU64::new(0),
-            queued_bytes: AtomicU64::new(0),
+            spare_milli_cpus: AtomicU64::new(0),
             // lz4's usual speed, until measured: about 1.5 ns per byte.
             compress_ps_per_byte: AtomicU64::new(1500),
             ratio_milli: AtomicU64::new(700),
@@ -249,14 +256,13 @@ impl CodecPolicy {
         }
     }
 
-    /// The driver's latest measurements: link goodput in bytes per second, and bytes handed to the link that it has
-    /// not yet delivered.
-    pub fn set_link(&self, rate_bps: u64, queued_bytes: u64) {
+    /// The driver's latest measurements: link goodput in bytes per second, and idle cores on this machine.
+    pub fn set_link(&self, rate_bps: u64, spare_cpus: f64) {
         self.link_rate_bps.store(rate_bps, Ordering::Relaxed);
-        self.queued_bytes.store(queued_bytes, Ordering::Relaxed);
+        self.spare_milli_cpus.store((spare_cpus.max(0.0) * 1000.0) as u64, Ordering::Relaxed);
     }
 
-    /// Whether to compress the next batch of about `batch_bytes` raw bytes.
+    /// Whether compressing the next batch of about `batch_bytes` raw bytes pays.
     pub fn should_compress(&self, batch_bytes: u64) -> bool {
         if !self.enabled {
             return false;
@@ -271,11 +277,15 @@ impl CodecPolicy {
             return false;
         }
         let share = self.compressible_milli.load(Ordering::Relaxed) as f64 / 1000.0;
-        let bytes = batch_bytes as f64 * share;
-        let cpu_s = bytes * self.compress_ps_per_byte.load(Ordering::Relaxed) as f64 * 1e-12;
-        let wait_s = self.queued_bytes.load(Ordering::Relaxed) as f64 / rate as f64;
-        let saved_s = bytes * (1.0 - ratio) / rate as f64;
-        cpu_s <= wait_s || cpu_s < saved_s
+        let cpu_s = batch_bytes as f64 * share * self.compress_ps_per_byte.load(Ordering::Relaxed) as f64 * 1e-12;
+        let saved_s = batch_bytes as f64 * share * (1.0 - ratio) / rate as f64;
+        if cpu_s < saved_s {
+            return true;
+        }
+        // Half a core or less idle is noise, or another thread's share of this pipeline.
+        let spare = self.spare_milli_cpus.load(Ordering::Relaxed) as f64 / 1000.0;
+        let wire_s = batch_bytes as f64 / rate as f64;
+        spare >= 0.5 && cpu_s / spare <= wire_s
     }
 
     /// Folds one compressed batch's figures into the estimates.
@@ -284,10 +294,7 @@ impl CodecPolicy {
             let old = a.load(Ordering::Relaxed);
             a.store((old * 7 + sample) / 8, Ordering::Relaxed);
         }
-        if let (Some(ps), Some(ratio)) = (
-            (nanos * 1000).checked_div(input),
-            (output * 1000).checked_div(input),
-        ) {
+        if let (Some(ps), Some(ratio)) = ((nanos * 1000).checked_div(input), (output * 1000).checked_div(input)) {
             blend(&self.compress_ps_per_byte, ps);
             blend(&self.ratio_milli, ratio);
         }
@@ -308,13 +315,13 @@ pub struct BatchEncoder<'a, S: BatchSink> {
     max_pages: usize,
     batch: EncodedBatch,
     compress: bool,
-    page: Box<[u8; PAGE_SIZE]>,
     lz: Vec<u8>,
     // Per-batch compression figures for the policy.
     lz_in: u64,
     lz_out: u64,
     lz_nanos: u64,
     looked: u64,
+    batches: u64,
     /// Everything this worker encoded.
     pub counts: PageCounts,
 }
@@ -360,12 +367,12 @@ impl<'a, S: BatchSink> BatchEncoder<'a, S> {
             max_pages: BATCH_PAGES,
             batch: EncodedBatch::default(),
             compress: false,
-            page: Box::new([0u8; PAGE_SIZE]),
             lz: vec![0u8; lz4_flex::block::get_maximum_output_size(PAGE_SIZE)],
             lz_in: 0,
             lz_out: 0,
             lz_nanos: 0,
             looked: 0,
+            batches: 0,
             counts: PageCounts::default(),
         };
         e.start_batch();
@@ -376,9 +383,9 @@ impl<'a, S: BatchSink> BatchEncoder<'a, S> {
         self.batch = self.sink.take_buffer();
         self.batch.clear();
         self.batch.epoch = self.epoch;
-        self.compress = self
-            .policy
-            .should_compress((self.max_pages * PAGE_SIZE) as u64);
+        self.batches += 1;
+        self.compress = self.policy.enabled
+            && (self.batches % PROBE_EVERY == 1 || self.policy.should_compress((self.max_pages * PAGE_SIZE) as u64));
         (self.lz_in, self.lz_out, self.lz_nanos, self.looked) = (0, 0, 0, 0);
     }
 
@@ -389,16 +396,9 @@ impl<'a, S: BatchSink> BatchEncoder<'a, S> {
         while page < end {
             let (ptr, n) = host_pages(self.mem, page, end - page)?;
             for i in 0..n as usize {
-                // SAFETY: host_pages vouches for `n` contiguous pages at `ptr` in a live mapping; the page buffer is
-                // ours. The guest may be writing this page: see read_page for why a torn copy is harmless.
-                unsafe {
-                    std::ptr::copy_nonoverlapping(
-                        ptr.add(i * PAGE_SIZE),
-                        self.page.as_mut_ptr(),
-                        PAGE_SIZE,
-                    )
-                };
-                self.encode_page(page + i as u64);
+                // SAFETY: host_pages vouches for `n` contiguous pages at `ptr` in a live mapping.
+                let src = unsafe { ptr.add(i * PAGE_SIZE) };
+                self.encode_page(page + i as u64, src);
                 if self.batch.entries.len() >= self.max_pages {
                     self.flush()?;
                 }
@@ -408,20 +408,31 @@ impl<'a, S: BatchSink> BatchEncoder<'a, S> {
         Ok(())
     }
 
-    fn encode_page(&mut self, index: u64) {
-        let page: &[u8] = &self.page[..];
+    /// Copies the page at `src` into the batch payload, the only copy the encoder makes, and decides its codec from
+    /// that copy: the guest may rewrite the page meanwhile, and hash, zero check and compression must all describe
+    /// the bytes that are sent.
+    fn encode_page(&mut self, index: u64, src: *const u8) {
         let b = &mut self.batch;
+        let off = b.payload.len();
+        b.payload.reserve(PAGE_SIZE);
+        // SAFETY: `src` is one page of live guest memory (see push_run) and `reserve` made room for a page past
+        // `off`; set_len covers exactly the bytes just written. A torn copy of a page the guest is writing is fine: the
+        // write leaves the page dirty, so it is sent again (invariant 3).
+        unsafe {
+            std::ptr::copy_nonoverlapping(src, b.payload.as_mut_ptr().add(off), PAGE_SIZE);
+            b.payload.set_len(off + PAGE_SIZE);
+        }
+        let page = &b.payload[off..];
         if is_zero(page) {
-            self.hashes.set(index, zero_page_hash());
-            b.entries.push(PageEntry {
-                page: index,
-                codec: Codec::Zero,
-                len: 0,
-            });
+            b.payload.truncate(off);
+            let hash = zero_page_hash();
+            self.hashes.set(index, hash);
+            b.entries.push(PageEntry { page: index, codec: Codec::Zero, len: 0, hash });
             b.counts.zero += 1;
             return;
         }
-        self.hashes.set(index, page_hash(page));
+        let hash = page_hash(page);
+        self.hashes.set(index, hash);
         if self.compress && looks_compressible(page) {
             self.looked += 1;
             let t = Instant::now();
@@ -432,22 +443,14 @@ impl<'a, S: BatchSink> BatchEncoder<'a, S> {
             // Keep the compressed form only when it saves at least an eighth: below that, the receiver's decode costs
             // more than the wire bytes saved.
             if n <= PAGE_SIZE - PAGE_SIZE / 8 {
+                b.payload.truncate(off);
                 b.payload.extend_from_slice(&self.lz[..n]);
-                b.entries.push(PageEntry {
-                    page: index,
-                    codec: Codec::Lz4,
-                    len: n as u32,
-                });
+                b.entries.push(PageEntry { page: index, codec: Codec::Lz4, len: n as u32, hash });
                 b.counts.compressed += 1;
                 return;
             }
         }
-        b.payload.extend_from_slice(page);
-        b.entries.push(PageEntry {
-            page: index,
-            codec: Codec::Raw,
-            len: PAGE_SIZE as u32,
-        });
+        b.entries.push(PageEntry { page: index, codec: Codec::Raw, len: PAGE_SIZE as u32, hash });
         b.counts.raw += 1;
     }
 
@@ -458,8 +461,7 @@ impl<'a, S: BatchSink> BatchEncoder<'a, S> {
         }
         if self.compress {
             let nonzero = self.batch.counts.compressed + self.batch.counts.raw;
-            self.policy
-                .record(self.lz_in, self.lz_out, self.lz_nanos, self.looked, nonzero);
+            self.policy.record(self.lz_in, self.lz_out, self.lz_nanos, self.looked, nonzero);
         }
         self.counts.add(&self.batch.counts);
         let batch = std::mem::take(&mut self.batch);
@@ -491,12 +493,7 @@ mod tests {
 
     #[test]
     fn probe_tells_text_from_random() {
-        let text: Vec<u8> = b"the of and to in is was for on that "
-            .iter()
-            .copied()
-            .cycle()
-            .take(PAGE_SIZE)
-            .collect();
+        let text: Vec<u8> = b"the of and to in is was for on that ".iter().copied().cycle().take(PAGE_SIZE).collect();
         assert!(looks_compressible(&text));
         let mut x = 88172645463325252u64;
         let random: Vec<u8> = (0..PAGE_SIZE)
@@ -514,16 +511,29 @@ mod tests {
     fn policy_compresses_only_when_it_pays() {
         let p = CodecPolicy::new(true);
         assert!(!p.should_compress(1 << 18), "no link measurement yet");
-        // 1 Gbit/s with nothing queued: 128 KiB of text at 1.5 ns/B costs 0.2 ms and saves 0.3 × 1 ms of wire.
-        p.set_link(125_000_000, 0);
+        // 1 Gbit/s, no idle core: half of 256 KiB at 1.5 ns/B costs 0.2 ms of CPU and saves 0.3 × 1 ms of wire.
+        p.set_link(125_000_000, 0.0);
         assert!(p.should_compress(1 << 18));
-        // 40 GB/s with nothing queued: the wire is faster than the codec.
-        p.set_link(40_000_000_000, 0);
+        // 2 GB/s and a busy machine: the wire is faster than the codec, and no core is free to hide it.
+        p.set_link(2_000_000_000, 0.2);
         assert!(!p.should_compress(1 << 18));
-        // The same fast link with 64 MiB queued: the batch would wait 1.6 ms anyway, so compressing is free.
-        p.set_link(40_000_000_000, 64 << 20);
+        // The same link with one idle core: 0.2 ms of compression there keeps up with 0.13 ms of wire only on two.
+        p.set_link(2_000_000_000, 1.0);
+        assert!(!p.should_compress(1 << 18));
+        p.set_link(2_000_000_000, 2.0);
         assert!(p.should_compress(1 << 18));
         assert!(!CodecPolicy::new(false).should_compress(1 << 18));
+    }
+
+    #[test]
+    fn incompressible_data_turns_compression_off() {
+        let p = CodecPolicy::new(true);
+        p.set_link(125_000_000, 4.0);
+        assert!(p.should_compress(1 << 18));
+        for _ in 0..40 {
+            p.record(4096, 4090, 3000, 1, 1);
+        }
+        assert!(!p.should_compress(1 << 18));
     }
 
     #[test]

@@ -10,10 +10,8 @@
 mod mmap;
 mod synthetic;
 
-pub use mmap::{resident_pages, MmapRegion};
-pub use synthetic::{
-    PageKind, SyntheticConfig, SyntheticGuest, SyntheticVcpus, TEXT_WORDS, THROTTLE_SLICE,
-};
+pub use mmap::{prefault_host, resident_pages, MmapRegion};
+pub use synthetic::{PageKind, SyntheticConfig, SyntheticGuest, SyntheticVcpus, TEXT_WORDS, THROTTLE_SLICE};
 
 use crate::dirty::Bitmap;
 use std::ptr::NonNull;
@@ -33,9 +31,7 @@ pub enum GuestError {
         source: std::io::Error,
     },
     /// The guest's memory size is not a whole number of pages, or is zero.
-    #[error(
-        "guest memory of {0} bytes is not a non-zero multiple of the {PAGE_SIZE}-byte page size"
-    )]
+    #[error("guest memory of {0} bytes is not a non-zero multiple of the {PAGE_SIZE}-byte page size")]
     BadSize(u64),
     /// A page range reaches past the end of guest memory.
     #[error("pages {first}..{end} are outside guest memory of {pages} pages")]
@@ -80,11 +76,7 @@ impl HostRegion {
     /// region is alive, and `len` must be a multiple of [`PAGE_SIZE`].
     pub unsafe fn new(guest_addr: u64, ptr: NonNull<u8>, len: usize) -> Self {
         debug_assert_eq!(len % PAGE_SIZE, 0);
-        HostRegion {
-            guest_addr,
-            ptr,
-            len,
-        }
+        HostRegion { guest_addr, ptr, len }
     }
 
     /// Guest-physical address of the region's first byte.
@@ -123,10 +115,7 @@ pub struct MemoryLayout {
 impl MemoryLayout {
     /// Total pages over all regions.
     pub fn total_pages(&self) -> u64 {
-        self.regions
-            .iter()
-            .map(|&(_, len)| len / PAGE_SIZE as u64)
-            .sum()
+        self.regions.iter().map(|&(_, len)| len / PAGE_SIZE as u64).sum()
     }
 
     /// Total bytes over all regions.
@@ -146,6 +135,12 @@ pub trait GuestMemory: Send + Sync {
         Ok(Bitmap::full(self.total_pages()))
     }
 
+    /// Faults pages `first..first + count` in for writing, ahead of the receiver, so that applying a page does not
+    /// wait for the kernel to find and zero fresh memory. Content is unchanged. The default does nothing.
+    fn prefault(&self, first: u64, count: u64) {
+        let _ = (first, count);
+    }
+
     /// Total pages over all regions.
     fn total_pages(&self) -> u64 {
         self.regions().iter().map(HostRegion::pages).sum()
@@ -153,13 +148,7 @@ pub trait GuestMemory: Send + Sync {
 
     /// The layout for the handshake.
     fn layout(&self) -> MemoryLayout {
-        MemoryLayout {
-            regions: self
-                .regions()
-                .iter()
-                .map(|r| (r.guest_addr, r.len as u64))
-                .collect(),
-        }
+        MemoryLayout { regions: self.regions().iter().map(|r| (r.guest_addr, r.len as u64)).collect() }
     }
 }
 
@@ -167,11 +156,7 @@ pub trait GuestMemory: Send + Sync {
 ///
 /// Returns the host pointer of page `first` and how many of the `count` pages follow it contiguously in the same
 /// region (a run that crosses a region boundary is served in pieces), or an error when `first` is out of range.
-pub fn host_pages(
-    mem: &dyn GuestMemory,
-    first: u64,
-    count: u64,
-) -> Result<(*mut u8, u64), GuestError> {
+pub fn host_pages(mem: &dyn GuestMemory, first: u64, count: u64) -> Result<(*mut u8, u64), GuestError> {
     let mut base = 0u64;
     for r in mem.regions() {
         let pages = r.pages();
@@ -183,11 +168,7 @@ pub fn host_pages(
         }
         base += pages;
     }
-    Err(GuestError::OutOfRange {
-        first,
-        end: first + count,
-        pages: base,
-    })
+    Err(GuestError::OutOfRange { first, end: first + count, pages: base })
 }
 
 /// Copies page `page` of guest memory into `out` (exactly one page long).

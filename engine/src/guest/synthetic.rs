@@ -1,9 +1,7 @@
 //! The synthetic reference guest of SPEC.md: anonymous memory filled with a fixed page mix, and vCPU threads that
 //! rewrite pages of a hot set at a set rate while the migration copies them.
 
-use super::{
-    host_pages, GuestError, GuestMemory, HostRegion, MemoryLayout, MmapRegion, Vcpus, PAGE_SIZE,
-};
+use super::{host_pages, GuestError, GuestMemory, HostRegion, MemoryLayout, MmapRegion, Vcpus, PAGE_SIZE};
 use crate::dirty::{AtomicBitmap, Bitmap};
 use crate::guest::DirtyLog;
 use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
@@ -13,11 +11,10 @@ use std::time::{Duration, Instant};
 
 /// The 64 words text pages are made of (SPEC.md).
 pub const TEXT_WORDS: [&str; 64] = [
-    "the", "of", "and", "to", "in", "is", "was", "for", "on", "that", "with", "as", "by", "at",
-    "from", "his", "her", "it", "an", "are", "were", "be", "this", "which", "or", "had", "not",
-    "but", "have", "they", "their", "one", "all", "been", "has", "more", "when", "who", "will",
-    "would", "there", "out", "so", "what", "up", "its", "into", "only", "time", "about", "than",
-    "other", "two", "some", "could", "after", "first", "also", "them", "then", "new", "these",
+    "the", "of", "and", "to", "in", "is", "was", "for", "on", "that", "with", "as", "by", "at", "from", "his", "her",
+    "it", "an", "are", "were", "be", "this", "which", "or", "had", "not", "but", "have", "they", "their", "one", "all",
+    "been", "has", "more", "when", "who", "will", "would", "there", "out", "so", "what", "up", "its", "into", "only",
+    "time", "about", "than", "other", "two", "some", "could", "after", "first", "also", "them", "then", "new", "these",
     "over", "most",
 ];
 
@@ -147,11 +144,7 @@ impl Memory {
             .collect::<Result<Vec<_>, _>>()?;
         let regions = maps.iter().map(|m| *m.region()).collect();
         let dirty = AtomicBitmap::new(layout.total_pages());
-        Ok(Memory {
-            maps,
-            regions,
-            dirty,
-        })
+        Ok(Memory { maps, regions, dirty })
     }
 
     /// One page write by a vCPU: the content first, then the dirty bit, as KVM's dirty log sees a guest write.
@@ -172,9 +165,7 @@ pub struct SyntheticGuest {
 
 impl std::fmt::Debug for SyntheticGuest {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("SyntheticGuest")
-            .field("pages", &self.mem.total_pages())
-            .finish()
+        f.debug_struct("SyntheticGuest").field("pages", &self.mem.total_pages()).finish()
     }
 }
 
@@ -183,25 +174,14 @@ impl SyntheticGuest {
     ///
     /// Filling is split over the machine's cores; the untouched tail is never written, so never faulted in.
     pub fn new(cfg: &SyntheticConfig) -> Result<Self, GuestError> {
-        let layout = MemoryLayout {
-            regions: vec![(0, cfg.memory_bytes)],
-        };
+        let layout = MemoryLayout { regions: vec![(0, cfg.memory_bytes)] };
         // 4 KiB pages on the source, so that the untouched pages really stay unpopulated.
         let mem = Arc::new(Memory::new(&layout, false)?);
         let pages = mem.total_pages();
-        let touched =
-            ((pages as f64 * cfg.touched_pct.clamp(0.0, 100.0) / 100.0) as u64).min(pages);
+        let touched = ((pages as f64 * cfg.touched_pct.clamp(0.0, 100.0) / 100.0) as u64).min(pages);
         populate(&mem.maps[0], touched, cfg.seed);
-        let hot_pages =
-            ((pages as f64 * cfg.hot_set_pct.clamp(0.0, 100.0) / 100.0) as u64).clamp(1, pages);
-        let vcpus = SyntheticVcpus::start(
-            mem.clone(),
-            cfg.vcpus.max(1),
-            cfg.dirty_rate,
-            hot_pages,
-            cfg.seed,
-            false,
-        )?;
+        let hot_pages = ((pages as f64 * cfg.hot_set_pct.clamp(0.0, 100.0) / 100.0) as u64).clamp(1, pages);
+        let vcpus = SyntheticVcpus::start(mem.clone(), cfg.vcpus.max(1), cfg.dirty_rate, hot_pages, cfg.seed, false)?;
         Ok(SyntheticGuest { mem, vcpus })
     }
 
@@ -221,6 +201,19 @@ impl SyntheticGuest {
 impl GuestMemory for SyntheticGuest {
     fn regions(&self) -> &[HostRegion] {
         &self.mem.regions
+    }
+
+    fn prefault(&self, first: u64, count: u64) {
+        let (mut page, end) = (first, first.saturating_add(count).min(self.mem.total_pages()));
+        while page < end {
+            match host_pages(&*self.mem, page, end - page) {
+                Ok((ptr, n)) => {
+                    super::prefault_host(ptr, n);
+                    page += n;
+                }
+                Err(_) => break,
+            }
+        }
     }
 
     fn maybe_nonzero(&self) -> Result<Bitmap, GuestError> {
@@ -260,10 +253,7 @@ fn populate(map: &MmapRegion, touched: u64, seed: u64) {
                     // SAFETY: pages start..end of the mapping, disjoint between workers, and nobody else reads or
                     // writes the guest before it is returned.
                     let slice = unsafe {
-                        std::slice::from_raw_parts_mut(
-                            (base + page as usize * PAGE_SIZE) as *mut u8,
-                            PAGE_SIZE,
-                        )
+                        std::slice::from_raw_parts_mut((base + page as usize * PAGE_SIZE) as *mut u8, PAGE_SIZE)
                     };
                     let mut rng = Rng(seed ^ page.wrapping_mul(0x2545_f491_4f6c_dd1d));
                     fill_page(PageKind::of(page), slice, &mut rng);
@@ -305,9 +295,7 @@ pub struct SyntheticVcpus {
 
 impl std::fmt::Debug for SyntheticVcpus {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("SyntheticVcpus")
-            .field("throttle", &self.throttle())
-            .finish()
+        f.debug_struct("SyntheticVcpus").field("throttle", &self.throttle()).finish()
     }
 }
 
@@ -315,36 +303,16 @@ const STATE_MAGIC: &[u8; 4] = b"LMSV";
 const STATE_VERSION: u32 = 1;
 
 impl SyntheticVcpus {
-    fn start(
-        mem: Arc<Memory>,
-        n: u32,
-        rate: u64,
-        hot_pages: u64,
-        seed: u64,
-        paused: bool,
-    ) -> Result<Self, GuestError> {
-        let states = (0..u64::from(n))
-            .map(|i| (seed.wrapping_add(i.wrapping_mul(0x9e37_79b9)), 0))
-            .collect();
+    fn start(mem: Arc<Memory>, n: u32, rate: u64, hot_pages: u64, seed: u64, paused: bool) -> Result<Self, GuestError> {
+        let states = (0..u64::from(n)).map(|i| (seed.wrapping_add(i.wrapping_mul(0x9e37_79b9)), 0)).collect();
         let control = Arc::new(Control {
-            ctl: Mutex::new(Ctl {
-                paused,
-                stop: false,
-                parked: 0,
-                rate,
-                hot_pages,
-                states,
-            }),
+            ctl: Mutex::new(Ctl { paused, stop: false, parked: 0, rate, hot_pages, states }),
             cv: Condvar::new(),
             pause_req: AtomicBool::new(paused),
             throttle_milli: AtomicU32::new(0),
             pages_written: AtomicU64::new(0),
         });
-        let v = SyntheticVcpus {
-            mem,
-            control,
-            threads: Mutex::new(Vec::new()),
-        };
+        let v = SyntheticVcpus { mem, control, threads: Mutex::new(Vec::new()) };
         v.spawn_threads(n as usize)?;
         Ok(v)
     }
@@ -392,11 +360,7 @@ impl Vcpus for SyntheticVcpus {
         ctl.paused = true;
         self.control.pause_req.store(true, Ordering::SeqCst);
         self.control.cv.notify_all();
-        let threads = self
-            .threads
-            .lock()
-            .expect("vcpu thread list poisoned")
-            .len();
+        let threads = self.threads.lock().expect("vcpu thread list poisoned").len();
         while ctl.parked < threads {
             ctl = self.control.cv.wait(ctl).expect("vcpu control poisoned");
         }
@@ -430,14 +394,8 @@ impl Vcpus for SyntheticVcpus {
 
     fn restore_state(&self, blob: &[u8]) -> Result<(), GuestError> {
         let bad = |why: &str| GuestError::BadState(why.to_string());
-        let u32_at = |o: usize| {
-            blob.get(o..o + 4)
-                .map(|b| u32::from_le_bytes(b.try_into().expect("4 bytes")))
-        };
-        let u64_at = |o: usize| {
-            blob.get(o..o + 8)
-                .map(|b| u64::from_le_bytes(b.try_into().expect("8 bytes")))
-        };
+        let u32_at = |o: usize| blob.get(o..o + 4).map(|b| u32::from_le_bytes(b.try_into().expect("4 bytes")));
+        let u64_at = |o: usize| blob.get(o..o + 8).map(|b| u64::from_le_bytes(b.try_into().expect("8 bytes")));
         if blob.get(..4) != Some(STATE_MAGIC) {
             return Err(bad("not a synthetic-guest vCPU state (bad magic)"));
         }
@@ -447,30 +405,15 @@ impl Vcpus for SyntheticVcpus {
             None => return Err(bad("truncated header")),
         }
         let n = u32_at(8).ok_or_else(|| bad("truncated header"))? as usize;
-        let (rate, hot) = (
-            u64_at(12).ok_or_else(|| bad("truncated"))?,
-            u64_at(20).ok_or_else(|| bad("truncated"))?,
-        );
+        let (rate, hot) = (u64_at(12).ok_or_else(|| bad("truncated"))?, u64_at(20).ok_or_else(|| bad("truncated"))?);
         if blob.len() != 28 + n * 16 {
-            return Err(GuestError::BadState(format!(
-                "{} bytes for {n} vCPUs, expected {}",
-                blob.len(),
-                28 + n * 16
-            )));
+            return Err(GuestError::BadState(format!("{} bytes for {n} vCPUs, expected {}", blob.len(), 28 + n * 16)));
         }
         if hot == 0 || hot > self.mem.total_pages() {
-            return Err(GuestError::BadState(format!(
-                "hot set of {hot} pages does not fit the guest"
-            )));
+            return Err(GuestError::BadState(format!("hot set of {hot} pages does not fit the guest")));
         }
-        let states = (0..n)
-            .map(|i| {
-                (
-                    u64_at(28 + i * 16).unwrap_or(0),
-                    u64_at(36 + i * 16).unwrap_or(0),
-                )
-            })
-            .collect::<Vec<_>>();
+        let states =
+            (0..n).map(|i| (u64_at(28 + i * 16).unwrap_or(0), u64_at(36 + i * 16).unwrap_or(0))).collect::<Vec<_>>();
         let written: u64 = states.iter().map(|s| s.1).sum();
         {
             let mut ctl = self.lock();
@@ -500,12 +443,7 @@ impl Drop for SyntheticVcpus {
             self.control.pause_req.store(true, Ordering::SeqCst);
             self.control.cv.notify_all();
         }
-        for h in self
-            .threads
-            .lock()
-            .expect("vcpu thread list poisoned")
-            .drain(..)
-        {
+        for h in self.threads.lock().expect("vcpu thread list poisoned").drain(..) {
             let _ = h.join();
         }
     }
@@ -542,10 +480,7 @@ fn vcpu_loop(id: usize, mem: &Memory, control: &Control) {
             (rng, written) = (Rng(r), w);
         }
         let n = ctl.states.len().max(1) as u64;
-        let (rate, hot) = (
-            ctl.rate / n + u64::from(id as u64 % n < ctl.rate % n),
-            ctl.hot_pages,
-        );
+        let (rate, hot) = (ctl.rate / n + u64::from(id as u64 % n < ctl.rate % n), ctl.hot_pages);
         if rate == 0 {
             ctl = control.cv.wait(ctl).expect("vcpu control poisoned");
             continue;
@@ -584,11 +519,7 @@ fn vcpu_loop(id: usize, mem: &Memory, control: &Control) {
         let slice_end = slice_start + THROTTLE_SLICE;
         let now = Instant::now();
         if now < slice_end && !control.pause_req.load(Ordering::Acquire) {
-            ctl = control
-                .cv
-                .wait_timeout(ctl, slice_end - now)
-                .expect("vcpu control poisoned")
-                .0;
+            ctl = control.cv.wait_timeout(ctl, slice_end - now).expect("vcpu control poisoned").0;
         }
     }
 }

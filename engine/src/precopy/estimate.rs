@@ -14,11 +14,7 @@ pub struct RateEstimator {
 impl RateEstimator {
     /// An estimator over the last `window` of acknowledgements.
     pub fn new(window: Duration) -> Self {
-        RateEstimator {
-            window,
-            samples: VecDeque::new(),
-            in_window: 0,
-        }
+        RateEstimator { window, samples: VecDeque::new(), in_window: 0 }
     }
 
     /// Records `bytes` delivered at `at`.
@@ -59,11 +55,7 @@ mod tests {
         for i in 0..=10u64 {
             e.record(t + Duration::from_millis(i * 10), 1000);
         }
-        assert!(
-            (e.rate().unwrap() - 100_000.0).abs() < 1.0,
-            "{:?}",
-            e.rate()
-        );
+        assert!((e.rate().unwrap() - 100_000.0).abs() < 1.0, "{:?}", e.rate());
         // The link slows to a tenth; after a window the estimate follows.
         for i in 1..=30u64 {
             e.record(t + Duration::from_millis(100 + i * 10), 100);

@@ -150,11 +150,7 @@ impl Precopy {
             predicted: None,
             pending_final: None,
         };
-        m.actions.push_back(Action::SendRound {
-            epoch: 0,
-            pages: initial,
-            last: false,
-        });
+        m.actions.push_back(Action::SendRound { epoch: 0, pages: initial, last: false });
         m
     }
 
@@ -210,10 +206,7 @@ impl Precopy {
                 }
             }
             Phase::FinalHarvest => {
-                let mut all = self
-                    .pending_final
-                    .take()
-                    .unwrap_or_else(|| Bitmap::new(dirty.len()));
+                let mut all = self.pending_final.take().unwrap_or_else(|| Bitmap::new(dirty.len()));
                 all.or_assign(&dirty);
                 let pages = all.count_ones();
                 self.phase = Phase::FinalRound;
@@ -228,11 +221,7 @@ impl Precopy {
         self.round_start = now;
         self.round_bytes = 0;
         self.round_pages = count;
-        self.actions.push_back(Action::SendRound {
-            epoch: self.epoch,
-            pages,
-            last,
-        });
+        self.actions.push_back(Action::SendRound { epoch: self.epoch, pages, last });
     }
 
     /// The vCPUs are paused.
@@ -289,17 +278,14 @@ impl Precopy {
             ))));
         } else {
             self.actions.push_back(Action::ResumeSource);
-            self.actions
-                .push_back(Action::Done(Outcome::Failed(reason)));
+            self.actions.push_back(Action::Done(Outcome::Failed(reason)));
         }
     }
 
     /// The pause predicted for `pages` dirty pages at the measured bandwidth and bytes per page.
     pub fn predict(&self, pages: u64) -> Duration {
         let wire = match self.rate.rate() {
-            Some(r) if r > 0.0 => {
-                Duration::from_secs_f64((pages as f64 * self.bytes_per_page / r).min(1e6))
-            }
+            Some(r) if r > 0.0 => Duration::from_secs_f64((pages as f64 * self.bytes_per_page / r).min(1e6)),
             // No measurement: only an empty set is known to fit.
             _ if pages == 0 => Duration::ZERO,
             _ => Duration::MAX / 2,

@@ -30,6 +30,16 @@ pub enum ApplyError {
         /// The length received.
         len: u32,
     },
+    /// The page's content does not hash to the value its entry carries: the payload was corrupted.
+    #[error("page {page}: bad checksum: entry says {expected:#018x}, content hashes to {computed:#018x}")]
+    BadChecksum {
+        /// The page.
+        page: u64,
+        /// The hash in the entry.
+        expected: u64,
+        /// The hash of what arrived.
+        computed: u64,
+    },
     /// An lz4 block did not decode to exactly one page.
     #[error("page {page}: lz4 block does not decode to one page: {reason}")]
     Decompress {
@@ -81,91 +91,68 @@ impl<'a> Receiver<'a> {
     /// Checks an entry against the layout and its codec, before any of its payload is touched.
     pub fn check_entry(&self, e: &PageEntry) -> Result<(), ApplyError> {
         if e.page >= self.pages {
-            return Err(ApplyError::PageOutOfRange {
-                page: e.page,
-                pages: self.pages,
-            });
+            return Err(ApplyError::PageOutOfRange { page: e.page, pages: self.pages });
         }
         let ok = match e.codec {
             Codec::Zero => e.len == 0,
             Codec::Raw => e.len as usize == PAGE_SIZE,
-            Codec::Lz4 => {
-                e.len > 0 && (e.len as usize) <= lz4_flex::block::get_maximum_output_size(PAGE_SIZE)
-            }
+            Codec::Lz4 => e.len > 0 && (e.len as usize) <= lz4_flex::block::get_maximum_output_size(PAGE_SIZE),
         };
         if ok {
             Ok(())
         } else {
-            Err(ApplyError::BadLength {
-                page: e.page,
-                codec: e.codec,
-                len: e.len,
-            })
+            Err(ApplyError::BadLength { page: e.page, codec: e.codec, len: e.len })
         }
     }
 
     /// Applies one page copy read in round `epoch`. `payload` is the entry's `len` bytes.
-    pub fn apply(
-        &mut self,
-        epoch: u32,
-        e: &PageEntry,
-        payload: &[u8],
-    ) -> Result<Applied, ApplyError> {
+    pub fn apply(&mut self, epoch: u32, e: &PageEntry, payload: &[u8]) -> Result<Applied, ApplyError> {
         self.check_entry(e)?;
         if payload.len() != e.len as usize {
-            return Err(ApplyError::BadLength {
-                page: e.page,
-                codec: e.codec,
-                len: payload.len() as u32,
-            });
+            return Err(ApplyError::BadLength { page: e.page, codec: e.codec, len: payload.len() as u32 });
         }
-        let slot = &mut self.epochs[e.page as usize];
         let stamp = epoch.saturating_add(1);
-        if *slot > stamp {
+        let held = self.epochs[e.page as usize];
+        if held > stamp {
             self.stale += 1;
             return Ok(Applied::Stale);
         }
-        let never_written = *slot == 0;
-        *slot = stamp;
         let data: &[u8] = match e.codec {
             Codec::Zero => {
-                self.counts.zero += 1;
-                self.hashes.set(e.page, zero_page_hash());
-                // Fresh destination memory is already zero: writing it would only fault the page in.
-                if never_written {
-                    return Ok(Applied::Written);
-                }
                 self.scratch.fill(0);
                 &self.scratch[..]
             }
-            Codec::Raw => {
-                self.counts.raw += 1;
-                payload
-            }
+            Codec::Raw => payload,
             Codec::Lz4 => {
-                let n = lz4_flex::block::decompress_into(payload, &mut self.scratch[..]).map_err(
-                    |err| ApplyError::Decompress {
-                        page: e.page,
-                        reason: err.to_string(),
-                    },
-                )?;
+                let n = lz4_flex::block::decompress_into(payload, &mut self.scratch[..])
+                    .map_err(|err| ApplyError::Decompress { page: e.page, reason: err.to_string() })?;
                 if n != PAGE_SIZE {
                     return Err(ApplyError::Decompress {
                         page: e.page,
                         reason: format!("decoded to {n} bytes, not {PAGE_SIZE}"),
                     });
                 }
-                self.counts.compressed += 1;
                 &self.scratch[..]
             }
         };
-        if e.codec != Codec::Zero {
-            self.hashes.set(e.page, page_hash(data));
+        // Checked before anything is written: a corrupt page never reaches guest memory.
+        let computed = if e.codec == Codec::Zero { zero_page_hash() } else { page_hash(data) };
+        if computed != e.hash {
+            return Err(ApplyError::BadChecksum { page: e.page, expected: e.hash, computed });
         }
-        let (ptr, _) = host_pages(self.mem, e.page, 1).map_err(|_| ApplyError::PageOutOfRange {
-            page: e.page,
-            pages: self.pages,
-        })?;
+        self.epochs[e.page as usize] = stamp;
+        self.hashes.set(e.page, computed);
+        match e.codec {
+            Codec::Zero => self.counts.zero += 1,
+            Codec::Raw => self.counts.raw += 1,
+            Codec::Lz4 => self.counts.compressed += 1,
+        }
+        // Fresh destination memory is already zero: writing a zero page there would only fault it in.
+        if e.codec == Codec::Zero && held == 0 {
+            return Ok(Applied::Written);
+        }
+        let (ptr, _) = host_pages(self.mem, e.page, 1)
+            .map_err(|_| ApplyError::PageOutOfRange { page: e.page, pages: self.pages })?;
         // SAFETY: host_pages points at one whole page of the destination's live mapping, whose vCPUs are paused until
         // the migration commits; `data` is a separate buffer of exactly one page.
         unsafe { std::ptr::copy_nonoverlapping(data.as_ptr(), ptr, PAGE_SIZE) };
@@ -189,18 +176,15 @@ mod tests {
     use crate::guest::{read_page, MemoryLayout, SyntheticGuest};
 
     fn dest(pages: u64) -> SyntheticGuest {
-        SyntheticGuest::destination(&MemoryLayout {
-            regions: vec![(0, pages * PAGE_SIZE as u64)],
-        })
-        .unwrap()
+        SyntheticGuest::destination(&MemoryLayout { regions: vec![(0, pages * PAGE_SIZE as u64)] }).unwrap()
     }
 
-    fn raw(page: u64) -> PageEntry {
-        PageEntry {
-            page,
-            codec: Codec::Raw,
-            len: PAGE_SIZE as u32,
-        }
+    fn raw(page: u64, content: &[u8]) -> PageEntry {
+        PageEntry { page, codec: Codec::Raw, len: PAGE_SIZE as u32, hash: page_hash(content) }
+    }
+
+    fn zero(page: u64) -> PageEntry {
+        PageEntry { page, codec: Codec::Zero, len: 0, hash: zero_page_hash() }
     }
 
     #[test]
@@ -208,25 +192,17 @@ mod tests {
         let g = dest(4);
         let mut r = Receiver::new(&g);
         let (old, new) = (vec![1u8; PAGE_SIZE], vec![2u8; PAGE_SIZE]);
-        assert_eq!(r.apply(3, &raw(1), &new).unwrap(), Applied::Written);
-        assert_eq!(r.apply(2, &raw(1), &old).unwrap(), Applied::Stale);
+        assert_eq!(r.apply(3, &raw(1, &new), &new).unwrap(), Applied::Written);
+        assert_eq!(r.apply(2, &raw(1, &old), &old).unwrap(), Applied::Stale);
         let mut out = vec![0u8; PAGE_SIZE];
         read_page(&g, 1, &mut out).unwrap();
         assert_eq!(out, new);
         assert_eq!(r.hashes().get(1), Some(page_hash(&new)));
         // A zero page from a later round overwrites data.
-        r.apply(
-            4,
-            &PageEntry {
-                page: 1,
-                codec: Codec::Zero,
-                len: 0,
-            },
-            &[],
-        )
-        .unwrap();
+        r.apply(4, &zero(1), &[]).unwrap();
         read_page(&g, 1, &mut out).unwrap();
         assert!(out.iter().all(|&b| b == 0));
+        assert_eq!(r.hashes().get(1), Some(zero_page_hash()));
     }
 
     #[test]
@@ -234,47 +210,33 @@ mod tests {
         let g = dest(4);
         let mut r = Receiver::new(&g);
         let page = vec![7u8; PAGE_SIZE];
-        assert_eq!(
-            r.apply(0, &raw(4), &page),
-            Err(ApplyError::PageOutOfRange { page: 4, pages: 4 })
-        );
-        let short = PageEntry {
-            page: 0,
-            codec: Codec::Raw,
-            len: 100,
-        };
-        assert!(matches!(
-            r.apply(0, &short, &page[..100]),
-            Err(ApplyError::BadLength { len: 100, .. })
-        ));
-        let zero_with_data = PageEntry {
-            page: 0,
-            codec: Codec::Zero,
-            len: 5,
-        };
-        assert!(matches!(
-            r.apply(0, &zero_with_data, &page[..5]),
-            Err(ApplyError::BadLength { .. })
-        ));
-        let garbage = PageEntry {
-            page: 0,
-            codec: Codec::Lz4,
-            len: 16,
-        };
-        assert!(matches!(
-            r.apply(0, &garbage, &[0xff; 16]),
-            Err(ApplyError::Decompress { .. })
-        ));
+        assert_eq!(r.apply(0, &raw(4, &page), &page), Err(ApplyError::PageOutOfRange { page: 4, pages: 4 }));
+        let short = PageEntry { len: 100, ..raw(0, &page) };
+        assert!(matches!(r.apply(0, &short, &page[..100]), Err(ApplyError::BadLength { len: 100, .. })));
+        let zero_with_data = PageEntry { len: 5, ..zero(0) };
+        assert!(matches!(r.apply(0, &zero_with_data, &page[..5]), Err(ApplyError::BadLength { .. })));
+        let garbage = PageEntry { page: 0, codec: Codec::Lz4, len: 16, hash: 0 };
+        assert!(matches!(r.apply(0, &garbage, &[0xff; 16]), Err(ApplyError::Decompress { .. })));
         // A valid lz4 block of the wrong size.
         let small = lz4_flex::block::compress(&[1u8; 100]);
-        let e = PageEntry {
-            page: 0,
-            codec: Codec::Lz4,
-            len: small.len() as u32,
-        };
-        assert!(matches!(
-            r.apply(0, &e, &small),
-            Err(ApplyError::Decompress { .. })
-        ));
+        let e = PageEntry { page: 0, codec: Codec::Lz4, len: small.len() as u32, hash: 0 };
+        assert!(matches!(r.apply(0, &e, &small), Err(ApplyError::Decompress { .. })));
+    }
+
+    #[test]
+    fn corrupt_payloads_never_reach_memory() {
+        let g = dest(2);
+        let mut r = Receiver::new(&g);
+        let good = vec![9u8; PAGE_SIZE];
+        let mut bad = good.clone();
+        bad[100] ^= 1;
+        let err = r.apply(0, &raw(1, &good), &bad).unwrap_err();
+        assert!(matches!(err, ApplyError::BadChecksum { page: 1, .. }), "{err}");
+        let mut out = vec![1u8; PAGE_SIZE];
+        read_page(&g, 1, &mut out).unwrap();
+        assert!(out.iter().all(|&b| b == 0), "corrupt page was written");
+        assert_eq!(r.hashes().get(1), Some(zero_page_hash()));
+        // The same page, intact and from the same round, is still accepted afterwards.
+        assert_eq!(r.apply(0, &raw(1, &good), &good).unwrap(), Applied::Written);
     }
 }

@@ -1,9 +1,13 @@
 //! The wire format: frames, the handshake, and the messages of a migration.
 //!
 //! Every message is one frame: a fixed 32-byte header and a body. The header names the protocol (magic), its version,
-//! the frame kind, the round (epoch) and a sequence number, the body length, and an xxh3 over the header's first 24
-//! bytes and the body. A receiver checks magic, version, kind and length before it reads the body, so a stranger or a
-//! corrupt stream is refused before any allocation it could size.
+//! the frame kind, the round (epoch) and a sequence number, the body length, how much of the body the checksum covers,
+//! and an xxh3 over the header's first 24 bytes and that much of the body. A receiver checks magic, version, kind and
+//! length before it reads the body, so a stranger or a corrupt stream is refused before any allocation it could size.
+//!
+//! The checksum covers every body, except the page payload of a Pages frame: there it covers the entry table, and each
+//! entry carries the xxh3 of its page's decoded content, which the receiver checks before applying the page. Payload
+//! bytes are thus hashed once per side instead of twice, and the check runs end to end through decompression.
 //!
 //! ```text
 //!  source                                              destination
@@ -23,6 +27,7 @@
 //!
 //! Integers are little-endian. Lengths and counts read from the wire are bounded before use (DESIGN.md invariant 5).
 
+use livemig_engine::dirty::Bitmap;
 use livemig_engine::encode::{Codec, EncodedBatch, PageEntry};
 use livemig_engine::guest::MemoryLayout;
 use std::io::{IoSlice, Read, Write};
@@ -38,8 +43,8 @@ pub const MIN_VERSION: u16 = 1;
 pub const HEADER_LEN: usize = 32;
 /// The largest body accepted: a Pages frame of 64 raw pages is about 257 KiB; vCPU state blobs are far smaller.
 pub const MAX_BODY: u32 = 4 << 20;
-/// Bytes per page entry in a Pages frame.
-pub const ENTRY_LEN: usize = 16;
+/// Bytes per page entry in a Pages frame: page index, payload length, codec, page hash.
+pub const ENTRY_LEN: usize = 24;
 
 /// Frame kinds.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -165,15 +170,19 @@ pub struct Header {
     pub seq: u32,
     /// Body length.
     pub len: u32,
-    /// xxh3 over header bytes 0..24 and the body.
+    /// Leading body bytes covered by the checksum: all of them, but for Pages frames only the entry table.
+    pub checked_len: u32,
+    /// xxh3 over header bytes 0..24 and the checked part of the body.
     pub checksum: u64,
 }
 
 impl Header {
-    /// Serializes the header, computing the checksum over the body parts.
-    pub fn encode(kind: Kind, epoch: u32, seq: u32, body: &[&[u8]]) -> [u8; HEADER_LEN] {
-        let len: usize = body.iter().map(|b| b.len()).sum();
-        let len = u32::try_from(len).expect("frame body over 4 GiB");
+    /// Serializes the header of a frame whose body is `checked` followed by `unchecked`, computing the checksum over
+    /// `checked`.
+    pub fn encode(kind: Kind, epoch: u32, seq: u32, checked: &[&[u8]], unchecked: &[&[u8]]) -> [u8; HEADER_LEN] {
+        let sum_len = |parts: &[&[u8]]| parts.iter().map(|b| b.len()).sum::<usize>();
+        let checked_len = u32::try_from(sum_len(checked)).expect("frame body over 4 GiB");
+        let len = u32::try_from(sum_len(checked) + sum_len(unchecked)).expect("frame body over 4 GiB");
         let mut h = [0u8; HEADER_LEN];
         h[0..4].copy_from_slice(&MAGIC);
         h[4..6].copy_from_slice(&VERSION.to_le_bytes());
@@ -181,7 +190,8 @@ impl Header {
         h[8..12].copy_from_slice(&epoch.to_le_bytes());
         h[12..16].copy_from_slice(&seq.to_le_bytes());
         h[16..20].copy_from_slice(&len.to_le_bytes());
-        let sum = checksum(&h[..24], body);
+        h[20..24].copy_from_slice(&checked_len.to_le_bytes());
+        let sum = checksum(&h[..24], checked);
         h[24..32].copy_from_slice(&sum.to_le_bytes());
         h
     }
@@ -203,12 +213,21 @@ impl Header {
         if len > MAX_BODY {
             return Err(WireError::TooLarge(len));
         }
+        let checked_len = u32_at(20);
+        // Only a Pages payload may go unchecked here, because its pages carry their own hashes.
+        if checked_len > len || (kind != Kind::Pages && checked_len != len) {
+            return Err(WireError::Malformed {
+                kind,
+                why: format!("checksum covers {checked_len} of {len} body bytes"),
+            });
+        }
         Ok(Header {
             version,
             kind,
             epoch: u32_at(8),
             seq: u32_at(12),
             len,
+            checked_len,
             checksum: u64::from_le_bytes(h[24..32].try_into().expect("8 bytes")),
         })
     }
@@ -242,51 +261,38 @@ pub fn read_frame(r: &mut impl Read, body: &mut Vec<u8>) -> Result<Header, WireE
     let mut h = [0u8; HEADER_LEN];
     match read_full(r, &mut h)? {
         0 => return Err(WireError::Closed),
-        n if n < HEADER_LEN => {
-            return Err(WireError::Truncated {
-                part: "header",
-                needed: HEADER_LEN,
-                got: n,
-            })
-        }
+        n if n < HEADER_LEN => return Err(WireError::Truncated { part: "header", needed: HEADER_LEN, got: n }),
         _ => {}
     }
     let header = Header::decode(&h)?;
     body.resize(header.len as usize, 0);
     let got = read_full(r, body)?;
     if got < body.len() {
-        return Err(WireError::Truncated {
-            part: "body",
-            needed: body.len(),
-            got,
-        });
+        return Err(WireError::Truncated { part: "body", needed: body.len(), got });
     }
-    let computed = checksum(&h[..24], &[body]);
+    let computed = checksum(&h[..24], &[&body[..header.checked_len as usize]]);
     if computed != header.checksum {
-        return Err(WireError::BadChecksum {
-            expected: header.checksum,
-            computed,
-        });
+        return Err(WireError::BadChecksum { expected: header.checksum, computed });
     }
     Ok(header)
 }
 
-/// Writes one frame, header and body parts, with vectored writes (no staging copy of the body).
-pub fn write_frame(
-    w: &mut impl Write,
-    kind: Kind,
-    epoch: u32,
-    seq: u32,
-    body: &[&[u8]],
-) -> std::io::Result<usize> {
-    let h = Header::encode(kind, epoch, seq, body);
+/// Writes one frame whose whole body the checksum covers.
+pub fn write_frame(w: &mut impl Write, kind: Kind, epoch: u32, seq: u32, body: &[&[u8]]) -> std::io::Result<usize> {
+    write_parts(w, &Header::encode(kind, epoch, seq, body, &[]), body)
+}
+
+/// Writes a Pages frame: the entry table (from [`encode_entries`]), covered by the frame checksum, and the payload,
+/// covered by the hashes in the entries.
+pub fn write_pages(w: &mut impl Write, epoch: u32, seq: u32, table: &[u8], payload: &[u8]) -> std::io::Result<usize> {
+    write_parts(w, &Header::encode(Kind::Pages, epoch, seq, &[table], &[payload]), &[table, payload])
+}
+
+/// Writes a header and body parts with vectored writes (no staging copy of the body).
+fn write_parts(w: &mut impl Write, h: &[u8; HEADER_LEN], body: &[&[u8]]) -> std::io::Result<usize> {
     let mut slices: Vec<IoSlice<'_>> = Vec::with_capacity(body.len() + 1);
-    slices.push(IoSlice::new(&h));
-    slices.extend(
-        body.iter()
-            .filter(|b| !b.is_empty())
-            .map(|b| IoSlice::new(b)),
-    );
+    slices.push(IoSlice::new(h));
+    slices.extend(body.iter().filter(|b| !b.is_empty()).map(|b| IoSlice::new(b)));
     let total = slices.iter().map(|s| s.len()).sum();
     let mut rest = &mut slices[..];
     while !rest.is_empty() {
@@ -309,10 +315,7 @@ struct Body<'a> {
 impl<'a> Body<'a> {
     fn take(&mut self, n: usize, what: &str) -> Result<&'a [u8], WireError> {
         if self.b.len() < n {
-            return Err(WireError::Malformed {
-                kind: self.kind,
-                why: format!("body ends inside {what}"),
-            });
+            return Err(WireError::Malformed { kind: self.kind, why: format!("body ends inside {what}") });
         }
         let (head, rest) = self.b.split_at(n);
         self.b = rest;
@@ -322,23 +325,16 @@ impl<'a> Body<'a> {
         Ok(self.take(1, what)?[0])
     }
     fn u32(&mut self, what: &str) -> Result<u32, WireError> {
-        Ok(u32::from_le_bytes(
-            self.take(4, what)?.try_into().expect("4 bytes"),
-        ))
+        Ok(u32::from_le_bytes(self.take(4, what)?.try_into().expect("4 bytes")))
     }
     fn u64(&mut self, what: &str) -> Result<u64, WireError> {
-        Ok(u64::from_le_bytes(
-            self.take(8, what)?.try_into().expect("8 bytes"),
-        ))
+        Ok(u64::from_le_bytes(self.take(8, what)?.try_into().expect("8 bytes")))
     }
     fn end(&self) -> Result<(), WireError> {
         if self.b.is_empty() {
             Ok(())
         } else {
-            Err(WireError::Malformed {
-                kind: self.kind,
-                why: format!("{} trailing bytes", self.b.len()),
-            })
+            Err(WireError::Malformed { kind: self.kind, why: format!("{} trailing bytes", self.b.len()) })
         }
     }
 }
@@ -354,6 +350,23 @@ pub struct Hello {
     pub vcpus: u32,
     /// The guest adapter kind ("synthetic", "kvm"), so the destination builds a matching guest.
     pub guest_kind: String,
+    /// One bit per [`CHUNK_PAGES`] pages: set where round 0 will send data, so the destination can fault those
+    /// chunks in ahead of the pages.
+    pub chunks: Bitmap,
+}
+
+/// Pages per chunk of [`Hello::chunks`]: 2 MiB, a transparent huge page.
+pub const CHUNK_PAGES: u64 = 512;
+
+/// The chunk map of a page bitmap: a chunk is set when any of its pages is.
+pub fn chunk_map(pages: &Bitmap) -> Bitmap {
+    let mut chunks = Bitmap::new(pages.len().div_ceil(CHUNK_PAGES));
+    pages.for_each_run(|run| {
+        for c in run.first / CHUNK_PAGES..=(run.first + run.count - 1) / CHUNK_PAGES {
+            chunks.set(c);
+        }
+    });
+    chunks
 }
 
 /// The most regions a Hello may describe.
@@ -373,25 +386,21 @@ impl Hello {
             b.extend_from_slice(&gpa.to_le_bytes());
             b.extend_from_slice(&len.to_le_bytes());
         }
+        b.extend_from_slice(&(self.chunks.words().len() as u32).to_le_bytes());
+        for w in self.chunks.words() {
+            b.extend_from_slice(&w.to_le_bytes());
+        }
         b
     }
 
     /// Parses and checks a body: the page size must be ours, and regions whole pages.
     pub fn decode(body: &[u8]) -> Result<Hello, WireError> {
-        let mut r = Body {
-            kind: Kind::Hello,
-            b: body,
-        };
-        let bad = |why: String| WireError::Malformed {
-            kind: Kind::Hello,
-            why,
-        };
+        let mut r = Body { kind: Kind::Hello, b: body };
+        let bad = |why: String| WireError::Malformed { kind: Kind::Hello, why };
         let session = r.u64("session")?;
         let page_size = r.u32("page size")?;
         if page_size as usize != livemig_engine::guest::PAGE_SIZE {
-            return Err(bad(format!(
-                "page size {page_size}, this build moves 4096-byte pages"
-            )));
+            return Err(bad(format!("page size {page_size}, this build moves 4096-byte pages")));
         }
         let vcpus = r.u32("vCPU count")?;
         let n = r.u8("guest kind length")?;
@@ -399,9 +408,7 @@ impl Hello {
             .map_err(|_| bad("guest kind is not UTF-8".into()))?;
         let count = r.u32("region count")?;
         if count == 0 || count > MAX_REGIONS {
-            return Err(bad(format!(
-                "{count} memory regions (1..={MAX_REGIONS} allowed)"
-            )));
+            return Err(bad(format!("{count} memory regions (1..={MAX_REGIONS} allowed)")));
         }
         let mut regions = Vec::with_capacity(count as usize);
         for _ in 0..count {
@@ -411,17 +418,24 @@ impl Hello {
             }
             regions.push((gpa, len));
         }
+        let layout = MemoryLayout { regions };
+        let chunk_bits = layout.total_pages().div_ceil(CHUNK_PAGES);
+        let words = r.u32("chunk map length")? as usize;
+        if words as u64 != chunk_bits.div_ceil(64) {
+            return Err(bad(format!("chunk map of {words} words for {chunk_bits} chunks")));
+        }
+        // take() bounds the map by the body before anything is allocated for it.
+        let raw = r.take(words * 8, "chunk map")?;
+        let chunks = Bitmap::from_words(
+            raw.chunks_exact(8).map(|w| u64::from_le_bytes(w.try_into().expect("8 bytes"))).collect(),
+            chunk_bits,
+        );
         r.end()?;
-        Ok(Hello {
-            session,
-            layout: MemoryLayout { regions },
-            vcpus,
-            guest_kind,
-        })
+        Ok(Hello { session, chunks, layout, vcpus, guest_kind })
     }
 }
 
-/// Serializes a batch's entry table: a count, then 16 bytes per page (index, payload length, codec).
+/// Serializes a batch's entry table: a count, then [`ENTRY_LEN`] bytes per page (index, payload length, codec, hash).
 pub fn encode_entries(batch: &EncodedBatch, out: &mut Vec<u8>) {
     out.clear();
     out.extend_from_slice(&(batch.entries.len() as u32).to_le_bytes());
@@ -430,30 +444,26 @@ pub fn encode_entries(batch: &EncodedBatch, out: &mut Vec<u8>) {
         out.extend_from_slice(&e.page.to_le_bytes());
         out.extend_from_slice(&e.len.to_le_bytes());
         out.extend_from_slice(&[e.codec as u8, 0, 0, 0]);
+        out.extend_from_slice(&e.hash.to_le_bytes());
     }
 }
 
 /// Parses a Pages body into its entries (into `entries`) and returns the payload. Checks that the count fits the
-/// body, every codec is known, and the payload lengths add up to exactly the payload; page indices and per-codec
-/// lengths are the receiver's to check against the layout.
-pub fn decode_pages<'a>(
-    body: &'a [u8],
-    entries: &mut Vec<PageEntry>,
-) -> Result<&'a [u8], WireError> {
-    let mut r = Body {
-        kind: Kind::Pages,
-        b: body,
-    };
-    let bad = |why: String| WireError::Malformed {
-        kind: Kind::Pages,
-        why,
-    };
+/// body, the checksum covered exactly the entry table, every codec is known, and the payload lengths add up to exactly
+/// the payload; page indices, per-codec lengths and page hashes are the receiver's to check.
+pub fn decode_pages<'a>(h: &Header, body: &'a [u8], entries: &mut Vec<PageEntry>) -> Result<&'a [u8], WireError> {
+    let mut r = Body { kind: Kind::Pages, b: body };
+    let bad = |why: String| WireError::Malformed { kind: Kind::Pages, why };
     let count = r.u32("page count")? as usize;
     r.u32("reserved")?;
     if count > (body.len() - 8) / ENTRY_LEN {
+        return Err(bad(format!("{count} entries do not fit a {}-byte body", body.len())));
+    }
+    if h.checked_len as usize != 8 + count * ENTRY_LEN {
         return Err(bad(format!(
-            "{count} entries do not fit a {}-byte body",
-            body.len()
+            "checksum covers {} bytes, the entry table is {}",
+            h.checked_len,
+            8 + count * ENTRY_LEN
         )));
     }
     entries.clear();
@@ -462,17 +472,14 @@ pub fn decode_pages<'a>(
         let page = r.u64("entry page")?;
         let len = r.u32("entry length")?;
         let code = r.take(4, "entry codec")?[0];
-        let codec =
-            Codec::from_u8(code).ok_or_else(|| bad(format!("unknown page codec {code}")))?;
+        let codec = Codec::from_u8(code).ok_or_else(|| bad(format!("unknown page codec {code}")))?;
+        let hash = r.u64("entry hash")?;
         total += u64::from(len);
-        entries.push(PageEntry { page, codec, len });
+        entries.push(PageEntry { page, codec, len, hash });
     }
     let payload = r.b;
     if total != payload.len() as u64 {
-        return Err(bad(format!(
-            "entries claim {total} payload bytes, frame carries {}",
-            payload.len()
-        )));
+        return Err(bad(format!("entries claim {total} payload bytes, frame carries {}", payload.len())));
     }
     Ok(payload)
 }
@@ -512,12 +519,7 @@ fn decode_roots(kind: Kind, body: &[u8]) -> Result<(bool, u64, u64), WireError> 
     let flag = match r.u8("flag")? {
         0 => false,
         1 => true,
-        v => {
-            return Err(WireError::Malformed {
-                kind,
-                why: format!("flag byte {v}"),
-            })
-        }
+        v => return Err(WireError::Malformed { kind, why: format!("flag byte {v}") }),
     };
     let (a, b) = (r.u64("root")?, r.u64("root")?);
     r.end()?;
@@ -532,11 +534,7 @@ impl Verify {
     /// Parses a body.
     pub fn decode(body: &[u8]) -> Result<Verify, WireError> {
         let (full, table_root, memory_root) = decode_roots(Kind::Verify, body)?;
-        Ok(Verify {
-            full,
-            table_root,
-            memory_root,
-        })
+        Ok(Verify { full, table_root, memory_root })
     }
 }
 
@@ -548,11 +546,7 @@ impl Verified {
     /// Parses a body.
     pub fn decode(body: &[u8]) -> Result<Verified, WireError> {
         let (equal, table_root, memory_root) = decode_roots(Kind::Verified, body)?;
-        Ok(Verified {
-            equal,
-            table_root,
-            memory_root,
-        })
+        Ok(Verified { equal, table_root, memory_root })
     }
 }
 
@@ -566,10 +560,7 @@ pub fn encode_ack(bytes: u64, pages: u32) -> [u8; 12] {
 
 /// Parses an Ack body into (wire bytes, pages) of the acknowledged frame.
 pub fn decode_ack(body: &[u8]) -> Result<(u64, u64), WireError> {
-    let mut r = Body {
-        kind: Kind::Ack,
-        b: body,
-    };
+    let mut r = Body { kind: Kind::Ack, b: body };
     let bytes = r.u64("byte count")?;
     let pages = r.u32("page count")?;
     r.end()?;

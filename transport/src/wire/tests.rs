@@ -1,4 +1,5 @@
 use super::*;
+use livemig_engine::dirty::Bitmap;
 use livemig_engine::encode::PageCounts;
 
 fn frame(kind: Kind, epoch: u32, seq: u32, body: &[u8]) -> Vec<u8> {
@@ -17,38 +18,36 @@ fn read(bytes: &[u8]) -> Result<(Header, Vec<u8>), WireError> {
 fn frame_round_trips() {
     let f = frame(Kind::Ack, 7, 42, &encode_ack(99, 3));
     let (h, body) = read(&f).unwrap();
-    assert_eq!(
-        (h.kind, h.epoch, h.seq, h.len, h.version),
-        (Kind::Ack, 7, 42, 12, VERSION)
-    );
+    assert_eq!((h.kind, h.epoch, h.seq, h.len, h.version), (Kind::Ack, 7, 42, 12, VERSION));
     assert_eq!(decode_ack(&body).unwrap(), (99, 3));
 }
 
 #[test]
 fn hello_round_trips_and_rejects_odd_layouts() {
+    let mut pages = Bitmap::new(258);
+    pages.set(3);
+    pages.set(257);
     let hello = Hello {
         session: 0xfeed,
-        layout: MemoryLayout {
-            regions: vec![(0, 1 << 20), (1 << 32, 8192)],
-        },
+        layout: MemoryLayout { regions: vec![(0, 1 << 20), (1 << 32, 8192)] },
         vcpus: 2,
         guest_kind: "synthetic".into(),
+        chunks: chunk_map(&pages),
     };
+    assert_eq!(hello.chunks.len(), 1);
+    assert!(hello.chunks.get(0));
     assert_eq!(Hello::decode(&hello.encode()).unwrap(), hello);
     let mut odd = hello.clone();
     odd.layout.regions[1].1 = 100;
-    assert!(matches!(
-        Hello::decode(&odd.encode()),
-        Err(WireError::Malformed {
-            kind: Kind::Hello,
-            ..
-        })
-    ));
+    assert!(matches!(Hello::decode(&odd.encode()), Err(WireError::Malformed { kind: Kind::Hello, .. })));
     let body = hello.encode();
-    assert!(matches!(
-        Hello::decode(&body[..body.len() - 3]),
-        Err(WireError::Malformed { .. })
-    ));
+    assert!(matches!(Hello::decode(&body[..body.len() - 3]), Err(WireError::Malformed { .. })));
+    let mut pages = Bitmap::new(2000);
+    for p in [0, 511, 512, 1999] {
+        pages.set(p);
+    }
+    let c = chunk_map(&pages);
+    assert_eq!((c.len(), c.count_ones(), c.get(0), c.get(1), c.get(2), c.get(3)), (4, 3, true, true, false, true));
 }
 
 #[test]
@@ -56,21 +55,9 @@ fn pages_round_trip() {
     let batch = EncodedBatch {
         epoch: 3,
         entries: vec![
-            PageEntry {
-                page: 5,
-                codec: Codec::Zero,
-                len: 0,
-            },
-            PageEntry {
-                page: 6,
-                codec: Codec::Raw,
-                len: 4096,
-            },
-            PageEntry {
-                page: 9,
-                codec: Codec::Lz4,
-                len: 10,
-            },
+            PageEntry { page: 5, codec: Codec::Zero, len: 0, hash: 1 },
+            PageEntry { page: 6, codec: Codec::Raw, len: 4096, hash: 2 },
+            PageEntry { page: 9, codec: Codec::Lz4, len: 10, hash: 3 },
         ],
         payload: vec![1; 4106],
         counts: PageCounts::default(),
@@ -78,35 +65,31 @@ fn pages_round_trip() {
     let mut table = Vec::new();
     encode_entries(&batch, &mut table);
     let mut bytes = Vec::new();
-    write_frame(&mut bytes, Kind::Pages, 3, 1, &[&table, &batch.payload]).unwrap();
+    write_pages(&mut bytes, 3, 1, &table, &batch.payload).unwrap();
     let (h, body) = read(&bytes).unwrap();
-    assert_eq!(h.kind, Kind::Pages);
+    assert_eq!((h.kind, h.checked_len as usize), (Kind::Pages, table.len()));
     let mut entries = Vec::new();
-    let payload = decode_pages(&body, &mut entries).unwrap();
+    let payload = decode_pages(&h, &body, &mut entries).unwrap();
     assert_eq!(entries, batch.entries);
     assert_eq!(payload, &batch.payload[..]);
+    // The entry table is under the frame checksum; the payload is left to the page hashes, which the receiver checks.
+    let mut flipped = bytes.clone();
+    flipped[HEADER_LEN + 8 + 24] ^= 1;
+    assert!(matches!(read(&flipped), Err(WireError::BadChecksum { .. })));
+    let mut flipped = bytes.clone();
+    *flipped.last_mut().unwrap() ^= 1;
+    assert!(read(&flipped).is_ok());
 }
 
 #[test]
 fn roots_round_trip() {
-    let v = Verify {
-        full: true,
-        table_root: 1,
-        memory_root: 2,
-    };
+    let v = Verify { full: true, table_root: 1, memory_root: 2 };
     assert_eq!(Verify::decode(&v.encode()).unwrap(), v);
-    let d = Verified {
-        equal: false,
-        table_root: 3,
-        memory_root: 4,
-    };
+    let d = Verified { equal: false, table_root: 3, memory_root: 4 };
     assert_eq!(Verified::decode(&d.encode()).unwrap(), d);
     let mut b = d.encode();
     b[0] = 7;
-    assert!(matches!(
-        Verified::decode(&b),
-        Err(WireError::Malformed { .. })
-    ));
+    assert!(matches!(Verified::decode(&b), Err(WireError::Malformed { .. })));
 }
 
 #[test]
@@ -122,10 +105,7 @@ fn wrong_version_is_named() {
     f[4..6].copy_from_slice(&(VERSION + 1).to_le_bytes());
     let err = read(&f).unwrap_err();
     assert!(matches!(err, WireError::UnsupportedVersion { found } if found == VERSION + 1));
-    assert!(
-        err.to_string().contains("unsupported protocol version 2"),
-        "{err}"
-    );
+    assert!(err.to_string().contains("unsupported protocol version 2"), "{err}");
 }
 
 #[test]
@@ -150,23 +130,31 @@ fn bad_checksum_is_named() {
 #[test]
 fn truncation_is_named_for_header_and_body() {
     let f = frame(Kind::Ack, 0, 0, &[0; 8]);
-    assert!(matches!(
-        read(&f[..10]),
-        Err(WireError::Truncated {
-            part: "header",
-            got: 10,
-            ..
-        })
-    ));
-    assert!(matches!(
-        read(&f[..HEADER_LEN + 3]),
-        Err(WireError::Truncated {
-            part: "body",
-            got: 3,
-            needed: 8
-        })
-    ));
+    assert!(matches!(read(&f[..10]), Err(WireError::Truncated { part: "header", got: 10, .. })));
+    assert!(matches!(read(&f[..HEADER_LEN + 3]), Err(WireError::Truncated { part: "body", got: 3, needed: 8 })));
     assert!(matches!(read(&[]), Err(WireError::Closed)));
+}
+
+#[test]
+fn checksum_coverage_cannot_be_narrowed() {
+    // Only a Pages frame may leave part of its body to the page hashes.
+    let mut f = frame(Kind::Verify, 0, 0, &[0; 17]);
+    f[20..24].copy_from_slice(&0u32.to_le_bytes());
+    assert!(matches!(read(&f), Err(WireError::Malformed { kind: Kind::Verify, .. })));
+    // And a Pages frame only its payload.
+    let batch = EncodedBatch {
+        entries: vec![PageEntry { page: 1, codec: Codec::Raw, len: 4096, hash: 0 }],
+        payload: vec![0; 4096],
+        ..Default::default()
+    };
+    let mut table = Vec::new();
+    encode_entries(&batch, &mut table);
+    let mut bytes = Vec::new();
+    write_frame(&mut bytes, Kind::Pages, 0, 0, &[&table[..8], &table[8..], &batch.payload]).unwrap();
+    let (h, body) = read(&bytes).unwrap();
+    let mut entries = Vec::new();
+    let err = decode_pages(&h, &body, &mut entries).unwrap_err();
+    assert!(err.to_string().contains("the entry table is 32"), "{err}");
 }
 
 #[test]
@@ -176,44 +164,42 @@ fn oversized_bodies_are_refused_before_allocation() {
     assert!(matches!(read(&f), Err(WireError::TooLarge(u32::MAX))));
 }
 
+fn pages_header(body: &[u8], table_len: usize) -> Header {
+    Header {
+        version: VERSION,
+        kind: Kind::Pages,
+        epoch: 0,
+        seq: 0,
+        len: body.len() as u32,
+        checked_len: table_len as u32,
+        checksum: 0,
+    }
+}
+
 #[test]
 fn inconsistent_page_tables_are_refused() {
     let mut entries = Vec::new();
     // Count far beyond the body.
     let mut body = vec![0u8; 8];
     body[0..4].copy_from_slice(&1_000_000u32.to_le_bytes());
-    assert!(matches!(
-        decode_pages(&body, &mut entries),
-        Err(WireError::Malformed { .. })
-    ));
+    assert!(matches!(decode_pages(&pages_header(&body, 8), &body, &mut entries), Err(WireError::Malformed { .. })));
     // One raw entry whose payload is short.
     let batch = EncodedBatch {
-        entries: vec![PageEntry {
-            page: 1,
-            codec: Codec::Raw,
-            len: 4096,
-        }],
+        entries: vec![PageEntry { page: 1, codec: Codec::Raw, len: 4096, hash: 0 }],
         ..Default::default()
     };
     let mut table = Vec::new();
     encode_entries(&batch, &mut table);
+    let tlen = table.len();
     table.extend_from_slice(&[0u8; 100]);
-    let err = decode_pages(&table, &mut entries).unwrap_err();
-    assert!(
-        err.to_string().contains("claim 4096 payload bytes"),
-        "{err}"
-    );
+    let err = decode_pages(&pages_header(&table, tlen), &table, &mut entries).unwrap_err();
+    assert!(err.to_string().contains("claim 4096 payload bytes"), "{err}");
     // An unknown codec.
     encode_entries(&batch, &mut table);
     table[8 + 12] = 77;
     table.extend_from_slice(&[0u8; 4096]);
-    assert!(decode_pages(&table, &mut entries)
-        .unwrap_err()
-        .to_string()
-        .contains("unknown page codec 77"));
+    let err = decode_pages(&pages_header(&table, tlen), &table, &mut entries).unwrap_err();
+    assert!(err.to_string().contains("unknown page codec 77"), "{err}");
     // A body too short for even the count.
-    assert!(matches!(
-        decode_pages(&[1, 2], &mut entries),
-        Err(WireError::Malformed { .. })
-    ));
+    assert!(matches!(decode_pages(&pages_header(&[1, 2], 2), &[1, 2], &mut entries), Err(WireError::Malformed { .. })));
 }
