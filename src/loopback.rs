@@ -18,18 +18,18 @@ pub struct LoopbackRun {
 pub fn migrate_loopback(
     guest: &SyntheticGuest,
     opts: &SourceOptions,
+    dopts: &DestOptions,
     progress: &(dyn Fn(&Progress) + Sync),
 ) -> std::io::Result<LoopbackRun> {
     let listener = TcpListener::bind("127.0.0.1:0")?;
     let addr = listener.local_addr()?;
     std::thread::scope(|s| {
         let dest = std::thread::Builder::new().name("lm-dest".into()).spawn_scoped(s, move || {
-            let dopts = DestOptions::default();
-            let (stream, hello) = accept_migration(&listener, &dopts, &|peer, e| {
+            let (stream, hello) = accept_migration(&listener, dopts, &|peer, e| {
                 eprintln!("refused connection from {peer}: {e}");
             })
             .map_err(|e| ReceiveError::Wire(e.into()))?;
-            receive(&stream, hello, |h| SyntheticGuest::destination(&h.layout), &dopts)
+            receive(&stream, hello, |h| SyntheticGuest::destination(&h.layout), dopts)
         })?;
         let stream = TcpStream::connect(addr)?;
         stream.set_nodelay(true)?;

@@ -104,6 +104,9 @@ struct RunOpts {
     /// Never compress.
     #[arg(long)]
     no_compress: bool,
+    /// Fault injection (demo only): the destination drops its connection after this many MiB, as if killed.
+    #[arg(long, hide = true)]
+    x_kill_destination_after_mib: Option<u64>,
     /// Write the JSON report here.
     #[arg(long)]
     report: Option<PathBuf>,
@@ -222,7 +225,9 @@ fn demo(g: &GuestOpts, run: &RunOpts) -> Result<()> {
     let guest = make_guest(g)?;
     let opts = source_options(run);
     let (bar, update) = progress_bar();
-    let out = migrate_loopback(&guest, &opts, &update).context("setting up the loopback connection")?;
+    let dopts =
+        DestOptions { die_after_bytes: run.x_kill_destination_after_mib.map(|m| m << 20), ..Default::default() };
+    let out = migrate_loopback(&guest, &opts, &dopts, &update).context("setting up the loopback connection")?;
     bar.finish_and_clear();
     let report = source_report(&guest, &out.source, run, &opts);
     if let Ok((dest, _)) = &out.dest {

@@ -34,6 +34,9 @@ pub enum ReceiveError {
         /// The destination's limit.
         max: u64,
     },
+    /// Fault injection ([`DestOptions::die_after_bytes`]): the destination dropped the connection as if killed.
+    #[error("destination killed by fault injection after {0} bytes")]
+    Killed(u64),
     /// The source asked to commit before the digests were found equal.
     #[error("commit requested before a successful verification")]
     CommitBeforeVerify,
@@ -62,6 +65,10 @@ pub struct DestOptions {
     /// The largest guest accepted, in bytes. A Hello sizes the destination's tables, so it is bounded before any of
     /// them is allocated. Defaults to this host's physical memory.
     pub max_memory: u64,
+    /// Fault injection for tests: after this many bytes the destination drops the connection without a word, as the
+    /// kernel does for a killed process.
+    #[doc(hidden)]
+    pub die_after_bytes: Option<u64>,
 }
 
 impl Default for DestOptions {
@@ -72,6 +79,7 @@ impl Default for DestOptions {
         DestOptions {
             idle_timeout: Duration::from_secs(30),
             max_memory: if max_memory > 0 { max_memory } else { u64::MAX },
+            die_after_bytes: None,
         }
     }
 }
@@ -125,6 +133,10 @@ pub fn receive<G: Guest>(
         Ok((guest, report))
     })();
     if let Err(e) = &result {
+        if matches!(e, ReceiveError::Killed(_)) {
+            let _ = stream.shutdown(std::net::Shutdown::Both);
+            return result;
+        }
         // Best effort: the source may be gone already.
         let mut w = stream;
         let _ = wire::write_frame(&mut w, Kind::Abort, 0, 0, &[e.to_string().as_bytes()]);
@@ -161,6 +173,9 @@ fn apply_stream(
             other => other?,
         };
         received += (HEADER_LEN + body.len()) as u64;
+        if opts.die_after_bytes.is_some_and(|n| received >= n) {
+            return Err(ReceiveError::Killed(received));
+        }
         match h.kind {
             Kind::Pages => {
                 let payload = wire::decode_pages(&h, &body, &mut entries)?;

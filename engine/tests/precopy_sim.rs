@@ -1,0 +1,196 @@
+//! The pre-copy machine driven deterministically: a simulated link of fixed bandwidth and a simulated guest that
+//! dirties pages at a fixed rate over a hot set. No sockets, threads or sleeps; time is a number.
+
+use livemig_engine::dirty::Bitmap;
+use livemig_engine::precopy::{Action, Outcome, Precopy, PrecopyConfig};
+use std::time::{Duration, Instant};
+
+const PAGE: u64 = 4096;
+
+struct Sim {
+    now: Instant,
+    pages: u64,
+    /// Link goodput, bytes per second.
+    bandwidth: f64,
+    /// Pages dirtied per second, spread over the first `hot` pages.
+    dirty_rate: f64,
+    hot: u64,
+    /// Pages dirtied since the last harvest (a set: a page dirtied twice counts once).
+    dirty: Bitmap,
+    next_dirty: u64,
+    owed: f64,
+    paused: bool,
+    resumed: bool,
+    actions: Vec<String>,
+}
+
+impl Sim {
+    fn new(pages: u64, bandwidth: f64, dirty_rate: f64, hot: u64) -> Sim {
+        Sim {
+            now: Instant::now(),
+            pages,
+            bandwidth,
+            dirty_rate,
+            hot,
+            dirty: Bitmap::new(pages),
+            next_dirty: 0,
+            owed: 0.0,
+            paused: false,
+            resumed: false,
+            actions: Vec::new(),
+        }
+    }
+
+    /// Advances time, dirtying pages as the guest would (unless paused).
+    fn advance(&mut self, d: Duration) {
+        self.now += d;
+        if self.paused {
+            return;
+        }
+        self.owed += self.dirty_rate * d.as_secs_f64();
+        while self.owed >= 1.0 {
+            // A deterministic walk through the hot set stands in for random choices.
+            self.dirty.set(self.next_dirty);
+            self.next_dirty = (self.next_dirty + 7919) % self.hot;
+            self.owed -= 1.0;
+        }
+    }
+
+    /// Runs the machine to the end, delivering each round in 64-page batches over the simulated link. `fail_at`
+    /// injects a failure when that many batches have been delivered.
+    fn run(&mut self, cfg: PrecopyConfig, fail_at: Option<u64>, digest_ok: bool) -> (Outcome, Precopy) {
+        let mut m = Precopy::new(cfg, Bitmap::full(self.pages), self.now);
+        let mut delivered = 0u64;
+        loop {
+            let Some(a) = m.poll() else { panic!("machine stalled: no action and not done") };
+            self.actions.push(format!("{a:?}").split([' ', '{', '(']).next().unwrap().to_string());
+            match a {
+                Action::SendRound { pages, .. } => {
+                    let mut left = pages.count_ones();
+                    let mut failed = false;
+                    while left > 0 {
+                        let n = left.min(64);
+                        self.advance(Duration::from_secs_f64((n * PAGE) as f64 / self.bandwidth));
+                        m.delivered(n * PAGE, self.now);
+                        left -= n;
+                        delivered += 1;
+                        if Some(delivered) == fail_at {
+                            m.fail("link died".into());
+                            failed = true;
+                            break;
+                        }
+                    }
+                    if !failed {
+                        m.round_delivered(self.now);
+                    }
+                }
+                Action::Harvest => {
+                    let d = std::mem::replace(&mut self.dirty, Bitmap::new(self.pages));
+                    m.harvested(d, self.now);
+                }
+                Action::Pause => {
+                    self.paused = true;
+                    m.paused(self.now);
+                }
+                Action::SendState => m.state_delivered(),
+                Action::Verify => m.verified(digest_ok),
+                Action::Commit => m.committed(),
+                Action::ResumeSource => {
+                    self.paused = false;
+                    self.resumed = true;
+                }
+                Action::Done(o) => return (o, m),
+            }
+        }
+    }
+}
+
+fn cfg(target_ms: u64, max_rounds: u32) -> PrecopyConfig {
+    PrecopyConfig { downtime_target: Duration::from_millis(target_ms), max_rounds, ..Default::default() }
+}
+
+#[test]
+fn idle_guest_switches_over_after_one_round() {
+    let mut sim = Sim::new(1 << 16, 125e6, 0.0, 1);
+    let (o, m) = sim.run(cfg(300, 30), None, true);
+    assert_eq!(o, Outcome::Completed);
+    let r = m.rounds();
+    assert_eq!(r.len(), 2, "round 0 and an empty final round");
+    assert_eq!((r[0].dirty_pages, r[1].dirty_pages, r[1].last), (1 << 16, 0, true));
+    assert_eq!(
+        sim.actions,
+        ["SendRound", "Harvest", "Pause", "Harvest", "SendRound", "SendState", "Verify", "Commit", "Done"]
+    );
+}
+
+#[test]
+fn dirty_sets_shrink_until_the_pause_fits_the_target() {
+    // 1 GiB over 1 Gbit/s while the guest dirties 5000 pages/s (about 16 % of the link) over 10 % of memory.
+    let pages = 1 << 18;
+    let mut sim = Sim::new(pages, 125e6, 5000.0, pages / 10);
+    let (o, m) = sim.run(cfg(50, 30), None, true);
+    assert_eq!(o, Outcome::Completed);
+    let r = m.rounds();
+    assert!(r.len() >= 3, "expected several rounds, got {}", r.len());
+    let pre: Vec<u64> = r.iter().filter(|x| !x.last).map(|x| x.dirty_pages).collect();
+    assert!(pre.windows(2).all(|w| w[1] < w[0]), "dirty sets must shrink: {pre:?}");
+    // The pause the machine chose really fits: the final round's pages at the link rate, plus the fixed cost.
+    let last = r.last().unwrap();
+    let pause = Duration::from_secs_f64((last.dirty_pages * PAGE) as f64 / 125e6) + Duration::from_millis(5);
+    assert!(pause <= Duration::from_millis(50), "final round of {} pages takes {pause:?}", last.dirty_pages);
+    assert!(m.last_prediction().unwrap() <= Duration::from_millis(50));
+}
+
+#[test]
+fn round_cap_forces_switchover_when_the_guest_outruns_the_link() {
+    // The guest dirties faster than the link carries: sets never shrink enough, the cap ends pre-copy.
+    let pages = 1 << 16;
+    let mut sim = Sim::new(pages, 10e6, 20_000.0, pages);
+    let (o, m) = sim.run(cfg(10, 5), None, true);
+    assert_eq!(o, Outcome::Completed);
+    assert_eq!(m.rounds().iter().filter(|r| !r.last).count(), 5);
+}
+
+#[test]
+fn failure_mid_round_resumes_the_source() {
+    let mut sim = Sim::new(1 << 16, 125e6, 1000.0, 1 << 12);
+    let (o, _) = sim.run(cfg(300, 30), Some(100), true);
+    assert_eq!(o, Outcome::Failed("link died".into()));
+    assert!(sim.resumed, "the source must be resumed");
+    assert_eq!(sim.actions.last().map(String::as_str), Some("Done"));
+    assert!(sim.actions.contains(&"ResumeSource".to_string()));
+}
+
+#[test]
+fn digest_mismatch_resumes_the_source_and_never_commits() {
+    let mut sim = Sim::new(1 << 12, 125e6, 0.0, 1);
+    let (o, _) = sim.run(cfg(300, 30), None, false);
+    assert!(matches!(o, Outcome::Failed(ref r) if r.contains("digest")), "{o:?}");
+    assert!(sim.resumed);
+    assert!(!sim.actions.contains(&"Commit".to_string()));
+}
+
+#[test]
+fn failure_after_commit_is_sent_keeps_the_source_paused() {
+    let mut m = Precopy::new(cfg(300, 30), Bitmap::new(8), Instant::now());
+    let mut saw_commit = false;
+    while let Some(a) = m.poll() {
+        match a {
+            Action::SendRound { .. } => m.round_delivered(Instant::now()),
+            Action::Harvest => m.harvested(Bitmap::new(8), Instant::now()),
+            Action::Pause => m.paused(Instant::now()),
+            Action::SendState => m.state_delivered(),
+            Action::Verify => m.verified(true),
+            Action::Commit => {
+                saw_commit = true;
+                m.fail("connection reset".into());
+            }
+            Action::ResumeSource => panic!("the destination may run the guest: the source must not resume"),
+            Action::Done(o) => {
+                assert!(matches!(o, Outcome::Failed(ref r) if r.contains("stays paused")), "{o:?}");
+                break;
+            }
+        }
+    }
+    assert!(saw_commit);
+}

@@ -1,0 +1,227 @@
+//! Bad input at the destination (and one at the source): every case gets its own typed error, never a panic, a
+//! hang or a changed guest (DESIGN.md invariant 5). Each test speaks raw bytes over a real loopback connection.
+
+use livemig::engine::dirty::Bitmap;
+use livemig::engine::encode::{page_hash, zero_page_hash, Codec, EncodedBatch, PageEntry};
+use livemig::engine::guest::{GuestMemory, MemoryLayout, SyntheticConfig, SyntheticGuest};
+use livemig::engine::receive::ApplyError;
+use livemig::transport::dest::{accept_migration, read_hello, receive, DestOptions, ReceiveError};
+use livemig::transport::source::{migrate, MigrateError, SourceOptions};
+use livemig::transport::wire::{self, Hello, Kind, WireError, HEADER_LEN};
+use std::io::Write;
+use std::net::{Shutdown, TcpListener, TcpStream};
+use std::sync::Mutex;
+use std::time::Duration;
+
+const PAGES: u64 = 16;
+
+fn hello(pages: u64) -> Hello {
+    Hello {
+        session: 7,
+        layout: MemoryLayout { regions: vec![(0, pages * 4096)] },
+        vcpus: 1,
+        guest_kind: "synthetic".into(),
+        chunks: Bitmap::full(pages.div_ceil(wire::CHUNK_PAGES)),
+    }
+}
+
+fn frame(kind: Kind, body: &[u8]) -> Vec<u8> {
+    let mut out = Vec::new();
+    wire::write_frame(&mut out, kind, 0, 0, &[body]).unwrap();
+    out
+}
+
+fn pages_frame(entries: Vec<PageEntry>, payload: Vec<u8>) -> Vec<u8> {
+    let batch = EncodedBatch { entries, payload, ..Default::default() };
+    let mut table = Vec::new();
+    wire::encode_entries(&batch, &mut table);
+    let mut out = Vec::new();
+    wire::write_pages(&mut out, 1, 0, &table, &batch.payload).unwrap();
+    out
+}
+
+fn raw_page(page: u64, fill: u8) -> (PageEntry, Vec<u8>) {
+    let data = vec![fill; 4096];
+    (PageEntry { page, codec: Codec::Raw, len: 4096, hash: page_hash(&data) }, data)
+}
+
+fn opts() -> DestOptions {
+    DestOptions { idle_timeout: Duration::from_secs(5), ..Default::default() }
+}
+
+/// Runs a destination against a client that sends `bytes` and closes its side. Returns the destination's result
+/// and the guest it built (if it got that far).
+fn against(bytes: Vec<u8>, dopts: DestOptions) -> Result<(), ReceiveError> {
+    let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = listener.local_addr().unwrap();
+    let client = std::thread::spawn(move || {
+        let mut s = TcpStream::connect(addr).unwrap();
+        let _ = s.write_all(&bytes);
+        let _ = s.shutdown(Shutdown::Write);
+        // Drain whatever the destination answers until it closes.
+        let _ = std::io::copy(&mut s, &mut std::io::sink());
+    });
+    let (stream, _) = listener.accept().unwrap();
+    let result = read_hello(&stream, &dopts)
+        .map_err(ReceiveError::from)
+        .and_then(|h| receive(&stream, h, |h| SyntheticGuest::destination(&h.layout), &dopts).map(|_| ()));
+    drop(stream);
+    client.join().unwrap();
+    result
+}
+
+fn with_hello(rest: &[u8]) -> Vec<u8> {
+    let mut b = frame(Kind::Hello, &hello(PAGES).encode());
+    b.extend_from_slice(rest);
+    b
+}
+
+#[test]
+fn bad_magic() {
+    let err = against(b"GET / HTTP/1.1\r\nHost: example\r\nAccept: */*\r\n\r\n".to_vec(), opts()).unwrap_err();
+    assert!(matches!(err, ReceiveError::Wire(WireError::BadMagic(m)) if &m == b"GET "), "{err}");
+    assert!(err.to_string().contains("not a livemig frame"), "{err}");
+}
+
+#[test]
+fn wrong_version() {
+    let mut f = frame(Kind::Hello, &hello(PAGES).encode());
+    f[4..6].copy_from_slice(&9u16.to_le_bytes());
+    let err = against(f, opts()).unwrap_err();
+    assert!(matches!(err, ReceiveError::Wire(WireError::UnsupportedVersion { found: 9 })), "{err}");
+}
+
+#[test]
+fn unknown_frame_type() {
+    let mut f = frame(Kind::Commit, &[]);
+    f[6..8].copy_from_slice(&77u16.to_le_bytes());
+    let err = against(with_hello(&f), opts()).unwrap_err();
+    assert!(matches!(err, ReceiveError::Wire(WireError::UnknownKind(77))), "{err}");
+}
+
+#[test]
+fn bad_checksum() {
+    let (e, data) = raw_page(3, 1);
+    let mut f = pages_frame(vec![e], data);
+    f[HEADER_LEN + 8] ^= 1; // the entry's page index, under the frame checksum
+    let err = against(with_hello(&f), opts()).unwrap_err();
+    assert!(matches!(err, ReceiveError::Wire(WireError::BadChecksum { .. })), "{err}");
+}
+
+#[test]
+fn corrupt_page_payload() {
+    let (e, mut data) = raw_page(3, 1);
+    data[4000] = 2;
+    let err = against(with_hello(&pages_frame(vec![e], data)), opts()).unwrap_err();
+    assert!(matches!(err, ReceiveError::Apply(ApplyError::BadChecksum { page: 3, .. })), "{err}");
+}
+
+#[test]
+fn truncated_frame() {
+    let (e, data) = raw_page(3, 1);
+    let f = pages_frame(vec![e], data);
+    let err = against(with_hello(&f[..100]), opts()).unwrap_err();
+    assert!(matches!(err, ReceiveError::Wire(WireError::Truncated { part: "body", .. })), "{err}");
+    let err = against(with_hello(&f[..20]), opts()).unwrap_err();
+    assert!(matches!(err, ReceiveError::Wire(WireError::Truncated { part: "header", got: 20, .. })), "{err}");
+}
+
+#[test]
+fn page_index_out_of_range() {
+    let (e, data) = raw_page(PAGES, 1);
+    let err = against(with_hello(&pages_frame(vec![e], data)), opts()).unwrap_err();
+    assert!(matches!(err, ReceiveError::Apply(ApplyError::PageOutOfRange { page: PAGES, pages: PAGES })), "{err}");
+    let huge = PageEntry { page: u64::MAX, codec: Codec::Zero, len: 0, hash: zero_page_hash() };
+    let err = against(with_hello(&pages_frame(vec![huge], vec![])), opts()).unwrap_err();
+    assert!(matches!(err, ReceiveError::Apply(ApplyError::PageOutOfRange { .. })), "{err}");
+}
+
+#[test]
+fn guest_larger_than_the_host_is_refused_before_allocation() {
+    let f = frame(Kind::Hello, &hello(1 << 28).encode()); // 1 TiB
+    let err = against(f, DestOptions { max_memory: 1 << 30, ..opts() }).unwrap_err();
+    assert!(matches!(err, ReceiveError::TooLarge { max, .. } if max == 1 << 30), "{err}");
+}
+
+#[test]
+fn commit_without_verification_is_refused() {
+    let err = against(with_hello(&frame(Kind::Commit, &[])), opts()).unwrap_err();
+    assert!(matches!(err, ReceiveError::CommitBeforeVerify), "{err}");
+}
+
+#[test]
+fn source_that_vanishes_before_commit_is_an_error_not_a_resumed_guest() {
+    let (e, data) = raw_page(1, 5);
+    let err = against(with_hello(&pages_frame(vec![e], data)), opts()).unwrap_err();
+    assert!(matches!(err, ReceiveError::Wire(WireError::Closed)), "{err}");
+}
+
+#[test]
+fn garbage_never_panics_or_hangs() {
+    // Random bytes, and valid frames with random bytes changed: every one must end in an error.
+    let (e, data) = raw_page(2, 9);
+    let valid = with_hello(&pages_frame(vec![e], data));
+    let mut x = 0x9e37_79b9_7f4a_7c15u64;
+    let mut next = move || {
+        x ^= x << 13;
+        x ^= x >> 7;
+        x ^= x << 17;
+        x
+    };
+    for i in 0..200 {
+        let bytes = if i % 2 == 0 {
+            let n = (next() % 600) as usize;
+            let mut b = frame(Kind::Hello, &hello(PAGES).encode());
+            b.extend((0..n).map(|_| next() as u8));
+            b
+        } else {
+            let mut b = valid.clone();
+            for _ in 0..1 + next() % 4 {
+                let at = (next() % b.len() as u64) as usize;
+                b[at] ^= 1 << (next() % 8);
+            }
+            b
+        };
+        let result = against(bytes, opts());
+        assert!(result.is_err(), "iteration {i}: garbage was accepted");
+    }
+}
+
+#[test]
+fn stranger_on_the_port_is_refused_and_the_migration_goes_on() {
+    let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = listener.local_addr().unwrap();
+    let clients = std::thread::spawn(move || {
+        let mut stranger = TcpStream::connect(addr).unwrap();
+        stranger.write_all(b"SSH-2.0-OpenSSH_9.2p1 Debian-2\r\n").unwrap();
+        let _ = std::io::copy(&mut stranger, &mut std::io::sink());
+        let mut real = TcpStream::connect(addr).unwrap();
+        real.write_all(&frame(Kind::Hello, &hello(PAGES).encode())).unwrap();
+        real
+    });
+    let refused = Mutex::new(Vec::new());
+    let (_stream, h) =
+        accept_migration(&listener, &opts(), &|peer, e| refused.lock().unwrap().push((peer, e.to_string()))).unwrap();
+    assert_eq!(h, hello(PAGES));
+    let refused = refused.into_inner().unwrap();
+    assert_eq!(refused.len(), 1);
+    assert!(refused[0].1.contains("bad magic"), "{refused:?}");
+    drop(clients.join().unwrap());
+}
+
+#[test]
+fn source_refuses_a_destination_that_is_not_livemig() {
+    let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = listener.local_addr().unwrap();
+    let server = std::thread::spawn(move || {
+        let (mut s, _) = listener.accept().unwrap();
+        s.write_all(b"HTTP/1.1 400 Bad Request\r\nContent-Length: 0\r\n\r\n").unwrap();
+        let _ = std::io::copy(&mut s, &mut std::io::sink());
+    });
+    let guest = SyntheticGuest::new(&SyntheticConfig { memory_bytes: 1 << 20, ..Default::default() }).unwrap();
+    let r = migrate(&guest, TcpStream::connect(addr).unwrap(), &SourceOptions::default(), &|_| {});
+    assert!(matches!(r.result, Err(MigrateError::Handshake(WireError::BadMagic(_)))), "{:?}", r.result);
+    assert_eq!(r.pages.total(), 0, "no page may move before the handshake succeeds");
+    assert!(guest.total_pages() > 0);
+    server.join().unwrap();
+}
