@@ -527,8 +527,11 @@ impl Driver<'_> {
             }
         }
         let m = self.machine.take().expect("machine exists");
-        report.rounds = m
-            .rounds()
+        let mut rounds = m.rounds().to_vec();
+        if rounds.len() < self.round_counts.len() {
+            rounds.push(m.unfinished_round(Instant::now()));
+        }
+        report.rounds = rounds
             .iter()
             .zip(&self.round_counts)
             .map(|(s, &(counts, throttle_pct))| RoundReport { stats: s.clone(), counts, throttle_pct })

@@ -308,6 +308,17 @@ impl Precopy {
         &self.rounds
     }
 
+    /// The round in flight as it stands at `now`, for reporting a migration that failed during it.
+    pub fn unfinished_round(&self, now: Instant) -> RoundStats {
+        RoundStats {
+            index: self.epoch,
+            dirty_pages: self.round_pages,
+            bytes_on_wire: self.round_bytes,
+            duration: now.saturating_duration_since(self.round_start),
+            last: self.phase == Phase::FinalRound,
+        }
+    }
+
     /// When the vCPUs were paused.
     pub fn paused_at(&self) -> Option<Instant> {
         self.paused_at
