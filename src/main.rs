@@ -267,7 +267,6 @@ fn receive_cmd(listen: &str, run_for_ms: u64, report_path: Option<PathBuf>, json
     let listener = TcpListener::bind(listen).with_context(|| format!("listening on {listen}"))?;
     eprintln!("waiting for a migration on {}", listener.local_addr()?);
     let opts = DestOptions::default();
-    let t0 = Instant::now();
     let (stream, hello) = accept_migration(&listener, &opts, &|peer, e| eprintln!("refused {peer}: {e}"))?;
     let start = Instant::now();
     let (guest, r) = receive(&stream, hello, |h| SyntheticGuest::destination(&h.layout), &opts)
@@ -278,8 +277,9 @@ fn receive_cmd(listen: &str, run_for_ms: u64, report_path: Option<PathBuf>, json
     let report = Report {
         status: "completed",
         error: None,
+        // receive() only returns after a Commit, and refuses a Commit that did not follow equal digests.
         verified: true,
-        verify_mode: "tables",
+        verify_mode: if r.full_verify { "full" } else { "tables" },
         guest: guest_info(&guest),
         total_time_s: r.resumed_at.duration_since(start).as_secs_f64(),
         downtime_ms: None,
@@ -291,6 +291,5 @@ fn receive_cmd(listen: &str, run_for_ms: u64, report_path: Option<PathBuf>, json
         links: Vec::new(),
         max_throttle_pct: 0.0,
     };
-    let _ = t0;
     finish(&report, &report_path, json)
 }

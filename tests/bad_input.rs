@@ -5,7 +5,7 @@ use livemig::engine::dirty::Bitmap;
 use livemig::engine::encode::{page_hash, zero_page_hash, Codec, EncodedBatch, PageEntry};
 use livemig::engine::guest::{GuestMemory, MemoryLayout, SyntheticConfig, SyntheticGuest};
 use livemig::engine::receive::ApplyError;
-use livemig::transport::dest::{accept_migration, read_hello, receive, DestOptions, ReceiveError};
+use livemig::transport::dest::{accept_migration, read_hello, receive, DestOptions, ReceiveError, HELLO_TIMEOUT};
 use livemig::transport::source::{migrate, MigrateError, SourceOptions};
 use livemig::transport::wire::{self, Hello, Kind, WireError, HEADER_LEN};
 use std::io::Write;
@@ -192,17 +192,21 @@ fn stranger_on_the_port_is_refused_and_the_migration_goes_on() {
     let listener = TcpListener::bind("127.0.0.1:0").unwrap();
     let addr = listener.local_addr().unwrap();
     let clients = std::thread::spawn(move || {
+        // One stranger connects and says nothing, holding its connection open; another speaks another protocol.
+        let silent = TcpStream::connect(addr).unwrap();
         let mut stranger = TcpStream::connect(addr).unwrap();
         stranger.write_all(b"SSH-2.0-OpenSSH_9.2p1 Debian-2\r\n").unwrap();
         let _ = std::io::copy(&mut stranger, &mut std::io::sink());
         let mut real = TcpStream::connect(addr).unwrap();
         real.write_all(&frame(Kind::Hello, &hello(PAGES).encode())).unwrap();
-        real
+        (silent, real)
     });
+    let t = std::time::Instant::now();
     let refused = Mutex::new(Vec::new());
     let (_stream, h) =
         accept_migration(&listener, &opts(), &|peer, e| refused.lock().unwrap().push((peer, e.to_string()))).unwrap();
     assert_eq!(h, hello(PAGES));
+    assert!(t.elapsed() < HELLO_TIMEOUT / 2, "the silent stranger held the real source up for {:?}", t.elapsed());
     let refused = refused.into_inner().unwrap();
     assert_eq!(refused.len(), 1);
     assert!(refused[0].1.contains("bad magic"), "{refused:?}");

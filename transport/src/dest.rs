@@ -55,6 +55,8 @@ pub struct DestReport {
     pub bytes_received: u64,
     /// When the guest was resumed.
     pub resumed_at: Instant,
+    /// Whether the verification also compared re-hashed memory (`--verify full`).
+    pub full_verify: bool,
 }
 
 /// Options of the destination.
@@ -156,6 +158,7 @@ fn apply_stream(
     let mut entries = Vec::new();
     let mut received = 0u64;
     let mut verified = false;
+    let mut full_verify = false;
     // Unbuffered: a buffer would add a copy of every page; frames are large enough that two reads each are cheap.
     let mut r = stream;
     let mut w = stream;
@@ -202,6 +205,7 @@ fn apply_stream(
                 let memory_root = if want.full { memory_root(guest.memory())? } else { 0 };
                 let equal = table_root == want.table_root && (!want.full || memory_root == want.memory_root);
                 verified = equal;
+                full_verify = want.full;
                 let v = Verified { equal, table_root, memory_root };
                 wire::write_frame(&mut w, Kind::Verified, 0, 0, &[&v.encode()]).map_err(WireError::from)?;
             }
@@ -219,6 +223,7 @@ fn apply_stream(
                     stale: rx.stale,
                     bytes_received: received,
                     resumed_at,
+                    full_verify,
                 });
             }
             Kind::Abort => return Err(WireError::PeerAbort(wire::decode_reason(&body)).into()),
@@ -227,25 +232,63 @@ fn apply_stream(
     }
 }
 
+/// How long a new connection has to present its Hello. A livemig source sends it right after connecting.
+pub const HELLO_TIMEOUT: Duration = Duration::from_secs(5);
+
 /// Accepts connections on `listener` until one opens with a valid Hello, and returns it. A connection that does not
-/// (a stranger, a port scanner, a wrong version) is reported to `refused` and closed; the listener keeps waiting.
+/// (a stranger, a port scanner, a wrong version, one that says nothing) is reported to `refused` and closed. Each
+/// connection's Hello is read on its own thread, so a silent stranger cannot hold up the real source.
 pub fn accept_migration(
     listener: &std::net::TcpListener,
     opts: &DestOptions,
     refused: &dyn Fn(std::net::SocketAddr, &WireError),
 ) -> std::io::Result<(TcpStream, Hello)> {
-    loop {
-        let (stream, peer) = listener.accept()?;
-        match read_hello(&stream, opts) {
-            Ok(hello) => {
-                let _ = stream.set_nodelay(true);
-                return Ok((stream, hello));
-            }
-            Err(e) => {
+    let (tx, rx) = crossbeam::channel::unbounded::<Result<(TcpStream, Hello), (std::net::SocketAddr, WireError)>>();
+    let hello_opts = DestOptions { idle_timeout: HELLO_TIMEOUT.min(opts.idle_timeout), ..opts.clone() };
+    // Non-blocking accept, so that this loop also sees the readers' results. Readers are detached threads that end on
+    // their own within HELLO_TIMEOUT; once a source is found, nobody takes their results.
+    listener.set_nonblocking(true)?;
+    let found = loop {
+        match rx.try_recv() {
+            Ok(Ok(hit)) => break Ok(hit),
+            Ok(Err((peer, e))) => {
                 refused(peer, &e);
-                let mut w = &stream;
-                let _ = wire::write_frame(&mut w, Kind::Abort, 0, 0, &[e.to_string().as_bytes()]);
+                continue;
             }
+            Err(_) => {}
         }
-    }
+        match listener.accept() {
+            Ok((stream, peer)) => {
+                let (tx, hello_opts) = (tx.clone(), hello_opts.clone());
+                std::thread::spawn(move || {
+                    let hello = stream
+                        .set_nonblocking(false)
+                        .map_err(WireError::from)
+                        .and_then(|()| read_hello(&stream, &hello_opts));
+                    match hello {
+                        Ok(hello) => {
+                            let _ = stream.set_nodelay(true);
+                            let _ = tx.send(Ok((stream, hello)));
+                        }
+                        Err(e) => {
+                            let mut w = &stream;
+                            let _ = wire::write_frame(&mut w, Kind::Abort, 0, 0, &[e.to_string().as_bytes()]);
+                            let _ = tx.send(Err((peer, e)));
+                        }
+                    }
+                });
+            }
+            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
+                // Wakes as soon as a reader reports; else polls accept again in 5 ms.
+                match rx.recv_timeout(Duration::from_millis(5)) {
+                    Ok(Ok(hit)) => break Ok(hit),
+                    Ok(Err((peer, e))) => refused(peer, &e),
+                    Err(_) => {}
+                }
+            }
+            Err(e) => break Err(e),
+        }
+    };
+    listener.set_nonblocking(false)?;
+    found
 }
