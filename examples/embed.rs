@@ -4,7 +4,9 @@
 //! call `receive` on the destination host and `migrate` on the source host.
 use livemig::engine::guest::{SyntheticConfig, SyntheticGuest, Vcpus};
 use livemig::transport::dest::{accept_migration, receive, DestOptions};
+use livemig::transport::link::LinkSpec;
 use livemig::transport::source::{migrate, SourceOptions};
+use livemig::transport::wire::Hello;
 use std::net::{TcpListener, TcpStream};
 
 pub fn main() -> Result<(), Box<dyn std::error::Error>> {
@@ -13,15 +15,20 @@ pub fn main() -> Result<(), Box<dyn std::error::Error>> {
     let addr = listener.local_addr()?;
     let destination = std::thread::spawn(move || {
         let opts = DestOptions::default();
-        let (stream, hello) = accept_migration(&listener, &opts, &|peer, e| eprintln!("refused {peer}: {e}"))?;
-        let (guest, report) = receive(&stream, hello, |h| SyntheticGuest::destination(&h.layout), &opts)?;
+        let refused = |peer, e: &_| eprintln!("refused {peer}: {e}");
+        let (control, hello) = accept_migration(&listener, &opts, &refused)?;
+        // Data links arrive on the same listener here; a host with several NICs passes one listener per NIC.
+        let make = |h: &Hello| SyntheticGuest::destination(&h.layout);
+        let (guest, report) = receive(&[&listener], &control, hello, make, &opts, &refused)?;
         Ok::<_, Box<dyn std::error::Error + Send + Sync>>((guest, report))
     });
 
     // Source host: a 64 MiB guest whose vCPU writes 2000 pages/s while it is copied.
     let cfg = SyntheticConfig { memory_bytes: 64 << 20, dirty_rate: 2000, ..Default::default() };
     let guest = SyntheticGuest::new(&cfg)?;
-    let report = migrate(&guest, TcpStream::connect(addr)?, &SourceOptions::default(), &|_| {});
+    // One data link to the destination's address; a host with several NICs passes one LinkSpec per NIC.
+    let links = [LinkSpec::to(addr)];
+    let report = migrate(&guest, TcpStream::connect(addr)?, &links, &SourceOptions::default(), &|_| {});
     report.result?;
 
     let (moved, dest_report) = destination.join().expect("destination thread").map_err(|e| e.to_string())?;

@@ -1,10 +1,11 @@
-//! Source and destination in one process, joined by a real TCP connection on loopback: what `livemig demo`, the
+//! Source and destination in one process, joined by real TCP connections on loopback: what `livemig demo`, the
 //! end-to-end tests and the embedding example run.
 
 use livemig_engine::guest::{SyntheticGuest, Vcpus};
 use livemig_transport::dest::{accept_migration, receive, DestOptions, DestReport, ReceiveError};
+use livemig_transport::link::LinkSpec;
 use livemig_transport::source::{migrate, Progress, SourceOptions, SourceReport};
-use std::net::{TcpListener, TcpStream};
+use std::net::{IpAddr, Ipv4Addr, TcpListener, TcpStream};
 
 /// Both sides' results.
 pub struct LoopbackRun {
@@ -14,26 +15,29 @@ pub struct LoopbackRun {
     pub dest: Result<(SyntheticGuest, DestReport), ReceiveError>,
 }
 
-/// Migrates `guest` to a fresh synthetic guest in a thread of this process, over one loopback connection.
+/// Migrates `guest` to a fresh synthetic guest in a thread of this process: a control connection and `links` data
+/// links on loopback, link k leaving from 127.0.0.(k+1) so that each is its own connection with its own address.
 pub fn migrate_loopback(
     guest: &SyntheticGuest,
+    links: usize,
     opts: &SourceOptions,
     dopts: &DestOptions,
     progress: &(dyn Fn(&Progress) + Sync),
 ) -> std::io::Result<LoopbackRun> {
     let listener = TcpListener::bind("127.0.0.1:0")?;
     let addr = listener.local_addr()?;
+    let specs: Vec<LinkSpec> = (0..links.max(1))
+        .map(|k| LinkSpec { iface: None, local: Some(IpAddr::V4(Ipv4Addr::new(127, 0, 0, k as u8 + 1))), remote: addr })
+        .collect();
     std::thread::scope(|s| {
         let dest = std::thread::Builder::new().name("lm-dest".into()).spawn_scoped(s, move || {
-            let (stream, hello) = accept_migration(&listener, dopts, &|peer, e| {
-                eprintln!("refused connection from {peer}: {e}");
-            })
-            .map_err(|e| ReceiveError::Wire(e.into()))?;
-            receive(&stream, hello, |h| SyntheticGuest::destination(&h.layout), dopts)
+            let refused = |peer, e: &_| eprintln!("refused connection from {peer}: {e}");
+            let (stream, hello) =
+                accept_migration(&listener, dopts, &refused).map_err(|e| ReceiveError::Wire(e.into()))?;
+            receive(&[&listener], &stream, hello, |h| SyntheticGuest::destination(&h.layout), dopts, &refused)
         })?;
-        let stream = TcpStream::connect(addr)?;
-        stream.set_nodelay(true)?;
-        let source = migrate(guest, stream, opts, progress);
+        let control = TcpStream::connect(addr)?;
+        let source = migrate(guest, control, &specs, opts, progress);
         let dest = dest.join().expect("destination thread panicked");
         if source.result.is_ok() {
             // The source has handed the guest over: its vCPUs stay paused for good.

@@ -8,6 +8,7 @@ use livemig::engine::precopy::PrecopyConfig;
 use livemig::loopback::migrate_loopback;
 use livemig::report::{parse_size, GuestInfo, Pages, Report};
 use livemig::transport::dest::{accept_migration, receive, DestOptions};
+use livemig::transport::link::LinkSpec;
 use livemig::transport::source::{migrate, Progress, SourceOptions, SourceReport, VerifyMode};
 use std::io::IsTerminal;
 use std::net::{TcpListener, TcpStream};
@@ -25,6 +26,9 @@ struct Cli {
 enum Cmd {
     /// Migrate a synthetic guest inside this process, source to destination over loopback.
     Demo {
+        /// Data links over loopback.
+        #[arg(long, default_value_t = 1)]
+        links: usize,
         #[command(flatten)]
         guest: GuestOpts,
         #[command(flatten)]
@@ -32,9 +36,12 @@ enum Cmd {
     },
     /// Be the source host: migrate a guest to a `livemig receive` at ADDR:PORT.
     Send {
-        /// The destination's address.
+        /// The destination's control address.
         #[arg(long)]
         to: String,
+        /// A data link, `[IFACE=]LOCAL>REMOTE:PORT`; one per NIC. Without any, one link goes to the --to address.
+        #[arg(long = "link")]
+        links: Vec<LinkSpec>,
         #[command(flatten)]
         guest: GuestOpts,
         #[command(flatten)]
@@ -42,9 +49,12 @@ enum Cmd {
     },
     /// Be the destination host: wait for one migration and run the guest it brings.
     Receive {
-        /// Address to listen on.
+        /// Address to listen on, for the control connection and data links.
         #[arg(long)]
         listen: String,
+        /// More addresses to accept data links on (one per NIC).
+        #[arg(long = "data")]
+        data: Vec<String>,
         /// How long to let the resumed guest run before exiting, in milliseconds.
         #[arg(long, default_value_t = 500)]
         run_for_ms: u64,
@@ -118,9 +128,11 @@ struct RunOpts {
 fn main() {
     let cli = Cli::parse();
     let result = match cli.cmd {
-        Cmd::Demo { guest, run } => demo(&guest, &run),
-        Cmd::Send { to, guest, run } => send(&to, &guest, &run),
-        Cmd::Receive { listen, run_for_ms, report, json } => receive_cmd(&listen, run_for_ms, report, json),
+        Cmd::Demo { links, guest, run } => demo(links, &guest, &run),
+        Cmd::Send { to, links, guest, run } => send(&to, &links, &guest, &run),
+        Cmd::Receive { listen, data, run_for_ms, report, json } => {
+            receive_cmd(&listen, &data, run_for_ms, report, json)
+        }
     };
     if let Err(e) = result {
         // One line: the chain of causes joined with ": ".
@@ -221,13 +233,16 @@ fn source_report(guest: &SyntheticGuest, r: &SourceReport, run: &RunOpts, opts: 
     Report::from_source(r, guest_info(guest), run.downtime_target as f64, opts.verify)
 }
 
-fn demo(g: &GuestOpts, run: &RunOpts) -> Result<()> {
+fn demo(links: usize, g: &GuestOpts, run: &RunOpts) -> Result<()> {
+    if links == 0 {
+        bail!("--links must be at least 1");
+    }
     let guest = make_guest(g)?;
     let opts = source_options(run);
     let (bar, update) = progress_bar();
     let dopts =
         DestOptions { die_after_bytes: run.x_kill_destination_after_mib.map(|m| m << 20), ..Default::default() };
-    let out = migrate_loopback(&guest, &opts, &dopts, &update).context("setting up the loopback connection")?;
+    let out = migrate_loopback(&guest, links, &opts, &dopts, &update).context("setting up the loopback connection")?;
     bar.finish_and_clear();
     let report = source_report(&guest, &out.source, run, &opts);
     if let Ok((dest, _)) = &out.dest {
@@ -252,24 +267,29 @@ fn check_running(dest: &SyntheticGuest) -> Result<()> {
     Ok(())
 }
 
-fn send(to: &str, g: &GuestOpts, run: &RunOpts) -> Result<()> {
+fn send(to: &str, links: &[LinkSpec], g: &GuestOpts, run: &RunOpts) -> Result<()> {
     let guest = make_guest(g)?;
     let opts = source_options(run);
     let stream = TcpStream::connect(to).with_context(|| format!("connecting to {to}"))?;
-    stream.set_nodelay(true)?;
     let (bar, update) = progress_bar();
-    let r = migrate(&guest, stream, &opts, &update);
+    let r = migrate(&guest, stream, links, &opts, &update);
     bar.finish_and_clear();
     finish(&source_report(&guest, &r, run, &opts), &run.report, run.json)
 }
 
-fn receive_cmd(listen: &str, run_for_ms: u64, report_path: Option<PathBuf>, json: bool) -> Result<()> {
+fn receive_cmd(listen: &str, data: &[String], run_for_ms: u64, report_path: Option<PathBuf>, json: bool) -> Result<()> {
     let listener = TcpListener::bind(listen).with_context(|| format!("listening on {listen}"))?;
+    let extra = data
+        .iter()
+        .map(|a| TcpListener::bind(a).with_context(|| format!("listening on {a}")))
+        .collect::<Result<Vec<_>>>()?;
     eprintln!("waiting for a migration on {}", listener.local_addr()?);
     let opts = DestOptions::default();
-    let (stream, hello) = accept_migration(&listener, &opts, &|peer, e| eprintln!("refused {peer}: {e}"))?;
+    let refused = |peer, e: &_| eprintln!("refused {peer}: {e}");
+    let (stream, hello) = accept_migration(&listener, &opts, &refused)?;
     let start = Instant::now();
-    let (guest, r) = receive(&stream, hello, |h| SyntheticGuest::destination(&h.layout), &opts)
+    let listeners: Vec<&TcpListener> = std::iter::once(&listener).chain(extra.iter()).collect();
+    let (guest, r) = receive(&listeners, &stream, hello, |h| SyntheticGuest::destination(&h.layout), &opts, &refused)
         .context("receiving the migration")?;
     eprintln!("guest resumed {:.3} s after the handshake", r.resumed_at.duration_since(start).as_secs_f64());
     check_running(&guest)?;

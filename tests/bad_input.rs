@@ -49,25 +49,43 @@ fn opts() -> DestOptions {
     DestOptions { idle_timeout: Duration::from_secs(5), ..Default::default() }
 }
 
-/// Runs a destination against a client that sends `bytes` and closes its side. Returns the destination's result
-/// and the guest it built (if it got that far).
-fn against(bytes: Vec<u8>, dopts: DestOptions) -> Result<(), ReceiveError> {
+/// Runs a destination against a client that sends `control` on the control connection and, when given, `data` on
+/// a data link that presents the right session; then closes both. Returns the destination's result.
+fn exchange(control: Vec<u8>, data: Option<Vec<u8>>, dopts: DestOptions) -> Result<(), ReceiveError> {
     let listener = TcpListener::bind("127.0.0.1:0").unwrap();
     let addr = listener.local_addr().unwrap();
     let client = std::thread::spawn(move || {
-        let mut s = TcpStream::connect(addr).unwrap();
-        let _ = s.write_all(&bytes);
-        let _ = s.shutdown(Shutdown::Write);
+        let mut c = TcpStream::connect(addr).unwrap();
+        let _ = c.write_all(&control);
+        if let Some(data) = data {
+            let mut d = TcpStream::connect(addr).unwrap();
+            let mut bytes = frame(Kind::LinkHello, &wire::encode_link_hello(7, 0));
+            bytes.extend_from_slice(&data);
+            let _ = d.write_all(&bytes);
+            let _ = d.shutdown(Shutdown::Write);
+            let _ = std::io::copy(&mut d, &mut std::io::sink());
+        }
+        let _ = c.shutdown(Shutdown::Write);
         // Drain whatever the destination answers until it closes.
-        let _ = std::io::copy(&mut s, &mut std::io::sink());
+        let _ = std::io::copy(&mut c, &mut std::io::sink());
     });
     let (stream, _) = listener.accept().unwrap();
-    let result = read_hello(&stream, &dopts)
-        .map_err(ReceiveError::from)
-        .and_then(|h| receive(&stream, h, |h| SyntheticGuest::destination(&h.layout), &dopts).map(|_| ()));
+    let result = read_hello(&stream, &dopts).map_err(ReceiveError::from).and_then(|h| {
+        receive(&[&listener], &stream, h, |h| SyntheticGuest::destination(&h.layout), &dopts, &|_, _| {}).map(|_| ())
+    });
     drop(stream);
     client.join().unwrap();
     result
+}
+
+/// Control bytes alone.
+fn against(bytes: Vec<u8>, dopts: DestOptions) -> Result<(), ReceiveError> {
+    exchange(bytes, None, dopts)
+}
+
+/// A valid Hello on the control connection, and `data` on a data link.
+fn on_data_link(data: &[u8]) -> Result<(), ReceiveError> {
+    exchange(frame(Kind::Hello, &hello(PAGES).encode()), Some(data.to_vec()), opts())
 }
 
 fn with_hello(rest: &[u8]) -> Vec<u8> {
@@ -95,6 +113,8 @@ fn wrong_version() {
 fn unknown_frame_type() {
     let mut f = frame(Kind::Commit, &[]);
     f[6..8].copy_from_slice(&77u16.to_le_bytes());
+    let err = on_data_link(&f).unwrap_err();
+    assert!(matches!(err, ReceiveError::Wire(WireError::UnknownKind(77))), "{err}");
     let err = against(with_hello(&f), opts()).unwrap_err();
     assert!(matches!(err, ReceiveError::Wire(WireError::UnknownKind(77))), "{err}");
 }
@@ -104,7 +124,7 @@ fn bad_checksum() {
     let (e, data) = raw_page(3, 1);
     let mut f = pages_frame(vec![e], data);
     f[HEADER_LEN + 8] ^= 1; // the entry's page index, under the frame checksum
-    let err = against(with_hello(&f), opts()).unwrap_err();
+    let err = on_data_link(&f).unwrap_err();
     assert!(matches!(err, ReceiveError::Wire(WireError::BadChecksum { .. })), "{err}");
 }
 
@@ -112,7 +132,7 @@ fn bad_checksum() {
 fn corrupt_page_payload() {
     let (e, mut data) = raw_page(3, 1);
     data[4000] = 2;
-    let err = against(with_hello(&pages_frame(vec![e], data)), opts()).unwrap_err();
+    let err = on_data_link(&pages_frame(vec![e], data)).unwrap_err();
     assert!(matches!(err, ReceiveError::Apply(ApplyError::BadChecksum { page: 3, .. })), "{err}");
 }
 
@@ -120,8 +140,11 @@ fn corrupt_page_payload() {
 fn truncated_frame() {
     let (e, data) = raw_page(3, 1);
     let f = pages_frame(vec![e], data);
+    // On the control connection a truncated frame ends the migration; on a data link it is a link that died.
     let err = against(with_hello(&f[..100]), opts()).unwrap_err();
     assert!(matches!(err, ReceiveError::Wire(WireError::Truncated { part: "body", .. })), "{err}");
+    let err = on_data_link(&f[..100]).unwrap_err();
+    assert!(matches!(err, ReceiveError::Wire(WireError::Closed)), "the control connection's end decides: {err}");
     let err = against(with_hello(&f[..20]), opts()).unwrap_err();
     assert!(matches!(err, ReceiveError::Wire(WireError::Truncated { part: "header", got: 20, .. })), "{err}");
 }
@@ -129,10 +152,10 @@ fn truncated_frame() {
 #[test]
 fn page_index_out_of_range() {
     let (e, data) = raw_page(PAGES, 1);
-    let err = against(with_hello(&pages_frame(vec![e], data)), opts()).unwrap_err();
+    let err = on_data_link(&pages_frame(vec![e], data)).unwrap_err();
     assert!(matches!(err, ReceiveError::Apply(ApplyError::PageOutOfRange { page: PAGES, pages: PAGES })), "{err}");
     let huge = PageEntry { page: u64::MAX, codec: Codec::Zero, len: 0, hash: zero_page_hash() };
-    let err = against(with_hello(&pages_frame(vec![huge], vec![])), opts()).unwrap_err();
+    let err = on_data_link(&pages_frame(vec![huge], vec![])).unwrap_err();
     assert!(matches!(err, ReceiveError::Apply(ApplyError::PageOutOfRange { .. })), "{err}");
 }
 
@@ -152,15 +175,19 @@ fn commit_without_verification_is_refused() {
 #[test]
 fn source_that_vanishes_before_commit_is_an_error_not_a_resumed_guest() {
     let (e, data) = raw_page(1, 5);
-    let err = against(with_hello(&pages_frame(vec![e], data)), opts()).unwrap_err();
+    let err = on_data_link(&pages_frame(vec![e], data)).unwrap_err();
     assert!(matches!(err, ReceiveError::Wire(WireError::Closed)), "{err}");
+    // Pages on the control connection are a protocol violation.
+    let (e, data) = raw_page(1, 5);
+    let err = against(with_hello(&pages_frame(vec![e], data)), opts()).unwrap_err();
+    assert!(matches!(err, ReceiveError::Wire(WireError::Unexpected { got: Kind::Pages, .. })), "{err}");
 }
 
 #[test]
 fn garbage_never_panics_or_hangs() {
     // Random bytes, and valid frames with random bytes changed: every one must end in an error.
     let (e, data) = raw_page(2, 9);
-    let valid = with_hello(&pages_frame(vec![e], data));
+    let valid = pages_frame(vec![e], data);
     let mut x = 0x9e37_79b9_7f4a_7c15u64;
     let mut next = move || {
         x ^= x << 13;
@@ -171,9 +198,7 @@ fn garbage_never_panics_or_hangs() {
     for i in 0..200 {
         let bytes = if i % 2 == 0 {
             let n = (next() % 600) as usize;
-            let mut b = frame(Kind::Hello, &hello(PAGES).encode());
-            b.extend((0..n).map(|_| next() as u8));
-            b
+            (0..n).map(|_| next() as u8).collect()
         } else {
             let mut b = valid.clone();
             for _ in 0..1 + next() % 4 {
@@ -182,8 +207,9 @@ fn garbage_never_panics_or_hangs() {
             }
             b
         };
-        let result = against(bytes, opts());
-        assert!(result.is_err(), "iteration {i}: garbage was accepted");
+        // On a data link and on the control connection after the Hello.
+        assert!(on_data_link(&bytes).is_err(), "iteration {i}: garbage was accepted on a data link");
+        assert!(against(with_hello(&bytes), opts()).is_err(), "iteration {i}: garbage was accepted on control");
     }
 }
 
@@ -223,7 +249,7 @@ fn source_refuses_a_destination_that_is_not_livemig() {
         let _ = std::io::copy(&mut s, &mut std::io::sink());
     });
     let guest = SyntheticGuest::new(&SyntheticConfig { memory_bytes: 1 << 20, ..Default::default() }).unwrap();
-    let r = migrate(&guest, TcpStream::connect(addr).unwrap(), &SourceOptions::default(), &|_| {});
+    let r = migrate(&guest, TcpStream::connect(addr).unwrap(), &[], &SourceOptions::default(), &|_| {});
     assert!(matches!(r.result, Err(MigrateError::Handshake(WireError::BadMagic(_)))), "{:?}", r.result);
     assert_eq!(r.pages.total(), 0, "no page may move before the handshake succeeds");
     assert!(guest.total_pages() > 0);

@@ -20,7 +20,7 @@ fn reference_mix_migrates_verified_and_memory_is_equal() {
     // Tables mode (the default): the switchover compares only the hash tables, and this test checks that against
     // both memories re-hashed independently afterwards.
     let src = guest(256, 0);
-    let run = migrate_loopback(&src, &SourceOptions::default(), &DestOptions::default(), &|_| {}).unwrap();
+    let run = migrate_loopback(&src, 1, &SourceOptions::default(), &DestOptions::default(), &|_| {}).unwrap();
     let r = &run.source;
     assert!(r.result.is_ok(), "{:?}", r.result);
     assert!(r.verified);
@@ -43,7 +43,7 @@ fn live_writes_during_copy_are_resent_and_verified() {
     // The guest rewrites 25000 pages/s over 10 % of memory for the whole migration. With --verify full both sides
     // re-hash all memory at switchover, so a lost write would show as a mismatch (invariant 3).
     let src = guest(256, 25_000);
-    let run = migrate_loopback(&src, &full(), &DestOptions::default(), &|_| {}).unwrap();
+    let run = migrate_loopback(&src, 1, &full(), &DestOptions::default(), &|_| {}).unwrap();
     let r = &run.source;
     assert!(r.result.is_ok(), "{:?}", r.result);
     assert!(r.verified);

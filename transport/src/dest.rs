@@ -1,17 +1,23 @@
-//! The destination driver: accepts a migration on one connection and applies it to a fresh guest.
+//! The destination driver: accepts a migration's control connection and its data links, and applies it to a fresh
+//! guest.
 //!
-//! One thread reads frames in order, checks each (header, checksum, body structure, then every page entry against
-//! the layout), applies its pages through the engine's [`Receiver`] and acknowledges it. The guest is built from the
-//! source's Hello by the caller's factory, kept paused, restored from the vCPU state, verified, and resumed only on
-//! Commit. Any bad input ends the migration with a typed error and an Abort frame to the source; it never panics.
+//! Threads, scoped to [`receive`]: the control loop (the caller's thread) handles the vCPU state, verification and
+//! commit; a control reader feeds it frames; an acceptor takes data links on every listener, and each data link gets
+//! a thread that checks its session id, then reads frames in order, checks each (header, checksum, body structure,
+//! then every page entry against the layout), applies its pages through the engine's shared [`Receiver`] and
+//! acknowledges it on the same link; a pre-fault thread faults guest memory in ahead of the pages.
+//!
+//! The guest is built from the source's Hello by the caller's factory, kept paused, restored from the vCPU state,
+//! verified, and resumed only on Commit, after every data thread has ended. A data link that dies is dropped; bad
+//! input anywhere ends the migration with a typed error and an Abort to the source. Nothing here panics on input.
 
-use crate::wire::{self, Hello, Kind, Verified, Verify, WireError, HEADER_LEN};
+use crate::wire::{self, Header, Hello, Kind, Verified, Verify, WireError, HEADER_LEN};
 use livemig_engine::encode::{memory_root, PageCounts};
 use livemig_engine::guest::{Guest, GuestError};
-use livemig_engine::receive::{ApplyError, Receiver};
-use std::io::Write;
-use std::net::TcpStream;
-use std::sync::atomic::{AtomicBool, Ordering};
+use livemig_engine::receive::{ApplyError, ApplyState, Receiver};
+use std::net::{Shutdown, SocketAddr, TcpListener, TcpStream};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
 /// Why the destination gave up on a migration. The source keeps its guest.
@@ -51,8 +57,10 @@ pub struct DestReport {
     pub pages: PageCounts,
     /// Page copies dropped because the page already held a newer one.
     pub stale: u64,
-    /// Bytes read from the connection.
+    /// Bytes read from the data links.
     pub bytes_received: u64,
+    /// Per data link (its index, bytes received), for the links that presented the session.
+    pub links: Vec<(u32, u64)>,
     /// When the guest was resumed.
     pub resumed_at: Instant,
     /// Whether the verification also compared re-hashed memory (`--verify full`).
@@ -97,13 +105,19 @@ pub fn read_hello(stream: &TcpStream, opts: &DestOptions) -> Result<Hello, WireE
     Hello::decode(&buf)
 }
 
-/// Runs a migration whose Hello has been read: builds the guest with `make_guest`, applies everything the source
-/// sends, and returns the running guest after Commit.
+/// Runs a migration whose Hello has been read from `control`: builds the guest with `make_guest`, accepts the
+/// source's data links on `listeners` (a connection without the session id is reported to `refused` and closed),
+/// applies what they carry, and returns the running guest after Commit.
+///
+/// A data link that dies is dropped (the source sends its batches again on the others). Bad data on any link, or the
+/// loss of the control connection, ends the migration with an error and an Abort to the source.
 pub fn receive<G: Guest>(
-    stream: &TcpStream,
+    listeners: &[&TcpListener],
+    control: &TcpStream,
     hello: Hello,
     make_guest: impl FnOnce(&Hello) -> Result<G, GuestError>,
     opts: &DestOptions,
+    refused: &(dyn Fn(SocketAddr, &WireError) + Sync),
 ) -> Result<(G, DestReport), ReceiveError> {
     let result: Result<(G, DestReport), ReceiveError> = (|| {
         let asked = hello.layout.total_bytes();
@@ -111,124 +125,302 @@ pub fn receive<G: Guest>(
             return Err(ReceiveError::TooLarge { asked, max: opts.max_memory });
         }
         let guest = make_guest(&hello)?;
-        let mut w = stream;
+        let mut w = control;
         wire::write_frame(&mut w, Kind::HelloAck, 0, 0, &[&hello.session.to_le_bytes()]).map_err(WireError::from)?;
-        let stop = AtomicBool::new(false);
-        let report = std::thread::scope(|s| {
-            let (guest, chunks, stop) = (&guest, &hello.chunks, &stop);
-            // Faulting fresh memory in (the kernel zeroes each page) costs more than copying data into it, and would
-            // otherwise stall the apply loop; a helper thread does it ahead of the pages, in the order they come.
-            let _ = std::thread::Builder::new().name("lm-prefault".into()).spawn_scoped(s, move || {
-                chunks.for_each_run(|run| {
-                    for c in run.first..run.first + run.count {
-                        if stop.load(Ordering::Relaxed) {
-                            return;
-                        }
-                        guest.memory().prefault(c * wire::CHUNK_PAGES, wire::CHUNK_PAGES);
-                    }
-                });
-            });
-            let r = apply_stream(stream, guest, hello.clone(), opts);
-            stop.store(true, Ordering::Relaxed);
-            r
-        })?;
+        let report = run(listeners, control, &guest, hello, opts, refused)?;
         Ok((guest, report))
     })();
     if let Err(e) = &result {
         if matches!(e, ReceiveError::Killed(_)) {
-            let _ = stream.shutdown(std::net::Shutdown::Both);
+            let _ = control.shutdown(Shutdown::Both);
             return result;
         }
         // Best effort: the source may be gone already.
-        let mut w = stream;
+        let mut w = control;
         let _ = wire::write_frame(&mut w, Kind::Abort, 0, 0, &[e.to_string().as_bytes()]);
     }
     result
 }
 
-fn apply_stream(
-    stream: &TcpStream,
+/// What the threads of a migration share.
+struct Shared<'a> {
+    rx: Receiver<'a>,
+    session: u64,
+    stop: AtomicBool,
+    /// Data sockets, to close them all at the end.
+    links: Mutex<Vec<TcpStream>>,
+    /// Per link (index, bytes received).
+    received: Mutex<Vec<(u32, u64)>>,
+    totals: Mutex<ApplyState>,
+    die_after: Option<u64>,
+    bytes: AtomicU64,
+}
+
+enum Msg {
+    Control(Result<(Header, Vec<u8>), WireError>),
+    Fatal(ReceiveError),
+}
+
+fn run(
+    listeners: &[&TcpListener],
+    control: &TcpStream,
     guest: &dyn Guest,
     hello: Hello,
     opts: &DestOptions,
+    refused: &(dyn Fn(SocketAddr, &WireError) + Sync),
 ) -> Result<DestReport, ReceiveError> {
-    stream.set_read_timeout(Some(opts.idle_timeout)).map_err(WireError::from)?;
-    let mut rx = Receiver::new(guest.memory());
-    let mut body = Vec::new();
-    let mut entries = Vec::new();
-    let mut received = 0u64;
-    let mut verified = false;
-    let mut full_verify = false;
-    // Unbuffered: a buffer would add a copy of every page; frames are large enough that two reads each are cheap.
-    let mut r = stream;
-    let mut w = stream;
-    loop {
-        let h = match wire::read_frame(&mut r, &mut body) {
-            Err(WireError::Io(e))
-                if matches!(e.kind(), std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut) =>
-            {
-                return Err(WireError::Io(std::io::Error::new(
-                    e.kind(),
-                    format!("source silent for {:?}", opts.idle_timeout),
-                ))
-                .into())
-            }
-            other => other?,
-        };
-        received += (HEADER_LEN + body.len()) as u64;
-        if opts.die_after_bytes.is_some_and(|n| received >= n) {
-            return Err(ReceiveError::Killed(received));
+    let shared = Shared {
+        rx: Receiver::new(guest.memory()),
+        session: hello.session,
+        stop: AtomicBool::new(false),
+        links: Mutex::new(Vec::new()),
+        received: Mutex::new(Vec::new()),
+        totals: Mutex::new(ApplyState::default()),
+        die_after: opts.die_after_bytes,
+        bytes: AtomicU64::new(0),
+    };
+    let (tx, msgs) = crossbeam::channel::unbounded::<Msg>();
+    for l in listeners {
+        l.set_nonblocking(true).map_err(WireError::from)?;
+    }
+    let outcome = std::thread::scope(|s| {
+        let (shared, chunks) = (&shared, &hello.chunks);
+        let spawn = |name: &str| std::thread::Builder::new().name(name.to_string());
+        // Faulting fresh memory in (the kernel zeroes each page) costs more than copying data into it, and would
+        // otherwise stall the apply threads; a helper faults the chunks round 0 will fill, ahead of the pages.
+        spawn("lm-prefault")
+            .spawn_scoped(s, move || {
+                chunks.for_each_run(|run| {
+                    for c in run.first..run.first + run.count {
+                        if shared.stop.load(Ordering::Relaxed) {
+                            return;
+                        }
+                        guest.memory().prefault(c * wire::CHUNK_PAGES, wire::CHUNK_PAGES);
+                    }
+                });
+            })
+            .map_err(WireError::from)?;
+        let t = tx.clone();
+        spawn("lm-accept")
+            .spawn_scoped(s, move || accept_links(s, listeners, shared, &t, refused))
+            .map_err(WireError::from)?;
+        let t = tx.clone();
+        spawn("lm-control")
+            .spawn_scoped(s, move || {
+                let mut buf = Vec::new();
+                loop {
+                    let r = wire::read_frame(&mut &*control, &mut buf).map(|h| (h, std::mem::take(&mut buf)));
+                    let end = r.is_err();
+                    if t.send(Msg::Control(r)).is_err() || end {
+                        return;
+                    }
+                }
+            })
+            .map_err(WireError::from)?;
+        let result = control_loop(control, guest, shared, &msgs, opts);
+        // Stop every helper and data thread before the guest may run: a late write from a dead link's thread must
+        // not land in memory the resumed guest owns.
+        shared.stop.store(true, Ordering::SeqCst);
+        for l in shared.links.lock().unwrap_or_else(|e| e.into_inner()).iter() {
+            let _ = l.shutdown(Shutdown::Both);
         }
+        let _ = control.shutdown(Shutdown::Read);
+        result
+    });
+    for l in listeners {
+        let _ = l.set_nonblocking(false);
+    }
+    let full_verify = outcome?;
+    // Every data thread has been joined: resume, then tell the source.
+    guest.vcpus().resume();
+    let resumed_at = Instant::now();
+    let mut w = control;
+    wire::write_frame(&mut w, Kind::Committed, 0, 0, &[]).map_err(WireError::from)?;
+    let totals = shared.totals.into_inner().unwrap_or_else(|e| e.into_inner());
+    let mut links = shared.received.into_inner().unwrap_or_else(|e| e.into_inner());
+    links.sort_unstable();
+    Ok(DestReport {
+        hello,
+        pages: totals.counts,
+        stale: totals.stale,
+        bytes_received: shared.bytes.load(Ordering::Relaxed),
+        links,
+        resumed_at,
+        full_verify,
+    })
+}
+
+/// The control connection's side of the migration: vCPU state, verification, commit. Returns whether the
+/// verification was a full one, once Commit arrives after equal digests.
+fn control_loop(
+    control: &TcpStream,
+    guest: &dyn Guest,
+    shared: &Shared<'_>,
+    msgs: &crossbeam::channel::Receiver<Msg>,
+    opts: &DestOptions,
+) -> Result<bool, ReceiveError> {
+    let mut w = control;
+    let mut verified: Option<bool> = None;
+    loop {
+        let msg = msgs.recv_timeout(opts.idle_timeout).map_err(|_| {
+            WireError::Io(std::io::Error::new(
+                std::io::ErrorKind::TimedOut,
+                format!("source silent for {:?}", opts.idle_timeout),
+            ))
+        })?;
+        let (h, body) = match msg {
+            Msg::Fatal(e) => return Err(e),
+            Msg::Control(r) => r?,
+        };
         match h.kind {
-            Kind::Pages => {
-                let payload = wire::decode_pages(&h, &body, &mut entries)?;
-                // Check the whole frame before applying any of it, so a bad frame changes nothing.
-                for e in &entries {
-                    rx.check_entry(e)?;
-                }
-                let mut off = 0;
-                for e in &entries {
-                    let len = e.len as usize;
-                    rx.apply(h.epoch, e, &payload[off..off + len])?;
-                    off += len;
-                }
-                let ack = wire::encode_ack((HEADER_LEN + body.len()) as u64, entries.len() as u32);
-                wire::write_frame(&mut w, Kind::Ack, h.epoch, h.seq, &[&ack]).map_err(WireError::from)?;
-            }
             Kind::VcpuState => {
                 guest.vcpus().restore_state(&body)?;
                 wire::write_frame(&mut w, Kind::StateAck, 0, 0, &[]).map_err(WireError::from)?;
             }
             Kind::Verify => {
                 let want = Verify::decode(&body)?;
-                let table_root = rx.root();
+                let table_root = shared.rx.root();
                 let memory_root = if want.full { memory_root(guest.memory())? } else { 0 };
                 let equal = table_root == want.table_root && (!want.full || memory_root == want.memory_root);
-                verified = equal;
-                full_verify = want.full;
+                verified = equal.then_some(want.full);
                 let v = Verified { equal, table_root, memory_root };
                 wire::write_frame(&mut w, Kind::Verified, 0, 0, &[&v.encode()]).map_err(WireError::from)?;
             }
-            Kind::Commit => {
-                if !verified {
-                    return Err(ReceiveError::CommitBeforeVerify);
-                }
-                guest.vcpus().resume();
-                let resumed_at = Instant::now();
-                wire::write_frame(&mut w, Kind::Committed, 0, 0, &[]).map_err(WireError::from)?;
-                let _ = w.flush();
-                return Ok(DestReport {
-                    hello,
-                    pages: rx.counts,
-                    stale: rx.stale,
-                    bytes_received: received,
-                    resumed_at,
-                    full_verify,
-                });
-            }
+            Kind::Commit => return verified.ok_or(ReceiveError::CommitBeforeVerify),
             Kind::Abort => return Err(WireError::PeerAbort(wire::decode_reason(&body)).into()),
-            got => return Err(WireError::Unexpected { got, expected: "a source frame" }.into()),
+            got => return Err(WireError::Unexpected { got, expected: "a control frame" }.into()),
         }
+    }
+}
+
+/// Accepts data links on every listener until the migration ends, each on its own thread.
+fn accept_links<'s, 'e: 's>(
+    s: &'s std::thread::Scope<'s, 'e>,
+    listeners: &'e [&'e TcpListener],
+    shared: &'s Shared<'e>,
+    tx: &crossbeam::channel::Sender<Msg>,
+    refused: &'e (dyn Fn(SocketAddr, &WireError) + Sync),
+) {
+    while !shared.stop.load(Ordering::SeqCst) {
+        let mut idle = true;
+        for l in listeners {
+            match l.accept() {
+                Ok((stream, peer)) => {
+                    idle = false;
+                    let link_tx = tx.clone();
+                    let spawned = std::thread::Builder::new()
+                        .name("lm-data".into())
+                        .spawn_scoped(s, move || data_link(stream, peer, shared, &link_tx, refused));
+                    if let Err(e) = spawned {
+                        let _ = tx.send(Msg::Fatal(WireError::Io(e).into()));
+                    }
+                }
+                Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {}
+                Err(e) => {
+                    let _ = tx.send(Msg::Fatal(WireError::Io(e).into()));
+                    return;
+                }
+            }
+        }
+        if idle {
+            std::thread::sleep(Duration::from_millis(5));
+        }
+    }
+}
+
+/// One data link: checks its session, then applies and acknowledges Pages frames until it closes. A link that dies
+/// just ends; bad data is fatal to the migration.
+fn data_link(
+    stream: TcpStream,
+    peer: SocketAddr,
+    shared: &Shared<'_>,
+    tx: &crossbeam::channel::Sender<Msg>,
+    refused: &(dyn Fn(SocketAddr, &WireError) + Sync),
+) {
+    let mut body = Vec::new();
+    let first = stream
+        .set_nonblocking(false)
+        .and_then(|()| stream.set_read_timeout(Some(HELLO_TIMEOUT)))
+        .map_err(WireError::from)
+        .and_then(|()| wire::read_frame(&mut &stream, &mut body))
+        .and_then(|h| match h.kind {
+            Kind::LinkHello => wire::decode_link_hello(&body),
+            got => Err(WireError::Unexpected { got, expected: "LinkHello" }),
+        })
+        .and_then(
+            |(session, link)| {
+                if session == shared.session {
+                    Ok(link)
+                } else {
+                    Err(WireError::WrongSession { got: session })
+                }
+            },
+        );
+    let link = match first {
+        Ok(link) => link,
+        Err(e) => {
+            refused(peer, &e);
+            let mut w = &stream;
+            let _ = wire::write_frame(&mut w, Kind::Abort, 0, 0, &[e.to_string().as_bytes()]);
+            return;
+        }
+    };
+    let _ = stream.set_read_timeout(None);
+    let _ = stream.set_nodelay(true);
+    if let Ok(c) = stream.try_clone() {
+        shared.links.lock().unwrap_or_else(|e| e.into_inner()).push(c);
+    }
+    // The list may have been closed just before this link was added to it.
+    if shared.stop.load(Ordering::SeqCst) {
+        return;
+    }
+    let mut st = ApplyState::default();
+    let mut entries = Vec::new();
+    let mut received = 0u64;
+    let (mut r, mut w) = (&stream, &stream);
+    let result = loop {
+        let h = match wire::read_frame(&mut r, &mut body) {
+            Ok(h) => h,
+            // The link died or was closed: the source sends its batches again elsewhere.
+            Err(WireError::Closed | WireError::Io(_) | WireError::Truncated { .. }) => break Ok(()),
+            Err(e) => break Err(ReceiveError::from(e)),
+        };
+        let len = (HEADER_LEN + body.len()) as u64;
+        received += len;
+        let total = shared.bytes.fetch_add(len, Ordering::Relaxed) + len;
+        if shared.die_after.is_some_and(|n| total >= n) {
+            break Err(ReceiveError::Killed(total));
+        }
+        if h.kind != Kind::Pages {
+            break Err(WireError::Unexpected { got: h.kind, expected: "Pages on a data link" }.into());
+        }
+        let applied = wire::decode_pages(&h, &body, &mut entries)
+            .map_err(ReceiveError::from)
+            .and_then(|payload| Ok(shared.rx.apply_frame(h.epoch, &entries, payload, &mut st)?));
+        if let Err(e) = applied {
+            break Err(e);
+        }
+        let ack = wire::encode_ack(len, entries.len() as u32);
+        if wire::write_frame(&mut w, Kind::Ack, h.epoch, h.seq, &[&ack]).is_err() {
+            break Ok(());
+        }
+    };
+    {
+        let mut t = shared.totals.lock().unwrap_or_else(|e| e.into_inner());
+        t.counts.add(&st.counts);
+        t.stale += st.stale;
+    }
+    shared.received.lock().unwrap_or_else(|e| e.into_inner()).push((link, received));
+    // The link is done either way; its clone in `links` must not keep the connection open.
+    let _ = stream.shutdown(Shutdown::Both);
+    if let Err(e) = result {
+        if let ReceiveError::Killed(_) = e {
+            // As a killed process would: every connection drops at once.
+            for l in shared.links.lock().unwrap_or_else(|e| e.into_inner()).iter() {
+                let _ = l.shutdown(Shutdown::Both);
+            }
+        }
+        let _ = tx.send(Msg::Fatal(e));
     }
 }
 

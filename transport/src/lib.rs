@@ -7,5 +7,7 @@
 
 pub mod cpu;
 pub mod dest;
+pub mod link;
 pub mod source;
+pub mod stripe;
 pub mod wire;

@@ -1,27 +1,29 @@
-//! The source driver: runs the engine's pre-copy machine over one connection.
+//! The source driver: runs the engine's pre-copy machine over a control connection and several data links.
 //!
 //! Threads, all scoped to [`migrate`]:
-//! - the driver (the caller's thread) polls the [`Precopy`] machine, carries out its actions, and feeds it events;
-//! - scan workers ([`scan_parallel`]) turn each round's bitmap into encoded batches and hand them to the link;
-//! - the writer owns the socket's send side and writes frames in order; the reader owns the receive side and turns
-//!   the destination's frames (acks, verdicts) into events.
+//! - the driver (the caller's thread) polls the [`Precopy`] machine, carries out its actions, feeds it events, and
+//!   watches the links: one that errors, or holds data without acknowledging any for `link_timeout`, is failed and
+//!   its batches are routed again over the others;
+//! - scan workers ([`scan_parallel`]) turn each round's bitmap into encoded batches and hand them to the [`Stripe`]
+//!   scheduler, which picks a link per batch;
+//! - each data link has a writer and a reader thread (frames out, acks in); the control connection has a reader
+//!   thread, and the driver writes its few frames itself.
 //!
-//! Any failure (a socket error, a frame the protocol does not allow, a stalled peer, a digest mismatch) goes to the
-//! machine as `fail`, and before commit the machine answers with `ResumeSource`: the source's vCPUs run again,
-//! unthrottled, and the report carries the reason.
+//! Any failure that leaves no way forward (the control connection, every data link, a stalled peer, a digest mismatch)
+//! goes to the machine as `fail`, and before commit the machine answers with `ResumeSource`: the source's vCPUs run
+//! again, unthrottled, and the report carries the reason.
 
 use crate::cpu::CpuMeter;
+use crate::link::LinkSpec;
+use crate::stripe::{DataLink, LinkEvent, Stripe};
 use crate::wire::{self, Hello, Kind, Verified, Verify, WireError};
-use crossbeam::channel::{bounded, Receiver, RecvTimeoutError, Sender};
+use crossbeam::channel::{Receiver, RecvTimeoutError, Sender};
 use livemig_engine::dirty::{scan_parallel, Bitmap};
-use livemig_engine::encode::{
-    memory_root, BatchEncoder, BatchSink, CodecPolicy, EncodeError, EncodedBatch, HashTable, PageCounts, BATCH_PAGES,
-};
+use livemig_engine::encode::{memory_root, BatchEncoder, CodecPolicy, EncodeError, HashTable, PageCounts};
 use livemig_engine::guest::{Guest, GuestError};
-use livemig_engine::precopy::{Action, Outcome, Precopy, PrecopyConfig, RoundStats};
-use std::io::Write;
+use livemig_engine::precopy::{Action, Outcome, Precopy, PrecopyConfig, RateEstimator, RoundStats};
 use std::net::{Shutdown, TcpStream};
-use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
 /// How the switchover checks that the destination's memory equals the source's.
@@ -46,6 +48,9 @@ pub struct SourceOptions {
     pub compress: bool,
     /// A destination that acknowledges nothing for this long is declared failed.
     pub peer_timeout: Duration,
+    /// A data link that holds unacknowledged data and acknowledges none of it for this long is declared failed, and
+    /// its batches go out on the other links.
+    pub link_timeout: Duration,
     /// The migration's session id.
     pub session: u64,
 }
@@ -58,6 +63,7 @@ impl Default for SourceOptions {
             workers: std::thread::available_parallelism().map_or(2, |n| n.get()),
             compress: true,
             peer_timeout: Duration::from_secs(10),
+            link_timeout: Duration::from_secs(3),
             session: session_id(),
         }
     }
@@ -75,9 +81,12 @@ pub enum MigrateError {
     /// The handshake failed.
     #[error("handshake failed: {0}")]
     Handshake(WireError),
-    /// The connection to the destination failed mid-migration.
+    /// The control connection to the destination failed mid-migration.
     #[error("link to the destination failed: {0}")]
     Link(WireError),
+    /// Every data link failed; the last one's reason.
+    #[error("every data link failed (last: {0})")]
+    AllLinksFailed(String),
     /// The destination acknowledged nothing for too long.
     #[error("destination made no progress for {0:?}")]
     Stalled(Duration),
@@ -121,6 +130,8 @@ pub struct RoundReport {
     pub counts: PageCounts,
     /// vCPU throttle during the round, percent.
     pub throttle_pct: f64,
+    /// Wire bytes the round's pages took on each link, in link order.
+    pub link_bytes: Vec<u64>,
 }
 
 /// Where the pause went.
@@ -147,6 +158,8 @@ pub struct LinkReport {
     pub throughput_bps: f64,
     /// Whether the link failed.
     pub failed: bool,
+    /// Why, when it failed.
+    pub error: Option<String>,
 }
 
 /// The outcome and figures of a migration, as the source saw it.
@@ -176,54 +189,27 @@ pub struct SourceReport {
     pub max_throttle_pct: f64,
 }
 
-enum Outgoing {
-    Batch { seq: u32, batch: EncodedBatch },
-    Frame { kind: Kind, body: Vec<u8> },
-}
-
 enum Event {
-    Acked { epoch: u32, bytes: u64, pages: u64, at: Instant },
+    Link(LinkEvent),
     StateAck,
     Verified(Verified),
     Committed,
+    ControlFailed(MigrateError),
     ScanDone { batches: u32, counts: PageCounts, error: Option<EncodeError> },
-    Failed(MigrateError),
 }
 
-/// The link as the encoders see it: a bounded queue to the writer, and a pool of emptied batch buffers.
-struct LinkSink {
-    tx: Sender<Outgoing>,
-    pool: Receiver<EncodedBatch>,
-    seq: AtomicU32,
-    round_batches: AtomicU32,
-    abort: AtomicBool,
-}
+/// How long a data link may take to connect.
+const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
 
-impl BatchSink for LinkSink {
-    fn submit(&self, batch: EncodedBatch) -> bool {
-        if self.abort.load(Ordering::Relaxed) {
-            return false;
-        }
-        self.round_batches.fetch_add(1, Ordering::Relaxed);
-        let seq = self.seq.fetch_add(1, Ordering::Relaxed);
-        self.tx.send(Outgoing::Batch { seq, batch }).is_ok()
-    }
-
-    fn take_buffer(&self) -> EncodedBatch {
-        self.pool.try_recv().unwrap_or_else(|_| EncodedBatch::with_capacity(BATCH_PAGES))
-    }
-}
-
-/// Batches queued ahead of the writer: enough to keep the socket busy while encoders stall for a moment, and few
-/// enough (4 MiB) that a batch does not wait long behind its predecessors.
-const QUEUE_BATCHES: usize = 16;
-
-/// Migrates `guest` over `stream` (connected to a destination running [`crate::dest::receive`]).
+/// Migrates `guest` to the destination at the other end of `control` (a `livemig receive`, or
+/// [`crate::dest::receive`]), striping pages over `links`; with no links, one data link goes to the control
+/// connection's peer address.
 ///
 /// Returns when the destination runs the guest, or when the migration failed and the source guest runs again.
 pub fn migrate(
     guest: &dyn Guest,
-    stream: TcpStream,
+    control: TcpStream,
+    links: &[LinkSpec],
     opts: &SourceOptions,
     progress: &(dyn Fn(&Progress) + Sync),
 ) -> SourceReport {
@@ -241,91 +227,107 @@ pub fn migrate(
         links: Vec::new(),
         max_throttle_pct: 0.0,
     };
-    let name = match (stream.local_addr(), stream.peer_addr()) {
-        (Ok(l), Ok(p)) => format!("{l}>{p}"),
-        _ => "link0".to_string(),
-    };
-    let written = AtomicU64::new(0);
-    let initial = match start_logging(guest).and_then(|initial| {
-        handshake(guest, &stream, opts, &written, &initial)?;
-        Ok(initial)
-    }) {
-        Ok(initial) => initial,
+    let control_written = AtomicU64::new(0);
+    let setup = start_logging(guest)
+        .and_then(|initial| {
+            handshake(guest, &control, opts, &control_written, &initial)?;
+            Ok(initial)
+        })
+        .and_then(|initial| Ok((initial, connect_links(&control, links, opts)?)));
+    let (initial, (data, refused)) = match setup {
+        Ok(x) => x,
         Err(e) => {
             report.result = Err(e);
             report.total_time = start.elapsed();
-            report.bytes_on_wire = written.load(Ordering::Relaxed);
+            report.bytes_on_wire = control_written.load(Ordering::Relaxed);
             return report;
         }
     };
-    let (out_tx, out_rx) = bounded::<Outgoing>(QUEUE_BATCHES);
-    let (pool_tx, pool_rx) = bounded::<EncodedBatch>(QUEUE_BATCHES * 2);
+    let stripe = Stripe::new(data);
     let (ev_tx, ev_rx) = crossbeam::channel::unbounded::<Event>();
-    let sink = LinkSink {
-        tx: out_tx,
-        pool: pool_rx,
-        seq: AtomicU32::new(0),
-        round_batches: AtomicU32::new(0),
-        abort: AtomicBool::new(false),
-    };
+    let (link_tx, link_rx) = crossbeam::channel::unbounded::<LinkEvent>();
     let done = AtomicBool::new(false);
     let hashes = HashTable::new(guest.memory().total_pages());
     let policy = CodecPolicy::new(opts.compress);
-    let (mut wstream, mut rstream) = match (stream.try_clone(), stream.try_clone()) {
-        (Ok(w), Ok(r)) => (w, r),
-        (Err(e), _) | (_, Err(e)) => {
-            report.result = Err(MigrateError::Link(e.into()));
-            return report;
-        }
-    };
+    let mut link_errors: Vec<Option<String>> = refused;
     std::thread::scope(|s| {
-        let ev = ev_tx.clone();
-        let written = &written;
-        let spawn = |name: &str| std::thread::Builder::new().name(name.to_string());
-        let writer = spawn("lm-writer").spawn_scoped(s, move || write_loop(&mut wstream, out_rx, pool_tx, ev, written));
-        let ev = ev_tx.clone();
-        let done = &done;
-        let reader = spawn("lm-reader").spawn_scoped(s, move || read_loop(&mut rstream, ev, done));
-        if let Err(e) = writer.and(reader) {
-            report.result = Err(MigrateError::Link(WireError::Io(e)));
-            done.store(true, Ordering::SeqCst);
-            let _ = stream.shutdown(Shutdown::Both);
-            return;
+        let (stripe, done, control) = (&stripe, &done, &control);
+        let spawn = |name: String| std::thread::Builder::new().name(name);
+        let mut spawned: std::io::Result<()> = Ok(());
+        for (i, link) in stripe.links.iter().enumerate() {
+            let tx = link_tx.clone();
+            spawned =
+                spawned.and(spawn(format!("lm-write{i}")).spawn_scoped(s, move || link.write_loop(i, &tx)).map(drop));
+            let tx = link_tx.clone();
+            let pool = stripe.pool().clone();
+            spawned = spawned.and(
+                spawn(format!("lm-read{i}")).spawn_scoped(s, move || link.read_loop(i, &tx, &pool, done)).map(drop),
+            );
         }
-        let mut d = Driver {
-            guest,
-            opts,
-            machine: None,
-            ev_rx: &ev_rx,
-            ev_tx: &ev_tx,
-            sink: &sink,
-            hashes: &hashes,
-            policy: &policy,
-            error: None,
-            round_counts: Vec::new(),
-            progress,
-            written,
-            cpu: CpuMeter::new(),
-            last_progress: Instant::now(),
-            stream: &stream,
-        };
-        d.run(&mut report, start, initial);
+        drop(link_tx);
+        // Link events are forwarded into the driver's one event channel.
+        let ev = ev_tx.clone();
+        spawned = spawned.and(
+            spawn("lm-links".into())
+                .spawn_scoped(s, move || {
+                    for e in link_rx {
+                        let _ = ev.send(Event::Link(e));
+                    }
+                })
+                .map(drop),
+        );
+        let ev = ev_tx.clone();
+        spawned =
+            spawned.and(spawn("lm-control".into()).spawn_scoped(s, move || control_loop(control, &ev, done)).map(drop));
+        if let Err(e) = spawned {
+            report.result = Err(MigrateError::Link(WireError::Io(e)));
+        } else {
+            let mut d = Driver {
+                guest,
+                opts,
+                machine: None,
+                ev_rx: &ev_rx,
+                ev_tx: &ev_tx,
+                stripe,
+                hashes: &hashes,
+                policy: &policy,
+                error: None,
+                round_counts: Vec::new(),
+                progress,
+                control,
+                control_written: &control_written,
+                cpu: CpuMeter::new(),
+                last_progress: Instant::now(),
+                link_rates: stripe.links.iter().map(|_| RateEstimator::new(Duration::from_millis(500))).collect(),
+                link_progress: vec![Instant::now(); stripe.links.len()],
+                link_errors: &mut link_errors,
+            };
+            d.run(&mut report, start, initial);
+        }
         done.store(true, Ordering::SeqCst);
-        sink.abort.store(true, Ordering::SeqCst);
-        // Unblocks the reader and a writer stuck on a full socket; the destination has answered everything by now.
-        let _ = stream.shutdown(Shutdown::Both);
-        // The writer exits once every sender of its queue is gone.
-        drop(sink);
+        stripe.abort.store(true, Ordering::SeqCst);
+        // Ends every reader and writer: by now the destination has answered all it will.
+        for l in &stripe.links {
+            l.close();
+        }
+        let _ = control.shutdown(Shutdown::Both);
+        drop(ev_tx);
     });
-    report.bytes_on_wire = written.load(Ordering::Relaxed);
     report.total_time = start.elapsed();
     let secs = report.total_time.as_secs_f64().max(1e-9);
-    report.links.push(LinkReport {
-        name,
-        bytes_on_wire: report.bytes_on_wire,
-        throughput_bps: report.bytes_on_wire as f64 / secs,
-        failed: matches!(report.result, Err(MigrateError::Link(_) | MigrateError::Stalled(_))),
-    });
+    let mut total = control_written.load(Ordering::Relaxed);
+    for (i, l) in stripe.links.iter().enumerate() {
+        let bytes = l.written.load(Ordering::Relaxed);
+        total += bytes;
+        report.links.push(LinkReport {
+            name: l.name.clone(),
+            bytes_on_wire: bytes,
+            throughput_bps: bytes as f64 / secs,
+            failed: link_errors[i].is_some(),
+            error: link_errors[i].clone(),
+        });
+    }
+    report.bytes_on_wire = total;
     report
 }
 
@@ -372,70 +374,93 @@ fn handshake(
         Kind::Abort => return Err(MigrateError::Handshake(WireError::PeerAbort(wire::decode_reason(&buf)))),
         got => return Err(MigrateError::Handshake(WireError::Unexpected { got, expected: "HelloAck" })),
     }
-    // From here the reader thread blocks on the socket; stalls are detected by the driver's clock instead.
+    // From here the control reader blocks on the socket; stalls are detected by the driver's clock instead.
     stream.set_read_timeout(None).map_err(|e| MigrateError::Handshake(e.into()))?;
+    let _ = stream.set_nodelay(true);
     Ok(())
 }
 
-fn write_loop(
-    w: &mut TcpStream,
-    rx: Receiver<Outgoing>,
-    pool: Sender<EncodedBatch>,
-    ev: Sender<Event>,
-    written: &AtomicU64,
-) {
-    let mut table = Vec::with_capacity(8 + BATCH_PAGES * wire::ENTRY_LEN);
-    for out in rx {
-        let res = match &out {
-            Outgoing::Batch { seq, batch } => {
-                wire::encode_entries(batch, &mut table);
-                wire::write_pages(w, batch.epoch, *seq, &table, &batch.payload)
-            }
-            Outgoing::Frame { kind, body } => wire::write_frame(w, *kind, 0, 0, &[body]),
-        };
-        match res {
-            Ok(n) => {
-                written.fetch_add(n as u64, Ordering::Relaxed);
-                if let Outgoing::Batch { batch, .. } = out {
-                    let _ = pool.try_send(batch);
-                }
+/// Connects the data links and presents the session on each. A link that cannot connect is kept, failed, so the
+/// report shows it; the migration needs at least one.
+fn connect_links(
+    control: &TcpStream,
+    specs: &[LinkSpec],
+    opts: &SourceOptions,
+) -> Result<(Vec<DataLink>, Vec<Option<String>>), MigrateError> {
+    let default;
+    let specs = if specs.is_empty() {
+        let peer = control.peer_addr().map_err(|e| MigrateError::Handshake(e.into()))?;
+        default = [LinkSpec::to(peer)];
+        &default[..]
+    } else {
+        specs
+    };
+    let mut links = Vec::new();
+    let mut errors = Vec::new();
+    let mut last_error = String::new();
+    for (i, spec) in specs.iter().enumerate() {
+        let opened = spec.connect(CONNECT_TIMEOUT).and_then(|stream| {
+            let mut w = &stream;
+            wire::write_frame(&mut w, Kind::LinkHello, 0, 0, &[&wire::encode_link_hello(opts.session, i as u32)])?;
+            Ok(stream)
+        });
+        match opened {
+            Ok(stream) => {
+                links.push(DataLink::new(spec.name(), stream));
+                errors.push(None);
             }
             Err(e) => {
-                let _ = ev.send(Event::Failed(MigrateError::Link(e.into())));
-                return;
+                last_error = e.to_string();
+                // A placeholder that is failed from the start keeps link indices and report rows in --link order.
+                let (a, _b) = local_pair()?;
+                let l = DataLink::new(spec.name(), a);
+                l.fail();
+                links.push(l);
+                errors.push(Some(last_error.clone()));
             }
         }
     }
-    let _ = w.flush();
+    if errors.iter().all(Option::is_some) {
+        return Err(MigrateError::AllLinksFailed(last_error));
+    }
+    Ok((links, errors))
 }
 
-fn read_loop(r: &mut TcpStream, ev: Sender<Event>, done: &AtomicBool) {
+/// A connected loopback pair, to stand in for a link that never connected.
+fn local_pair() -> Result<(TcpStream, TcpStream), MigrateError> {
+    let io = |e: std::io::Error| MigrateError::Link(e.into());
+    let l = std::net::TcpListener::bind("127.0.0.1:0").map_err(io)?;
+    let a = TcpStream::connect(l.local_addr().map_err(io)?).map_err(io)?;
+    let (b, _) = l.accept().map_err(io)?;
+    Ok((a, b))
+}
+
+fn control_loop(r: &TcpStream, ev: &Sender<Event>, done: &AtomicBool) {
     let mut buf = Vec::new();
+    let mut r = r;
     loop {
-        let h = match wire::read_frame(r, &mut buf) {
+        let h = match wire::read_frame(&mut r, &mut buf) {
             Ok(h) => h,
             Err(e) => {
                 if !done.load(Ordering::SeqCst) {
-                    let _ = ev.send(Event::Failed(MigrateError::Link(e)));
+                    let _ = ev.send(Event::ControlFailed(MigrateError::Link(e)));
                 }
                 return;
             }
         };
         let event = match h.kind {
-            Kind::Ack => match wire::decode_ack(&buf) {
-                Ok((bytes, pages)) => Event::Acked { epoch: h.epoch, bytes, pages, at: Instant::now() },
-                Err(e) => Event::Failed(MigrateError::Link(e)),
-            },
             Kind::StateAck => Event::StateAck,
             Kind::Verified => match Verified::decode(&buf) {
                 Ok(v) => Event::Verified(v),
-                Err(e) => Event::Failed(MigrateError::Link(e)),
+                Err(e) => Event::ControlFailed(MigrateError::Link(e)),
             },
             Kind::Committed => Event::Committed,
-            Kind::Abort => Event::Failed(MigrateError::Link(WireError::PeerAbort(wire::decode_reason(&buf)))),
-            got => Event::Failed(MigrateError::Link(WireError::Unexpected { got, expected: "an acknowledgement" })),
+            Kind::Abort => Event::ControlFailed(MigrateError::Link(WireError::PeerAbort(wire::decode_reason(&buf)))),
+            got => {
+                Event::ControlFailed(MigrateError::Link(WireError::Unexpected { got, expected: "a control answer" }))
+            }
         };
-        let stop = matches!(event, Event::Failed(_) | Event::Committed);
+        let stop = matches!(event, Event::ControlFailed(_) | Event::Committed);
         if ev.send(event).is_err() || stop {
             return;
         }
@@ -448,16 +473,20 @@ struct Driver<'a> {
     machine: Option<Precopy>,
     ev_rx: &'a Receiver<Event>,
     ev_tx: &'a Sender<Event>,
-    sink: &'a LinkSink,
+    stripe: &'a Stripe,
     hashes: &'a HashTable,
     policy: &'a CodecPolicy,
     error: Option<MigrateError>,
-    round_counts: Vec<(PageCounts, f64)>,
+    round_counts: Vec<(PageCounts, f64, Vec<u64>)>,
     progress: &'a (dyn Fn(&Progress) + Sync),
-    written: &'a AtomicU64,
+    control: &'a TcpStream,
+    control_written: &'a AtomicU64,
     cpu: CpuMeter,
     last_progress: Instant,
-    stream: &'a TcpStream,
+    link_rates: Vec<RateEstimator>,
+    /// Per link: the last ack, or the last moment it held nothing.
+    link_progress: Vec<Instant>,
+    link_errors: &'a mut Vec<Option<String>>,
 }
 
 impl Driver<'_> {
@@ -470,8 +499,8 @@ impl Driver<'_> {
                 Action::SendRound { epoch, pages, last } => {
                     let throttle = vcpus.throttle();
                     report.max_throttle_pct = report.max_throttle_pct.max(throttle);
-                    let counts = self.send_round(epoch, &pages);
-                    self.round_counts.push((counts, throttle));
+                    let (counts, link_bytes) = self.send_round(epoch, &pages);
+                    self.round_counts.push((counts, throttle, link_bytes));
                     if last {
                         marks[0] = Some(Instant::now());
                     }
@@ -489,10 +518,15 @@ impl Driver<'_> {
                     self.machine().paused(Instant::now());
                 }
                 Action::SendState => {
+                    // Every page is acknowledged: the data links have done their work, and their closing is no failure.
+                    for l in &self.stripe.links {
+                        l.close();
+                    }
                     match vcpus.save_state() {
                         Ok(blob) => {
-                            self.send_frame(Kind::VcpuState, blob);
-                            if self.wait_for(|e| matches!(e, Event::StateAck).then_some(())).is_some() {
+                            if self.send_control(Kind::VcpuState, &blob)
+                                && self.wait_for(|e| matches!(e, Event::StateAck).then_some(())).is_some()
+                            {
                                 self.machine().state_delivered();
                             }
                         }
@@ -508,8 +542,9 @@ impl Driver<'_> {
                     marks[2] = Some(Instant::now());
                 }
                 Action::Commit => {
-                    self.send_frame(Kind::Commit, Vec::new());
-                    if self.wait_for(|e| matches!(e, Event::Committed).then_some(())).is_some() {
+                    if self.send_control(Kind::Commit, &[])
+                        && self.wait_for(|e| matches!(e, Event::Committed).then_some(())).is_some()
+                    {
                         self.machine().committed();
                     }
                     marks[3] = Some(Instant::now());
@@ -534,7 +569,12 @@ impl Driver<'_> {
         report.rounds = rounds
             .iter()
             .zip(&self.round_counts)
-            .map(|(s, &(counts, throttle_pct))| RoundReport { stats: s.clone(), counts, throttle_pct })
+            .map(|(s, (counts, throttle_pct, link_bytes))| RoundReport {
+                stats: s.clone(),
+                counts: *counts,
+                throttle_pct: *throttle_pct,
+                link_bytes: link_bytes.clone(),
+            })
             .collect();
         for r in &report.rounds {
             report.pages.add(&r.counts);
@@ -560,17 +600,28 @@ impl Driver<'_> {
         if self.error.is_none() {
             self.error = Some(e);
         }
-        self.sink.abort.store(true, Ordering::SeqCst);
-        // Unblocks a writer stuck on a peer that stopped reading, and with it any encoder waiting on the queue.
-        let _ = self.stream.shutdown(Shutdown::Both);
+        self.stripe.abort.store(true, Ordering::SeqCst);
+        // Unblocks writers stuck on a peer that stopped reading, and with them any encoder waiting on a queue.
+        for l in &self.stripe.links {
+            l.close();
+        }
+        let _ = self.control.shutdown(Shutdown::Both);
         if let Some(m) = self.machine.as_mut() {
             m.fail(reason);
         }
     }
 
-    fn send_frame(&mut self, kind: Kind, body: Vec<u8>) {
-        if self.sink.tx.send(Outgoing::Frame { kind, body }).is_err() {
-            self.fail(MigrateError::Link(WireError::Closed));
+    fn send_control(&mut self, kind: Kind, body: &[u8]) -> bool {
+        let mut w = self.control;
+        match wire::write_frame(&mut w, kind, 0, 0, &[body]) {
+            Ok(n) => {
+                self.control_written.fetch_add(n as u64, Ordering::Relaxed);
+                true
+            }
+            Err(e) => {
+                self.fail(MigrateError::Link(e.into()));
+                false
+            }
         }
     }
 
@@ -579,29 +630,79 @@ impl Driver<'_> {
         self.last_progress = Instant::now();
         loop {
             match self.next_event() {
-                Some(Event::Failed(e)) => {
-                    self.fail(e);
-                    return None;
-                }
                 Some(e) => {
                     if let Some(t) = want(&e) {
                         return Some(t);
                     }
+                    self.handle(e);
                 }
-                None => {
-                    if self.error.is_some() {
-                        return None;
-                    }
-                }
+                None if self.error.is_some() => return None,
+                None => {}
+            }
+            if self.error.is_some() {
+                return None;
             }
         }
     }
 
-    /// The next event, or None after 50 ms without one; fails the migration when the peer has been silent too long.
+    /// Events every phase handles the same way: failures, and link failures that leave other links.
+    fn handle(&mut self, e: Event) {
+        match e {
+            Event::ControlFailed(e) => self.fail(e),
+            Event::Link(LinkEvent::Failed { link, error }) => self.link_failed(link, error.to_string()),
+            _ => {}
+        }
+    }
+
+    /// Fails one data link and routes its batches over the others; fails the migration when none is left.
+    fn link_failed(&mut self, i: usize, why: String) {
+        let link = &self.stripe.links[i];
+        if link.is_failed() && self.link_errors[i].is_some() {
+            return;
+        }
+        link.fail();
+        self.link_errors[i] = Some(why.clone());
+        if self.stripe.links.iter().all(DataLink::is_failed) {
+            self.fail(MigrateError::AllLinksFailed(why));
+            return;
+        }
+        self.reroute(i);
+    }
+
+    /// Routes again what the failed link `i` holds.
+    fn reroute(&mut self, i: usize) {
+        for item in self.stripe.links[i].take_back() {
+            if !self.stripe.route(item) && self.error.is_none() {
+                let why = self.link_errors[i].clone().unwrap_or_default();
+                self.fail(MigrateError::AllLinksFailed(why));
+                return;
+            }
+        }
+    }
+
+    /// The next event, or None after 50 ms without one. Also the driver's clock: it fails links that stall, takes
+    /// back what encoders routed to failed links, and fails the migration when the peer has been silent too long.
     fn next_event(&mut self) -> Option<Event> {
+        let now = Instant::now();
+        for i in 0..self.stripe.links.len() {
+            let l = &self.stripe.links[i];
+            if l.is_failed() {
+                if self.error.is_none() && self.link_errors[i].is_some() {
+                    self.reroute(i);
+                }
+            } else if l.held() == 0 {
+                self.link_progress[i] = now;
+            } else if now.duration_since(self.link_progress[i]) > self.opts.link_timeout {
+                let why = format!("no acknowledgement for {:?} with data outstanding", self.opts.link_timeout);
+                self.link_failed(i, why);
+            }
+        }
         match self.ev_rx.recv_timeout(Duration::from_millis(50)) {
             Ok(e) => {
-                if matches!(e, Event::Acked { .. } | Event::StateAck | Event::Verified(_) | Event::Committed) {
+                if matches!(
+                    e,
+                    Event::Link(LinkEvent::Acked { .. }) | Event::StateAck | Event::Verified(_) | Event::Committed
+                ) {
                     self.last_progress = Instant::now();
                 }
                 Some(e)
@@ -619,21 +720,24 @@ impl Driver<'_> {
         }
     }
 
-    /// Scans, encodes and sends one round, and waits until the destination has applied all of it.
-    fn send_round(&mut self, epoch: u32, pages: &Bitmap) -> PageCounts {
+    /// Scans, encodes and sends one round, and waits until the destination has applied all of it. Returns the
+    /// round's page counts and its wire bytes per link.
+    fn send_round(&mut self, epoch: u32, pages: &Bitmap) -> (PageCounts, Vec<u64>) {
         let total_pages = pages.count_ones();
-        self.sink.round_batches.store(0, Ordering::SeqCst);
+        self.stripe.round_batches.store(0, Ordering::SeqCst);
         self.last_progress = Instant::now();
-        let (mem, hashes, policy, sink, workers) =
-            (self.guest.memory(), self.hashes, self.policy, self.sink, self.opts.workers);
+        self.link_progress.fill(Instant::now());
+        let (mem, hashes, policy, stripe, workers) =
+            (self.guest.memory(), self.hashes, self.policy, self.stripe, self.opts.workers);
         let ev_tx = self.ev_tx.clone();
         let mut counts = PageCounts::default();
+        let mut link_bytes = vec![0u64; stripe.links.len()];
         std::thread::scope(|s| {
             let scan = std::thread::Builder::new().name("lm-scan".into()).spawn_scoped(s, move || {
                 let states = scan_parallel(
                     pages,
                     workers,
-                    |_| (BatchEncoder::new(mem, hashes, policy, sink, epoch), None::<EncodeError>),
+                    |_| (BatchEncoder::new(mem, hashes, policy, stripe, epoch), None::<EncodeError>),
                     |(enc, err), run| {
                         if err.is_none() {
                             *err = enc.push_run(run).err();
@@ -647,7 +751,7 @@ impl Driver<'_> {
                     counts.add(&enc.counts);
                     error = error.or(err);
                 }
-                let batches = sink.round_batches.load(Ordering::SeqCst);
+                let batches = stripe.round_batches.load(Ordering::SeqCst);
                 let _ = ev_tx.send(Event::ScanDone { batches, counts, error });
             });
             if let Err(e) = scan {
@@ -659,50 +763,53 @@ impl Driver<'_> {
             // Even after a failure, wait for the scan to finish: its threads borrow from this frame.
             while scan_done.is_none() || (self.error.is_none() && acked < scan_done.unwrap_or(u32::MAX)) {
                 match self.next_event() {
-                    Some(Event::Acked { epoch: e, bytes, pages, at }) if e == epoch => {
+                    Some(Event::Link(LinkEvent::Acked { link, epoch: e, bytes, pages, at })) if e == epoch => {
                         acked += 1;
                         pages_done += pages;
+                        link_bytes[link] += bytes;
+                        self.link_progress[link] = at;
+                        self.link_rates[link].record(at, bytes);
+                        if let Some(r) = self.link_rates[link].rate() {
+                            self.stripe.links[link].set_rate(r);
+                        }
                         self.machine().delivered(bytes, at);
                         let rate = self.machine().bandwidth().unwrap_or(0.0);
                         let spare = self.cpu.spare_cpus(Duration::from_millis(100));
                         self.policy.set_link(rate as u64, spare);
                         if last_report.elapsed() > Duration::from_millis(50) {
                             last_report = Instant::now();
+                            let written = self.control_written.load(Ordering::Relaxed)
+                                + self.stripe.links.iter().map(|l| l.written.load(Ordering::Relaxed)).sum::<u64>();
                             (self.progress)(&Progress {
                                 epoch,
                                 round_pages: total_pages,
                                 round_pages_done: pages_done,
-                                bytes_on_wire: self.written.load(Ordering::Relaxed),
+                                bytes_on_wire: written,
                                 rate_bps: rate,
                             });
                         }
                     }
-                    Some(Event::ScanDone { batches, counts: c, error, .. }) => {
+                    Some(Event::ScanDone { batches, counts: c, error }) => {
                         scan_done = Some(batches);
                         counts = c;
                         if let Some(e) = error {
                             if self.error.is_none() {
                                 self.fail(match e {
                                     EncodeError::Guest(g) => MigrateError::Guest(g),
-                                    EncodeError::SinkClosed => MigrateError::Link(WireError::Closed),
+                                    EncodeError::SinkClosed => MigrateError::AllLinksFailed("no link left".into()),
                                 });
                             }
                         }
                     }
-                    Some(Event::Failed(e)) => self.fail(e),
-                    Some(_) => {}
+                    Some(e) => self.handle(e),
                     None => {}
-                }
-                if self.error.is_some() {
-                    // Make blocked encoders give up: the writer drains nothing more once the link is down.
-                    self.sink.abort.store(true, Ordering::SeqCst);
                 }
             }
         });
         if self.error.is_none() {
             self.machine().round_delivered(Instant::now());
         }
-        counts
+        (counts, link_bytes)
     }
 
     /// Sends the source's roots and returns whether the destination's match.
@@ -719,7 +826,9 @@ impl Driver<'_> {
             },
         };
         let ours = Verify { full: self.opts.verify == VerifyMode::Full, table_root, memory_root };
-        self.send_frame(Kind::Verify, ours.encode().to_vec());
+        if !self.send_control(Kind::Verify, &ours.encode()) {
+            return None;
+        }
         let theirs = self.wait_for(|e| if let Event::Verified(v) = e { Some(*v) } else { None })?;
         let ok = theirs.equal && theirs.table_root == table_root && (!ours.full || theirs.memory_root == memory_root);
         if !ok {

@@ -8,6 +8,8 @@
 
 use crate::encode::{page_hash, zero_page_hash, Codec, HashTable, PageCounts, PageEntry};
 use crate::guest::{host_pages, GuestMemory, PAGE_SIZE};
+use std::sync::atomic::{AtomicU32, Ordering};
+use std::sync::{Mutex, MutexGuard};
 
 /// A page entry the receiver cannot apply.
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
@@ -59,18 +61,37 @@ pub enum Applied {
     Stale,
 }
 
-/// The destination's view of guest memory during a migration.
-pub struct Receiver<'a> {
-    mem: &'a dyn GuestMemory,
-    pages: u64,
-    /// Per page: 0 if never applied, else epoch + 1 of the copy it holds.
-    epochs: Vec<u32>,
-    hashes: HashTable,
+/// Pages per lock stripe: 2 MiB, so a frame of consecutive pages takes one lock, not one per page.
+pub const STRIPE_PAGES: u64 = 512;
+const STRIPES: usize = 1024;
+
+/// One apply thread's own state: a decode buffer and counters, so that threads share nothing but the page locks.
+#[derive(Debug)]
+pub struct ApplyState {
     scratch: Box<[u8; PAGE_SIZE]>,
     /// Pages applied, by codec.
     pub counts: PageCounts,
-    /// Copies dropped as stale.
+    /// Copies dropped because the page held a newer one.
     pub stale: u64,
+}
+
+impl Default for ApplyState {
+    fn default() -> Self {
+        ApplyState { scratch: Box::new([0u8; PAGE_SIZE]), counts: PageCounts::default(), stale: 0 }
+    }
+}
+
+/// The destination's view of guest memory during a migration, shared by the apply threads of all links.
+///
+/// A page's epoch check and its write happen under the lock of the page's 2 MiB stripe, so two links carrying copies
+/// of the same page from different rounds can never interleave: whichever applies last, the newer copy stays.
+pub struct Receiver<'a> {
+    mem: &'a dyn GuestMemory,
+    pages: u64,
+    /// Per page: 0 if never applied, else epoch + 1 of the copy it holds. Only touched under the page's stripe lock.
+    epochs: Vec<AtomicU32>,
+    stripes: Vec<Mutex<()>>,
+    hashes: HashTable,
 }
 
 impl<'a> Receiver<'a> {
@@ -80,11 +101,9 @@ impl<'a> Receiver<'a> {
         Receiver {
             mem,
             pages,
-            epochs: vec![0; pages as usize],
+            epochs: (0..pages).map(|_| AtomicU32::new(0)).collect(),
+            stripes: (0..STRIPES).map(|_| Mutex::new(())).collect(),
             hashes: HashTable::new(pages),
-            scratch: Box::new([0u8; PAGE_SIZE]),
-            counts: PageCounts::default(),
-            stale: 0,
         }
     }
 
@@ -105,26 +124,78 @@ impl<'a> Receiver<'a> {
         }
     }
 
+    fn stripe(&self, page: u64) -> MutexGuard<'_, ()> {
+        // The guarded data is (); a panic while holding it leaves nothing inconsistent.
+        self.stripes[(page / STRIPE_PAGES) as usize % STRIPES].lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Applies one frame's pages, read in round `epoch`: `payload` holds the entries' payloads back to back. Every
+    /// entry is checked before any page is applied; a page whose content fails its hash ends the frame with an error
+    /// (the migration is then abandoned, so pages applied before it do not matter).
+    pub fn apply_frame(
+        &self,
+        epoch: u32,
+        entries: &[PageEntry],
+        payload: &[u8],
+        st: &mut ApplyState,
+    ) -> Result<(), ApplyError> {
+        let mut total = 0usize;
+        for e in entries {
+            self.check_entry(e)?;
+            total += e.len as usize;
+        }
+        if total != payload.len() {
+            let e = entries.first().copied().unwrap_or(PageEntry { page: 0, codec: Codec::Zero, len: 0, hash: 0 });
+            return Err(ApplyError::BadLength { page: e.page, codec: e.codec, len: payload.len() as u32 });
+        }
+        let mut off = 0;
+        let mut held: Option<(u64, MutexGuard<'_, ()>)> = None;
+        for e in entries {
+            let stripe = e.page / STRIPE_PAGES;
+            if held.as_ref().is_none_or(|(s, _)| *s != stripe) {
+                // Release before taking the next: holding two stripes could deadlock against another link.
+                drop(held.take());
+                held = Some((stripe, self.stripe(e.page)));
+            }
+            self.apply_locked(epoch, e, &payload[off..off + e.len as usize], st)?;
+            off += e.len as usize;
+        }
+        Ok(())
+    }
+
     /// Applies one page copy read in round `epoch`. `payload` is the entry's `len` bytes.
-    pub fn apply(&mut self, epoch: u32, e: &PageEntry, payload: &[u8]) -> Result<Applied, ApplyError> {
+    pub fn apply(&self, epoch: u32, e: &PageEntry, payload: &[u8], st: &mut ApplyState) -> Result<Applied, ApplyError> {
         self.check_entry(e)?;
         if payload.len() != e.len as usize {
             return Err(ApplyError::BadLength { page: e.page, codec: e.codec, len: payload.len() as u32 });
         }
+        let _guard = self.stripe(e.page);
+        self.apply_locked(epoch, e, payload, st)
+    }
+
+    /// The apply proper; the caller checked the entry and holds the page's stripe lock.
+    fn apply_locked(
+        &self,
+        epoch: u32,
+        e: &PageEntry,
+        payload: &[u8],
+        st: &mut ApplyState,
+    ) -> Result<Applied, ApplyError> {
         let stamp = epoch.saturating_add(1);
-        let held = self.epochs[e.page as usize];
+        let slot = &self.epochs[e.page as usize];
+        let held = slot.load(Ordering::Relaxed);
         if held > stamp {
-            self.stale += 1;
+            st.stale += 1;
             return Ok(Applied::Stale);
         }
         let data: &[u8] = match e.codec {
             Codec::Zero => {
-                self.scratch.fill(0);
-                &self.scratch[..]
+                st.scratch.fill(0);
+                &st.scratch[..]
             }
             Codec::Raw => payload,
             Codec::Lz4 => {
-                let n = lz4_flex::block::decompress_into(payload, &mut self.scratch[..])
+                let n = lz4_flex::block::decompress_into(payload, &mut st.scratch[..])
                     .map_err(|err| ApplyError::Decompress { page: e.page, reason: err.to_string() })?;
                 if n != PAGE_SIZE {
                     return Err(ApplyError::Decompress {
@@ -132,7 +203,7 @@ impl<'a> Receiver<'a> {
                         reason: format!("decoded to {n} bytes, not {PAGE_SIZE}"),
                     });
                 }
-                &self.scratch[..]
+                &st.scratch[..]
             }
         };
         // Checked before anything is written: a corrupt page never reaches guest memory.
@@ -140,12 +211,12 @@ impl<'a> Receiver<'a> {
         if computed != e.hash {
             return Err(ApplyError::BadChecksum { page: e.page, expected: e.hash, computed });
         }
-        self.epochs[e.page as usize] = stamp;
+        slot.store(stamp, Ordering::Relaxed);
         self.hashes.set(e.page, computed);
         match e.codec {
-            Codec::Zero => self.counts.zero += 1,
-            Codec::Raw => self.counts.raw += 1,
-            Codec::Lz4 => self.counts.compressed += 1,
+            Codec::Zero => st.counts.zero += 1,
+            Codec::Raw => st.counts.raw += 1,
+            Codec::Lz4 => st.counts.compressed += 1,
         }
         // Fresh destination memory is already zero: writing a zero page there would only fault it in.
         if e.codec == Codec::Zero && held == 0 {
@@ -153,8 +224,8 @@ impl<'a> Receiver<'a> {
         }
         let (ptr, _) = host_pages(self.mem, e.page, 1)
             .map_err(|_| ApplyError::PageOutOfRange { page: e.page, pages: self.pages })?;
-        // SAFETY: host_pages points at one whole page of the destination's live mapping, whose vCPUs are paused until
-        // the migration commits; `data` is a separate buffer of exactly one page.
+        // SAFETY: host_pages points at one whole page of the destination's live mapping. Its vCPUs are paused until
+        // the migration commits, and the stripe lock held by the caller excludes every other apply of this page.
         unsafe { std::ptr::copy_nonoverlapping(data.as_ptr(), ptr, PAGE_SIZE) };
         Ok(Applied::Written)
     }
@@ -190,16 +261,17 @@ mod tests {
     #[test]
     fn newest_epoch_wins_in_any_arrival_order() {
         let g = dest(4);
-        let mut r = Receiver::new(&g);
+        let r = Receiver::new(&g);
+        let mut st = ApplyState::default();
         let (old, new) = (vec![1u8; PAGE_SIZE], vec![2u8; PAGE_SIZE]);
-        assert_eq!(r.apply(3, &raw(1, &new), &new).unwrap(), Applied::Written);
-        assert_eq!(r.apply(2, &raw(1, &old), &old).unwrap(), Applied::Stale);
+        assert_eq!(r.apply(3, &raw(1, &new), &new, &mut st).unwrap(), Applied::Written);
+        assert_eq!(r.apply(2, &raw(1, &old), &old, &mut st).unwrap(), Applied::Stale);
         let mut out = vec![0u8; PAGE_SIZE];
         read_page(&g, 1, &mut out).unwrap();
         assert_eq!(out, new);
         assert_eq!(r.hashes().get(1), Some(page_hash(&new)));
         // A zero page from a later round overwrites data.
-        r.apply(4, &zero(1), &[]).unwrap();
+        r.apply(4, &zero(1), &[], &mut st).unwrap();
         read_page(&g, 1, &mut out).unwrap();
         assert!(out.iter().all(|&b| b == 0));
         assert_eq!(r.hashes().get(1), Some(zero_page_hash()));
@@ -208,35 +280,37 @@ mod tests {
     #[test]
     fn bad_entries_get_their_own_errors() {
         let g = dest(4);
-        let mut r = Receiver::new(&g);
+        let r = Receiver::new(&g);
+        let mut st = ApplyState::default();
         let page = vec![7u8; PAGE_SIZE];
-        assert_eq!(r.apply(0, &raw(4, &page), &page), Err(ApplyError::PageOutOfRange { page: 4, pages: 4 }));
+        assert_eq!(r.apply(0, &raw(4, &page), &page, &mut st), Err(ApplyError::PageOutOfRange { page: 4, pages: 4 }));
         let short = PageEntry { len: 100, ..raw(0, &page) };
-        assert!(matches!(r.apply(0, &short, &page[..100]), Err(ApplyError::BadLength { len: 100, .. })));
+        assert!(matches!(r.apply(0, &short, &page[..100], &mut st), Err(ApplyError::BadLength { len: 100, .. })));
         let zero_with_data = PageEntry { len: 5, ..zero(0) };
-        assert!(matches!(r.apply(0, &zero_with_data, &page[..5]), Err(ApplyError::BadLength { .. })));
+        assert!(matches!(r.apply(0, &zero_with_data, &page[..5], &mut st), Err(ApplyError::BadLength { .. })));
         let garbage = PageEntry { page: 0, codec: Codec::Lz4, len: 16, hash: 0 };
-        assert!(matches!(r.apply(0, &garbage, &[0xff; 16]), Err(ApplyError::Decompress { .. })));
+        assert!(matches!(r.apply(0, &garbage, &[0xff; 16], &mut st), Err(ApplyError::Decompress { .. })));
         // A valid lz4 block of the wrong size.
         let small = lz4_flex::block::compress(&[1u8; 100]);
         let e = PageEntry { page: 0, codec: Codec::Lz4, len: small.len() as u32, hash: 0 };
-        assert!(matches!(r.apply(0, &e, &small), Err(ApplyError::Decompress { .. })));
+        assert!(matches!(r.apply(0, &e, &small, &mut st), Err(ApplyError::Decompress { .. })));
     }
 
     #[test]
     fn corrupt_payloads_never_reach_memory() {
         let g = dest(2);
-        let mut r = Receiver::new(&g);
+        let r = Receiver::new(&g);
+        let mut st = ApplyState::default();
         let good = vec![9u8; PAGE_SIZE];
         let mut bad = good.clone();
         bad[100] ^= 1;
-        let err = r.apply(0, &raw(1, &good), &bad).unwrap_err();
+        let err = r.apply(0, &raw(1, &good), &bad, &mut st).unwrap_err();
         assert!(matches!(err, ApplyError::BadChecksum { page: 1, .. }), "{err}");
         let mut out = vec![1u8; PAGE_SIZE];
         read_page(&g, 1, &mut out).unwrap();
         assert!(out.iter().all(|&b| b == 0), "corrupt page was written");
         assert_eq!(r.hashes().get(1), Some(zero_page_hash()));
         // The same page, intact and from the same round, is still accepted afterwards.
-        assert_eq!(r.apply(0, &raw(1, &good), &good).unwrap(), Applied::Written);
+        assert_eq!(r.apply(0, &raw(1, &good), &good, &mut st).unwrap(), Applied::Written);
     }
 }

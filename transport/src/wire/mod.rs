@@ -11,10 +11,12 @@
 //!
 //! ```text
 //!  source                                              destination
-//!    │── Hello {session, layout, vCPUs} ─────────────────▶│  maps empty guest memory
+//!    │── Hello {session, layout, vCPUs} ─────────────────▶│  control connection; maps empty guest memory
 //!    │◀──────────────────────────────── HelloAck {session}│
-//!    │── Pages {epoch r, seq, entries, payload} ─────────▶│  apply if epoch ≥ page's epoch
-//!    │◀──────────────────────────── Ack {seq, wire bytes} │  (one per Pages frame, after apply)
+//!    ╞═ LinkHello {session, link k} ════════════════════▶│  one connection per data link; a wrong or
+//!    │                                                    │  missing session is refused, the rest goes on
+//!    ╞═ Pages {epoch r, seq, entries, payload} ═════════▶│  on any data link: apply if epoch ≥ page's epoch
+//!    │◀═══════════════════════════ Ack {seq, wire bytes} ═╡  on the same link, after apply
 //!    │        … rounds r = 0, 1, 2 …; pause; final round  │
 //!    │── VcpuState {blob} ───────────────────────────────▶│  restore (still paused)
 //!    │◀─────────────────────────────────────────── StateAck│
@@ -72,6 +74,8 @@ pub enum Kind {
     Committed = 10,
     /// Either way: the migration is off, with a reason.
     Abort = 11,
+    /// Source → destination, first frame of a data link: the session it belongs to and the link's index.
+    LinkHello = 12,
 }
 
 impl Kind {
@@ -89,6 +93,7 @@ impl Kind {
             9 => Commit,
             10 => Committed,
             11 => Abort,
+            12 => LinkHello,
             _ => return None,
         })
     }
@@ -145,6 +150,12 @@ pub enum WireError {
         got: Kind,
         /// What was expected.
         expected: &'static str,
+    },
+    /// A data link presented another migration's session id.
+    #[error("data link presented session {got:#x}, not this migration's")]
+    WrongSession {
+        /// The id presented.
+        got: u64,
     },
     /// The peer closed the connection between frames.
     #[error("peer closed the connection")]
@@ -567,12 +578,29 @@ pub fn decode_ack(body: &[u8]) -> Result<(u64, u64), WireError> {
     Ok((bytes, u64::from(pages)))
 }
 
-/// Parses a Hello-Ack body: the session id echoed.
+/// Parses a HelloAck body: the session id echoed.
 pub fn decode_session(kind: Kind, body: &[u8]) -> Result<u64, WireError> {
     let mut r = Body { kind, b: body };
     let s = r.u64("session")?;
     r.end()?;
     Ok(s)
+}
+
+/// Serializes a LinkHello body.
+pub fn encode_link_hello(session: u64, link: u32) -> [u8; 12] {
+    let mut out = [0u8; 12];
+    out[..8].copy_from_slice(&session.to_le_bytes());
+    out[8..].copy_from_slice(&link.to_le_bytes());
+    out
+}
+
+/// Parses a LinkHello body into (session, link index).
+pub fn decode_link_hello(body: &[u8]) -> Result<(u64, u32), WireError> {
+    let mut r = Body { kind: Kind::LinkHello, b: body };
+    let session = r.u64("session")?;
+    let link = r.u32("link index")?;
+    r.end()?;
+    Ok((session, link))
 }
 
 /// An Abort body's reason, made printable whatever bytes arrived.

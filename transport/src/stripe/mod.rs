@@ -1,0 +1,295 @@
+//! The stripe scheduler: spreads batches over the data links by the capacity each has shown, and takes a dead link's
+//! batches back so that they can go out on the others.
+//!
+//! Each [`DataLink`] has a bounded queue to its writer thread, a list of batches written but not yet acknowledged,
+//! and two figures the scheduler weighs: the frame bytes it holds (queued or unacknowledged) and its measured goodput.
+//! A batch goes to the link that would finish it soonest, `(held + batch) / goodput`; a link that has not been
+//! measured yet counts as fast as the measured ones (or 1 Gbit/s before any is measured). So a 100 Mbit link beside
+//! 1 Gbit links gets about a tenth of the batches, and never holds a round back by much more than one batch.
+//!
+//! Batches are shared (`Arc`) between a link's queue, its writer and its unacknowledged list, so a batch is never
+//! copied: when a link fails, the driver collects its queue and its unacknowledged list and routes those same batches
+//! again. Acks come back in order on each link, so the unacknowledged list is a FIFO.
+
+use crate::wire::{self, Kind, WireError, HEADER_LEN};
+use crossbeam::channel::{bounded, Receiver, SendTimeoutError, Sender};
+use livemig_engine::encode::{BatchSink, EncodedBatch, BATCH_PAGES};
+use std::collections::VecDeque;
+use std::net::{Shutdown, TcpStream};
+use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+/// A batch on its way: its sequence number and the shared batch.
+pub type Queued = (u32, Arc<EncodedBatch>);
+
+/// Batches queued ahead of each link's writer: enough to keep a socket busy while the encoders stall for a moment,
+/// few enough (4 MiB) that a batch does not wait long behind its predecessors or strand much on a link that dies.
+pub const QUEUE_BATCHES: usize = 16;
+
+/// Goodput assumed for a link before any link has been measured: 1 Gbit/s.
+const PRIOR_BPS: u64 = 125_000_000;
+
+/// Wire bytes of a batch's Pages frame.
+pub fn frame_len(b: &EncodedBatch) -> u64 {
+    (HEADER_LEN + 8 + b.entries.len() * wire::ENTRY_LEN + b.payload.len()) as u64
+}
+
+/// What a link's reader and writer tell the driver.
+#[derive(Debug)]
+pub enum LinkEvent {
+    /// A batch was applied by the destination.
+    Acked {
+        /// Link index.
+        link: usize,
+        /// The batch's round.
+        epoch: u32,
+        /// Its wire bytes.
+        bytes: u64,
+        /// Its pages.
+        pages: u64,
+        /// When the ack arrived.
+        at: Instant,
+    },
+    /// The link failed.
+    Failed {
+        /// Link index.
+        link: usize,
+        /// Why.
+        error: WireError,
+    },
+}
+
+/// One data link as the scheduler and the driver see it.
+pub struct DataLink {
+    /// For reports.
+    pub name: String,
+    tx: Sender<Queued>,
+    rx: Receiver<Queued>,
+    stream: TcpStream,
+    unacked: Mutex<VecDeque<Queued>>,
+    /// Frame bytes handed to the link and not yet acknowledged.
+    held: AtomicU64,
+    rate_bps: AtomicU64,
+    /// Bytes written to the socket.
+    pub written: AtomicU64,
+    failed: AtomicBool,
+    stop: AtomicBool,
+    writer_done: AtomicBool,
+}
+
+impl DataLink {
+    /// Wraps a connected data socket.
+    pub fn new(name: String, stream: TcpStream) -> Self {
+        let (tx, rx) = bounded(QUEUE_BATCHES);
+        DataLink {
+            name,
+            tx,
+            rx,
+            stream,
+            unacked: Mutex::new(VecDeque::new()),
+            held: AtomicU64::new(0),
+            rate_bps: AtomicU64::new(0),
+            written: AtomicU64::new(0),
+            failed: AtomicBool::new(false),
+            stop: AtomicBool::new(false),
+            writer_done: AtomicBool::new(false),
+        }
+    }
+
+    /// Whether the link has been declared failed.
+    pub fn is_failed(&self) -> bool {
+        self.failed.load(Ordering::SeqCst)
+    }
+
+    /// Frame bytes the link holds.
+    pub fn held(&self) -> u64 {
+        self.held.load(Ordering::Relaxed)
+    }
+
+    /// The driver's measurement of the link's goodput.
+    pub fn set_rate(&self, bps: f64) {
+        self.rate_bps.store(bps as u64, Ordering::Relaxed);
+    }
+
+    fn unacked(&self) -> std::sync::MutexGuard<'_, VecDeque<Queued>> {
+        self.unacked.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Writes queued batches to the socket until the link fails or the queue closes. Runs on the link's writer thread.
+    pub fn write_loop(&self, index: usize, events: &Sender<LinkEvent>) {
+        let mut table = Vec::with_capacity(8 + BATCH_PAGES * wire::ENTRY_LEN);
+        let mut w = &self.stream;
+        while !self.is_failed() && !self.stop.load(Ordering::SeqCst) {
+            let Ok((seq, batch)) = self.rx.recv_timeout(Duration::from_millis(50)) else { continue };
+            // Listed before it is written, so that a failure mid-write leaves it where the driver will look.
+            self.unacked().push_back((seq, batch.clone()));
+            wire::encode_entries(&batch, &mut table);
+            match wire::write_pages(&mut w, batch.epoch, seq, &table, &batch.payload) {
+                Ok(n) => {
+                    self.written.fetch_add(n as u64, Ordering::Relaxed);
+                }
+                Err(e) => {
+                    let _ = events.send(LinkEvent::Failed { link: index, error: e.into() });
+                    break;
+                }
+            }
+        }
+        self.writer_done.store(true, Ordering::SeqCst);
+    }
+
+    /// Reads the destination's acks until the link fails or closes. Runs on the link's reader thread; returns emptied
+    /// batch buffers to `pool`.
+    pub fn read_loop(&self, index: usize, events: &Sender<LinkEvent>, pool: &Sender<EncodedBatch>, done: &AtomicBool) {
+        let mut buf = Vec::new();
+        let mut r = &self.stream;
+        loop {
+            let result = wire::read_frame(&mut r, &mut buf).and_then(|h| match h.kind {
+                Kind::Ack => wire::decode_ack(&buf).map(|(bytes, pages)| (h, bytes, pages)),
+                Kind::Abort => Err(WireError::PeerAbort(wire::decode_reason(&buf))),
+                got => Err(WireError::Unexpected { got, expected: "an Ack on a data link" }),
+            });
+            let (h, bytes, pages) = match result {
+                Ok(x) => x,
+                Err(error) => {
+                    if !done.load(Ordering::SeqCst) && !self.is_failed() && !self.stop.load(Ordering::SeqCst) {
+                        let _ = events.send(LinkEvent::Failed { link: index, error });
+                    }
+                    return;
+                }
+            };
+            let batch = {
+                let mut list = self.unacked();
+                match list.iter().position(|(s, _)| *s == h.seq) {
+                    // Acks come in order: anything before it was acknowledged already or never will be on this link.
+                    Some(i) => list.remove(i).map(|(_, b)| b),
+                    None => None,
+                }
+            };
+            // An ack for a batch not on the list (a duplicate) changes nothing.
+            let Some(batch) = batch else { continue };
+            self.held.fetch_sub(frame_len(&batch).min(self.held()), Ordering::Relaxed);
+            let _ = events.send(LinkEvent::Acked { link: index, epoch: h.epoch, bytes, pages, at: Instant::now() });
+            if let Ok(b) = Arc::try_unwrap(batch) {
+                let _ = pool.try_send(b);
+            }
+        }
+    }
+
+    /// Declares the link failed and closes its socket, which ends its reader and writer.
+    pub fn fail(&self) {
+        self.failed.store(true, Ordering::SeqCst);
+        let _ = self.stream.shutdown(Shutdown::Both);
+    }
+
+    /// Stops the writer and closes the socket at the end of a migration.
+    pub fn close(&self) {
+        self.stop.store(true, Ordering::SeqCst);
+        let _ = self.stream.shutdown(Shutdown::Both);
+    }
+
+    /// Takes back every batch the failed link holds, queued or unacknowledged, once its writer has stopped (so that
+    /// none is in its hands). Batches routed to it later are taken by later calls.
+    pub fn take_back(&self) -> Vec<Queued> {
+        let deadline = Instant::now() + Duration::from_secs(2);
+        while !self.writer_done.load(Ordering::SeqCst) && Instant::now() < deadline {
+            std::thread::sleep(Duration::from_millis(1));
+        }
+        let mut out: Vec<Queued> = self.unacked().drain(..).collect();
+        out.extend(self.rx.try_iter());
+        self.held.store(0, Ordering::Relaxed);
+        out
+    }
+}
+
+/// The scheduler, and the encoders' sink: routes each batch to the link that would finish it soonest.
+pub struct Stripe {
+    /// The links, in `--link` order.
+    pub links: Vec<DataLink>,
+    pool_tx: Sender<EncodedBatch>,
+    pool: Receiver<EncodedBatch>,
+    seq: AtomicU32,
+    /// Batches submitted in the current round.
+    pub round_batches: AtomicU32,
+    /// Set when the migration is over or failed: encoders stop.
+    pub abort: AtomicBool,
+}
+
+impl Stripe {
+    /// A scheduler over `links`.
+    pub fn new(links: Vec<DataLink>) -> Self {
+        let (pool_tx, pool) = bounded(QUEUE_BATCHES * 4);
+        Stripe {
+            links,
+            pool_tx,
+            pool,
+            seq: AtomicU32::new(0),
+            round_batches: AtomicU32::new(0),
+            abort: AtomicBool::new(false),
+        }
+    }
+
+    /// Where emptied batch buffers go back to.
+    pub fn pool(&self) -> &Sender<EncodedBatch> {
+        &self.pool_tx
+    }
+
+    /// The live link that would finish `bytes` more soonest.
+    fn pick(&self, bytes: u64) -> Option<usize> {
+        let measured: Vec<u64> =
+            self.links.iter().map(|l| l.rate_bps.load(Ordering::Relaxed)).filter(|&r| r > 0).collect();
+        let default =
+            if measured.is_empty() { PRIOR_BPS } else { measured.iter().sum::<u64>() / measured.len() as u64 };
+        self.links
+            .iter()
+            .enumerate()
+            .filter(|(_, l)| !l.is_failed())
+            .map(|(i, l)| {
+                let rate = match l.rate_bps.load(Ordering::Relaxed) {
+                    0 => default,
+                    r => r,
+                };
+                (i, (l.held() + bytes) as f64 / rate as f64)
+            })
+            .min_by(|a, b| a.1.total_cmp(&b.1))
+            .map(|(i, _)| i)
+    }
+
+    /// Routes a batch (new, or taken back from a failed link) to a live link. False when every link has failed or
+    /// the migration is over.
+    pub fn route(&self, item: Queued) -> bool {
+        let bytes = frame_len(&item.1);
+        let mut item = item;
+        loop {
+            if self.abort.load(Ordering::Relaxed) {
+                return false;
+            }
+            let Some(i) = self.pick(bytes) else { return false };
+            let link = &self.links[i];
+            link.held.fetch_add(bytes, Ordering::Relaxed);
+            // A short wait, then a new choice: the chosen link may fill up, fail, or be overtaken meanwhile.
+            match link.tx.send_timeout(item, Duration::from_millis(20)) {
+                Ok(()) => return true,
+                Err(SendTimeoutError::Timeout(back) | SendTimeoutError::Disconnected(back)) => {
+                    link.held.fetch_sub(bytes.min(link.held()), Ordering::Relaxed);
+                    item = back;
+                }
+            }
+        }
+    }
+}
+
+impl BatchSink for Stripe {
+    fn submit(&self, batch: EncodedBatch) -> bool {
+        if self.abort.load(Ordering::Relaxed) {
+            return false;
+        }
+        self.round_batches.fetch_add(1, Ordering::SeqCst);
+        let seq = self.seq.fetch_add(1, Ordering::Relaxed);
+        self.route((seq, Arc::new(batch)))
+    }
+
+    fn take_buffer(&self) -> EncodedBatch {
+        self.pool.try_recv().unwrap_or_else(|_| EncodedBatch::with_capacity(BATCH_PAGES))
+    }
+}
