@@ -19,5 +19,6 @@
 pub use livemig_engine as engine;
 pub use livemig_transport as transport;
 
+pub mod lab;
 pub mod loopback;
 pub mod report;

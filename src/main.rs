@@ -3,16 +3,19 @@
 use anyhow::{anyhow, bail, Context, Result};
 use clap::{Args, Parser, Subcommand, ValueEnum};
 use indicatif::{ProgressBar, ProgressStyle};
-use livemig::engine::guest::{Guest, SyntheticConfig, SyntheticGuest, Vcpus};
+use livemig::engine::guest::{Guest, GuestMemory, MemoryLayout, SyntheticConfig, SyntheticGuest, Vcpus};
 use livemig::engine::precopy::PrecopyConfig;
+use livemig::lab::{parse_rates, Lab};
 use livemig::loopback::migrate_loopback;
 use livemig::report::{parse_size, GuestInfo, Pages, Report};
 use livemig::transport::dest::{accept_migration, receive, DestOptions};
 use livemig::transport::link::LinkSpec;
 use livemig::transport::source::{migrate, Progress, SourceOptions, SourceReport, VerifyMode};
-use std::io::IsTerminal;
+use livemig::transport::wire::Hello;
+use std::io::{BufRead, IsTerminal};
 use std::net::{TcpListener, TcpStream};
 use std::path::PathBuf;
+use std::process::Stdio;
 use std::time::{Duration, Instant};
 
 #[derive(Parser)]
@@ -47,6 +50,11 @@ enum Cmd {
         #[command(flatten)]
         run: RunOpts,
     },
+    /// The two-host lab on one machine (network namespaces, veth, tbf); needs root.
+    Lab {
+        #[command(subcommand)]
+        cmd: LabCmd,
+    },
     /// Be the destination host: wait for one migration and run the guest it brings.
     Receive {
         /// Address to listen on, for the control connection and data links.
@@ -55,6 +63,10 @@ enum Cmd {
         /// More addresses to accept data links on (one per NIC).
         #[arg(long = "data")]
         data: Vec<String>,
+        /// Create and fault in the destination guest's RAM (this size, one region) before any source connects, as a
+        /// destination VM started with its memory preallocated would be. Used when the source's layout matches.
+        #[arg(long, value_parser = parse_size)]
+        prealloc: Option<u64>,
         /// How long to let the resumed guest run before exiting, in milliseconds.
         #[arg(long, default_value_t = 500)]
         run_for_ms: u64,
@@ -64,6 +76,40 @@ enum Cmd {
         /// Print the JSON report on stdout instead of the summary.
         #[arg(long)]
         json: bool,
+    },
+}
+
+#[derive(Subcommand)]
+enum LabCmd {
+    /// Create the namespaces PREFIX-src and PREFIX-dst joined by shaped veth links vmnic1..N.
+    Up {
+        /// Number of links.
+        #[arg(long, default_value_t = 1)]
+        links: usize,
+        /// Link rate for tc, one for all or a comma list, one per link (1gbit,1gbit,500mbit,100mbit).
+        #[arg(long, default_value = "1gbit")]
+        rate: String,
+        /// Namespace prefix.
+        #[arg(long, default_value = "lm")]
+        prefix: String,
+    },
+    /// Remove the lab's namespaces.
+    Down {
+        /// Namespace prefix.
+        #[arg(long, default_value = "lm")]
+        prefix: String,
+    },
+    /// Run `receive` in PREFIX-dst and `send` in PREFIX-src, one --link per vmnic; the rest are send options.
+    Run {
+        /// Namespace prefix (before any send option).
+        #[arg(long, default_value = "lm")]
+        prefix: String,
+        /// Have the destination preallocate the guest's memory before the migration starts (receive --prealloc).
+        #[arg(long)]
+        prealloc: bool,
+        /// Options for `livemig send` (guest and run options; --report FILE keeps the source's report).
+        #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
+        send_args: Vec<String>,
     },
 }
 
@@ -130,9 +176,10 @@ fn main() {
     let result = match cli.cmd {
         Cmd::Demo { links, guest, run } => demo(links, &guest, &run),
         Cmd::Send { to, links, guest, run } => send(&to, &links, &guest, &run),
-        Cmd::Receive { listen, data, run_for_ms, report, json } => {
-            receive_cmd(&listen, &data, run_for_ms, report, json)
+        Cmd::Receive { listen, data, prealloc, run_for_ms, report, json } => {
+            receive_cmd(&listen, &data, prealloc, run_for_ms, report, json)
         }
+        Cmd::Lab { cmd } => lab_cmd(cmd),
     };
     if let Err(e) = result {
         // One line: the chain of causes joined with ": ".
@@ -277,7 +324,25 @@ fn send(to: &str, links: &[LinkSpec], g: &GuestOpts, run: &RunOpts) -> Result<()
     finish(&source_report(&guest, &r, run, &opts), &run.report, run.json)
 }
 
-fn receive_cmd(listen: &str, data: &[String], run_for_ms: u64, report_path: Option<PathBuf>, json: bool) -> Result<()> {
+fn receive_cmd(
+    listen: &str,
+    data: &[String],
+    prealloc: Option<u64>,
+    run_for_ms: u64,
+    report_path: Option<PathBuf>,
+    json: bool,
+) -> Result<()> {
+    let ready = match prealloc {
+        Some(bytes) => {
+            let t = Instant::now();
+            let layout = MemoryLayout { regions: vec![(0, bytes)] };
+            let g = SyntheticGuest::destination(&layout).context("preallocating guest memory")?;
+            g.prefault(0, g.total_pages());
+            eprintln!("preallocated {} MiB of guest memory in {:.2} s", bytes >> 20, t.elapsed().as_secs_f64());
+            Some(g)
+        }
+        None => None,
+    };
     let listener = TcpListener::bind(listen).with_context(|| format!("listening on {listen}"))?;
     let extra = data
         .iter()
@@ -289,8 +354,11 @@ fn receive_cmd(listen: &str, data: &[String], run_for_ms: u64, report_path: Opti
     let (stream, hello) = accept_migration(&listener, &opts, &refused)?;
     let start = Instant::now();
     let listeners: Vec<&TcpListener> = std::iter::once(&listener).chain(extra.iter()).collect();
-    let (guest, r) = receive(&listeners, &stream, hello, |h| SyntheticGuest::destination(&h.layout), &opts, &refused)
-        .context("receiving the migration")?;
+    let make = |h: &Hello| match ready {
+        Some(g) if g.layout() == h.layout => Ok(g),
+        _ => SyntheticGuest::destination(&h.layout),
+    };
+    let (guest, r) = receive(&listeners, &stream, hello, make, &opts, &refused).context("receiving the migration")?;
     eprintln!("guest resumed {:.3} s after the handshake", r.resumed_at.duration_since(start).as_secs_f64());
     check_running(&guest)?;
     std::thread::sleep(Duration::from_millis(run_for_ms.saturating_sub(100)));
@@ -312,4 +380,102 @@ fn receive_cmd(listen: &str, data: &[String], run_for_ms: u64, report_path: Opti
         max_throttle_pct: 0.0,
     };
     finish(&report, &report_path, json)
+}
+
+fn lab_cmd(cmd: LabCmd) -> Result<()> {
+    match cmd {
+        LabCmd::Up { links, rate, prefix } => {
+            let rates = parse_rates(&rate, links)?;
+            Lab::new(&prefix).up(&rates)?;
+            let shown: Vec<&str> = rates.iter().map(|r| r.text.as_str()).collect();
+            eprintln!("lab {prefix}: {links} link(s) {} between {prefix}-src and {prefix}-dst", shown.join(","));
+            Ok(())
+        }
+        LabCmd::Down { prefix } => {
+            Lab::new(&prefix).down();
+            Ok(())
+        }
+        LabCmd::Run { prefix, prealloc, send_args } => lab_run(&Lab::new(&prefix), prealloc, send_args),
+    }
+}
+
+/// `lab run`: both hosts as processes in their namespaces; prints both reports.
+fn lab_run(lab: &Lab, prealloc: bool, mut send_args: Vec<String>) -> Result<()> {
+    // The source's report goes where the user asked, the rest to a scratch directory.
+    let dir = std::env::temp_dir().join(format!("livemig-lab-{}", std::process::id()));
+    std::fs::create_dir_all(&dir)?;
+    let mut source_report = dir.join("source.json");
+    if let Some(i) = send_args.iter().position(|a| a == "--report") {
+        if i + 1 >= send_args.len() {
+            bail!("--report needs a file");
+        }
+        source_report = PathBuf::from(send_args.remove(i + 1));
+        send_args.remove(i);
+    }
+    let dest_report = dir.join("destination.json");
+    let exe = std::env::current_exe()?;
+    let memory = match send_args.iter().position(|a| a == "--memory") {
+        Some(i) => parse_size(send_args.get(i + 1).map_or("", String::as_str)).map_err(|e| anyhow!(e))?,
+        None => 2 << 30,
+    };
+    let prealloc = prealloc.then_some(memory);
+    let (mut recv, mut send) = lab.commands(&exe, &send_args, prealloc, (&dest_report, &source_report))?;
+    let mut receiver = recv.stdout(Stdio::piped()).stderr(Stdio::piped()).spawn().context("starting receive")?;
+    // Wait until it listens, passing its messages on.
+    let mut lines = std::io::BufReader::new(receiver.stderr.take().expect("piped")).lines();
+    let listening = loop {
+        match lines.next() {
+            Some(Ok(l)) => {
+                eprintln!("[{}] {l}", lab.dst());
+                if l.starts_with("waiting for a migration") {
+                    break true;
+                }
+            }
+            _ => break false,
+        }
+    };
+    let prefix = lab.dst();
+    let forward = std::thread::spawn(move || lines.map_while(Result::ok).for_each(|l| eprintln!("[{prefix}] {l}")));
+    if !listening {
+        let _ = receiver.wait();
+        bail!("receive in {} did not start listening", lab.dst());
+    }
+    let sent = send.stderr(Stdio::inherit()).output().context("running send")?;
+    // A receiver whose source failed ends on its own once the connection drops; give it a moment, then stop it.
+    let t = Instant::now();
+    while receiver.try_wait()?.is_none() && t.elapsed() < Duration::from_secs(10) {
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    if receiver.try_wait()?.is_none() {
+        let _ = receiver.kill();
+    }
+    let received = receiver.wait_with_output()?;
+    let _ = forward.join();
+    println!("== source: send in {} ==", lab.src());
+    print!("{}", String::from_utf8_lossy(&sent.stdout));
+    println!("== destination: receive in {} ==", lab.dst());
+    print!("{}", String::from_utf8_lossy(&received.stdout));
+    if let Ok(text) = std::fs::read_to_string(&source_report) {
+        if let Ok(r) = serde_json::from_str::<serde_json::Value>(&text) {
+            if let Some(g) = round0_goodput(&r) {
+                println!("round 0 aggregate goodput {:.2} Gbit/s", g / 1e9);
+            }
+        }
+    }
+    println!("reports: {} and {}", source_report.display(), dest_report.display());
+    if !sent.status.success() {
+        bail!("send failed in {} ({})", lab.src(), sent.status);
+    }
+    if !received.status.success() {
+        bail!("receive failed in {} ({})", lab.dst(), received.status);
+    }
+    Ok(())
+}
+
+/// Round 0's wire bits per second, from a report.
+fn round0_goodput(r: &serde_json::Value) -> Option<f64> {
+    let r0 = r.get("rounds")?.get(0)?;
+    let bytes = r0.get("bytes_on_wire")?.as_f64()?;
+    let secs = r0.get("duration_s")?.as_f64()?;
+    (secs > 0.0).then(|| bytes * 8.0 / secs)
 }

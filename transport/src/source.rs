@@ -773,6 +773,7 @@ impl Driver<'_> {
                             self.stripe.links[link].set_rate(r);
                         }
                         self.machine().delivered(bytes, at);
+                        self.policy.observe(pages, at);
                         let rate = self.machine().bandwidth().unwrap_or(0.0);
                         let spare = self.cpu.spare_cpus(Duration::from_millis(100));
                         self.policy.set_link(rate as u64, spare);

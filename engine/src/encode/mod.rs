@@ -219,15 +219,23 @@ pub fn memory_root(mem: &dyn GuestMemory) -> Result<u64, GuestError> {
 /// What the encoders know about the link, the machine and the codec, shared between them and the driver that
 /// measures the link.
 ///
-/// Compression pays in one of two ways. Serially: its CPU time is less than the wire time it saves. Or in parallel:
-/// cores that would otherwise sit idle do it, and spread over them it keeps up with the link. The second needs a
-/// measurement of idle CPU, not a guess from the encoders' queue: on loopback the "link" is itself CPU, so encoders
-/// that wait on a full queue do not mean the machine has cycles to spare. Every input is measured: the link rate
-/// from acks, spare cores from the OS, the codec's speed and ratio from the batches it compressed. To keep those
-/// two current when the data changes, every [`PROBE_EVERY`]th batch of a worker is compressed regardless.
+/// Whether compression pays depends on what a wire byte costs, and that is not only wire time: each byte is copied,
+/// segmented, shaped and copied again by CPUs that may also be the ones compressing. On loopback a byte saved is cheap
+/// and lz4 costs more than it saves; over shaped veth links a byte saved is worth far more CPU, and lz4 pays. So the
+/// policy decides by measuring the outcome:
+///
+/// - A model gives the first answer: compress when the CPU time is less than the wire time saved, or when idle cores
+///   (from the OS) can do it while keeping pace with the link. Its inputs are measured: the link rate from acks,
+///   idle cores from `/proc/stat`, the codec's speed and ratio from the batches it compressed (every
+///   [`PROBE_EVERY`]th batch of a worker is compressed to keep those current).
+/// - Then the [`Explorer`] tries both: [`TRIAL`] without compression and [`TRIAL`] with it, comparing guest pages
+///   acknowledged per second, keeps the winner for [`EXPLOIT`], and tries again. Its clock is the acks' timestamps.
 #[derive(Debug)]
 pub struct CodecPolicy {
     enabled: bool,
+    /// 0: the model decides; 1: never (trial or verdict); 2: always.
+    forced: std::sync::atomic::AtomicU8,
+    explorer: std::sync::Mutex<Explorer>,
     link_rate_bps: AtomicU64,
     /// Idle cores, in thousandths, as the OS reports them.
     spare_milli_cpus: AtomicU64,
@@ -242,11 +250,80 @@ pub struct CodecPolicy {
 /// One batch in this many is compressed to measure the codec, whatever the policy says.
 pub const PROBE_EVERY: u64 = 32;
 
+/// How long each side of a trial runs, in ack time.
+pub const TRIAL: std::time::Duration = std::time::Duration::from_millis(200);
+/// The start of each trial that is not counted: batches encoded before the switch are still being acknowledged.
+pub const SETTLE: std::time::Duration = std::time::Duration::from_millis(60);
+/// How long a verdict holds before the next trial.
+pub const EXPLOIT: std::time::Duration = std::time::Duration::from_secs(2);
+
+/// Tries sending without and with compression, and keeps whichever delivered guest pages faster.
+#[derive(Debug, Default)]
+pub struct Explorer {
+    phase: ExplorePhase,
+    since: Option<Instant>,
+    pages: u64,
+    off_rate: f64,
+    won_on: u32,
+    won_off: u32,
+}
+
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+enum ExplorePhase {
+    #[default]
+    Start,
+    Off,
+    On,
+    Exploit,
+}
+
+impl Explorer {
+    /// Counts `pages` acknowledged at `at`; returns the mode to force from now on (1 off, 2 on) when it changes.
+    pub fn observe(&mut self, pages: u64, at: Instant) -> Option<u8> {
+        let since = *self.since.get_or_insert(at);
+        let elapsed = at.saturating_duration_since(since);
+        if elapsed >= SETTLE {
+            self.pages += pages;
+        }
+        let rate = || self.pages as f64 / (elapsed - SETTLE).as_secs_f64().max(1e-6);
+        let (next, mode) = match self.phase {
+            ExplorePhase::Start => (ExplorePhase::Off, 1),
+            ExplorePhase::Off if elapsed >= TRIAL => {
+                self.off_rate = rate();
+                (ExplorePhase::On, 2)
+            }
+            // A compression trial that is clearly losing ends early: on a CPU-bound host it costs real time.
+            ExplorePhase::On if elapsed >= SETTLE + TRIAL / 4 && rate() < self.off_rate * 0.8 => {
+                self.won_off += 1;
+                (ExplorePhase::Exploit, 1)
+            }
+            ExplorePhase::On if elapsed >= TRIAL => {
+                // Compression must win clearly: it also costs CPU that other work on the host could use.
+                let on = rate() > self.off_rate * 1.03;
+                if on {
+                    self.won_on += 1;
+                } else {
+                    self.won_off += 1;
+                }
+                (ExplorePhase::Exploit, if on { 2 } else { 1 })
+            }
+            ExplorePhase::Exploit if elapsed >= EXPLOIT => (ExplorePhase::Off, 1),
+            _ => return None,
+        };
+        self.phase = next;
+        self.since = Some(at);
+        self.pages = 0;
+        Some(mode)
+    }
+}
+
 impl CodecPolicy {
     /// A policy with no measurements yet. With `enabled` false nothing is ever compressed.
     pub fn new(enabled: bool) -> Self {
         CodecPolicy {
             enabled,
+            forced: std::sync::atomic::AtomicU8::new(0),
+            explorer: std::sync::Mutex::new(Explorer::default()),
             link_rate_bps: AtomicU64::new(0),
             spare_milli_cpus: AtomicU64::new(0),
             // lz4's usual speed, until measured: about 1.5 ns per byte.
@@ -267,6 +344,11 @@ impl CodecPolicy {
         if !self.enabled {
             return false;
         }
+        match self.forced.load(Ordering::Relaxed) {
+            1 => return false,
+            2 => return self.ratio_milli.load(Ordering::Relaxed) < 950,
+            _ => {}
+        }
         let rate = self.link_rate_bps.load(Ordering::Relaxed);
         if rate == 0 {
             // Nothing measured yet: the link is not known to be the bottleneck.
@@ -286,6 +368,23 @@ impl CodecPolicy {
         let spare = self.spare_milli_cpus.load(Ordering::Relaxed) as f64 / 1000.0;
         let wire_s = batch_bytes as f64 / rate as f64;
         spare >= 0.5 && cpu_s / spare <= wire_s
+    }
+
+    /// `pages` guest pages were acknowledged at `at`: drives the trials.
+    pub fn observe(&self, pages: u64, at: Instant) {
+        if !self.enabled {
+            return;
+        }
+        let mut ex = self.explorer.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(mode) = ex.observe(pages, at) {
+            self.forced.store(mode, Ordering::Relaxed);
+        }
+    }
+
+    /// The explorer's verdicts so far: (trials won by compression, trials won without).
+    pub fn verdicts(&self) -> (u32, u32) {
+        let ex = self.explorer.lock().unwrap_or_else(|e| e.into_inner());
+        (ex.won_on, ex.won_off)
     }
 
     /// Folds one compressed batch's figures into the estimates.
@@ -523,6 +622,29 @@ mod tests {
         p.set_link(2_000_000_000, 2.0);
         assert!(p.should_compress(1 << 18));
         assert!(!CodecPolicy::new(false).should_compress(1 << 18));
+    }
+
+    #[test]
+    fn explorer_keeps_the_faster_mode() {
+        use std::time::Duration;
+        // Simulated acks every 5 ms; `on_faster` says which mode delivers more pages per ack.
+        let run = |on_faster: bool| {
+            let p = CodecPolicy::new(true);
+            let t0 = Instant::now();
+            for i in 0..400u64 {
+                let mode = p.forced.load(Ordering::Relaxed);
+                let pages = match (mode, on_faster) {
+                    (2, true) | (1, false) => 120,
+                    _ => 100,
+                };
+                p.observe(pages, t0 + Duration::from_millis(5 * i));
+            }
+            (p.verdicts(), p.forced.load(Ordering::Relaxed))
+        };
+        let ((on, off), mode) = run(true);
+        assert!(on >= 1 && off == 0 && mode == 2, "{on} {off} {mode}");
+        let ((on, off), mode) = run(false);
+        assert!(off >= 1 && on == 0 && mode == 1, "{on} {off} {mode}");
     }
 
     #[test]
