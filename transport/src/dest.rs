@@ -180,6 +180,8 @@ fn run(
         bytes: AtomicU64::new(0),
     };
     let (tx, msgs) = crossbeam::channel::unbounded::<Msg>();
+    // The Hello was read with a short timeout; from here silence is judged by the control loop, which counts data.
+    control.set_read_timeout(None).map_err(WireError::from)?;
     for l in listeners {
         l.set_nonblocking(true).map_err(WireError::from)?;
     }
@@ -261,13 +263,24 @@ fn control_loop(
 ) -> Result<bool, ReceiveError> {
     let mut w = control;
     let mut verified: Option<bool> = None;
+    // Rounds can keep the control connection quiet for long: the source is silent only when the data links are too.
+    let mut seen = shared.bytes.load(Ordering::Relaxed);
     loop {
-        let msg = msgs.recv_timeout(opts.idle_timeout).map_err(|_| {
-            WireError::Io(std::io::Error::new(
-                std::io::ErrorKind::TimedOut,
-                format!("source silent for {:?}", opts.idle_timeout),
-            ))
-        })?;
+        let msg = match msgs.recv_timeout(opts.idle_timeout) {
+            Ok(m) => m,
+            Err(_) => {
+                let now = shared.bytes.load(Ordering::Relaxed);
+                if now != seen {
+                    seen = now;
+                    continue;
+                }
+                return Err(WireError::Io(std::io::Error::new(
+                    std::io::ErrorKind::TimedOut,
+                    format!("source silent for {:?}", opts.idle_timeout),
+                ))
+                .into());
+            }
+        };
         let (h, body) = match msg {
             Msg::Fatal(e) => return Err(e),
             Msg::Control(r) => r?,
