@@ -10,7 +10,7 @@
 //!
 //! let guest = SyntheticGuest::new(&SyntheticConfig { memory_bytes: 64 << 20, ..Default::default() })?;
 //! let stream = std::net::TcpStream::connect("127.0.0.1:7000")?;
-//! let report = migrate(&guest, stream, &SourceOptions::default(), &|_| {});
+//! let report = migrate(&guest, stream, &[], &SourceOptions::default(), &|_| {});
 //! println!("{:?}", report.result);
 //! # Ok::<(), Box<dyn std::error::Error>>(())
 //! ```

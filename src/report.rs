@@ -53,6 +53,8 @@ pub struct Round {
     pub pages: Pages,
     /// True for the stop-and-copy round (an addition).
     pub last: bool,
+    /// Wire bytes per link, in link order (an addition).
+    pub link_bytes: Vec<u64>,
 }
 
 /// One link.
@@ -66,6 +68,8 @@ pub struct Link {
     pub throughput_bps: f64,
     /// Whether it failed.
     pub failed: bool,
+    /// Why it failed (an addition).
+    pub error: Option<String>,
 }
 
 /// Where the pause went, in milliseconds (an addition to SPEC.md's fields).
@@ -156,6 +160,7 @@ impl Report {
                     throttle_pct: x.throttle_pct,
                     pages: x.counts.into(),
                     last: x.stats.last,
+                    link_bytes: x.link_bytes.clone(),
                 })
                 .collect(),
             links: r
@@ -166,6 +171,7 @@ impl Report {
                     bytes_on_wire: l.bytes_on_wire,
                     throughput_bps: l.throughput_bps * 8.0,
                     failed: l.failed,
+                    error: l.error.clone(),
                 })
                 .collect(),
             max_throttle_pct: r.max_throttle_pct,
@@ -177,16 +183,32 @@ impl Report {
         use std::fmt::Write;
         let mut s = String::new();
         let mib = |b: u64| b as f64 / (1u64 << 20) as f64;
+        let per_link = self.links.len() > 1;
         let _ = writeln!(
             s,
-            "{:>5} {:>9} {:>9} {:>9} {:>9} {:>10} {:>8} {:>10} {:>8}",
-            "round", "pages", "zero", "lz4", "raw", "wire MiB", "secs", "MiB/s", "throttle"
+            "{:>5} {:>9} {:>9} {:>9} {:>9} {:>10} {:>8} {:>10} {:>8}{}",
+            "round",
+            "pages",
+            "zero",
+            "lz4",
+            "raw",
+            "wire MiB",
+            "secs",
+            "MiB/s",
+            "throttle",
+            if per_link { "  MiB per link" } else { "" }
         );
         for r in &self.rounds {
             let rate = if r.duration_s > 0.0 { mib(r.bytes_on_wire) / r.duration_s } else { 0.0 };
+            let links = if per_link {
+                let each: Vec<String> = r.link_bytes.iter().map(|&b| format!("{:.0}", mib(b))).collect();
+                format!("  {}", each.join("/"))
+            } else {
+                String::new()
+            };
             let _ = writeln!(
                 s,
-                "{:>5} {:>9} {:>9} {:>9} {:>9} {:>10.1} {:>8.3} {:>10.0} {:>7.0}%{}",
+                "{:>5} {:>9} {:>9} {:>9} {:>9} {:>10.1} {:>8.3} {:>10.0} {:>7.0}%{}{}",
                 r.index,
                 r.dirty_pages,
                 r.pages.zero,
@@ -196,6 +218,7 @@ impl Report {
                 r.duration_s,
                 rate,
                 r.throttle_pct,
+                links,
                 if r.last { "  (paused)" } else { "" }
             );
         }
@@ -235,7 +258,7 @@ impl Report {
                 l.name,
                 mib(l.bytes_on_wire),
                 l.throughput_bps / 1e9,
-                if l.failed { " FAILED" } else { "" }
+                l.error.as_ref().map_or(String::new(), |e| format!(" FAILED: {e}"))
             );
         }
         s

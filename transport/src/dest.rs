@@ -424,17 +424,20 @@ fn data_link(
         t.stale += st.stale;
     }
     shared.received.lock().unwrap_or_else(|e| e.into_inner()).push((link, received));
-    // The link is done either way; its clone in `links` must not keep the connection open.
-    let _ = stream.shutdown(Shutdown::Both);
     if let Err(e) = result {
-        if let ReceiveError::Killed(_) = e {
+        let killed = matches!(e, ReceiveError::Killed(_));
+        // Reported before the link closes: the close may make the source drop the control connection, and the
+        // control loop must learn the real reason first.
+        let _ = tx.send(Msg::Fatal(e));
+        if killed {
             // As a killed process would: every connection drops at once.
             for l in shared.links.lock().unwrap_or_else(|e| e.into_inner()).iter() {
                 let _ = l.shutdown(Shutdown::Both);
             }
         }
-        let _ = tx.send(Msg::Fatal(e));
     }
+    // The link is done either way; its clone in `links` must not keep the connection open.
+    let _ = stream.shutdown(Shutdown::Both);
 }
 
 /// How long a new connection has to present its Hello. A livemig source sends it right after connecting.
