@@ -104,9 +104,11 @@ enum LabCmd {
         /// Namespace prefix (before any send option).
         #[arg(long, default_value = "lm")]
         prefix: String,
-        /// Have the destination preallocate the guest's memory before the migration starts (receive --prealloc).
+        /// Do not have the destination preallocate the guest's memory. By default the lab's destination host creates the
+        /// guest's memory before the migration starts (receive --prealloc), as a hypervisor that has created the VM
+        /// for an incoming migration would; with this, it faults memory in as pages arrive.
         #[arg(long)]
-        prealloc: bool,
+        no_prealloc: bool,
         /// Options for `livemig send` (guest and run options; --report FILE keeps the source's report).
         #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
         send_args: Vec<String>,
@@ -395,7 +397,7 @@ fn lab_cmd(cmd: LabCmd) -> Result<()> {
             Lab::new(&prefix).down();
             Ok(())
         }
-        LabCmd::Run { prefix, prealloc, send_args } => lab_run(&Lab::new(&prefix), prealloc, send_args),
+        LabCmd::Run { prefix, no_prealloc, send_args } => lab_run(&Lab::new(&prefix), !no_prealloc, send_args),
     }
 }
 
