@@ -4,10 +4,10 @@ use anyhow::{anyhow, bail, Context, Result};
 use clap::{Args, Parser, Subcommand, ValueEnum};
 use indicatif::{ProgressBar, ProgressStyle};
 use livemig::engine::guest::{Guest, GuestMemory, MemoryLayout, SyntheticConfig, SyntheticGuest, Vcpus};
-use livemig::engine::precopy::PrecopyConfig;
+use livemig::engine::precopy::{OnTimeout, PrecopyConfig};
 use livemig::lab::{parse_rates, Lab};
 use livemig::loopback::migrate_loopback;
-use livemig::report::{parse_size, GuestInfo, Pages, Report};
+use livemig::report::{parse_size, GuestInfo, Pages, Report, VcpuState};
 use livemig::transport::dest::{accept_migration, receive, DestOptions};
 use livemig::transport::link::LinkSpec;
 use livemig::transport::source::{migrate, Progress, SourceOptions, SourceReport, VerifyMode};
@@ -143,6 +143,12 @@ struct GuestOpts {
 }
 
 #[derive(Clone, Copy, ValueEnum)]
+enum OnTimeoutArg {
+    Cancel,
+    Force,
+}
+
+#[derive(Clone, Copy, ValueEnum)]
 enum VerifyArg {
     Tables,
     Full,
@@ -153,9 +159,19 @@ struct RunOpts {
     /// Downtime target in milliseconds.
     #[arg(long, default_value_t = 300)]
     downtime_target: u64,
-    /// Pre-copy rounds before switching over regardless.
+    /// Pre-copy rounds (round 0 included) after which --on-timeout decides.
     #[arg(long, default_value_t = 30)]
     max_rounds: u32,
+    /// Seconds of pre-copy after which --on-timeout decides.
+    #[arg(long)]
+    max_time: Option<f64>,
+    /// When the target cannot be met by then: cancel (the source keeps the guest), or force the switchover if the
+    /// predicted pause is within 2 s.
+    #[arg(long, value_enum, default_value = "cancel")]
+    on_timeout: OnTimeoutArg,
+    /// Never throttle the vCPUs.
+    #[arg(long)]
+    no_throttle: bool,
     /// How the switchover verifies destination memory.
     #[arg(long, value_enum, default_value = "tables")]
     verify: VerifyArg,
@@ -219,6 +235,12 @@ fn source_options(run: &RunOpts) -> SourceOptions {
         precopy: PrecopyConfig {
             downtime_target: Duration::from_millis(run.downtime_target),
             max_rounds: run.max_rounds.max(1),
+            max_time: run.max_time.map(Duration::from_secs_f64),
+            on_timeout: match run.on_timeout {
+                OnTimeoutArg::Cancel => OnTimeout::Cancel,
+                OnTimeoutArg::Force => OnTimeout::Force,
+            },
+            throttle: !run.no_throttle,
             ..Default::default()
         },
         verify: match run.verify {
@@ -279,7 +301,10 @@ fn finish(report: &Report, run_report: &Option<PathBuf>, json: bool) -> Result<(
 }
 
 fn source_report(guest: &SyntheticGuest, r: &SourceReport, run: &RunOpts, opts: &SourceOptions) -> Report {
-    Report::from_source(r, guest_info(guest), run.downtime_target as f64, opts.verify)
+    let mut report = Report::from_source(r, guest_info(guest), run.downtime_target as f64, opts.verify);
+    let v = guest.vcpus();
+    report.source_vcpus_after = Some(VcpuState { paused: v.is_paused(), throttle_pct: v.throttle() });
+    report
 }
 
 fn demo(links: usize, g: &GuestOpts, run: &RunOpts) -> Result<()> {
@@ -380,6 +405,7 @@ fn receive_cmd(
         rounds: Vec::new(),
         links: Vec::new(),
         max_throttle_pct: 0.0,
+        source_vcpus_after: None,
     };
     finish(&report, &report_path, json)
 }

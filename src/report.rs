@@ -1,7 +1,7 @@
 //! The JSON report of SPEC.md, built from the drivers' reports, and the terminal table.
 
 use livemig_engine::encode::PageCounts;
-use livemig_transport::source::{SourceReport, VerifyMode};
+use livemig_transport::source::{MigrateError, SourceReport, VerifyMode};
 use serde::Serialize;
 
 /// The guest part of the report.
@@ -119,6 +119,18 @@ pub struct Report {
     pub links: Vec<Link>,
     /// Highest throttle.
     pub max_throttle_pct: f64,
+    /// The source's vCPUs as read back from the guest after the run (an addition): stopped for good after a handover,
+    /// running and unthrottled after a failure or cancel.
+    pub source_vcpus_after: Option<VcpuState>,
+}
+
+/// vCPU state read back from a guest.
+#[derive(Debug, Clone, Copy, Serialize)]
+pub struct VcpuState {
+    /// Whether they are paused.
+    pub paused: bool,
+    /// Their throttle, percent.
+    pub throttle_pct: f64,
 }
 
 fn ms(d: std::time::Duration) -> f64 {
@@ -129,7 +141,11 @@ impl Report {
     /// The source's report.
     pub fn from_source(r: &SourceReport, guest: GuestInfo, target_ms: f64, verify: VerifyMode) -> Report {
         Report {
-            status: if r.result.is_ok() { "completed" } else { "failed" },
+            status: match &r.result {
+                Ok(()) => "completed",
+                Err(MigrateError::Cancelled(_) | MigrateError::PauseBound) => "cancelled",
+                Err(_) => "failed",
+            },
             error: r.result.as_ref().err().map(|e| e.to_string()),
             verified: r.verified,
             verify_mode: match verify {
@@ -175,6 +191,7 @@ impl Report {
                 })
                 .collect(),
             max_throttle_pct: r.max_throttle_pct,
+            source_vcpus_after: None,
         }
     }
 
@@ -242,6 +259,15 @@ impl Report {
                 p.verification_ms,
                 p.commit_ms,
                 p.predicted_ms.map_or("-".into(), |x| format!("{x:.1}"))
+            );
+        }
+        if let Some(v) = self.source_vcpus_after {
+            let _ = writeln!(
+                s,
+                "source vCPUs {}, throttle {:.0}% (max during the run {:.0}%)",
+                if v.paused { "stopped (handed over)" } else { "running" },
+                v.throttle_pct,
+                self.max_throttle_pct
             );
         }
         let ratio = self.bytes_on_wire as f64 / self.guest.memory_bytes.max(1) as f64;

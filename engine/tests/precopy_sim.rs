@@ -2,7 +2,7 @@
 //! dirties pages at a fixed rate over a hot set. No sockets, threads or sleeps; time is a number.
 
 use livemig_engine::dirty::Bitmap;
-use livemig_engine::precopy::{Action, Outcome, Precopy, PrecopyConfig};
+use livemig_engine::precopy::{Action, OnTimeout, Outcome, Precopy, PrecopyConfig, MAX_PAUSE};
 use std::time::{Duration, Instant};
 
 const PAGE: u64 = 4096;
@@ -21,6 +21,9 @@ struct Sim {
     owed: f64,
     paused: bool,
     resumed: bool,
+    /// Percent of the time the guest is held back.
+    throttle: f64,
+    max_throttle: f64,
     actions: Vec<String>,
 }
 
@@ -37,6 +40,8 @@ impl Sim {
             owed: 0.0,
             paused: false,
             resumed: false,
+            throttle: 0.0,
+            max_throttle: 0.0,
             actions: Vec::new(),
         }
     }
@@ -47,7 +52,7 @@ impl Sim {
         if self.paused {
             return;
         }
-        self.owed += self.dirty_rate * d.as_secs_f64();
+        self.owed += self.dirty_rate * (1.0 - self.throttle / 100.0) * d.as_secs_f64();
         while self.owed >= 1.0 {
             // A deterministic walk through the hot set stands in for random choices.
             self.dirty.set(self.next_dirty);
@@ -98,6 +103,11 @@ impl Sim {
                 Action::ResumeSource => {
                     self.paused = false;
                     self.resumed = true;
+                    self.throttle = 0.0;
+                }
+                Action::SetThrottle(t) => {
+                    self.throttle = t;
+                    self.max_throttle = self.max_throttle.max(t);
                 }
                 Action::Done(o) => return (o, m),
             }
@@ -141,14 +151,65 @@ fn dirty_sets_shrink_until_the_pause_fits_the_target() {
     assert!(m.last_prediction().unwrap() <= Duration::from_millis(50));
 }
 
+fn outrun() -> Sim {
+    // 2 GiB over 1 Gbit/s while the guest dirties 60000 pages/s (about twice the link) over 10 % of memory.
+    let pages = 1 << 19;
+    Sim::new(pages, 125e6, 60_000.0, pages / 10)
+}
+
 #[test]
-fn round_cap_forces_switchover_when_the_guest_outruns_the_link() {
-    // The guest dirties faster than the link carries: sets never shrink enough, the cap ends pre-copy.
-    let pages = 1 << 16;
-    let mut sim = Sim::new(pages, 10e6, 20_000.0, pages);
-    let (o, m) = sim.run(cfg(10, 5), None, true);
+fn a_guest_that_outruns_the_link_cancels_cleanly_without_throttling() {
+    let mut sim = outrun();
+    let c = PrecopyConfig { throttle: false, ..cfg(300, 10) };
+    let (o, m) = sim.run(c, None, true);
+    assert!(matches!(o, Outcome::Cancelled(ref r) if r.contains("not met after 10 rounds")), "{o:?}");
+    assert!(sim.resumed && !sim.paused && sim.throttle == 0.0, "the source runs on, unthrottled");
+    assert_eq!(sim.max_throttle, 0.0);
+    assert!(!sim.actions.iter().any(|a| a == "Pause"), "the guest was never paused");
+    assert_eq!(m.rounds().len(), 10);
+}
+
+#[test]
+fn throttling_makes_a_guest_that_outruns_the_link_converge() {
+    let mut sim = outrun();
+    let (o, m) = sim.run(cfg(300, 30), None, true);
     assert_eq!(o, Outcome::Completed);
-    assert_eq!(m.rounds().iter().filter(|r| !r.last).count(), 5);
+    assert!(sim.max_throttle > 50.0, "throttle {}", sim.max_throttle);
+    assert_eq!(sim.throttle, 0.0, "the throttle is lifted at the end");
+    let r = m.rounds();
+    assert!(r.len() <= 6, "converged in {} rounds", r.len());
+    let last = r.last().unwrap();
+    let pause = Duration::from_secs_f64((last.dirty_pages * PAGE) as f64 / 125e6) + Duration::from_millis(5);
+    assert!(pause <= Duration::from_millis(300), "final round of {} pages takes {pause:?}", last.dirty_pages);
+}
+
+#[test]
+fn force_switches_over_only_within_the_pause_bound() {
+    // Without throttling and with a 1 ms target nothing fits, but what is left after 5 rounds goes in well under 2 s.
+    let mut sim = outrun();
+    let c = PrecopyConfig { throttle: false, on_timeout: OnTimeout::Force, ..cfg(1, 5) };
+    let (o, m) = sim.run(c, None, true);
+    assert_eq!(o, Outcome::Completed);
+    assert!(m.last_prediction().unwrap() <= MAX_PAUSE);
+    // A link so slow that the rest would take longer than 2 s: force refuses and cancels.
+    let pages = 1 << 19;
+    let mut slow = Sim::new(pages, 10e6, 60_000.0, pages / 10);
+    let (o, _) = slow.run(c_force(), None, true);
+    assert!(matches!(o, Outcome::Cancelled(ref r) if r.contains("over the 2000 ms bound")), "{o:?}");
+    assert!(slow.resumed);
+}
+
+fn c_force() -> PrecopyConfig {
+    PrecopyConfig { throttle: false, on_timeout: OnTimeout::Force, ..cfg(1, 3) }
+}
+
+#[test]
+fn max_time_bounds_the_pre_copy() {
+    let mut sim = outrun();
+    let c = PrecopyConfig { throttle: false, max_time: Some(Duration::from_secs(30)), ..cfg(300, 1000) };
+    let (o, m) = sim.run(c, None, true);
+    assert!(matches!(o, Outcome::Cancelled(ref r) if r.contains(" s:")), "{o:?}");
+    assert!(m.rounds().len() < 1000);
 }
 
 #[test]
@@ -186,6 +247,7 @@ fn failure_after_commit_is_sent_keeps_the_source_paused() {
                 m.fail("connection reset".into());
             }
             Action::ResumeSource => panic!("the destination may run the guest: the source must not resume"),
+            Action::SetThrottle(_) => {}
             Action::Done(o) => {
                 assert!(matches!(o, Outcome::Failed(ref r) if r.contains("stays paused")), "{o:?}");
                 break;

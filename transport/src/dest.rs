@@ -24,14 +24,14 @@ use std::time::{Duration, Instant};
 #[derive(Debug, thiserror::Error)]
 pub enum ReceiveError {
     /// The connection or a frame was bad.
-    #[error("{0}")]
+    #[error(transparent)]
     Wire(#[from] WireError),
     /// A page entry could not be applied.
-    #[error("{0}")]
+    #[error(transparent)]
     Apply(#[from] ApplyError),
-    /// The destination guest could not be built, restored or resumed.
+    /// The destination guest could not be built, restored or resumed. (Not a `source`: the message carries it.)
     #[error("guest: {0}")]
-    Guest(#[from] GuestError),
+    Guest(GuestError),
     /// The source's guest is larger than this destination accepts.
     #[error("guest memory of {asked} bytes exceeds the {max} bytes this destination accepts")]
     TooLarge {
@@ -46,6 +46,12 @@ pub enum ReceiveError {
     /// The source asked to commit before the digests were found equal.
     #[error("commit requested before a successful verification")]
     CommitBeforeVerify,
+}
+
+impl From<GuestError> for ReceiveError {
+    fn from(e: GuestError) -> Self {
+        ReceiveError::Guest(e)
+    }
 }
 
 /// What the destination saw.

@@ -21,7 +21,7 @@ use crossbeam::channel::{Receiver, RecvTimeoutError, Sender};
 use livemig_engine::dirty::{scan_parallel, Bitmap};
 use livemig_engine::encode::{memory_root, BatchEncoder, CodecPolicy, EncodeError, HashTable, PageCounts};
 use livemig_engine::guest::{Guest, GuestError};
-use livemig_engine::precopy::{Action, Outcome, Precopy, PrecopyConfig, RateEstimator, RoundStats};
+use livemig_engine::precopy::{Action, Outcome, Precopy, PrecopyConfig, RateEstimator, RoundStats, MAX_PAUSE};
 use std::net::{Shutdown, TcpStream};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::{Duration, Instant};
@@ -98,12 +98,24 @@ pub enum MigrateError {
         /// The destination's roots.
         theirs: String,
     },
-    /// The guest adapter failed.
+    /// The guest adapter failed. (Not a `source`: the message carries it, so one-line reports do not repeat it.)
     #[error("guest: {0}")]
-    Guest(#[from] GuestError),
+    Guest(GuestError),
     /// Reported by the state machine (for example a commit that was not acknowledged).
     #[error("{0}")]
     Machine(String),
+    /// The convergence policy gave up; the source keeps the guest.
+    #[error("{0}")]
+    Cancelled(String),
+    /// The pause ran past the hard bound before the commit; the source resumed.
+    #[error("pause exceeded the {} ms bound before commit; switchover cancelled", MAX_PAUSE.as_millis())]
+    PauseBound,
+}
+
+impl From<GuestError> for MigrateError {
+    fn from(e: GuestError) -> Self {
+        MigrateError::Guest(e)
+    }
 }
 
 /// Live progress, for a progress bar.
@@ -198,6 +210,9 @@ enum Event {
     ScanDone { batches: u32, counts: PageCounts, error: Option<EncodeError> },
 }
 
+/// How often the dirty log is sampled during a round: short enough that a hot set does not saturate in between.
+const DIRTY_SAMPLE: Duration = Duration::from_millis(250);
+
 /// How long a data link may take to connect.
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
 
@@ -230,11 +245,11 @@ pub fn migrate(
     let control_written = AtomicU64::new(0);
     let setup = start_logging(guest)
         .and_then(|initial| {
-            handshake(guest, &control, opts, &control_written, &initial)?;
-            Ok(initial)
+            let rtt = handshake(guest, &control, opts, &control_written, &initial)?;
+            Ok((initial, rtt))
         })
-        .and_then(|initial| Ok((initial, connect_links(&control, links, opts)?)));
-    let (initial, (data, refused)) = match setup {
+        .and_then(|(initial, rtt)| Ok((initial, rtt, connect_links(&control, links, opts)?)));
+    let (initial, rtt, (data, refused)) = match setup {
         Ok(x) => x,
         Err(e) => {
             report.result = Err(e);
@@ -301,8 +316,10 @@ pub fn migrate(
                 link_rates: stripe.links.iter().map(|_| RateEstimator::new(Duration::from_millis(500))).collect(),
                 link_progress: vec![Instant::now(); stripe.links.len()],
                 link_errors: &mut link_errors,
+                pause_deadline: None,
+                sampled: None,
             };
-            d.run(&mut report, start, initial);
+            d.run(&mut report, start, initial, rtt);
         }
         done.store(true, Ordering::SeqCst);
         stripe.abort.store(true, Ordering::SeqCst);
@@ -340,13 +357,15 @@ fn start_logging(guest: &dyn Guest) -> Result<Bitmap, MigrateError> {
     Ok(mem.maybe_nonzero()?)
 }
 
+/// Opens the migration on the control connection; returns the Hello's round-trip time.
 fn handshake(
     guest: &dyn Guest,
     stream: &TcpStream,
     opts: &SourceOptions,
     written: &AtomicU64,
     initial: &Bitmap,
-) -> Result<(), MigrateError> {
+) -> Result<Duration, MigrateError> {
+    let sent = Instant::now();
     let hello = Hello {
         session: opts.session,
         layout: guest.memory().layout(),
@@ -361,6 +380,7 @@ fn handshake(
     stream.set_read_timeout(Some(opts.peer_timeout)).map_err(|e| MigrateError::Handshake(e.into()))?;
     let mut buf = Vec::new();
     let h = wire::read_frame(&mut &*stream, &mut buf).map_err(MigrateError::Handshake)?;
+    let rtt = sent.elapsed();
     match h.kind {
         Kind::HelloAck => {
             let s = wire::decode_session(Kind::HelloAck, &buf).map_err(MigrateError::Handshake)?;
@@ -377,7 +397,7 @@ fn handshake(
     // From here the control reader blocks on the socket; stalls are detected by the driver's clock instead.
     stream.set_read_timeout(None).map_err(|e| MigrateError::Handshake(e.into()))?;
     let _ = stream.set_nodelay(true);
-    Ok(())
+    Ok(rtt)
 }
 
 /// Connects the data links and presents the session on each. A link that cannot connect is kept, failed, so the
@@ -487,11 +507,21 @@ struct Driver<'a> {
     /// Per link: the last ack, or the last moment it held nothing.
     link_progress: Vec<Instant>,
     link_errors: &'a mut Vec<Option<String>>,
+    /// Set while the guest is paused and nothing is committed: past it, the switchover is cancelled.
+    pause_deadline: Option<Instant>,
+    /// Pages harvested during the current round to sample the dirty rate; they join the next reported harvest.
+    sampled: Option<(Bitmap, Instant)>,
 }
 
 impl Driver<'_> {
-    fn run(&mut self, report: &mut SourceReport, start: Instant, initial: Bitmap) {
+    fn run(&mut self, report: &mut SourceReport, start: Instant, initial: Bitmap, rtt: Duration) {
         self.machine = Some(Precopy::new(self.opts.precopy.clone(), initial, start));
+        // The switchover's fixed cost: three round trips (state, verify, commit), the digest on both sides (timed on
+        // the table itself), and a millisecond for restoring and resuming.
+        let t = Instant::now();
+        std::hint::black_box(self.hashes.root());
+        let cost = rtt * 3 + t.elapsed() * 2 + Duration::from_millis(1);
+        self.machine().set_switchover_cost(cost);
         let vcpus = self.guest.vcpus();
         let mut marks: [Option<Instant>; 4] = [None; 4];
         while let Some(action) = self.machine().poll() {
@@ -506,16 +536,22 @@ impl Driver<'_> {
                     }
                 }
                 Action::Harvest => {
-                    let mut bm = Bitmap::new(self.guest.memory().total_pages());
+                    let mut bm = match self.sampled.take() {
+                        Some((bm, _)) => bm,
+                        None => Bitmap::new(self.guest.memory().total_pages()),
+                    };
                     match self.guest.dirty_log().harvest(&mut bm) {
                         Ok(()) => self.machine().harvested(bm, Instant::now()),
                         Err(e) => self.fail(e.into()),
                     }
                 }
+                Action::SetThrottle(pct) => vcpus.set_throttle(pct),
                 Action::Pause => {
                     report.predicted_downtime = self.machine().last_prediction();
                     vcpus.pause();
-                    self.machine().paused(Instant::now());
+                    let now = Instant::now();
+                    self.pause_deadline = Some(now + MAX_PAUSE);
+                    self.machine().paused(now);
                 }
                 Action::SendState => {
                     // Every page is acknowledged: the data links have done their work, and their closing is no failure.
@@ -542,6 +578,8 @@ impl Driver<'_> {
                     marks[2] = Some(Instant::now());
                 }
                 Action::Commit => {
+                    // From here the destination may run the guest: the pause bound can no longer cancel.
+                    self.pause_deadline = None;
                     if self.send_control(Kind::Commit, &[])
                         && self.wait_for(|e| matches!(e, Event::Committed).then_some(())).is_some()
                     {
@@ -554,8 +592,15 @@ impl Driver<'_> {
                     vcpus.resume();
                 }
                 Action::Done(outcome) => {
-                    if let Outcome::Failed(reason) = outcome {
-                        report.result = Err(self.error.take().unwrap_or(MigrateError::Machine(reason)));
+                    match outcome {
+                        Outcome::Completed => {}
+                        Outcome::Failed(reason) => {
+                            report.result = Err(self.error.take().unwrap_or(MigrateError::Machine(reason)));
+                        }
+                        Outcome::Cancelled(reason) => {
+                            self.tell_destination(&format!("cancelled: {reason}"));
+                            report.result = Err(MigrateError::Cancelled(reason));
+                        }
                     }
                     break;
                 }
@@ -598,6 +643,7 @@ impl Driver<'_> {
     fn fail(&mut self, e: MigrateError) {
         let reason = e.to_string();
         if self.error.is_none() {
+            self.tell_destination(&reason);
             self.error = Some(e);
         }
         self.stripe.abort.store(true, Ordering::SeqCst);
@@ -609,6 +655,14 @@ impl Driver<'_> {
         if let Some(m) = self.machine.as_mut() {
             m.fail(reason);
         }
+    }
+
+    /// Best effort: tells the destination why the migration is off, so that it reports the reason rather than a
+    /// closed connection. Bounded, because the destination may be the thing that stopped reading.
+    fn tell_destination(&self, reason: &str) {
+        let _ = self.control.set_write_timeout(Some(Duration::from_millis(200)));
+        let mut w = self.control;
+        let _ = wire::write_frame(&mut w, Kind::Abort, 0, 0, &[reason.as_bytes()]);
     }
 
     fn send_control(&mut self, kind: Kind, body: &[u8]) -> bool {
@@ -684,6 +738,11 @@ impl Driver<'_> {
     /// back what encoders routed to failed links, and fails the migration when the peer has been silent too long.
     fn next_event(&mut self) -> Option<Event> {
         let now = Instant::now();
+        if self.pause_deadline.is_some_and(|d| now > d) && self.error.is_none() {
+            self.pause_deadline = None;
+            self.fail(MigrateError::PauseBound);
+            return None;
+        }
         for i in 0..self.stripe.links.len() {
             let l = &self.stripe.links[i];
             if l.is_failed() {
@@ -805,12 +864,38 @@ impl Driver<'_> {
                     Some(e) => self.handle(e),
                     None => {}
                 }
+                self.sample_dirty_rate();
             }
         });
         if self.error.is_none() {
             self.machine().round_delivered(Instant::now());
         }
         (counts, link_bytes)
+    }
+
+    /// Every [`DIRTY_SAMPLE`] of a round, harvests the dirty log into the set the next harvest reports, and tells the
+    /// machine how many pages were dirtied in that span.
+    fn sample_dirty_rate(&mut self) {
+        if self.machine.as_ref().is_some_and(|m| m.paused_at().is_some()) {
+            return;
+        }
+        let now = Instant::now();
+        let pages = self.guest.memory().total_pages();
+        let (mut bm, since) = self.sampled.take().unwrap_or_else(|| (Bitmap::new(pages), now));
+        if now.duration_since(since) >= DIRTY_SAMPLE {
+            // The span's own set, counted before it joins the round's: a page the guest writes again counts again,
+            // as it would in a round that short.
+            let mut span = Bitmap::new(pages);
+            if let Err(e) = self.guest.dirty_log().harvest(&mut span) {
+                self.fail(e.into());
+                return;
+            }
+            self.machine().dirty_sampled(span.count_ones(), now.duration_since(since));
+            bm.or_assign(&span);
+            self.sampled = Some((bm, now));
+        } else {
+            self.sampled = Some((bm, since));
+        }
     }
 
     /// Sends the source's roots and returns whether the destination's match.

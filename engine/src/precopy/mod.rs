@@ -5,21 +5,27 @@
 //! [`Action`]s, taken with [`Precopy::poll`], that a driver carries out and reports back on:
 //!
 //! ```text
-//!  SendRound(0: all maybe-non-zero pages) ─▶ round_delivered ─▶ Harvest ─▶ harvested(dirty)
-//!        ▲                                                                    │
-//!        └──── SendRound(r+1: dirty) ◀── predicted pause > target, r < cap ───┤
-//!                                                                             ▼ fits (or round cap)
+//!  SendRound(0: all maybe-non-zero pages) ─▶ round_delivered ─▶ Harvest ─▶ harvested(dirty) ─▶ policy decides
+//!        ▲                                                                                          │
+//!        └──── [SetThrottle(p)] SendRound(r+1: dirty) ◀── Continue ────────────────────────────────┤
+//!                                          ResumeSource ─▶ Done(Cancelled) ◀── Cancel ────────────┤
+//!                                                                                                   ▼ StopAndCopy
 //!  Pause ─▶ paused ─▶ Harvest ─▶ harvested ─▶ SendRound(final) ─▶ round_delivered ─▶ SendState ─▶ state_delivered
 //!        ─▶ Verify ─▶ verified(ok) ─▶ Commit ─▶ committed ─▶ Done(Completed)
 //!  any failure before Commit ─▶ ResumeSource ─▶ Done(Failed)
 //! ```
 //!
-//! The stop rule: the pause is predicted as (dirty pages × measured wire bytes per page) ÷ measured bandwidth + the
-//! switchover's fixed cost. When that fits the downtime target the machine stops and copies; after `max_rounds`
-//! rounds it stops regardless.
+//! The pause is predicted as (dirty pages × measured wire bytes per page) ÷ measured bandwidth + the switchover's
+//! measured fixed cost, and a [`Convergence`] policy decides after every harvest: go on (throttling the vCPUs if the
+//! guest outruns the link), stop and copy, or cancel (see [`DefaultConvergence`]).
 
+mod converge;
 mod estimate;
 
+pub use converge::{
+    needed_throttle, Convergence, Decision, DefaultConvergence, Limits, Observation, OnTimeout, AIM, MAX_PAUSE,
+    MAX_THROTTLE, OUTRUN,
+};
 pub use estimate::RateEstimator;
 
 use crate::dirty::Bitmap;
@@ -31,9 +37,16 @@ use std::time::{Duration, Instant};
 pub struct PrecopyConfig {
     /// The pause the migration aims for.
     pub downtime_target: Duration,
-    /// Pre-copy rounds (round 0 included) after which the machine switches over whatever is left.
+    /// Pre-copy rounds (round 0 included) after which the timeout rule applies.
     pub max_rounds: u32,
-    /// The switchover's fixed cost (vCPU state, verification, commit round trip), added to every prediction.
+    /// Pre-copy time after which the timeout rule applies.
+    pub max_time: Option<Duration>,
+    /// What the timeout rule does.
+    pub on_timeout: OnTimeout,
+    /// Whether the vCPUs may be throttled.
+    pub throttle: bool,
+    /// The switchover's fixed cost (vCPU state, verification, commit round trip), added to every prediction until
+    /// the driver measures it ([`Precopy::set_switchover_cost`]).
     pub switchover_cost: Duration,
 }
 
@@ -42,7 +55,22 @@ impl Default for PrecopyConfig {
         PrecopyConfig {
             downtime_target: Duration::from_millis(300),
             max_rounds: 30,
+            max_time: None,
+            on_timeout: OnTimeout::Cancel,
+            throttle: true,
             switchover_cost: Duration::from_millis(5),
+        }
+    }
+}
+
+impl PrecopyConfig {
+    fn limits(&self) -> Limits {
+        Limits {
+            downtime_target: self.downtime_target,
+            max_rounds: self.max_rounds,
+            max_time: self.max_time,
+            on_timeout: self.on_timeout,
+            throttle: self.throttle,
         }
     }
 }
@@ -62,6 +90,8 @@ pub enum Action {
     },
     /// Harvest the dirty log and report it with [`Precopy::harvested`].
     Harvest,
+    /// Throttle the vCPUs to this percentage (0 lifts the throttle).
+    SetThrottle(f64),
     /// Pause the vCPUs and report with [`Precopy::paused`].
     Pause,
     /// Send the vCPU state and report with [`Precopy::state_delivered`].
@@ -83,6 +113,8 @@ pub enum Outcome {
     Completed,
     /// The source keeps running the guest. The reason names what went wrong.
     Failed(String),
+    /// The policy gave up before switching over (the target could not be met); the source keeps running the guest.
+    Cancelled(String),
 }
 
 /// One round's figures.
@@ -129,12 +161,23 @@ pub struct Precopy {
     predicted: Option<Duration>,
     /// The harvest that triggered the pause, sent with the final one.
     pending_final: Option<Bitmap>,
+    policy: Box<dyn Convergence>,
+    start: Instant,
+    last_harvest: Instant,
+    throttle: f64,
+    /// Dirty rate from the samples taken during the current round, pages per second (smoothed).
+    sampled_rate: Option<f64>,
 }
 
 impl Precopy {
     /// Starts a migration at `now`. `initial` holds the pages that may be non-zero; the driver must have cleared the
     /// dirty log just before reading it, so that every later write shows up in a harvest.
     pub fn new(cfg: PrecopyConfig, initial: Bitmap, now: Instant) -> Self {
+        Self::with_policy(cfg, initial, now, Box::new(DefaultConvergence))
+    }
+
+    /// Like [`Precopy::new`], with another convergence policy.
+    pub fn with_policy(cfg: PrecopyConfig, initial: Bitmap, now: Instant, policy: Box<dyn Convergence>) -> Self {
         let mut m = Precopy {
             cfg,
             phase: Phase::Rounds,
@@ -149,6 +192,11 @@ impl Precopy {
             paused_at: None,
             predicted: None,
             pending_final: None,
+            policy,
+            start: now,
+            last_harvest: now,
+            throttle: 0.0,
+            sampled_rate: None,
         };
         m.actions.push_back(Action::SendRound { epoch: 0, pages: initial, last: false });
         m
@@ -195,14 +243,42 @@ impl Precopy {
             Phase::Rounds => {
                 let predicted = self.predict(pages);
                 self.predicted = Some(predicted);
-                let rounds_done = self.epoch + 1;
-                if predicted <= self.cfg.downtime_target || rounds_done >= self.cfg.max_rounds {
-                    // The harvest is not lost: the final harvest after the pause ORs it back in.
-                    self.pending_final = Some(dirty);
-                    self.phase = Phase::Pausing;
-                    self.actions.push_back(Action::Pause);
-                } else {
-                    self.start_round(dirty, pages, now, false);
+                let interval = now.saturating_duration_since(self.last_harvest).as_secs_f64().max(1e-3);
+                self.last_harvest = now;
+                // Over a long round a hot set saturates (every page of it dirty, however fast it is written), so the
+                // short samples taken during the round measure the rate better than the round's total does.
+                let rate = self.sampled_rate.unwrap_or(0.0).max(pages as f64 / interval);
+                let o = Observation {
+                    rounds_done: self.epoch + 1,
+                    dirty_pages: pages,
+                    last_round_pages: self.round_pages,
+                    bandwidth_bps: self.rate.rate(),
+                    dirty_rate_pps: rate,
+                    bytes_per_page: self.bytes_per_page,
+                    predicted_pause: predicted,
+                    elapsed: now.saturating_duration_since(self.start),
+                    throttle_pct: self.throttle,
+                };
+                match self.policy.decide(&o, &self.cfg.limits()) {
+                    Decision::StopAndCopy => {
+                        // The harvest is not lost: the final harvest after the pause ORs it back in.
+                        self.pending_final = Some(dirty);
+                        self.phase = Phase::Pausing;
+                        self.actions.push_back(Action::Pause);
+                    }
+                    Decision::Continue { throttle_pct } => {
+                        let t = throttle_pct.clamp(0.0, MAX_THROTTLE);
+                        if t != self.throttle {
+                            self.throttle = t;
+                            self.actions.push_back(Action::SetThrottle(t));
+                        }
+                        self.start_round(dirty, pages, now, false);
+                    }
+                    Decision::Cancel(reason) => {
+                        self.phase = Phase::Done;
+                        self.actions.push_back(Action::ResumeSource);
+                        self.actions.push_back(Action::Done(Outcome::Cancelled(reason)));
+                    }
                 }
             }
             Phase::FinalHarvest => {
@@ -217,6 +293,7 @@ impl Precopy {
     }
 
     fn start_round(&mut self, pages: Bitmap, count: u64, now: Instant, last: bool) {
+        self.sampled_rate = None;
         self.epoch += 1;
         self.round_start = now;
         self.round_bytes = 0;
@@ -258,8 +335,35 @@ impl Precopy {
     pub fn committed(&mut self) {
         if self.phase == Phase::Committing {
             self.phase = Phase::Done;
+            if self.throttle > 0.0 {
+                // The source's vCPUs stay stopped for good, but leave nothing throttled behind.
+                self.actions.push_back(Action::SetThrottle(0.0));
+            }
             self.actions.push_back(Action::Done(Outcome::Completed));
         }
+    }
+
+    /// A harvest taken during a round: `pages` were dirtied in the last `over`. The driver keeps the pages for the
+    /// next harvest it reports; the machine only learns the rate from them.
+    pub fn dirty_sampled(&mut self, pages: u64, over: Duration) {
+        if over.is_zero() {
+            return;
+        }
+        let rate = pages as f64 / over.as_secs_f64();
+        self.sampled_rate = Some(match self.sampled_rate {
+            Some(r) => 0.5 * r + 0.5 * rate,
+            None => rate,
+        });
+    }
+
+    /// The switchover's fixed cost as the driver measured it (round trips, digest time, state size at the bandwidth).
+    pub fn set_switchover_cost(&mut self, cost: Duration) {
+        self.cfg.switchover_cost = cost;
+    }
+
+    /// The vCPU throttle the machine has asked for, percent.
+    pub fn throttle(&self) -> f64 {
+        self.throttle
     }
 
     /// Something failed. Before the commit was sent, the source resumes and keeps the guest. Once it was sent, the
