@@ -1,0 +1,101 @@
+//! The test guest: a small 32-bit program, assembled here from source with iced-x86, that dirties pages at a rate
+//! the host sets and can prove its own memory intact.
+//!
+//! Guest-physical layout (flat 32-bit protected mode, no paging):
+//! - [`CODE`]: the program.
+//! - [`MAILBOX`]: `+0` progress counter (u64: pages written so far), `+8` running check value (u32), `+12` pages per
+//!   burst, `+16` data page count.
+//! - [`DATA`] to the end of RAM: the data pages.
+//!
+//! Each write: `counter += 1`, pick a data page by a multiplicative hash of the counter, replace its first word with
+//! the counter, and update `check += new - old`. So `check` always equals the sum of the data pages' first words,
+//! which the guest recomputes from memory now and then: if migration lost or reordered a page, the two differ.
+//!
+//! Ports (OUT, 32-bit): [`PORT_PROGRESS`] after each burst with the counter's low word (the host paces and throttles
+//! the guest at these exits), [`PORT_SUM`] with the recomputed sum and then [`PORT_CHECK`] with the running check,
+//! every [`VERIFY_EVERY`] bursts.
+
+use iced_x86::code_asm::*;
+
+/// Guest-physical address of the code.
+pub const CODE: u64 = 0x1000;
+/// Guest-physical address of the mailbox.
+pub const MAILBOX: u64 = 0x2000;
+/// Guest-physical address of the first data page.
+pub const DATA: u64 = 0x10_0000;
+/// Port of the progress report (and the host's pacing point).
+pub const PORT_PROGRESS: u16 = 0x10;
+/// Port of the sum recomputed from memory.
+pub const PORT_SUM: u16 = 0x11;
+/// Port of the running check value.
+pub const PORT_CHECK: u16 = 0x12;
+/// Pages the guest writes between two exits.
+pub const BURST: u32 = 16;
+/// Bursts between two self-checks.
+pub const VERIFY_EVERY: u32 = 64;
+
+/// Assembles the program for address [`CODE`].
+pub fn assemble() -> Result<Vec<u8>, IcedError> {
+    let mut a = CodeAssembler::new(32)?;
+    let mut main_loop = a.create_label();
+    let mut burst = a.create_label();
+    let mut sum_loop = a.create_label();
+    let mb = MAILBOX as u32;
+    let data = DATA as u32;
+
+    a.mov(esi, mb)?;
+    a.mov(ebp, dword_ptr(esi + 16))?; // data page count
+    a.xor(edi, edi)?; // bursts since the last self-check
+    a.set_label(&mut main_loop)?;
+    a.mov(ecx, dword_ptr(esi + 12))?; // pages per burst
+    a.set_label(&mut burst)?;
+    a.add(dword_ptr(esi), 1)?; // counter += 1 (64-bit)
+    a.adc(dword_ptr(esi + 4), 0)?;
+    a.mov(eax, dword_ptr(esi))?;
+    a.imul_3(eax, eax, 0x9E37_79B1u32 as i32)?; // page = hash(counter) % pages
+    a.xor(edx, edx)?;
+    a.div(ebp)?;
+    a.shl(edx, 12)?;
+    a.add(edx, data)?;
+    a.mov(eax, dword_ptr(esi))?; // the new value: the counter
+    a.mov(ebx, dword_ptr(edx))?; // the old value
+    a.sub(dword_ptr(esi + 8), ebx)?; // check += new - old
+    a.add(dword_ptr(esi + 8), eax)?;
+    a.mov(dword_ptr(edx), eax)?;
+    a.dec(ecx)?;
+    a.jnz(burst)?;
+    a.mov(eax, dword_ptr(esi))?;
+    a.out(PORT_PROGRESS as u8 as i32, eax)?;
+    a.inc(edi)?;
+    a.cmp(edi, VERIFY_EVERY)?;
+    a.jb(main_loop)?;
+    // Self-check: the sum of every data page's first word must equal the running check.
+    a.xor(edi, edi)?;
+    a.xor(eax, eax)?;
+    a.mov(edx, data)?;
+    a.mov(ecx, ebp)?;
+    a.set_label(&mut sum_loop)?;
+    a.add(eax, dword_ptr(edx))?;
+    a.add(edx, 4096)?;
+    a.dec(ecx)?;
+    a.jnz(sum_loop)?;
+    a.out(PORT_SUM as u8 as i32, eax)?;
+    a.mov(eax, dword_ptr(esi + 8))?;
+    a.out(PORT_CHECK as u8 as i32, eax)?;
+    a.jmp(main_loop)?;
+    a.assemble(CODE)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn program_assembles_and_decodes_back() {
+        let code = assemble().unwrap();
+        assert!(code.len() < 4096, "{} bytes", code.len());
+        let mut d = iced_x86::Decoder::with_ip(32, &code, CODE, iced_x86::DecoderOptions::NONE);
+        let outs = d.iter().filter(|i| i.mnemonic() == iced_x86::Mnemonic::Out).count();
+        assert_eq!(outs, 3, "three ports");
+    }
+}
