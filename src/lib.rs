@@ -17,8 +17,10 @@
 #![deny(missing_docs)]
 
 pub use livemig_engine as engine;
+pub use livemig_kvm as kvm;
 pub use livemig_transport as transport;
 
+pub mod guests;
 pub mod lab;
 pub mod loopback;
 pub mod report;

@@ -1,7 +1,8 @@
 //! Source and destination in one process, joined by real TCP connections on loopback: what `livemig demo`, the
 //! end-to-end tests and the embedding example run.
 
-use livemig_engine::guest::{SyntheticGuest, Vcpus};
+use crate::guests::AnyGuest;
+use livemig_engine::guest::Guest;
 use livemig_transport::dest::{accept_migration, receive, DestOptions, DestReport, ReceiveError};
 use livemig_transport::link::LinkSpec;
 use livemig_transport::source::{migrate, Progress, SourceOptions, SourceReport};
@@ -12,13 +13,13 @@ pub struct LoopbackRun {
     /// The source's report.
     pub source: SourceReport,
     /// The destination's running guest and report, or why it gave up.
-    pub dest: Result<(SyntheticGuest, DestReport), ReceiveError>,
+    pub dest: Result<(AnyGuest, DestReport), ReceiveError>,
 }
 
-/// Migrates `guest` to a fresh synthetic guest in a thread of this process: a control connection and `links` data
+/// Migrates `guest` to a fresh guest of its kind in a thread of this process: a control connection and `links` data
 /// links on loopback, link k leaving from 127.0.0.(k+1) so that each is its own connection with its own address.
 pub fn migrate_loopback(
-    guest: &SyntheticGuest,
+    guest: &dyn Guest,
     links: usize,
     opts: &SourceOptions,
     dopts: &DestOptions,
@@ -34,7 +35,7 @@ pub fn migrate_loopback(
             let refused = |peer, e: &_| eprintln!("refused connection from {peer}: {e}");
             let (stream, hello) =
                 accept_migration(&listener, dopts, &refused).map_err(|e| ReceiveError::Wire(e.into()))?;
-            receive(&[&listener], &stream, hello, |h| SyntheticGuest::destination(&h.layout), dopts, &refused)
+            receive(&[&listener], &stream, hello, |h| AnyGuest::destination(&h.guest_kind, &h.layout), dopts, &refused)
         })?;
         let control = TcpStream::connect(addr)?;
         let source = migrate(guest, control, &specs, opts, progress);

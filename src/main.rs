@@ -3,8 +3,10 @@
 use anyhow::{anyhow, bail, Context, Result};
 use clap::{Args, Parser, Subcommand, ValueEnum};
 use indicatif::{ProgressBar, ProgressStyle};
-use livemig::engine::guest::{Guest, GuestMemory, MemoryLayout, SyntheticConfig, SyntheticGuest, Vcpus};
+use livemig::engine::guest::{Guest, GuestMemory, MemoryLayout, SyntheticConfig, SyntheticGuest};
 use livemig::engine::precopy::{OnTimeout, PrecopyConfig};
+use livemig::guests::AnyGuest;
+use livemig::kvm::{DirtyLogMethod, KvmConfig, KvmGuest};
 use livemig::lab::{parse_rates, Lab};
 use livemig::loopback::migrate_loopback;
 use livemig::report::{parse_size, GuestInfo, Pages, Report, VcpuState};
@@ -115,9 +117,20 @@ enum LabCmd {
     },
 }
 
-#[derive(Clone, Copy, ValueEnum)]
+#[derive(Clone, Copy, ValueEnum, PartialEq)]
 enum GuestKind {
+    /// The synthetic reference guest (threads writing anonymous memory).
     Synthetic,
+    /// A KVM VM running livemig's test guest (needs /dev/kvm).
+    Kvm,
+}
+
+#[derive(Clone, Copy, ValueEnum)]
+enum DirtyLogArg {
+    /// KVM_GET_DIRTY_LOG.
+    Get,
+    /// KVM_GET_DIRTY_LOG then KVM_CLEAR_DIRTY_LOG (manual protect).
+    Clear,
 }
 
 #[derive(Args)]
@@ -140,6 +153,9 @@ struct GuestOpts {
     /// vCPU threads.
     #[arg(long, default_value_t = 1)]
     vcpus: u32,
+    /// How a KVM guest's dirty log is harvested.
+    #[arg(long, value_enum, default_value = "get")]
+    dirty_log: DirtyLogArg,
 }
 
 #[derive(Clone, Copy, ValueEnum)]
@@ -206,27 +222,62 @@ fn main() {
     }
 }
 
-fn make_guest(g: &GuestOpts) -> Result<SyntheticGuest> {
-    let GuestKind::Synthetic = g.guest;
+fn make_guest(g: &GuestOpts) -> Result<AnyGuest> {
     let t = Instant::now();
-    let guest = SyntheticGuest::new(&SyntheticConfig {
-        memory_bytes: g.memory,
-        touched_pct: g.touched,
-        dirty_rate: g.dirty_rate,
-        hot_set_pct: g.hot_set,
-        vcpus: g.vcpus,
-        ..Default::default()
-    })
-    .context("building the synthetic guest")?;
-    eprintln!(
-        "guest: synthetic, {} MiB, {:.0}% touched, {} vCPU(s) dirtying {} pages/s over {:.0}% (ready in {:.2} s)",
-        g.memory >> 20,
-        g.touched,
-        g.vcpus,
-        g.dirty_rate,
-        g.hot_set,
-        t.elapsed().as_secs_f64()
-    );
+    let guest = match g.guest {
+        GuestKind::Synthetic => AnyGuest::Synthetic(
+            SyntheticGuest::new(&SyntheticConfig {
+                memory_bytes: g.memory,
+                touched_pct: g.touched,
+                dirty_rate: g.dirty_rate,
+                hot_set_pct: g.hot_set,
+                vcpus: g.vcpus,
+                ..Default::default()
+            })
+            .context("building the synthetic guest")?,
+        ),
+        GuestKind::Kvm => {
+            if g.vcpus != 1 {
+                bail!("the KVM test guest runs one vCPU (--vcpus 1)");
+            }
+            let dirty_log = match g.dirty_log {
+                DirtyLogArg::Get => DirtyLogMethod::GetLog,
+                DirtyLogArg::Clear => DirtyLogMethod::ManualClear,
+            };
+            AnyGuest::Kvm(
+                KvmGuest::new(&KvmConfig {
+                    memory_bytes: g.memory,
+                    touched_pct: g.touched,
+                    dirty_rate: g.dirty_rate,
+                    hot_set_pct: g.hot_set,
+                    dirty_log,
+                })
+                .context("building the KVM guest")?,
+            )
+        }
+    };
+    match g.guest {
+        GuestKind::Synthetic => eprintln!(
+            "guest: synthetic, {} MiB, {:.0}% touched, {} vCPU(s) dirtying {} pages/s over {:.0}% (ready in {:.2} s)",
+            g.memory >> 20,
+            g.touched,
+            g.vcpus,
+            g.dirty_rate,
+            g.hot_set,
+            t.elapsed().as_secs_f64()
+        ),
+        GuestKind::Kvm => eprintln!(
+            "guest: KVM, {} MiB, {:.0}% touched, 1 vCPU running the test guest at {} pages/s over {:.0}% (dirty log: {})",
+            g.memory >> 20,
+            g.touched,
+            g.dirty_rate,
+            g.hot_set,
+            match g.dirty_log {
+                DirtyLogArg::Get => "KVM_GET_DIRTY_LOG",
+                DirtyLogArg::Clear => "KVM_CLEAR_DIRTY_LOG",
+            }
+        ),
+    }
     Ok(guest)
 }
 
@@ -300,7 +351,7 @@ fn finish(report: &Report, run_report: &Option<PathBuf>, json: bool) -> Result<(
     }
 }
 
-fn source_report(guest: &SyntheticGuest, r: &SourceReport, run: &RunOpts, opts: &SourceOptions) -> Report {
+fn source_report(guest: &AnyGuest, r: &SourceReport, run: &RunOpts, opts: &SourceOptions) -> Report {
     let mut report = Report::from_source(r, guest_info(guest), run.downtime_target as f64, opts.verify);
     let v = guest.vcpus();
     report.source_vcpus_after = Some(VcpuState { paused: v.is_paused(), throttle_pct: v.throttle() });
@@ -320,25 +371,17 @@ fn demo(links: usize, g: &GuestOpts, run: &RunOpts) -> Result<()> {
     bar.finish_and_clear();
     let report = source_report(&guest, &out.source, run, &opts);
     if let Ok((dest, _)) = &out.dest {
-        check_running(dest)?;
+        // The source guest is paused for good: its counter is the one the destination must continue from.
+        let at_pause = match &guest {
+            AnyGuest::Kvm(g) => Some(g.counter()),
+            AnyGuest::Synthetic(_) => None,
+        };
+        eprintln!("{}", dest.check_running(at_pause).map_err(|e| anyhow!(e))?);
     }
     if let (Ok(()), Err(e)) = (&out.source.result, &out.dest) {
         bail!("source completed but destination failed: {e}");
     }
     finish(&report, &run.report, run.json)
-}
-
-/// The destination guest must run after commit: unpaused, and (when it has work) writing memory.
-fn check_running(dest: &SyntheticGuest) -> Result<()> {
-    let v = dest.vcpus();
-    if v.is_paused() {
-        bail!("destination guest is still paused after commit");
-    }
-    let before = v.pages_written();
-    std::thread::sleep(Duration::from_millis(100));
-    let after = v.pages_written();
-    eprintln!("destination guest running: {} pages written in its first 100 ms", after - before);
-    Ok(())
 }
 
 fn send(to: &str, links: &[LinkSpec], g: &GuestOpts, run: &RunOpts) -> Result<()> {
@@ -370,6 +413,7 @@ fn receive_cmd(
         }
         None => None,
     };
+    // A KVM guest's counter at resume is the source's at its pause: memory carries it.
     let listener = TcpListener::bind(listen).with_context(|| format!("listening on {listen}"))?;
     let extra = data
         .iter()
@@ -382,12 +426,12 @@ fn receive_cmd(
     let start = Instant::now();
     let listeners: Vec<&TcpListener> = std::iter::once(&listener).chain(extra.iter()).collect();
     let make = |h: &Hello| match ready {
-        Some(g) if g.layout() == h.layout => Ok(g),
-        _ => SyntheticGuest::destination(&h.layout),
+        Some(g) if g.layout() == h.layout && h.guest_kind == "synthetic" => Ok(AnyGuest::Synthetic(g)),
+        _ => AnyGuest::destination(&h.guest_kind, &h.layout),
     };
     let (guest, r) = receive(&listeners, &stream, hello, make, &opts, &refused).context("receiving the migration")?;
     eprintln!("guest resumed {:.3} s after the handshake", r.resumed_at.duration_since(start).as_secs_f64());
-    check_running(&guest)?;
+    eprintln!("{}", guest.check_running(None).map_err(|e| anyhow!(e))?);
     std::thread::sleep(Duration::from_millis(run_for_ms.saturating_sub(100)));
     let report = Report {
         status: "completed",
@@ -446,7 +490,9 @@ fn lab_run(lab: &Lab, prealloc: bool, mut send_args: Vec<String>) -> Result<()> 
         Some(i) => parse_size(send_args.get(i + 1).map_or("", String::as_str)).map_err(|e| anyhow!(e))?,
         None => 2 << 30,
     };
-    let prealloc = prealloc.then_some(memory);
+    // Only a synthetic destination can be preallocated before the Hello says what it will host.
+    let kvm = send_args.windows(2).any(|w| w[0] == "--guest" && w[1] == "kvm");
+    let prealloc = (prealloc && !kvm).then_some(memory);
     let (mut recv, mut send) = lab.commands(&exe, &send_args, prealloc, (&dest_report, &source_report))?;
     let mut receiver = recv.stdout(Stdio::piped()).stderr(Stdio::piped()).spawn().context("starting receive")?;
     // Wait until it listens, passing its messages on.

@@ -80,8 +80,12 @@ pub enum DirtyLogMethod {
 pub struct KvmConfig {
     /// Guest RAM in bytes (at least 2 MiB, a multiple of 4 KiB, at most 4 GiB: the guest is 32-bit).
     pub memory_bytes: u64,
+    /// Share of RAM the host fills with the reference page mix before boot, percent.
+    pub touched_pct: f64,
     /// Pages per second the guest writes.
     pub dirty_rate: u64,
+    /// The guest writes pages in the first `hot_set_pct` percent of its data area.
+    pub hot_set_pct: f64,
     /// How dirty pages are harvested.
     pub dirty_log: DirtyLogMethod,
 }
@@ -136,6 +140,8 @@ pub struct KvmGuest {
     thread: Option<std::thread::JoinHandle<()>>,
     method: DirtyLogMethod,
     msrs: Vec<u32>,
+    /// The progress counter in memory when the vCPU state was restored: on a destination, the source's at its pause.
+    restored_counter: AtomicU64,
     _kvm: Kvm,
 }
 
@@ -164,10 +170,22 @@ impl KvmGuest {
         let layout = MemoryLayout { regions: vec![(0, cfg.memory_bytes)] };
         let g = Self::build(&layout, cfg.dirty_log, false)?;
         let code = program::assemble().map_err(|e| KvmError::Assemble(e.to_string()))?;
-        let pages = (cfg.memory_bytes - program::DATA) / PAGE_SIZE as u64;
+        let first = program::DATA / PAGE_SIZE as u64;
+        let data_pages = cfg.memory_bytes / PAGE_SIZE as u64 - first;
+        let touched = (data_pages as f64 * cfg.touched_pct.clamp(0.0, 100.0) / 100.0) as u64;
+        let hot = ((data_pages as f64 * cfg.hot_set_pct.clamp(0.0, 100.0) / 100.0) as u64).clamp(1, data_pages);
+        livemig_engine::guest::fill_mix(g.map.region(), first..first + touched, 0x6b76_6d21);
+        // The check value starts as the sum of the hot pages' first words, as the guest will recompute it.
+        let mut check = 0u32;
+        let mut word = [0u8; PAGE_SIZE];
+        for p in first..first + hot {
+            livemig_engine::guest::read_page(&g, p, &mut word)?;
+            check = check.wrapping_add(u32::from_le_bytes(word[..4].try_into().expect("4 bytes")));
+        }
         let mut mailbox = [0u8; 20];
+        mailbox[8..12].copy_from_slice(&check.to_le_bytes());
         mailbox[12..16].copy_from_slice(&program::BURST.to_le_bytes());
-        mailbox[16..20].copy_from_slice(&(pages as u32).to_le_bytes());
+        mailbox[16..20].copy_from_slice(&(hot as u32).to_le_bytes());
         g.write_bytes(program::CODE, &code)?;
         g.write_bytes(program::MAILBOX, &mailbox)?;
         {
@@ -267,7 +285,18 @@ impl KvmGuest {
             .spawn(move || vcpu_loop(&v, &s))
             .map_err(|e| KvmError::Guest(GuestError::Thread(e)))?;
         let regions = vec![*map.region()];
-        let g = KvmGuest { vm, map, regions, vcpu, shared, thread: Some(thread), method, msrs, _kvm: kvm };
+        let g = KvmGuest {
+            vm,
+            map,
+            regions,
+            vcpu,
+            shared,
+            thread: Some(thread),
+            method,
+            msrs,
+            restored_counter: AtomicU64::new(0),
+            _kvm: kvm,
+        };
         // Wait until the thread has published its kvm_run page and parked.
         let mut ctl = g.lock();
         while !ctl.parked {
@@ -305,6 +334,12 @@ impl KvmGuest {
             unsafe { std::ptr::copy_nonoverlapping(ptr, b.as_mut_ptr(), 8) };
         }
         u64::from_le_bytes(b)
+    }
+
+    /// The progress counter when the vCPU state was restored (a destination restores after the last page is applied,
+    /// so this is the source's counter at its pause); `None` if never restored.
+    pub fn counter_at_restore(&self) -> Option<u64> {
+        Some(self.restored_counter.load(Ordering::SeqCst)).filter(|&c| c > 0)
     }
 
     /// What the guest has reported through its ports.
@@ -548,6 +583,7 @@ impl Vcpus for KvmGuest {
             let vcpu = self.lock_vcpu();
             state::restore(&vcpu, blob).map_err(|e| GuestError::BadState(e.to_string()))?
         };
+        self.restored_counter.store(self.counter(), Ordering::SeqCst);
         let mut ctl = self.lock();
         ctl.rate = rate;
         ctl.ready = true;

@@ -4,11 +4,12 @@
 //! Guest-physical layout (flat 32-bit protected mode, no paging):
 //! - [`CODE`]: the program.
 //! - [`MAILBOX`]: `+0` progress counter (u64: pages written so far), `+8` running check value (u32), `+12` pages per
-//!   burst, `+16` data page count.
-//! - [`DATA`] to the end of RAM: the data pages.
+//!   burst, `+16` hot-set page count.
+//! - [`DATA`] to the end of RAM: the data pages; the guest writes the first `hot` of them (its hot set). The host
+//!   fills part of RAM with the reference page mix before boot, and sets the check value to match.
 //!
-//! Each write: `counter += 1`, pick a data page by a multiplicative hash of the counter, replace its first word with
-//! the counter, and update `check += new - old`. So `check` always equals the sum of the data pages' first words,
+//! Each write: `counter += 1`, pick a hot page by a multiplicative hash of the counter, replace its first word with
+//! the counter, and update `check += new - old`. So `check` always equals the sum of the hot pages' first words,
 //! which the guest recomputes from memory now and then: if migration lost or reordered a page, the two differ.
 //!
 //! Ports (OUT, 32-bit): [`PORT_PROGRESS`] after each burst with the counter's low word (the host paces and throttles
@@ -44,7 +45,7 @@ pub fn assemble() -> Result<Vec<u8>, IcedError> {
     let data = DATA as u32;
 
     a.mov(esi, mb)?;
-    a.mov(ebp, dword_ptr(esi + 16))?; // data page count
+    a.mov(ebp, dword_ptr(esi + 16))?; // hot page count
     a.xor(edi, edi)?; // bursts since the last self-check
     a.set_label(&mut main_loop)?;
     a.mov(ecx, dword_ptr(esi + 12))?; // pages per burst

@@ -30,7 +30,14 @@ fn the_guest_runs_proves_its_memory_and_moves_to_a_fresh_vm() {
         return;
     }
     for method in [DirtyLogMethod::GetLog, DirtyLogMethod::ManualClear] {
-        let g = KvmGuest::new(&KvmConfig { memory_bytes: 64 << 20, dirty_rate: 20_000, dirty_log: method }).unwrap();
+        let g = KvmGuest::new(&KvmConfig {
+            memory_bytes: 64 << 20,
+            touched_pct: 75.0,
+            dirty_rate: 20_000,
+            hot_set_pct: 10.0,
+            dirty_log: method,
+        })
+        .unwrap();
         wait_for("two self-checks", || g.reports().checks_ok.load(Ordering::Relaxed) >= 2);
         assert_eq!(g.reports().checks_bad.load(Ordering::Relaxed), 0);
         // The dirty log sees the guest's writes.
@@ -65,8 +72,14 @@ fn a_page_the_guest_did_not_write_changing_under_it_is_caught_by_its_self_check(
     if skip("kvm self-check") {
         return;
     }
-    let g = KvmGuest::new(&KvmConfig { memory_bytes: 16 << 20, dirty_rate: 20_000, dirty_log: DirtyLogMethod::GetLog })
-        .unwrap();
+    let g = KvmGuest::new(&KvmConfig {
+        memory_bytes: 16 << 20,
+        touched_pct: 75.0,
+        dirty_rate: 20_000,
+        hot_set_pct: 10.0,
+        dirty_log: DirtyLogMethod::GetLog,
+    })
+    .unwrap();
     wait_for("a self-check", || g.reports().checks_ok.load(Ordering::Relaxed) >= 1);
     g.pause();
     // Corrupt the first word of a data page behind the guest's back.

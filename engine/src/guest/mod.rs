@@ -11,7 +11,7 @@ mod mmap;
 mod synthetic;
 
 pub use mmap::{prefault_host, resident_pages, MmapRegion};
-pub use synthetic::{PageKind, SyntheticConfig, SyntheticGuest, SyntheticVcpus, TEXT_WORDS, THROTTLE_SLICE};
+pub use synthetic::{fill_mix, PageKind, SyntheticConfig, SyntheticGuest, SyntheticVcpus, TEXT_WORDS, THROTTLE_SLICE};
 
 use crate::dirty::Bitmap;
 use std::ptr::NonNull;

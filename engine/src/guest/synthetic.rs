@@ -239,19 +239,27 @@ impl DirtyLog for SyntheticGuest {
     }
 }
 
-/// Writes pages `0..touched` of `map` with the SPEC.md mix, on all cores. Page `i`'s content depends only on the
-/// seed and `i`, so the result does not depend on how the work was split.
+/// Writes pages `0..touched` of `map` with the SPEC.md mix.
 fn populate(map: &MmapRegion, touched: u64, seed: u64) {
+    fill_mix(map.region(), 0..touched, seed);
+}
+
+/// Writes pages `pages` of `region` with the SPEC.md mix (the kind by page index), on all cores. Page `i`'s content
+/// depends only on the seed and `i`, so the result does not depend on how the work was split. For guests being built:
+/// nothing else may access those pages meanwhile. Pages past the region's end are ignored.
+pub fn fill_mix(region: &HostRegion, pages: std::ops::Range<u64>, seed: u64) {
+    let (first, last) = (pages.start, pages.end.min(region.pages()));
+    let count = last.saturating_sub(first);
     let workers = std::thread::available_parallelism().map_or(1, |n| n.get()) as u64;
-    let per = touched.div_ceil(workers.max(1)).max(1);
-    let base = map.region().as_ptr() as usize;
+    let per = count.div_ceil(workers.max(1)).max(1);
+    let base = region.as_ptr() as usize;
     std::thread::scope(|s| {
         for w in 0..workers {
-            let (start, end) = (w * per, ((w + 1) * per).min(touched));
+            let (start, end) = (first + w * per, (first + (w + 1) * per).min(last));
             s.spawn(move || {
                 for page in start..end {
-                    // SAFETY: pages start..end of the mapping, disjoint between workers, and nobody else reads or
-                    // writes the guest before it is returned.
+                    // SAFETY: pages start..end of the region (clamped to it above), disjoint between workers, and by
+                    // this function's contract nobody else reads or writes them meanwhile.
                     let slice = unsafe {
                         std::slice::from_raw_parts_mut((base + page as usize * PAGE_SIZE) as *mut u8, PAGE_SIZE)
                     };
