@@ -30,7 +30,7 @@ fn demo_migrates_a_live_kvm_guest_and_it_carries_on_with_its_memory_intact() {
     let line = stderr.lines().find(|l| l.starts_with("destination guest running")).expect("no destination line");
     let numbers: Vec<u64> =
         line.split(|c: char| !c.is_ascii_digit()).filter(|s| !s.is_empty()).filter_map(|s| s.parse().ok()).collect();
-    // "counter P at the pause, S → N in 500 ms, self-checks K passed, 0 failed"
+    // "counter P at the pause, S → N in T ms, self-checks K passed, 0 failed"
     let (pause, start, now, ok) = (numbers[0], numbers[1], numbers[2], numbers[4]);
     assert!(start >= pause && now > start, "{line}");
     assert!(ok > 0 && line.ends_with("0 failed"), "{line}");

@@ -16,6 +16,7 @@
 
 pub mod program;
 pub mod state;
+pub mod vm_memory;
 
 use kvm_bindings::{kvm_enable_cap, kvm_segment, kvm_userspace_memory_region, KVM_MAX_CPUID_ENTRIES};
 use kvm_ioctls::{Kvm, VcpuExit, VcpuFd, VmFd};
@@ -182,10 +183,11 @@ impl KvmGuest {
             livemig_engine::guest::read_page(&g, p, &mut word)?;
             check = check.wrapping_add(u32::from_le_bytes(word[..4].try_into().expect("4 bytes")));
         }
-        let mut mailbox = [0u8; 20];
+        let mut mailbox = [0u8; 24];
         mailbox[8..12].copy_from_slice(&check.to_le_bytes());
         mailbox[12..16].copy_from_slice(&program::BURST.to_le_bytes());
         mailbox[16..20].copy_from_slice(&(hot as u32).to_le_bytes());
+        mailbox[20..24].copy_from_slice(&program::verify_every(hot).to_le_bytes());
         g.write_bytes(program::CODE, &code)?;
         g.write_bytes(program::MAILBOX, &mailbox)?;
         {
