@@ -3,6 +3,7 @@
 use anyhow::{anyhow, bail, Context, Result};
 use clap::{Args, Parser, Subcommand, ValueEnum};
 use indicatif::{ProgressBar, ProgressStyle};
+use livemig::engine::cpu::{self, CpuDescription};
 use livemig::engine::guest::{Guest, GuestMemory, MemoryLayout, SyntheticConfig, SyntheticGuest};
 use livemig::engine::precopy::{OnTimeout, PrecopyConfig};
 use livemig::guests::AnyGuest;
@@ -52,6 +53,11 @@ enum Cmd {
         #[command(flatten)]
         run: RunOpts,
     },
+    /// CPU descriptions: this host's, a cluster's baseline, and whether a VM's CPU model fits a host.
+    Cpu {
+        #[command(subcommand)]
+        cmd: CpuCmd,
+    },
     /// The two-host lab on one machine (network namespaces, veth, tbf); needs root.
     Lab {
         #[command(subcommand)]
@@ -78,6 +84,30 @@ enum Cmd {
         /// Print the JSON report on stdout instead of the summary.
         #[arg(long)]
         json: bool,
+    },
+}
+
+#[derive(Subcommand)]
+enum CpuCmd {
+    /// Print this host's CPU (vendor, family/model/stepping, features) as JSON, read with CPUID.
+    Show,
+    /// The features every listed host supports (the model a cluster's VMs must use to move anywhere), and what each
+    /// host costs the cluster.
+    Baseline {
+        /// Host descriptions (from `cpu show`).
+        hosts: Vec<PathBuf>,
+        /// Write the baseline model here as JSON.
+        #[arg(long)]
+        output: Option<PathBuf>,
+    },
+    /// Can a VM with this CPU model run on this host? Exit 0 for yes, 1 for no with the reasons.
+    Check {
+        /// The VM's CPU model (a description, or a baseline).
+        #[arg(long)]
+        vm: PathBuf,
+        /// The host's description.
+        #[arg(long)]
+        host: PathBuf,
     },
 }
 
@@ -153,6 +183,10 @@ struct GuestOpts {
     /// vCPU threads.
     #[arg(long, default_value_t = 1)]
     vcpus: u32,
+    /// The VM's CPU model (a `cpu show` or `cpu baseline` JSON); the destination refuses the migration if it lacks any
+    /// of its features. Defaults to this host's CPU. A KVM guest's CPUID is masked to it.
+    #[arg(long)]
+    cpu_model: Option<PathBuf>,
     /// How a KVM guest's dirty log is harvested (clear: measured faster, see README).
     #[arg(long, value_enum, default_value = "clear")]
     dirty_log: DirtyLogArg,
@@ -214,6 +248,7 @@ fn main() {
             receive_cmd(&listen, &data, prealloc, run_for_ms, report, json)
         }
         Cmd::Lab { cmd } => lab_cmd(cmd),
+        Cmd::Cpu { cmd } => cpu_cmd(cmd),
     };
     if let Err(e) = result {
         // One line: the chain of causes joined with ": ".
@@ -281,8 +316,16 @@ fn make_guest(g: &GuestOpts) -> Result<AnyGuest> {
     Ok(guest)
 }
 
-fn source_options(run: &RunOpts) -> SourceOptions {
-    SourceOptions {
+fn vm_cpu(g: &GuestOpts) -> Result<CpuDescription> {
+    match &g.cpu_model {
+        Some(path) => read_cpu(path),
+        None => Ok(cpu::host()),
+    }
+}
+
+fn source_options(run: &RunOpts, g: &GuestOpts) -> Result<SourceOptions> {
+    Ok(SourceOptions {
+        vm_cpu: Some(vm_cpu(g)?),
         precopy: PrecopyConfig {
             downtime_target: Duration::from_millis(run.downtime_target),
             max_rounds: run.max_rounds.max(1),
@@ -300,7 +343,7 @@ fn source_options(run: &RunOpts) -> SourceOptions {
         },
         compress: !run.no_compress,
         ..Default::default()
-    }
+    })
 }
 
 /// A progress bar on a terminal, nothing otherwise.
@@ -363,7 +406,7 @@ fn demo(links: usize, g: &GuestOpts, run: &RunOpts) -> Result<()> {
         bail!("--links must be at least 1");
     }
     let guest = make_guest(g)?;
-    let opts = source_options(run);
+    let opts = source_options(run, g)?;
     let (bar, update) = progress_bar();
     let dopts =
         DestOptions { die_after_bytes: run.x_kill_destination_after_mib.map(|m| m << 20), ..Default::default() };
@@ -386,7 +429,7 @@ fn demo(links: usize, g: &GuestOpts, run: &RunOpts) -> Result<()> {
 
 fn send(to: &str, links: &[LinkSpec], g: &GuestOpts, run: &RunOpts) -> Result<()> {
     let guest = make_guest(g)?;
-    let opts = source_options(run);
+    let opts = source_options(run, g)?;
     let stream = TcpStream::connect(to).with_context(|| format!("connecting to {to}"))?;
     let (bar, update) = progress_bar();
     let r = migrate(&guest, stream, links, &opts, &update);
@@ -552,4 +595,52 @@ fn round0_goodput(r: &serde_json::Value) -> Option<f64> {
     let bytes = r0.get("bytes_on_wire")?.as_f64()?;
     let secs = r0.get("duration_s")?.as_f64()?;
     (secs > 0.0).then(|| bytes * 8.0 / secs)
+}
+
+fn read_cpu(path: &PathBuf) -> Result<CpuDescription> {
+    let text = std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?;
+    serde_json::from_str(&text).with_context(|| format!("{} is not a CPU description", path.display()))
+}
+
+fn cpu_cmd(cmd: CpuCmd) -> Result<()> {
+    match cmd {
+        CpuCmd::Show => {
+            println!("{}", serde_json::to_string_pretty(&cpu::host())?);
+            Ok(())
+        }
+        CpuCmd::Baseline { hosts, output } => {
+            let hosts = hosts.iter().map(read_cpu).collect::<Result<Vec<_>>>()?;
+            let (model, costs) = cpu::baseline(&hosts)?;
+            let list = |s: &std::collections::BTreeSet<String>| s.iter().cloned().collect::<Vec<_>>().join(" ");
+            println!("baseline ({} hosts, {}): {} features", hosts.len(), model.vendor, model.features.len());
+            println!("  {}", list(&model.features));
+            for (h, cost) in hosts.iter().zip(&costs) {
+                if cost.is_empty() {
+                    println!("{}: costs the cluster nothing", h.name);
+                } else {
+                    println!(
+                        "{}: costs the cluster {} ({} feature(s) lost only because of it)",
+                        h.name,
+                        list(cost),
+                        cost.len()
+                    );
+                }
+            }
+            if let Some(path) = output {
+                std::fs::write(&path, serde_json::to_string_pretty(&model)?)?;
+            }
+            Ok(())
+        }
+        CpuCmd::Check { vm, host } => {
+            let (vm, host) = (read_cpu(&vm)?, read_cpu(&host)?);
+            let why = cpu::incompatibilities(&vm, &host);
+            if why.is_empty() {
+                println!("yes: {} can run a VM with CPU model {}", host.name, vm.name);
+                Ok(())
+            } else {
+                println!("no: {}", why.join("; "));
+                bail!("{} cannot run this VM", host.name)
+            }
+        }
+    }
 }

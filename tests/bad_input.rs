@@ -22,6 +22,7 @@ fn hello(pages: u64) -> Hello {
         vcpus: 1,
         guest_kind: "synthetic".into(),
         chunks: Bitmap::full(pages.div_ceil(wire::CHUNK_PAGES)),
+        cpu: None,
     }
 }
 

@@ -114,6 +114,7 @@ fn a_lagging_link_cannot_overwrite_a_newer_copy() {
         vcpus: 0,
         guest_kind: "synthetic".into(),
         chunks: Bitmap::full(1),
+        cpu: None,
     };
     let dest = std::thread::spawn(move || {
         let dopts = DestOptions::default();

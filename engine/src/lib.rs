@@ -10,6 +10,7 @@
 //! [`encode`], and let the [`precopy`] machine decide what happens next.
 #![deny(missing_docs)]
 
+pub mod cpu;
 pub mod dirty;
 pub mod encode;
 pub mod guest;

@@ -43,6 +43,9 @@ pub enum ReceiveError {
     /// Fault injection ([`DestOptions::die_after_bytes`]): the destination dropped the connection as if killed.
     #[error("destination killed by fault injection after {0} bytes")]
     Killed(u64),
+    /// The VM cannot run here; the reasons name the vendor or the missing CPU features.
+    #[error("refused: {}", .0.join("; "))]
+    Incompatible(Vec<String>),
     /// The source asked to commit before the digests were found equal.
     #[error("commit requested before a successful verification")]
     CommitBeforeVerify,
@@ -81,6 +84,9 @@ pub struct DestOptions {
     /// The largest guest accepted, in bytes. A Hello sizes the destination's tables, so it is bounded before any of
     /// them is allocated. Defaults to this host's physical memory.
     pub max_memory: u64,
+    /// This host's CPU, against which a VM's CPU model is checked; read with CPUID unless overridden (tests use a
+    /// fixture).
+    pub host_cpu: Option<livemig_engine::cpu::CpuDescription>,
     /// Fault injection for tests: after this many bytes the destination drops the connection without a word, as the
     /// kernel does for a killed process.
     #[doc(hidden)]
@@ -95,6 +101,7 @@ impl Default for DestOptions {
         DestOptions {
             idle_timeout: Duration::from_secs(30),
             max_memory: if max_memory > 0 { max_memory } else { u64::MAX },
+            host_cpu: None,
             die_after_bytes: None,
         }
     }
@@ -129,6 +136,13 @@ pub fn receive<G: Guest>(
         let asked = hello.layout.total_bytes();
         if asked > opts.max_memory {
             return Err(ReceiveError::TooLarge { asked, max: opts.max_memory });
+        }
+        if let Some(vm) = &hello.cpu {
+            let host = opts.host_cpu.clone().unwrap_or_else(livemig_engine::cpu::host);
+            let why = livemig_engine::cpu::incompatibilities(vm, &host);
+            if !why.is_empty() {
+                return Err(ReceiveError::Incompatible(why));
+            }
         }
         let guest = make_guest(&hello)?;
         let mut w = control;

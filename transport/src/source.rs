@@ -53,6 +53,9 @@ pub struct SourceOptions {
     pub link_timeout: Duration,
     /// The migration's session id.
     pub session: u64,
+    /// The VM's CPU model, sent in the Hello: a destination that lacks any of its features or has another vendor
+    /// refuses before a page moves. `None` skips the check.
+    pub vm_cpu: Option<livemig_engine::cpu::CpuDescription>,
 }
 
 impl Default for SourceOptions {
@@ -65,6 +68,7 @@ impl Default for SourceOptions {
             peer_timeout: Duration::from_secs(10),
             link_timeout: Duration::from_secs(3),
             session: session_id(),
+            vm_cpu: None,
         }
     }
 }
@@ -372,6 +376,7 @@ fn handshake(
         vcpus: guest.vcpu_count(),
         guest_kind: guest.kind().to_string(),
         chunks: wire::chunk_map(initial),
+        cpu: opts.vm_cpu.clone(),
     };
     let body = hello.encode();
     let mut w = stream;

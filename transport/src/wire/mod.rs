@@ -29,6 +29,7 @@
 //!
 //! Integers are little-endian. Lengths and counts read from the wire are bounded before use (DESIGN.md invariant 5).
 
+use livemig_engine::cpu::CpuDescription;
 use livemig_engine::dirty::Bitmap;
 use livemig_engine::encode::{Codec, EncodedBatch, PageEntry};
 use livemig_engine::guest::MemoryLayout;
@@ -364,6 +365,8 @@ pub struct Hello {
     /// One bit per [`CHUNK_PAGES`] pages: set where round 0 will send data, so the destination can fault those
     /// chunks in ahead of the pages.
     pub chunks: Bitmap,
+    /// The VM's CPU model (vendor and the features it may use), checked by the destination before any page moves.
+    pub cpu: Option<CpuDescription>,
 }
 
 /// Pages per chunk of [`Hello::chunks`]: 2 MiB, a transparent huge page.
@@ -400,6 +403,23 @@ impl Hello {
         b.extend_from_slice(&(self.chunks.words().len() as u32).to_le_bytes());
         for w in self.chunks.words() {
             b.extend_from_slice(&w.to_le_bytes());
+        }
+        let short = |b: &mut Vec<u8>, s: &str| {
+            let s = &s.as_bytes()[..s.len().min(255)];
+            b.push(s.len() as u8);
+            b.extend_from_slice(s);
+        };
+        match &self.cpu {
+            None => b.push(0),
+            Some(c) => {
+                b.push(1);
+                short(&mut b, &c.name);
+                short(&mut b, &c.vendor);
+                b.extend_from_slice(&(c.features.len().min(u16::MAX as usize) as u16).to_le_bytes());
+                for f in c.features.iter().take(u16::MAX as usize) {
+                    short(&mut b, f);
+                }
+            }
         }
         b
     }
@@ -441,8 +461,29 @@ impl Hello {
             raw.chunks_exact(8).map(|w| u64::from_le_bytes(w.try_into().expect("8 bytes"))).collect(),
             chunk_bits,
         );
+        let cpu = match r.u8("CPU model flag")? {
+            0 => None,
+            1 => {
+                let mut short = |what: &str| -> Result<String, WireError> {
+                    let n = r.u8(what)?;
+                    String::from_utf8(r.take(n.into(), what)?.to_vec())
+                        .map_err(|_| WireError::Malformed { kind: Kind::Hello, why: format!("{what} is not UTF-8") })
+                };
+                let name = short("CPU model name")?;
+                let vendor = short("CPU vendor")?;
+                let count = u16::from_le_bytes(r.take(2, "feature count")?.try_into().expect("2 bytes"));
+                let mut features = std::collections::BTreeSet::new();
+                for _ in 0..count {
+                    let n = r.u8("feature name length")?;
+                    let f = r.take(n.into(), "feature name")?;
+                    features.insert(String::from_utf8_lossy(f).into_owned());
+                }
+                Some(CpuDescription { name, vendor, family: 0, model: 0, stepping: 0, features })
+            }
+            v => return Err(bad(format!("CPU model flag {v}"))),
+        };
         r.end()?;
-        Ok(Hello { session, chunks, layout, vcpus, guest_kind })
+        Ok(Hello { session, chunks, layout, vcpus, guest_kind, cpu })
     }
 }
 

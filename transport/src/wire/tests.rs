@@ -33,6 +33,7 @@ fn hello_round_trips_and_rejects_odd_layouts() {
         vcpus: 2,
         guest_kind: "synthetic".into(),
         chunks: chunk_map(&pages),
+        cpu: Some(livemig_engine::cpu::host()),
     };
     assert_eq!(hello.chunks.len(), 1);
     assert!(hello.chunks.get(0));
