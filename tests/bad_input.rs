@@ -23,6 +23,7 @@ fn hello(pages: u64) -> Hello {
         guest_kind: "synthetic".into(),
         chunks: Bitmap::full(pages.div_ceil(wire::CHUNK_PAGES)),
         cpu: None,
+        macs: Vec::new(),
     }
 }
 

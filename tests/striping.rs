@@ -115,6 +115,7 @@ fn a_lagging_link_cannot_overwrite_a_newer_copy() {
         guest_kind: "synthetic".into(),
         chunks: Bitmap::full(1),
         cpu: None,
+        macs: Vec::new(),
     };
     let dest = std::thread::spawn(move || {
         let dopts = DestOptions::default();

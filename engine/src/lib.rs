@@ -15,4 +15,5 @@ pub mod dirty;
 pub mod encode;
 pub mod guest;
 pub mod precopy;
+pub mod preflight;
 pub mod receive;

@@ -14,6 +14,7 @@
 use crate::wire::{self, Header, Hello, Kind, Verified, Verify, WireError, HEADER_LEN};
 use livemig_engine::encode::{memory_root, PageCounts};
 use livemig_engine::guest::{Guest, GuestError};
+use livemig_engine::preflight::DestDescription;
 use livemig_engine::receive::{ApplyError, ApplyState, Receiver};
 use std::net::{Shutdown, SocketAddr, TcpListener, TcpStream};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -87,6 +88,9 @@ pub struct DestOptions {
     /// This host's CPU, against which a VM's CPU model is checked; read with CPUID unless overridden (tests use a
     /// fixture).
     pub host_cpu: Option<livemig_engine::cpu::CpuDescription>,
+    /// What this destination reports about itself for the source's preflight; built from this host (its name, its
+    /// available memory, no datastores or port groups) unless given.
+    pub description: Option<DestDescription>,
     /// Fault injection for tests: after this many bytes the destination drops the connection without a word, as the
     /// kernel does for a killed process.
     #[doc(hidden)]
@@ -102,8 +106,32 @@ impl Default for DestOptions {
             idle_timeout: Duration::from_secs(30),
             max_memory: if max_memory > 0 { max_memory } else { u64::MAX },
             host_cpu: None,
+            description: None,
             die_after_bytes: None,
         }
+    }
+}
+
+impl DestOptions {
+    /// What this destination reports about itself.
+    pub fn describe(&self) -> DestDescription {
+        self.description.clone().unwrap_or_else(|| {
+            let name = std::fs::read_to_string("/proc/sys/kernel/hostname")
+                .map_or("destination".into(), |s| s.trim().to_string());
+            // MemAvailable, in kB: what the kernel could give a new VM without swapping.
+            let free = std::fs::read_to_string("/proc/meminfo")
+                .ok()
+                .and_then(|m| m.lines().find(|l| l.starts_with("MemAvailable:")).map(str::to_owned))
+                .and_then(|l| l.split_whitespace().nth(1).and_then(|v| v.parse::<u64>().ok()))
+                .map_or(self.max_memory, |kb| kb * 1024);
+            DestDescription {
+                name,
+                free_memory_bytes: free,
+                datastores: Vec::new(),
+                port_groups: Vec::new(),
+                cpu: self.host_cpu.clone().unwrap_or_else(livemig_engine::cpu::host),
+            }
+        })
     }
 }
 
@@ -146,7 +174,9 @@ pub fn receive<G: Guest>(
         }
         let guest = make_guest(&hello)?;
         let mut w = control;
-        wire::write_frame(&mut w, Kind::HelloAck, 0, 0, &[&hello.session.to_le_bytes()]).map_err(WireError::from)?;
+        let me = opts.describe();
+        wire::write_frame(&mut w, Kind::HelloAck, 0, 0, &[&wire::encode_hello_ack(hello.session, &me)])
+            .map_err(WireError::from)?;
         let report = run(listeners, control, &guest, hello, opts, refused)?;
         Ok((guest, report))
     })();

@@ -5,6 +5,7 @@
 //! - [`dest`]: the destination driver (read, check, apply, acknowledge; restore, verify, commit).
 #![deny(missing_docs)]
 
+pub mod announce;
 pub mod cpu;
 pub mod dest;
 pub mod link;

@@ -56,6 +56,11 @@ pub struct SourceOptions {
     /// The VM's CPU model, sent in the Hello: a destination that lacks any of its features or has another vendor
     /// refuses before a page moves. `None` skips the check.
     pub vm_cpu: Option<livemig_engine::cpu::CpuDescription>,
+    /// The VM's manifest: when given, the source checks it against the destination's description of itself (sent in
+    /// the HelloAck) and refuses to start on any failure.
+    pub manifest: Option<livemig_engine::preflight::VmManifest>,
+    /// The VM's NIC MACs, for the destination to announce after it resumes the guest.
+    pub macs: Vec<[u8; 6]>,
 }
 
 impl Default for SourceOptions {
@@ -69,6 +74,8 @@ impl Default for SourceOptions {
             link_timeout: Duration::from_secs(3),
             session: session_id(),
             vm_cpu: None,
+            manifest: None,
+            macs: Vec::new(),
         }
     }
 }
@@ -108,6 +115,9 @@ pub enum MigrateError {
     /// Reported by the state machine (for example a commit that was not acknowledged).
     #[error("{0}")]
     Machine(String),
+    /// The destination cannot host the VM; every failed requirement, with its fix.
+    #[error("preflight failed: {}", .0.iter().map(|f| f.to_string()).collect::<Vec<_>>().join("; "))]
+    Preflight(Vec<livemig_engine::preflight::Failure>),
     /// The convergence policy gave up; the source keeps the guest.
     #[error("{0}")]
     Cancelled(String),
@@ -377,6 +387,7 @@ fn handshake(
         guest_kind: guest.kind().to_string(),
         chunks: wire::chunk_map(initial),
         cpu: opts.vm_cpu.clone(),
+        macs: opts.macs.clone(),
     };
     let body = hello.encode();
     let mut w = stream;
@@ -388,12 +399,21 @@ fn handshake(
     let rtt = sent.elapsed();
     match h.kind {
         Kind::HelloAck => {
-            let s = wire::decode_session(Kind::HelloAck, &buf).map_err(MigrateError::Handshake)?;
+            let (s, dest) = wire::decode_hello_ack(&buf).map_err(MigrateError::Handshake)?;
             if s != opts.session {
                 return Err(MigrateError::Handshake(WireError::Malformed {
                     kind: Kind::HelloAck,
                     why: format!("session {s:#x} echoed, {:#x} sent", opts.session),
                 }));
+            }
+            if let Some(vm) = &opts.manifest {
+                let failures = livemig_engine::preflight::check(vm, &dest);
+                if !failures.is_empty() {
+                    let e = MigrateError::Preflight(failures);
+                    let mut w = stream;
+                    let _ = wire::write_frame(&mut w, Kind::Abort, 0, 0, &[e.to_string().as_bytes()]);
+                    return Err(e);
+                }
             }
         }
         Kind::Abort => return Err(MigrateError::Handshake(WireError::PeerAbort(wire::decode_reason(&buf)))),

@@ -33,6 +33,7 @@ use livemig_engine::cpu::CpuDescription;
 use livemig_engine::dirty::Bitmap;
 use livemig_engine::encode::{Codec, EncodedBatch, PageEntry};
 use livemig_engine::guest::MemoryLayout;
+use livemig_engine::preflight::DestDescription;
 use std::io::{IoSlice, Read, Write};
 use xxhash_rust::xxh3::Xxh3;
 
@@ -367,6 +368,8 @@ pub struct Hello {
     pub chunks: Bitmap,
     /// The VM's CPU model (vendor and the features it may use), checked by the destination before any page moves.
     pub cpu: Option<CpuDescription>,
+    /// The VM's NIC MACs, which the destination announces after it resumes the guest.
+    pub macs: Vec<[u8; 6]>,
 }
 
 /// Pages per chunk of [`Hello::chunks`]: 2 MiB, a transparent huge page.
@@ -409,6 +412,10 @@ impl Hello {
             b.push(s.len() as u8);
             b.extend_from_slice(s);
         };
+        b.push(u8::try_from(self.macs.len()).expect("at most 255 NICs"));
+        for m in &self.macs {
+            b.extend_from_slice(m);
+        }
         match &self.cpu {
             None => b.push(0),
             Some(c) => {
@@ -461,6 +468,11 @@ impl Hello {
             raw.chunks_exact(8).map(|w| u64::from_le_bytes(w.try_into().expect("8 bytes"))).collect(),
             chunk_bits,
         );
+        let nics = r.u8("NIC count")?;
+        let mut macs = Vec::with_capacity(nics.into());
+        for _ in 0..nics {
+            macs.push(<[u8; 6]>::try_from(r.take(6, "MAC")?).expect("6 bytes"));
+        }
         let cpu = match r.u8("CPU model flag")? {
             0 => None,
             1 => {
@@ -483,7 +495,7 @@ impl Hello {
             v => return Err(bad(format!("CPU model flag {v}"))),
         };
         r.end()?;
-        Ok(Hello { session, chunks, layout, vcpus, guest_kind, cpu })
+        Ok(Hello { session, chunks, layout, vcpus, guest_kind, cpu, macs })
     }
 }
 
@@ -617,6 +629,29 @@ pub fn decode_ack(body: &[u8]) -> Result<(u64, u64), WireError> {
     let pages = r.u32("page count")?;
     r.end()?;
     Ok((bytes, u64::from(pages)))
+}
+
+/// Serializes a HelloAck body: the session echoed, and the destination's description of itself (JSON) for the
+/// source's preflight.
+pub fn encode_hello_ack(session: u64, dest: &DestDescription) -> Vec<u8> {
+    let json = serde_json::to_vec(dest).expect("a description serializes");
+    let mut b = Vec::with_capacity(12 + json.len());
+    b.extend_from_slice(&session.to_le_bytes());
+    b.extend_from_slice(&(json.len() as u32).to_le_bytes());
+    b.extend_from_slice(&json);
+    b
+}
+
+/// Parses a HelloAck body into the session and the destination's description.
+pub fn decode_hello_ack(body: &[u8]) -> Result<(u64, DestDescription), WireError> {
+    let mut r = Body { kind: Kind::HelloAck, b: body };
+    let session = r.u64("session")?;
+    let n = r.u32("description length")? as usize;
+    let json = r.take(n, "description")?;
+    r.end()?;
+    let dest = serde_json::from_slice(json)
+        .map_err(|e| WireError::Malformed { kind: Kind::HelloAck, why: format!("destination description: {e}") })?;
+    Ok((session, dest))
 }
 
 /// Parses a HelloAck body: the session id echoed.

@@ -34,6 +34,7 @@ fn hello_round_trips_and_rejects_odd_layouts() {
         guest_kind: "synthetic".into(),
         chunks: chunk_map(&pages),
         cpu: Some(livemig_engine::cpu::host()),
+        macs: vec![[0x52, 0x54, 0, 0, 0, 1]],
     };
     assert_eq!(hello.chunks.len(), 1);
     assert!(hello.chunks.get(0));
