@@ -23,4 +23,5 @@ pub use livemig_transport as transport;
 pub mod guests;
 pub mod lab;
 pub mod loopback;
+pub mod manifest;
 pub mod report;

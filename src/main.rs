@@ -6,11 +6,14 @@ use indicatif::{ProgressBar, ProgressStyle};
 use livemig::engine::cpu::{self, CpuDescription};
 use livemig::engine::guest::{Guest, GuestMemory, MemoryLayout, SyntheticConfig, SyntheticGuest};
 use livemig::engine::precopy::{OnTimeout, PrecopyConfig};
+use livemig::engine::preflight::{self, DestDescription, PortGroup};
 use livemig::guests::AnyGuest;
 use livemig::kvm::{DirtyLogMethod, KvmConfig, KvmGuest};
 use livemig::lab::{parse_rates, Lab};
 use livemig::loopback::migrate_loopback;
+use livemig::manifest;
 use livemig::report::{parse_size, GuestInfo, Pages, Report, VcpuState};
+use livemig::transport::announce::{announce, Schedule};
 use livemig::transport::dest::{accept_migration, receive, DestOptions};
 use livemig::transport::link::LinkSpec;
 use livemig::transport::source::{migrate, Progress, SourceOptions, SourceReport, VerifyMode};
@@ -53,6 +56,15 @@ enum Cmd {
         #[command(flatten)]
         run: RunOpts,
     },
+    /// Check a VM manifest against a destination's description: every failure, with its reason and fix.
+    Preflight {
+        /// The VM manifest (TOML).
+        #[arg(long)]
+        vm: PathBuf,
+        /// The destination's description (JSON).
+        #[arg(long)]
+        dest: PathBuf,
+    },
     /// CPU descriptions: this host's, a cluster's baseline, and whether a VM's CPU model fits a host.
     Cpu {
         #[command(subcommand)]
@@ -71,6 +83,18 @@ enum Cmd {
         /// More addresses to accept data links on (one per NIC).
         #[arg(long = "data")]
         data: Vec<String>,
+        /// This destination's name in its description.
+        #[arg(long)]
+        name: Option<String>,
+        /// A datastore this destination can see (repeat for each).
+        #[arg(long = "datastore")]
+        datastores: Vec<String>,
+        /// A port group of this destination, NAME:UPLINKS (repeat for each).
+        #[arg(long = "port-group")]
+        port_groups: Vec<String>,
+        /// After resuming the guest, announce its NICs' MACs (from the source's manifest) on this interface (RARP).
+        #[arg(long)]
+        announce: Option<String>,
         /// Create and fault in the destination guest's RAM (this size, one region) before any source connects, as a
         /// destination VM started with its memory preallocated would be. Used when the source's layout matches.
         #[arg(long, value_parser = parse_size)]
@@ -183,6 +207,10 @@ struct GuestOpts {
     /// vCPU threads.
     #[arg(long, default_value_t = 1)]
     vcpus: u32,
+    /// The VM's manifest (TOML): its memory, CPU model, affinity, devices, NICs and disks. The destination's own
+    /// description is checked against it in the handshake, and the migration refused on any failure.
+    #[arg(long)]
+    vm: Option<PathBuf>,
     /// The VM's CPU model (a `cpu show` or `cpu baseline` JSON); the destination refuses the migration if it lacks any
     /// of its features. Defaults to this host's CPU. A KVM guest's CPUID is masked to it.
     #[arg(long)]
@@ -244,9 +272,11 @@ fn main() {
     let result = match cli.cmd {
         Cmd::Demo { links, guest, run } => demo(links, &guest, &run),
         Cmd::Send { to, links, guest, run } => send(&to, &links, &guest, &run),
-        Cmd::Receive { listen, data, prealloc, run_for_ms, report, json } => {
-            receive_cmd(&listen, &data, prealloc, run_for_ms, report, json)
+        Cmd::Receive { listen, data, name, datastores, port_groups, announce, prealloc, run_for_ms, report, json } => {
+            let me = Describe { name, datastores, port_groups, announce };
+            receive_cmd(&listen, &data, &me, prealloc, run_for_ms, report, json)
         }
+        Cmd::Preflight { vm, dest } => preflight_cmd(&vm, &dest),
         Cmd::Lab { cmd } => lab_cmd(cmd),
         Cmd::Cpu { cmd } => cpu_cmd(cmd),
     };
@@ -259,10 +289,15 @@ fn main() {
 
 fn make_guest(g: &GuestOpts) -> Result<AnyGuest> {
     let t = Instant::now();
+    // A manifest's memory size is the VM's.
+    let memory = match &g.vm {
+        Some(path) => manifest::read(path)?.memory_bytes,
+        None => g.memory,
+    };
     let guest = match g.guest {
         GuestKind::Synthetic => AnyGuest::Synthetic(
             SyntheticGuest::new(&SyntheticConfig {
-                memory_bytes: g.memory,
+                memory_bytes: memory,
                 touched_pct: g.touched,
                 dirty_rate: g.dirty_rate,
                 hot_set_pct: g.hot_set,
@@ -281,7 +316,7 @@ fn make_guest(g: &GuestOpts) -> Result<AnyGuest> {
             };
             AnyGuest::Kvm(
                 KvmGuest::new(&KvmConfig {
-                    memory_bytes: g.memory,
+                    memory_bytes: memory,
                     touched_pct: g.touched,
                     dirty_rate: g.dirty_rate,
                     hot_set_pct: g.hot_set,
@@ -294,7 +329,7 @@ fn make_guest(g: &GuestOpts) -> Result<AnyGuest> {
     match g.guest {
         GuestKind::Synthetic => eprintln!(
             "guest: synthetic, {} MiB, {:.0}% touched, {} vCPU(s) dirtying {} pages/s over {:.0}% (ready in {:.2} s)",
-            g.memory >> 20,
+            memory >> 20,
             g.touched,
             g.vcpus,
             g.dirty_rate,
@@ -303,7 +338,7 @@ fn make_guest(g: &GuestOpts) -> Result<AnyGuest> {
         ),
         GuestKind::Kvm => eprintln!(
             "guest: KVM, {} MiB, {:.0}% touched, 1 vCPU running the test guest at {} pages/s over {:.0}% (dirty log: {})",
-            g.memory >> 20,
+            memory >> 20,
             g.touched,
             g.dirty_rate,
             g.hot_set,
@@ -317,15 +352,19 @@ fn make_guest(g: &GuestOpts) -> Result<AnyGuest> {
 }
 
 fn vm_cpu(g: &GuestOpts) -> Result<CpuDescription> {
-    match &g.cpu_model {
-        Some(path) => read_cpu(path),
-        None => Ok(cpu::host()),
+    match (&g.cpu_model, &g.vm) {
+        (Some(path), _) => read_cpu(path),
+        (None, Some(vm)) => Ok(manifest::read(vm)?.cpu),
+        (None, None) => Ok(cpu::host()),
     }
 }
 
 fn source_options(run: &RunOpts, g: &GuestOpts) -> Result<SourceOptions> {
+    let vm = g.vm.as_deref().map(manifest::read).transpose()?;
     Ok(SourceOptions {
         vm_cpu: Some(vm_cpu(g)?),
+        macs: vm.as_ref().map(manifest::macs).unwrap_or_default(),
+        manifest: vm,
         precopy: PrecopyConfig {
             downtime_target: Duration::from_millis(run.downtime_target),
             max_rounds: run.max_rounds.max(1),
@@ -437,9 +476,18 @@ fn send(to: &str, links: &[LinkSpec], g: &GuestOpts, run: &RunOpts) -> Result<()
     finish(&source_report(&guest, &r, run, &opts), &run.report, run.json)
 }
 
+/// What `receive` says about itself, and where it announces.
+struct Describe {
+    name: Option<String>,
+    datastores: Vec<String>,
+    port_groups: Vec<String>,
+    announce: Option<String>,
+}
+
 fn receive_cmd(
     listen: &str,
     data: &[String],
+    me: &Describe,
     prealloc: Option<u64>,
     run_for_ms: u64,
     report_path: Option<PathBuf>,
@@ -463,7 +511,18 @@ fn receive_cmd(
         .map(|a| TcpListener::bind(a).with_context(|| format!("listening on {a}")))
         .collect::<Result<Vec<_>>>()?;
     eprintln!("waiting for a migration on {}", listener.local_addr()?);
-    let opts = DestOptions::default();
+    let mut opts = DestOptions::default();
+    let mut description = opts.describe();
+    if let Some(n) = &me.name {
+        description.name = n.clone();
+    }
+    description.datastores = me.datastores.clone();
+    for pg in &me.port_groups {
+        let (name, uplinks) = pg.split_once(':').ok_or_else(|| anyhow!("--port-group {pg}: want NAME:UPLINKS"))?;
+        let uplinks = uplinks.parse().map_err(|_| anyhow!("--port-group {pg}: uplinks must be a number"))?;
+        description.port_groups.push(PortGroup { name: name.to_string(), uplinks });
+    }
+    opts.description = Some(description);
     let refused = |peer, e: &_| eprintln!("refused {peer}: {e}");
     let (stream, hello) = accept_migration(&listener, &opts, &refused)?;
     let start = Instant::now();
@@ -474,6 +533,10 @@ fn receive_cmd(
     };
     let (guest, r) = receive(&listeners, &stream, hello, make, &opts, &refused).context("receiving the migration")?;
     eprintln!("guest resumed {:.3} s after the handshake", r.resumed_at.duration_since(start).as_secs_f64());
+    if let Some(iface) = &me.announce {
+        let sent = announce(iface, &r.hello.macs, Schedule::default()).context("announcing the guest's MACs")?;
+        eprintln!("announced {} MAC(s) on {iface}: {sent} RARP frames", r.hello.macs.len());
+    }
     eprintln!("{}", guest.check_running(None).map_err(|e| anyhow!(e))?);
     std::thread::sleep(Duration::from_millis(run_for_ms.saturating_sub(100)));
     let report = Report {
@@ -643,4 +706,21 @@ fn cpu_cmd(cmd: CpuCmd) -> Result<()> {
             }
         }
     }
+}
+
+fn preflight_cmd(vm: &PathBuf, dest: &PathBuf) -> Result<()> {
+    let vm = manifest::read(vm)?;
+    let text = std::fs::read_to_string(dest).with_context(|| format!("reading {}", dest.display()))?;
+    let dest: DestDescription =
+        serde_json::from_str(&text).with_context(|| format!("{} is not a destination description", dest.display()))?;
+    let failures = preflight::check(&vm, &dest);
+    if failures.is_empty() {
+        println!("ok: {} may migrate to {}", vm.name, dest.name);
+        return Ok(());
+    }
+    println!("{} cannot migrate to {}: {} problem(s)", vm.name, dest.name, failures.len());
+    for f in &failures {
+        println!("- [{}] {}\n  fix: {}", f.requirement, f.reason, f.fix);
+    }
+    bail!("preflight failed with {} problem(s)", failures.len())
 }
