@@ -708,7 +708,7 @@ fn cpu_cmd(cmd: CpuCmd) -> Result<()> {
     }
 }
 
-fn preflight_cmd(vm: &PathBuf, dest: &PathBuf) -> Result<()> {
+fn preflight_cmd(vm: &std::path::Path, dest: &std::path::Path) -> Result<()> {
     let vm = manifest::read(vm)?;
     let text = std::fs::read_to_string(dest).with_context(|| format!("reading {}", dest.display()))?;
     let dest: DestDescription =
