@@ -22,6 +22,7 @@ fn harvest(c: &mut Criterion) {
             dirty_rate: 20_000,
             hot_set_pct: 10.0,
             dirty_log: method,
+            cpu_model: None,
         })
         .unwrap();
         // Measure in steady state: after the guest's first self-check has faulted its hot set in.

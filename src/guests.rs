@@ -2,10 +2,9 @@
 //! source's Hello.
 
 use livemig_engine::dirty::Bitmap;
-use livemig_engine::guest::{
-    DirtyLog, Guest, GuestError, GuestMemory, HostRegion, MemoryLayout, SyntheticGuest, Vcpus,
-};
+use livemig_engine::guest::{DirtyLog, Guest, GuestError, GuestMemory, HostRegion, SyntheticGuest, Vcpus};
 use livemig_kvm::KvmGuest;
+use livemig_transport::wire::Hello;
 use std::sync::atomic::Ordering;
 use std::time::Duration;
 
@@ -19,11 +18,12 @@ pub enum AnyGuest {
 }
 
 impl AnyGuest {
-    /// An empty destination guest of the kind and layout the source announced.
-    pub fn destination(kind: &str, layout: &MemoryLayout) -> Result<AnyGuest, GuestError> {
-        match kind {
+    /// An empty destination guest of the kind, layout and CPU model the source announced.
+    pub fn destination(hello: &Hello) -> Result<AnyGuest, GuestError> {
+        let layout = &hello.layout;
+        match hello.guest_kind.as_str() {
             "synthetic" => Ok(AnyGuest::Synthetic(SyntheticGuest::destination(layout)?)),
-            "kvm" => Ok(AnyGuest::Kvm(KvmGuest::destination(layout).map_err(GuestError::from)?)),
+            "kvm" => Ok(AnyGuest::Kvm(KvmGuest::destination(layout, hello.cpu.as_ref()).map_err(GuestError::from)?)),
             other => Err(GuestError::BadState(format!("this destination cannot host a '{other}' guest"))),
         }
     }

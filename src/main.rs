@@ -321,6 +321,7 @@ fn make_guest(g: &GuestOpts) -> Result<AnyGuest> {
                     dirty_rate: g.dirty_rate,
                     hot_set_pct: g.hot_set,
                     dirty_log,
+                    cpu_model: Some(vm_cpu(g)?),
                 })
                 .context("building the KVM guest")?,
             )
@@ -529,7 +530,7 @@ fn receive_cmd(
     let listeners: Vec<&TcpListener> = std::iter::once(&listener).chain(extra.iter()).collect();
     let make = |h: &Hello| match ready {
         Some(g) if g.layout() == h.layout && h.guest_kind == "synthetic" => Ok(AnyGuest::Synthetic(g)),
-        _ => AnyGuest::destination(&h.guest_kind, &h.layout),
+        _ => AnyGuest::destination(h),
     };
     let (guest, r) = receive(&listeners, &stream, hello, make, &opts, &refused).context("receiving the migration")?;
     eprintln!("guest resumed {:.3} s after the handshake", r.resumed_at.duration_since(start).as_secs_f64());

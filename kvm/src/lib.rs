@@ -20,6 +20,7 @@ pub mod vm_memory;
 
 use kvm_bindings::{kvm_enable_cap, kvm_segment, kvm_userspace_memory_region, KVM_MAX_CPUID_ENTRIES};
 use kvm_ioctls::{Kvm, VcpuExit, VcpuFd, VmFd};
+use livemig_engine::cpu::{CpuDescription, Reg};
 use livemig_engine::dirty::Bitmap;
 use livemig_engine::guest::{
     host_pages, DirtyLog, Guest, GuestError, GuestMemory, HostRegion, MemoryLayout, MmapRegion, Vcpus, PAGE_SIZE,
@@ -89,6 +90,8 @@ pub struct KvmConfig {
     pub hot_set_pct: f64,
     /// How dirty pages are harvested.
     pub dirty_log: DirtyLogMethod,
+    /// The CPU model the guest sees: CPUID is masked down to its features. `None`: everything KVM supports here.
+    pub cpu_model: Option<CpuDescription>,
 }
 
 /// Ioctl numbers kvm-ioctls has no wrapper for.
@@ -108,6 +111,12 @@ pub struct GuestReports {
     pub checks_ok: AtomicU64,
     /// Self-checks that did not match: memory the guest did not write changed under it.
     pub checks_bad: AtomicU64,
+    /// CPUID leaf 1 ECX as the guest last read it.
+    pub cpuid1_ecx: AtomicU32,
+    /// CPUID leaf 7 EBX as the guest last read it.
+    pub cpuid7_ebx: AtomicU32,
+    /// CPUID reports received.
+    pub cpuid_reports: AtomicU64,
     last_sum: AtomicU32,
 }
 
@@ -169,7 +178,7 @@ impl KvmGuest {
             )));
         }
         let layout = MemoryLayout { regions: vec![(0, cfg.memory_bytes)] };
-        let g = Self::build(&layout, cfg.dirty_log, false)?;
+        let g = Self::build(&layout, cfg.dirty_log, false, cfg.cpu_model.as_ref())?;
         let code = program::assemble().map_err(|e| KvmError::Assemble(e.to_string()))?;
         let first = program::DATA / PAGE_SIZE as u64;
         let data_pages = cfg.memory_bytes / PAGE_SIZE as u64 - first;
@@ -230,12 +239,18 @@ impl KvmGuest {
         Ok(g)
     }
 
-    /// A fresh VM of `layout` for an incoming migration: memory empty, vCPU paused until its state is restored.
-    pub fn destination(layout: &MemoryLayout) -> Result<KvmGuest, KvmError> {
-        Self::build(layout, DirtyLogMethod::GetLog, true)
+    /// A fresh VM of `layout` for an incoming migration: memory empty, vCPU paused until its state is restored, its
+    /// CPUID masked to `cpu_model` (the source VM's, from the handshake) when given.
+    pub fn destination(layout: &MemoryLayout, cpu_model: Option<&CpuDescription>) -> Result<KvmGuest, KvmError> {
+        Self::build(layout, DirtyLogMethod::GetLog, true, cpu_model)
     }
 
-    fn build(layout: &MemoryLayout, method: DirtyLogMethod, huge_pages: bool) -> Result<KvmGuest, KvmError> {
+    fn build(
+        layout: &MemoryLayout,
+        method: DirtyLogMethod,
+        huge_pages: bool,
+        cpu_model: Option<&CpuDescription>,
+    ) -> Result<KvmGuest, KvmError> {
         let &[(0, bytes)] = layout.regions.as_slice() else {
             return Err(KvmError::Layout(format!("the KVM guest has one region at 0, not {:?}", layout.regions)));
         };
@@ -266,7 +281,10 @@ impl KvmGuest {
         // keeps it (field `map`) as long as the VM (field `vm`) that uses it; the VM is dropped first (field order).
         unsafe { vm.set_user_memory_region(region) }.map_err(ioctl("KVM_SET_USER_MEMORY_REGION"))?;
         let vcpu = vm.create_vcpu(0).map_err(ioctl("KVM_CREATE_VCPU"))?;
-        let cpuid = kvm.get_supported_cpuid(KVM_MAX_CPUID_ENTRIES).map_err(ioctl("KVM_GET_SUPPORTED_CPUID"))?;
+        let mut cpuid = kvm.get_supported_cpuid(KVM_MAX_CPUID_ENTRIES).map_err(ioctl("KVM_GET_SUPPORTED_CPUID"))?;
+        if let Some(model) = cpu_model {
+            mask_cpuid(cpuid.as_mut_slice(), model);
+        }
         vcpu.set_cpuid2(&cpuid).map_err(ioctl("KVM_SET_CPUID2"))?;
         let supported = kvm.get_msr_index_list().map_err(ioctl("KVM_GET_MSR_INDEX_LIST"))?;
         let msrs = state::MSRS.iter().copied().filter(|m| supported.as_slice().contains(m)).collect();
@@ -342,6 +360,13 @@ impl KvmGuest {
     /// so this is the source's counter at its pause); `None` if never restored.
     pub fn counter_at_restore(&self) -> Option<u64> {
         Some(self.restored_counter.load(Ordering::SeqCst)).filter(|&c| c > 0)
+    }
+
+    /// The features in the CPUID table KVM holds for the vCPU (`KVM_GET_CPUID2`): what KVM answers the guest's CPUID
+    /// with, unless an outer hypervisor answers it first (nested virtualization can).
+    pub fn cpuid_features(&self) -> Result<std::collections::BTreeSet<String>, KvmError> {
+        let cpuid = self.lock_vcpu().get_cpuid2(KVM_MAX_CPUID_ENTRIES).map_err(ioctl("KVM_GET_CPUID2"))?;
+        Ok(features_in(cpuid.as_slice()))
     }
 
     /// What the guest has reported through its ports.
@@ -465,6 +490,13 @@ fn vcpu_loop(vcpu: &Mutex<VcpuFd>, s: &Shared) {
                 done_in_slice += u64::from(program::BURST);
             }
             Ok(VcpuExit::IoOut(program::PORT_SUM, data)) => s.reports.last_sum.store(le32(data), Ordering::Relaxed),
+            Ok(VcpuExit::IoOut(program::PORT_CPUID1_ECX, data)) => {
+                s.reports.cpuid1_ecx.store(le32(data), Ordering::Relaxed)
+            }
+            Ok(VcpuExit::IoOut(program::PORT_CPUID7_EBX, data)) => {
+                s.reports.cpuid7_ebx.store(le32(data), Ordering::Relaxed);
+                s.reports.cpuid_reports.fetch_add(1, Ordering::Relaxed);
+            }
             Ok(VcpuExit::IoOut(program::PORT_CHECK, data)) => {
                 let ok = le32(data) == s.reports.last_sum.load(Ordering::Relaxed);
                 let counter = if ok { &s.reports.checks_ok } else { &s.reports.checks_bad };
@@ -484,6 +516,61 @@ fn vcpu_loop(vcpu: &Mutex<VcpuFd>, s: &Shared) {
                 return;
             }
         }
+    }
+}
+
+/// The features (of the shared table) set in `entries`.
+fn features_in(entries: &[kvm_bindings::kvm_cpuid_entry2]) -> std::collections::BTreeSet<String> {
+    livemig_engine::cpu::FEATURES
+        .iter()
+        .filter(|&&(_, leaf, sub, reg, bit)| {
+            entries.iter().any(|e| {
+                let word = match reg {
+                    Reg::Ebx => e.ebx,
+                    Reg::Ecx => e.ecx,
+                    Reg::Edx => e.edx,
+                };
+                e.function == leaf && e.index == sub && word & (1 << bit) != 0
+            })
+        })
+        .map(|f| f.0.to_string())
+        .collect()
+}
+
+/// Clears every feature bit of the shared table that `model` lacks, so the guest sees at most the model's features.
+/// Bits livemig has no name for are left as KVM set them.
+pub fn mask_cpuid(entries: &mut [kvm_bindings::kvm_cpuid_entry2], model: &CpuDescription) {
+    for &(name, leaf, sub, reg, bit) in livemig_engine::cpu::FEATURES {
+        if model.features.contains(name) {
+            continue;
+        }
+        for e in entries.iter_mut().filter(|e| e.function == leaf && e.index == sub) {
+            let word = match reg {
+                Reg::Ebx => &mut e.ebx,
+                Reg::Ecx => &mut e.ecx,
+                Reg::Edx => &mut e.edx,
+            };
+            *word &= !(1u32 << bit);
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn masking_clears_exactly_the_features_the_model_lacks() {
+        let Ok(kvm) = Kvm::new() else {
+            let _ = std::io::Write::write_all(&mut std::io::stderr(), b"SKIP cpuid mask: /dev/kvm is not available\n");
+            return;
+        };
+        let mut cpuid = kvm.get_supported_cpuid(KVM_MAX_CPUID_ENTRIES).unwrap();
+        let before = features_in(cpuid.as_slice());
+        let mut model = livemig_engine::cpu::host();
+        model.features = before.iter().take(before.len() / 2).cloned().collect();
+        mask_cpuid(cpuid.as_mut_slice(), &model);
+        assert_eq!(features_in(cpuid.as_slice()), model.features);
     }
 }
 

@@ -32,6 +32,10 @@ pub const PORT_PROGRESS: u16 = 0x10;
 pub const PORT_SUM: u16 = 0x11;
 /// Port of the running check value.
 pub const PORT_CHECK: u16 = 0x12;
+/// Port of CPUID leaf 1's ECX, as the guest sees it (at boot and at every self-check).
+pub const PORT_CPUID1_ECX: u16 = 0x13;
+/// Port of CPUID leaf 7 (subleaf 0)'s EBX.
+pub const PORT_CPUID7_EBX: u16 = 0x14;
 /// Pages the guest writes between two exits.
 pub const BURST: u32 = 16;
 /// Fewest bursts between two self-checks.
@@ -50,7 +54,21 @@ pub fn assemble() -> Result<Vec<u8>, IcedError> {
     let mut sum_loop = a.create_label();
     let mb = MAILBOX as u32;
     let data = DATA as u32;
+    // What CPUID says, so the host can see the CPU model the guest was given (clobbers eax, ebx, ecx, edx).
+    let report_cpuid = |a: &mut CodeAssembler| -> Result<(), IcedError> {
+        a.mov(eax, 1u32)?;
+        a.xor(ecx, ecx)?;
+        a.cpuid()?;
+        a.mov(eax, ecx)?;
+        a.out(PORT_CPUID1_ECX as u8 as i32, eax)?;
+        a.mov(eax, 7u32)?;
+        a.xor(ecx, ecx)?;
+        a.cpuid()?;
+        a.mov(eax, ebx)?;
+        a.out(PORT_CPUID7_EBX as u8 as i32, eax)
+    };
 
+    report_cpuid(&mut a)?;
     a.mov(esi, mb)?;
     a.mov(ebp, dword_ptr(esi + 16))?; // hot page count
     a.xor(edi, edi)?; // bursts since the last self-check
@@ -90,6 +108,7 @@ pub fn assemble() -> Result<Vec<u8>, IcedError> {
     a.out(PORT_SUM as u8 as i32, eax)?;
     a.mov(eax, dword_ptr(esi + 8))?;
     a.out(PORT_CHECK as u8 as i32, eax)?;
+    report_cpuid(&mut a)?;
     a.jmp(main_loop)?;
     a.assemble(CODE)
 }
@@ -104,6 +123,6 @@ mod tests {
         assert!(code.len() < 4096, "{} bytes", code.len());
         let mut d = iced_x86::Decoder::with_ip(32, &code, CODE, iced_x86::DecoderOptions::NONE);
         let outs = d.iter().filter(|i| i.mnemonic() == iced_x86::Mnemonic::Out).count();
-        assert_eq!(outs, 3, "three ports");
+        assert_eq!(outs, 7, "progress, sum, check, and CPUID twice (boot and self-check)");
     }
 }

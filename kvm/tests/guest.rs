@@ -36,6 +36,7 @@ fn the_guest_runs_proves_its_memory_and_moves_to_a_fresh_vm() {
             dirty_rate: 20_000,
             hot_set_pct: 10.0,
             dirty_log: method,
+            cpu_model: None,
         })
         .unwrap();
         wait_for("two self-checks", || g.reports().checks_ok.load(Ordering::Relaxed) >= 2);
@@ -51,7 +52,7 @@ fn the_guest_runs_proves_its_memory_and_moves_to_a_fresh_vm() {
         assert_eq!(g.counter(), at_pause, "a paused guest wrote memory");
         let blob = g.save_state().unwrap();
         // A fresh VM, its memory copied page by page, its vCPU restored.
-        let d = KvmGuest::destination(&g.layout()).unwrap();
+        let d = KvmGuest::destination(&g.layout(), None).unwrap();
         let mut page = vec![0u8; PAGE_SIZE];
         for p in 0..g.total_pages() {
             read_page(&g, p, &mut page).unwrap();
@@ -78,6 +79,7 @@ fn a_page_the_guest_did_not_write_changing_under_it_is_caught_by_its_self_check(
         dirty_rate: 20_000,
         hot_set_pct: 10.0,
         dirty_log: DirtyLogMethod::GetLog,
+        cpu_model: None,
     })
     .unwrap();
     wait_for("a self-check", || g.reports().checks_ok.load(Ordering::Relaxed) >= 1);
