@@ -35,7 +35,7 @@ pub fn migrate_loopback(
             let refused = |peer, e: &_| eprintln!("refused connection from {peer}: {e}");
             let (stream, hello) =
                 accept_migration(&listener, dopts, &refused).map_err(|e| ReceiveError::Wire(e.into()))?;
-            receive(&[&listener], &stream, hello, |h| AnyGuest::destination(h), dopts, &refused)
+            receive(&[&listener], &stream, hello, AnyGuest::destination, dopts, &refused)
         })?;
         let control = TcpStream::connect(addr)?;
         let source = migrate(guest, control, &specs, opts, progress);
