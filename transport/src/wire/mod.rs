@@ -422,6 +422,9 @@ impl Hello {
                 b.push(1);
                 short(&mut b, &c.name);
                 short(&mut b, &c.vendor);
+                for v in [c.family, c.model, c.stepping] {
+                    b.extend_from_slice(&v.to_le_bytes());
+                }
                 b.extend_from_slice(&(c.features.len().min(u16::MAX as usize) as u16).to_le_bytes());
                 for f in c.features.iter().take(u16::MAX as usize) {
                     short(&mut b, f);
@@ -483,6 +486,7 @@ impl Hello {
                 };
                 let name = short("CPU model name")?;
                 let vendor = short("CPU vendor")?;
+                let (family, model, stepping) = (r.u32("CPU family")?, r.u32("CPU model")?, r.u32("CPU stepping")?);
                 let count = u16::from_le_bytes(r.take(2, "feature count")?.try_into().expect("2 bytes"));
                 let mut features = std::collections::BTreeSet::new();
                 for _ in 0..count {
@@ -490,7 +494,7 @@ impl Hello {
                     let f = r.take(n.into(), "feature name")?;
                     features.insert(String::from_utf8_lossy(f).into_owned());
                 }
-                Some(CpuDescription { name, vendor, family: 0, model: 0, stepping: 0, features })
+                Some(CpuDescription { name, vendor, family, model, stepping, features })
             }
             v => return Err(bad(format!("CPU model flag {v}"))),
         };
