@@ -2,6 +2,10 @@
 //! before commit is cancelled with the source resumed (DESIGN.md invariant 4). In both, the source's vCPUs end running
 //! and unthrottled.
 
+mod common;
+
+use common::Relay;
+
 use livemig::engine::guest::{SyntheticConfig, SyntheticGuest, Vcpus};
 use livemig::engine::precopy::{PrecopyConfig, MAX_PAUSE};
 use livemig::loopback::migrate_loopback;
@@ -9,10 +13,8 @@ use livemig::transport::dest::{accept_migration, receive, DestOptions, ReceiveEr
 use livemig::transport::link::LinkSpec;
 use livemig::transport::source::{migrate, MigrateError, SourceOptions};
 use livemig::transport::wire::WireError;
-use std::io::{Read, Write};
-use std::net::{Shutdown, TcpListener, TcpStream};
-use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::Arc;
+use std::net::{TcpListener, TcpStream};
+use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
 
 fn guest(mib: u64, dirty_rate: u64, hot_set_pct: f64) -> SyntheticGuest {
@@ -64,37 +66,8 @@ fn a_final_round_that_runs_past_the_pause_bound_is_cancelled_and_the_source_resu
     let listener = TcpListener::bind("127.0.0.1:0").unwrap();
     let addr = listener.local_addr().unwrap();
     // The only data link goes through a relay that stops moving bytes the moment the source pauses its guest.
-    let relay = TcpListener::bind("127.0.0.1:0").unwrap();
-    let relay_addr = relay.local_addr().unwrap();
-    let stalled = Arc::new(AtomicBool::new(false));
-    let s2 = stalled.clone();
-    std::thread::spawn(move || {
-        let (client, _) = relay.accept().unwrap();
-        let server = TcpStream::connect(addr).unwrap();
-        for (mut from, mut to) in [(client.try_clone().unwrap(), server.try_clone().unwrap()), (server, client)] {
-            let stalled = s2.clone();
-            std::thread::spawn(move || {
-                let mut buf = vec![0u8; 64 << 10];
-                loop {
-                    if stalled.load(Ordering::SeqCst) {
-                        std::thread::sleep(Duration::from_millis(10));
-                        continue;
-                    }
-                    match from.read(&mut buf) {
-                        Ok(0) | Err(_) => {
-                            let _ = to.shutdown(Shutdown::Write);
-                            return;
-                        }
-                        Ok(n) => {
-                            if to.write_all(&buf[..n]).is_err() {
-                                return;
-                            }
-                        }
-                    }
-                }
-            });
-        }
-    });
+    let relay = Relay::start(addr, false);
+    let (relay_addr, stalled) = (relay.addr, relay.cut.clone());
     // A generous target lets pre-copy stop with thousands of pages left, so the final round takes a while.
     let src = guest(256, 30_000, 50.0);
     let opts = SourceOptions {

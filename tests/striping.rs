@@ -2,6 +2,10 @@
 //! put an old page copy over a newer one, and a link that stalls or breaks mid-round is failed and its batches go
 //! out on the others.
 
+mod common;
+
+use common::Relay;
+
 use livemig::engine::dirty::Bitmap;
 use livemig::engine::encode::{page_hash, zero_page_hash, Codec, EncodedBatch, HashTable, PageEntry};
 use livemig::engine::guest::{read_page, MemoryLayout, SyntheticConfig, SyntheticGuest, Vcpus};
@@ -11,9 +15,9 @@ use livemig::transport::link::LinkSpec;
 use livemig::transport::source::{migrate, SourceOptions, VerifyMode};
 use livemig::transport::wire::{self, Hello, Kind, Verified, Verify};
 use std::io::{Read, Write};
-use std::net::{Shutdown, SocketAddr, TcpListener, TcpStream};
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::{Arc, Mutex};
+use std::net::{SocketAddr, TcpListener, TcpStream};
+use std::sync::atomic::Ordering;
+use std::sync::Mutex;
 use std::time::Duration;
 
 fn guest(mib: u64, dirty_rate: u64) -> SyntheticGuest {
@@ -170,63 +174,10 @@ fn a_lagging_link_cannot_overwrite_a_newer_copy() {
     assert_ne!(zero_page_hash(), page_hash(&page));
 }
 
-/// Forwards a TCP connection, and on cue either stops forwarding (the link stalls, as a NIC that went down) or
-/// resets both sides (the link errors).
-struct Proxy {
-    addr: SocketAddr,
-    forwarded: Arc<AtomicU64>,
-    cut: Arc<AtomicBool>,
-}
-
-impl Proxy {
-    fn start(to: SocketAddr, reset_on_cut: bool) -> Proxy {
-        let l = TcpListener::bind("127.0.0.1:0").unwrap();
-        let addr = l.local_addr().unwrap();
-        let (forwarded, cut) = (Arc::new(AtomicU64::new(0)), Arc::new(AtomicBool::new(false)));
-        let (f, c) = (forwarded.clone(), cut.clone());
-        std::thread::spawn(move || {
-            let Ok((client, _)) = l.accept() else { return };
-            let server = TcpStream::connect(to).unwrap();
-            let pump = |mut from: TcpStream, mut to: TcpStream, f: Arc<AtomicU64>, c: Arc<AtomicBool>| {
-                std::thread::spawn(move || {
-                    let mut buf = vec![0u8; 64 << 10];
-                    loop {
-                        if c.load(Ordering::SeqCst) {
-                            if reset_on_cut {
-                                let _ = from.shutdown(Shutdown::Both);
-                                let _ = to.shutdown(Shutdown::Both);
-                                return;
-                            }
-                            // Stalled: hold both sockets open and move nothing, like a link that went down.
-                            std::thread::sleep(Duration::from_millis(20));
-                            continue;
-                        }
-                        match from.read(&mut buf) {
-                            Ok(0) | Err(_) => {
-                                let _ = to.shutdown(Shutdown::Write);
-                                return;
-                            }
-                            Ok(n) => {
-                                if to.write_all(&buf[..n]).is_err() {
-                                    return;
-                                }
-                                f.fetch_add(n as u64, Ordering::SeqCst);
-                            }
-                        }
-                    }
-                })
-            };
-            pump(client.try_clone().unwrap(), server.try_clone().unwrap(), f.clone(), c.clone());
-            pump(server, client, f, c);
-        });
-        Proxy { addr, forwarded, cut }
-    }
-}
-
 fn migrate_with_a_failing_link(reset_on_cut: bool) {
     let listener = TcpListener::bind("127.0.0.1:0").unwrap();
     let addr = listener.local_addr().unwrap();
-    let proxy = Proxy::start(addr, reset_on_cut);
+    let proxy = Relay::start(addr, reset_on_cut);
     let src = guest(256, 5000);
     let opts =
         SourceOptions { verify: VerifyMode::Full, link_timeout: Duration::from_millis(500), ..Default::default() };
