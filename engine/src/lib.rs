@@ -5,6 +5,8 @@
 //! - [`encode`]: zero pages, the compression decision, batches, and the per-page hash tables.
 //! - [`precopy`]: the sans-IO pre-copy state machine and its estimators.
 //! - [`receive`]: the destination's page apply with the per-page epoch rule.
+//! - [`cpu`]: CPU descriptions read with CPUID, cluster baselines, compatibility.
+//! - [`preflight`]: the checks a VM must pass before it may migrate to a destination.
 //!
 //! Drivers (threads and sockets, in `livemig-transport`) read guest memory through [`guest`], encode with
 //! [`encode`], and let the [`precopy`] machine decide what happens next.
