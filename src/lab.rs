@@ -2,8 +2,9 @@
 //!
 //! `PREFIX-src` and `PREFIX-dst` (default prefix `lm`) are joined by `vmnic1..N`. Link k is 198.18.k.1/30 on the source
 //! side and 198.18.k.2/30 on the destination side (the benchmark range, RFC 2544), shaped by a tbf qdisc on the
-//! source side at its rate. `livemig lab run` ([`Lab::commands`]) starts `livemig receive` in the destination namespace and `livemig send` in
-//! the source namespace, as two processes, one `--link` per NIC, each bound to its vmnic.
+//! source side at its rate. `livemig lab run` ([`Lab::commands`]) starts `livemig receive` in the destination
+//! namespace and `livemig send` in the source namespace, as two processes, one `--link` per NIC, each bound to its
+//! vmnic.
 //!
 //! Everything is done with `ip` and `tc`, as an operator would. [`LabGuard`] tears a lab down when dropped, so a test
 //! that fails still leaves no namespace behind.
