@@ -41,7 +41,8 @@ fn three_links_share_the_work_and_verify() {
     assert_eq!(r.links.len(), 3);
     for l in &r.links {
         assert!(!l.failed, "{l:?}");
-        assert!(l.bytes_on_wire > 16 << 20, "link {} carried only {} bytes", l.name, l.bytes_on_wire);
+        // Loopback links run at whatever the CPUs give them, so the split varies; each must still carry real work.
+        assert!(l.bytes_on_wire > 1 << 20, "link {} carried only {} bytes", l.name, l.bytes_on_wire);
     }
     // Per-round, per-link bytes add up to the round's bytes.
     for round in &r.rounds {
@@ -183,24 +184,31 @@ fn migrate_with_a_failing_link(reset_on_cut: bool) {
         SourceOptions { verify: VerifyMode::Full, link_timeout: Duration::from_millis(500), ..Default::default() };
     let links = [LinkSpec::to(addr), LinkSpec::to(proxy.addr), LinkSpec::to(addr)];
     let (forwarded, cut) = (proxy.forwarded.clone(), proxy.cut.clone());
+    let done = std::sync::atomic::AtomicBool::new(false);
     let report = std::thread::scope(|s| {
         let dest = s.spawn(|| {
             let dopts = DestOptions::default();
             let (stream, hello) = accept_migration(&listener, &dopts, &|_, _| {}).unwrap();
             receive(&[&listener], &stream, hello, |h| SyntheticGuest::destination(&h.layout), &dopts, &|_, _| {})
         });
-        // Cut the middle link once it has carried 16 MiB: the middle of round 0.
+        // Cut the middle link once it has carried 1 MiB: its first few batches, early in a round 0 of about 150 MiB.
+        // The watcher also stops when the migration does, so a run that never reaches the cut fails below, not hangs.
+        let (done, cut_set) = (&done, cut.clone());
         s.spawn(move || {
-            while forwarded.load(Ordering::SeqCst) < 16 << 20 {
+            while forwarded.load(Ordering::SeqCst) < 1 << 20 && !done.load(Ordering::SeqCst) {
                 std::thread::sleep(Duration::from_millis(1));
             }
-            cut.store(true, Ordering::SeqCst);
+            if !done.load(Ordering::SeqCst) {
+                cut_set.store(true, Ordering::SeqCst);
+            }
         });
         let r = migrate(&src, TcpStream::connect(addr).unwrap(), &links, &opts, &|_| {});
+        done.store(true, Ordering::SeqCst);
         let moved = dest.join().unwrap();
         assert!(moved.is_ok(), "{:?}", moved.err());
         r
     });
+    assert!(cut.load(Ordering::SeqCst), "the middle link was never cut: the migration ended first");
     assert!(report.result.is_ok(), "{:?}", report.result);
     assert!(report.verified, "full verification after the resend");
     let failed: Vec<bool> = report.links.iter().map(|l| l.failed).collect();
