@@ -4,7 +4,7 @@
 
 mod common;
 
-use common::Relay;
+use common::{assert_running_unthrottled, Relay};
 
 use livemig::engine::guest::{SyntheticConfig, SyntheticGuest, Vcpus};
 use livemig::engine::precopy::{PrecopyConfig, MAX_PAUSE};
@@ -20,15 +20,6 @@ use std::time::{Duration, Instant};
 fn guest(mib: u64, dirty_rate: u64, hot_set_pct: f64) -> SyntheticGuest {
     SyntheticGuest::new(&SyntheticConfig { memory_bytes: mib << 20, dirty_rate, hot_set_pct, ..Default::default() })
         .unwrap()
-}
-
-fn assert_running_unthrottled(g: &SyntheticGuest) {
-    let v = g.vcpus();
-    assert!(!v.is_paused(), "source vCPUs are paused");
-    assert_eq!(v.throttle(), 0.0, "source vCPUs are still throttled");
-    let before = v.pages_written();
-    std::thread::sleep(Duration::from_millis(200));
-    assert!(v.pages_written() > before, "source vCPUs are not running");
 }
 
 #[test]

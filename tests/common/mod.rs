@@ -1,6 +1,7 @@
 //! Test helpers shared by the integration tests (each test crate uses part of them).
 #![allow(dead_code)]
 
+use livemig::engine::guest::{SyntheticGuest, Vcpus};
 use std::io::{Read, Write};
 use std::net::{Shutdown, SocketAddr, TcpListener, TcpStream};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -63,4 +64,14 @@ fn pump(mut from: TcpStream, mut to: TcpStream, forwarded: &AtomicU64, cut: &Ato
             }
         }
     }
+}
+
+/// After a failed or cancelled migration the source guest must be running, unthrottled, and writing memory.
+pub fn assert_running_unthrottled(g: &SyntheticGuest) {
+    let v = g.vcpus();
+    assert!(!v.is_paused(), "source vCPUs are paused");
+    assert_eq!(v.throttle(), 0.0, "source vCPUs are still throttled");
+    let before = v.pages_written();
+    std::thread::sleep(Duration::from_millis(200));
+    assert!(v.pages_written() > before, "source vCPUs are not running");
 }

@@ -658,14 +658,6 @@ pub fn decode_hello_ack(body: &[u8]) -> Result<(u64, DestDescription), WireError
     Ok((session, dest))
 }
 
-/// Parses a HelloAck body: the session id echoed.
-pub fn decode_session(kind: Kind, body: &[u8]) -> Result<u64, WireError> {
-    let mut r = Body { kind, b: body };
-    let s = r.u64("session")?;
-    r.end()?;
-    Ok(s)
-}
-
 /// Serializes a LinkHello body.
 pub fn encode_link_hello(session: u64, link: u32) -> [u8; 12] {
     let mut out = [0u8; 12];
