@@ -3,7 +3,9 @@
 
 use criterion::{criterion_group, criterion_main, BenchmarkId, Criterion, Throughput};
 use livemig::engine::dirty::PageRun;
-use livemig::engine::encode::{BatchEncoder, BatchSink, CodecPolicy, EncodedBatch, HashTable, BATCH_PAGES};
+use livemig::engine::encode::{
+    BatchCodec, BatchEncoder, BatchSink, EncodedBatch, HashTable, SendPath, SendPolicy, BATCH_PAGES,
+};
 use livemig::engine::guest::{GuestMemory, SyntheticConfig, SyntheticGuest};
 use std::sync::Mutex;
 
@@ -31,9 +33,15 @@ fn encode(c: &mut Criterion) {
     let mut g = c.benchmark_group("encode_mix_1core");
     g.throughput(Throughput::Bytes(pages * 4096));
     g.sample_size(10);
-    // "raw": compression off (a fast link). "lz4": a 100 Mbit link, where every batch is worth compressing.
-    for (name, policy) in [("raw", CodecPolicy::new(false)), ("lz4", CodecPolicy::new(true))] {
-        policy.set_link(12_500_000, 0.0);
+    // "copy": raw pages copied into the batch; "in_place": raw pages left in guest memory for the vectored and
+    // zero-copy paths (hashed where they lie); "lz4" and "zstd": every compressible page compressed.
+    let cases = [
+        ("copy", SendPolicy::pinned(BatchCodec::None, SendPath::Copy)),
+        ("in_place", SendPolicy::pinned(BatchCodec::None, SendPath::Vectored)),
+        ("lz4", SendPolicy::pinned(BatchCodec::Lz4, SendPath::Vectored)),
+        ("zstd", SendPolicy::pinned(BatchCodec::Zstd, SendPath::Vectored)),
+    ];
+    for (name, policy) in cases {
         g.bench_function(BenchmarkId::new(name, pages), |b| {
             b.iter(|| {
                 let mut enc = BatchEncoder::new(&guest, &hashes, &policy, &sink, 0);

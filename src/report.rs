@@ -24,15 +24,19 @@ pub struct Pages {
     pub sent: u64,
     /// Zero pages (markers).
     pub zero: u64,
-    /// lz4 pages.
+    /// Compressed pages, either codec.
     pub compressed: u64,
     /// Raw pages.
     pub raw: u64,
+    /// Of the compressed pages, lz4 ones (an addition).
+    pub lz4: u64,
+    /// Of the compressed pages, zstd ones (an addition).
+    pub zstd: u64,
 }
 
 impl From<PageCounts> for Pages {
     fn from(c: PageCounts) -> Self {
-        Pages { sent: c.total(), zero: c.zero, compressed: c.compressed, raw: c.raw }
+        Pages { sent: c.total(), zero: c.zero, compressed: c.compressed(), raw: c.raw, lz4: c.lz4, zstd: c.zstd }
     }
 }
 
@@ -70,6 +74,12 @@ pub struct Link {
     pub failed: bool,
     /// Why it failed (an addition).
     pub error: Option<String>,
+    /// `sendmsg(MSG_ZEROCOPY)` calls (an addition).
+    pub zerocopy_sends: u64,
+    /// Of those, the ones the kernel reported it copied after all (an addition).
+    pub zerocopy_copied: u64,
+    /// Why zero-copy was not used when asked for (an addition).
+    pub zerocopy_error: Option<String>,
 }
 
 /// Where the pause went, in milliseconds (an addition to SPEC.md's fields).
@@ -122,6 +132,13 @@ pub struct Report {
     /// The source's vCPUs as read back from the guest after the run (an addition): stopped for good after a handover,
     /// running and unthrottled after a failure or cancel.
     pub source_vcpus_after: Option<VcpuState>,
+    /// The send path in use at the end: "copy", "vectored" or "zerocopy" (an addition).
+    pub send_path: &'static str,
+    /// CPU seconds (user and system) of the reporting process during the migration (an addition).
+    pub cpu_seconds: f64,
+    /// Per-link wire bytes over time: seconds since the start, cumulative bytes per link (an addition; `--plot`
+    /// draws it).
+    pub timeline: Vec<(f64, Vec<u64>)>,
 }
 
 /// vCPU state read back from a guest.
@@ -188,10 +205,16 @@ impl Report {
                     throughput_bps: l.throughput_bps * 8.0,
                     failed: l.failed,
                     error: l.error.clone(),
+                    zerocopy_sends: l.zerocopy.sends,
+                    zerocopy_copied: l.zerocopy.copied,
+                    zerocopy_error: l.zerocopy_error.clone(),
                 })
                 .collect(),
             max_throttle_pct: r.max_throttle_pct,
             source_vcpus_after: None,
+            send_path: r.send_path.name(),
+            cpu_seconds: r.cpu_seconds,
+            timeline: r.timeline.clone(),
         }
     }
 
@@ -203,11 +226,12 @@ impl Report {
         let per_link = self.links.len() > 1;
         let _ = writeln!(
             s,
-            "{:>5} {:>9} {:>9} {:>9} {:>9} {:>10} {:>8} {:>10} {:>8}{}",
+            "{:>5} {:>9} {:>9} {:>9} {:>9} {:>9} {:>10} {:>8} {:>10} {:>8}{}",
             "round",
             "pages",
             "zero",
             "lz4",
+            "zstd",
             "raw",
             "wire MiB",
             "secs",
@@ -225,11 +249,12 @@ impl Report {
             };
             let _ = writeln!(
                 s,
-                "{:>5} {:>9} {:>9} {:>9} {:>9} {:>10.1} {:>8.3} {:>10.0} {:>7.0}%{}{}",
+                "{:>5} {:>9} {:>9} {:>9} {:>9} {:>9} {:>10.1} {:>8.3} {:>10.0} {:>7.0}%{}{}",
                 r.index,
                 r.dirty_pages,
                 r.pages.zero,
-                r.pages.compressed,
+                r.pages.lz4,
+                r.pages.zstd,
                 r.pages.raw,
                 mib(r.bytes_on_wire),
                 r.duration_s,
@@ -274,16 +299,32 @@ impl Report {
         let _ = writeln!(s, "on the wire {:.1} MiB ({:.3} × guest memory)", mib(self.bytes_on_wire), ratio);
         let _ = writeln!(
             s,
-            "pages       {} sent: {} zero, {} lz4, {} raw",
-            self.pages.sent, self.pages.zero, self.pages.compressed, self.pages.raw
+            "pages       {} sent: {} zero, {} lz4, {} zstd, {} raw",
+            self.pages.sent, self.pages.zero, self.pages.lz4, self.pages.zstd, self.pages.raw
         );
-        for l in &self.links {
+        if self.cpu_seconds > 0.0 {
+            let gb = self.bytes_on_wire as f64 / 1e9;
             let _ = writeln!(
                 s,
-                "link        {} {:.1} MiB at {:.2} Gbit/s{}",
+                "send path   {}; CPU {:.2} s ({:.2} s per GB on the wire)",
+                self.send_path,
+                self.cpu_seconds,
+                self.cpu_seconds / gb.max(1e-9)
+            );
+        }
+        for l in &self.links {
+            let zc = match (&l.zerocopy_error, l.zerocopy_sends) {
+                (Some(e), _) => format!(", zero-copy off: {e}"),
+                (None, 0) => String::new(),
+                (None, n) => format!(", {n} zero-copy sends ({} copied by the kernel)", l.zerocopy_copied),
+            };
+            let _ = writeln!(
+                s,
+                "link        {} {:.1} MiB at {:.2} Gbit/s{}{}",
                 l.name,
                 mib(l.bytes_on_wire),
                 l.throughput_bps / 1e9,
+                zc,
                 l.error.as_ref().map_or(String::new(), |e| format!(" FAILED: {e}"))
             );
         }

@@ -38,13 +38,13 @@ fn pages_frame(entries: Vec<PageEntry>, payload: Vec<u8>) -> Vec<u8> {
     let mut table = Vec::new();
     wire::encode_entries(&batch, &mut table);
     let mut out = Vec::new();
-    wire::write_pages(&mut out, 1, 0, &table, &batch.payload).unwrap();
+    wire::write_pages(&mut out, 1, 0, &table, &[&batch.payload]).unwrap();
     out
 }
 
 fn raw_page(page: u64, fill: u8) -> (PageEntry, Vec<u8>) {
     let data = vec![fill; 4096];
-    (PageEntry { page, codec: Codec::Raw, len: 4096, hash: page_hash(&data) }, data)
+    (PageEntry::new(page, Codec::Raw, 4096, page_hash(&data)), data)
 }
 
 fn opts() -> DestOptions {
@@ -156,7 +156,7 @@ fn page_index_out_of_range() {
     let (e, data) = raw_page(PAGES, 1);
     let err = on_data_link(&pages_frame(vec![e], data)).unwrap_err();
     assert!(matches!(err, ReceiveError::Apply(ApplyError::PageOutOfRange { page: PAGES, pages: PAGES })), "{err}");
-    let huge = PageEntry { page: u64::MAX, codec: Codec::Zero, len: 0, hash: zero_page_hash() };
+    let huge = PageEntry::new(u64::MAX, Codec::Zero, 0, zero_page_hash());
     let err = on_data_link(&pages_frame(vec![huge], vec![])).unwrap_err();
     assert!(matches!(err, ReceiveError::Apply(ApplyError::PageOutOfRange { .. })), "{err}");
 }

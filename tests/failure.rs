@@ -130,5 +130,6 @@ fn demo_exits_nonzero_with_one_line_when_its_destination_dies() {
     let errors: Vec<&str> = stderr.lines().filter(|l| l.starts_with("livemig:")).collect();
     assert_eq!(errors.len(), 1, "want one error line, stderr was:\n{stderr}");
     assert!(errors[0].contains("migration failed: ") && names_a_dead_destination(errors[0]), "{}", errors[0]);
-    assert!(String::from_utf8_lossy(&out.stdout).contains("FAILED"), "the link is reported failed");
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(stdout.contains("FAILED"), "the link is reported failed; stdout was:\n{stdout}\nstderr:\n{stderr}");
 }

@@ -59,12 +59,12 @@ fn strangers_on_a_data_port_are_refused_and_the_migration_completes() {
     let (control_addr, data_addr) = (control.local_addr().unwrap(), data.local_addr().unwrap());
     // Both strangers are waiting on the data port before the migration begins.
     let mut no_session = TcpStream::connect(data_addr).unwrap();
-    let (e, page) = (PageEntry { page: 0, codec: Codec::Raw, len: 4096, hash: page_hash(&[1; 4096]) }, vec![1u8; 4096]);
+    let (e, page) = (PageEntry::new(0, Codec::Raw, 4096, page_hash(&[1; 4096])), vec![1u8; 4096]);
     let batch = EncodedBatch { entries: vec![e], payload: page, ..Default::default() };
     let mut table = Vec::new();
     wire::encode_entries(&batch, &mut table);
     let mut pages = Vec::new();
-    wire::write_pages(&mut pages, 9, 0, &table, &batch.payload).unwrap();
+    wire::write_pages(&mut pages, 9, 0, &table, &[&batch.payload]).unwrap();
     no_session.write_all(&pages).unwrap();
     let mut wrong_session = TcpStream::connect(data_addr).unwrap();
     wrong_session.write_all(&frame(Kind::LinkHello, &wire::encode_link_hello(0xbad, 0))).unwrap();
@@ -141,13 +141,13 @@ fn a_lagging_link_cannot_overwrite_a_newer_copy() {
         let data = vec![fill; 4096];
         let batch = EncodedBatch {
             epoch,
-            entries: vec![PageEntry { page: 5, codec: Codec::Raw, len: 4096, hash: page_hash(&data) }],
+            entries: vec![PageEntry::new(5, Codec::Raw, 4096, page_hash(&data))],
             payload: data,
             ..Default::default()
         };
         let mut table = Vec::new();
         wire::encode_entries(&batch, &mut table);
-        wire::write_pages(s, epoch, epoch, &table, &batch.payload).unwrap();
+        wire::write_pages(s, epoch, epoch, &table, &[&batch.payload]).unwrap();
         let mut ack = Vec::new();
         let h = wire::read_frame(s, &mut ack).unwrap();
         assert_eq!((h.kind, h.seq), (Kind::Ack, epoch));

@@ -52,6 +52,25 @@ impl CpuMeter {
     }
 }
 
+/// CPU seconds this process has used, user and system, from `getrusage`.
+pub fn process_cpu_seconds() -> f64 {
+    rusage_seconds(libc::RUSAGE_SELF)
+}
+
+/// CPU seconds, user and system, of `who` (`RUSAGE_SELF` or `RUSAGE_CHILDREN`, the waited-for children).
+pub fn rusage_seconds(who: libc::c_int) -> f64 {
+    // SAFETY: getrusage fills the zeroed struct it is given and reads nothing else.
+    let ru = unsafe {
+        let mut ru: libc::rusage = std::mem::zeroed();
+        if libc::getrusage(who, &mut ru) != 0 {
+            return 0.0;
+        }
+        ru
+    };
+    let tv = |t: libc::timeval| t.tv_sec as f64 + t.tv_usec as f64 * 1e-6;
+    tv(ru.ru_utime) + tv(ru.ru_stime)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

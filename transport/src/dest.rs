@@ -459,7 +459,7 @@ fn data_link(
         }
         let applied = wire::decode_pages(&h, &body, &mut entries)
             .map_err(ReceiveError::from)
-            .and_then(|payload| Ok(shared.rx.apply_frame(h.epoch, &entries, payload, &mut st)?));
+            .and_then(|p| Ok(shared.rx.apply_frame(h.epoch, &entries, p.entries, p.zstd, &mut st)?));
         if let Err(e) = applied {
             break Err(e);
         }

@@ -19,7 +19,7 @@ use crate::stripe::{DataLink, LinkEvent, Stripe};
 use crate::wire::{self, Hello, Kind, Verified, Verify, WireError};
 use crossbeam::channel::{Receiver, RecvTimeoutError, Sender};
 use livemig_engine::dirty::{scan_parallel, Bitmap};
-use livemig_engine::encode::{memory_root, BatchEncoder, CodecPolicy, EncodeError, HashTable, PageCounts};
+use livemig_engine::encode::{memory_root, BatchEncoder, EncodeError, HashTable, PageCounts, SendPath, SendPolicy};
 use livemig_engine::guest::{Guest, GuestError};
 use livemig_engine::precopy::{Action, Outcome, Precopy, PrecopyConfig, RateEstimator, RoundStats, MAX_PAUSE};
 use std::net::{Shutdown, TcpStream};
@@ -44,8 +44,10 @@ pub struct SourceOptions {
     pub verify: VerifyMode,
     /// Scan and encode workers.
     pub workers: usize,
-    /// Whether lz4 may be used at all (the policy still decides per batch).
+    /// Whether compression may be used at all (the policy still decides per batch).
     pub compress: bool,
+    /// How raw pages leave guest memory; `None` tries each path and keeps the best (`--send-path auto`).
+    pub send_path: Option<SendPath>,
     /// A destination that acknowledges nothing for this long is declared failed.
     pub peer_timeout: Duration,
     /// A data link that holds unacknowledged data and acknowledges none of it for this long is declared failed, and
@@ -70,6 +72,7 @@ impl Default for SourceOptions {
             verify: VerifyMode::Tables,
             workers: std::thread::available_parallelism().map_or(2, |n| n.get()),
             compress: true,
+            send_path: None,
             peer_timeout: Duration::from_secs(10),
             link_timeout: Duration::from_secs(3),
             session: session_id(),
@@ -186,6 +189,10 @@ pub struct LinkReport {
     pub failed: bool,
     /// Why, when it failed.
     pub error: Option<String>,
+    /// Zero-copy sends on the link, and how many of them the kernel copied after all.
+    pub zerocopy: crate::link::zerocopy::ZeroCopyStats,
+    /// Why the link could not send zero-copy, when it was asked to.
+    pub zerocopy_error: Option<String>,
 }
 
 /// The outcome and figures of a migration, as the source saw it.
@@ -213,6 +220,14 @@ pub struct SourceReport {
     pub links: Vec<LinkReport>,
     /// Highest vCPU throttle, percent.
     pub max_throttle_pct: f64,
+    /// The send path used at the end (`--send-path auto`: the one the trials kept).
+    pub send_path: SendPath,
+    /// The codec trials' verdicts: (compression won, no compression won).
+    pub codec_verdicts: (u32, u32),
+    /// Process CPU seconds (user and system) used from the handshake to the end.
+    pub cpu_seconds: f64,
+    /// Wire bytes per link, sampled about every 100 ms: (seconds since the start, cumulative bytes per link).
+    pub timeline: Vec<(f64, Vec<u64>)>,
 }
 
 enum Event {
@@ -255,7 +270,12 @@ pub fn migrate(
         rounds: Vec::new(),
         links: Vec::new(),
         max_throttle_pct: 0.0,
+        send_path: opts.send_path.unwrap_or(SendPath::Vectored),
+        codec_verdicts: (0, 0),
+        cpu_seconds: 0.0,
+        timeline: Vec::new(),
     };
+    let cpu_start = crate::cpu::process_cpu_seconds();
     let control_written = AtomicU64::new(0);
     let setup = start_logging(guest)
         .and_then(|initial| {
@@ -269,6 +289,7 @@ pub fn migrate(
             report.result = Err(e);
             report.total_time = start.elapsed();
             report.bytes_on_wire = control_written.load(Ordering::Relaxed);
+            report.cpu_seconds = crate::cpu::process_cpu_seconds() - cpu_start;
             return report;
         }
     };
@@ -277,7 +298,7 @@ pub fn migrate(
     let (link_tx, link_rx) = crossbeam::channel::unbounded::<LinkEvent>();
     let done = AtomicBool::new(false);
     let hashes = HashTable::new(guest.memory().total_pages());
-    let policy = CodecPolicy::new(opts.compress);
+    let policy = SendPolicy::new(opts.compress, opts.send_path.map_or_else(|| SendPath::ALL.to_vec(), |p| vec![p]));
     let mut link_errors: Vec<Option<String>> = refused;
     std::thread::scope(|s| {
         let (stripe, done, control) = (&stripe, &done, &control);
@@ -332,8 +353,12 @@ pub fn migrate(
                 link_errors: &mut link_errors,
                 pause_deadline: None,
                 sampled: None,
+                start,
+                timeline: Vec::new(),
             };
             d.run(&mut report, start, initial, rtt);
+            d.sample_links(true);
+            report.timeline = std::mem::take(&mut d.timeline);
         }
         done.store(true, Ordering::SeqCst);
         stripe.abort.store(true, Ordering::SeqCst);
@@ -345,17 +370,23 @@ pub fn migrate(
         drop(ev_tx);
     });
     report.total_time = start.elapsed();
+    report.cpu_seconds = crate::cpu::process_cpu_seconds() - cpu_start;
+    report.codec_verdicts = policy.verdicts();
+    report.send_path = policy.path();
     let secs = report.total_time.as_secs_f64().max(1e-9);
     let mut total = control_written.load(Ordering::Relaxed);
     for (i, l) in stripe.links.iter().enumerate() {
         let bytes = l.written.load(Ordering::Relaxed);
         total += bytes;
+        let (zerocopy, zerocopy_error) = l.zerocopy.lock().unwrap_or_else(|e| e.into_inner()).clone();
         report.links.push(LinkReport {
             name: l.name.clone(),
             bytes_on_wire: bytes,
             throughput_bps: bytes as f64 / secs,
             failed: link_errors[i].is_some(),
             error: link_errors[i].clone(),
+            zerocopy,
+            zerocopy_error,
         });
     }
     report.bytes_on_wire = total;
@@ -520,7 +551,7 @@ struct Driver<'a> {
     ev_tx: &'a Sender<Event>,
     stripe: &'a Stripe,
     hashes: &'a HashTable,
-    policy: &'a CodecPolicy,
+    policy: &'a SendPolicy,
     error: Option<MigrateError>,
     round_counts: Vec<(PageCounts, f64, Vec<u64>)>,
     progress: &'a (dyn Fn(&Progress) + Sync),
@@ -536,7 +567,13 @@ struct Driver<'a> {
     pause_deadline: Option<Instant>,
     /// Pages harvested during the current round to sample the dirty rate; they join the next reported harvest.
     sampled: Option<(Bitmap, Instant)>,
+    /// The migration's start, and per-link wire bytes sampled every [`TIMELINE_EVERY`] since.
+    start: Instant,
+    timeline: Vec<(f64, Vec<u64>)>,
 }
+
+/// How often the per-link byte counters are sampled for the report's timeline (and `--plot`).
+const TIMELINE_EVERY: Duration = Duration::from_millis(100);
 
 impl Driver<'_> {
     fn run(&mut self, report: &mut SourceReport, start: Instant, initial: Bitmap, rtt: Duration) {
@@ -759,9 +796,19 @@ impl Driver<'_> {
         }
     }
 
+    /// Records each link's wire bytes so far, every [`TIMELINE_EVERY`] (or now, with `force`).
+    fn sample_links(&mut self, force: bool) {
+        let t = self.start.elapsed().as_secs_f64();
+        let due = self.timeline.last().is_none_or(|(last, _)| t - last >= TIMELINE_EVERY.as_secs_f64());
+        if force || due {
+            self.timeline.push((t, self.stripe.links.iter().map(|l| l.written.load(Ordering::Relaxed)).collect()));
+        }
+    }
+
     /// The next event, or None after 50 ms without one. Also the driver's clock: it fails links that stall, takes
     /// back what encoders routed to failed links, and fails the migration when the peer has been silent too long.
     fn next_event(&mut self) -> Option<Event> {
+        self.sample_links(false);
         let now = Instant::now();
         if self.pause_deadline.is_some_and(|d| now > d) && self.error.is_none() {
             self.pause_deadline = None;
@@ -857,7 +904,7 @@ impl Driver<'_> {
                             self.stripe.links[link].set_rate(r);
                         }
                         self.machine().delivered(bytes, at);
-                        self.policy.observe(pages, at);
+                        self.policy.observe(pages, at, crate::cpu::process_cpu_seconds());
                         let rate = self.machine().bandwidth().unwrap_or(0.0);
                         let spare = self.cpu.spare_cpus(Duration::from_millis(100));
                         self.policy.set_link(rate as u64, spare);
@@ -882,6 +929,7 @@ impl Driver<'_> {
                                 self.fail(match e {
                                     EncodeError::Guest(g) => MigrateError::Guest(g),
                                     EncodeError::SinkClosed => MigrateError::AllLinksFailed("no link left".into()),
+                                    EncodeError::Zstd(e) => MigrateError::Machine(format!("zstd: {e}")),
                                 });
                             }
                         }

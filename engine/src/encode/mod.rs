@@ -1,14 +1,24 @@
-//! Page encoding: zero pages, the compression decision, batches, and the per-page hash tables.
+//! Page encoding: zero pages, codecs, batches, and the per-page hash tables.
 //!
-//! A scan worker feeds page runs to its [`BatchEncoder`]. For each page the encoder copies it out of guest memory
-//! once, and from that one copy: detects an all-zero page with a word-wide check (sent as a marker), records the
-//! page's xxh3 in the sender's [`HashTable`], and, when the batch is being compressed and a cheap sample says the page
-//! is compressible, tries lz4. Whether a batch is compressed is the [`CodecPolicy`]'s call: only when compression
-//! saves wire time at the measured link rate. Full batches go to a sink (the link).
+//! A scan worker feeds page runs to its [`BatchEncoder`]. For each page the encoder detects an all-zero page with a
+//! word-wide check (sent as a marker), records the page's xxh3 in the sender's [`HashTable`], and then either
+//! compresses it (when the batch is being compressed and a cheap sample says the page is compressible), or sends it
+//! raw. Which codec a batch uses, and whether raw pages are copied or sent in place, is the [`SendPolicy`]'s call
+//! ([`policy`]). Full batches go to a sink (the stripe scheduler, then a link).
 //!
-//! Both sides keep a [`HashTable`]: the sender of what it sent, the receiver of what it applied. Because the copy that
-//! is hashed is the copy that is sent, and a page written during its send is dirty again (invariant 3), the two
-//! tables' roots are equal at switchover exactly when the memories are.
+//! A batch's payload, in wire order, is each entry's bytes and then, when the batch uses zstd, one zstd frame holding
+//! all its zstd pages: [`Part`]s of the batch's own buffer (copied raw pages, lz4 blocks, the zstd frame) and, on the
+//! in-place send paths, spans of guest memory that the link writes with iovecs.
+//!
+//! Both sides keep a [`HashTable`]: the sender of what it sent, the receiver of what it applied. A page the guest writes
+//! after its dirty bit was cleared is dirty again, so it is sent again in a later round (invariant 3); the last copy
+//! of every page is sent with the guest paused. So the tables' roots are equal at switchover exactly when the memories
+//! are. A page sent in place can change between its hash and its send; its entry is marked `live`, and the receiver
+//! records the hash of what arrived instead of refusing it: the page is dirty and will come again.
+
+pub mod policy;
+
+pub use policy::{BatchCodec, SendPath, SendPolicy, PROBE_EVERY, ZSTD_LEVEL};
 
 use crate::dirty::PageRun;
 use crate::guest::{host_pages, GuestError, GuestMemory, PAGE_SIZE};
@@ -27,6 +37,8 @@ pub enum Codec {
     Raw = 1,
     /// An lz4 block that decompresses to exactly one page.
     Lz4 = 2,
+    /// One page of the batch's zstd frame (its payload length is 0: the frame follows the entries' payloads).
+    Zstd = 3,
 }
 
 impl Codec {
@@ -36,6 +48,7 @@ impl Codec {
             0 => Some(Codec::Zero),
             1 => Some(Codec::Raw),
             2 => Some(Codec::Lz4),
+            3 => Some(Codec::Zstd),
             _ => None,
         }
     }
@@ -48,11 +61,21 @@ pub struct PageEntry {
     pub page: u64,
     /// How the payload is coded.
     pub codec: Codec,
-    /// Payload bytes (0 for zero pages, [`PAGE_SIZE`] for raw ones).
+    /// Payload bytes (0 for zero and zstd pages, [`PAGE_SIZE`] for raw ones).
     pub len: u32,
     /// xxh3 of the page's content (decoded). The receiver checks it before applying the page, which makes it both
     /// the payload's integrity check and the value both hash tables record.
     pub hash: u64,
+    /// A raw page sent from guest memory in place, which the guest may have written between hash and send. Its hash
+    /// may then not match what arrives; the page is dirty again and will be resent.
+    pub live: bool,
+}
+
+impl PageEntry {
+    /// An entry for a page that is not live.
+    pub fn new(page: u64, codec: Codec, len: u32, hash: u64) -> Self {
+        PageEntry { page, codec, len, hash, live: false }
+    }
 }
 
 /// Counters over encoded pages.
@@ -61,7 +84,9 @@ pub struct PageCounts {
     /// Zero pages (sent as markers).
     pub zero: u64,
     /// Pages sent lz4-compressed.
-    pub compressed: u64,
+    pub lz4: u64,
+    /// Pages sent zstd-compressed.
+    pub zstd: u64,
     /// Pages sent raw.
     pub raw: u64,
 }
@@ -69,26 +94,70 @@ pub struct PageCounts {
 impl PageCounts {
     /// All pages.
     pub fn total(&self) -> u64 {
-        self.zero + self.compressed + self.raw
+        self.zero + self.compressed() + self.raw
+    }
+
+    /// Pages sent compressed, either codec.
+    pub fn compressed(&self) -> u64 {
+        self.lz4 + self.zstd
     }
 
     /// Adds `o` to `self`.
     pub fn add(&mut self, o: &PageCounts) {
         self.zero += o.zero;
-        self.compressed += o.compressed;
+        self.lz4 += o.lz4;
+        self.zstd += o.zstd;
         self.raw += o.raw;
+    }
+
+    /// Counts one page of `codec`.
+    pub fn count(&mut self, codec: Codec) {
+        match codec {
+            Codec::Zero => self.zero += 1,
+            Codec::Raw => self.raw += 1,
+            Codec::Lz4 => self.lz4 += 1,
+            Codec::Zstd => self.zstd += 1,
+        }
     }
 }
 
-/// A batch of encoded pages from one round: the entries, and their payloads back to back in entry order.
+/// A piece of a batch's payload.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Part {
+    /// `len` bytes of the batch's own buffer from `off`.
+    Owned {
+        /// Offset in [`EncodedBatch::payload`].
+        off: usize,
+        /// Length.
+        len: usize,
+    },
+    /// `len` bytes of guest memory at host address `addr`: raw pages sent in place.
+    Guest {
+        /// Host virtual address inside a guest memory mapping.
+        addr: usize,
+        /// Length (whole pages).
+        len: usize,
+    },
+}
+
+/// A batch of encoded pages from one round: the entries, and their payload in parts.
+///
+/// A batch with [`Part::Guest`] parts points into guest memory: it must not outlive the guest's mapping. The source
+/// driver keeps every batch inside the migration, which borrows the guest for its whole run.
 #[derive(Debug, Default)]
 pub struct EncodedBatch {
     /// The round (epoch) the pages were read in.
     pub epoch: u32,
     /// One entry per page.
     pub entries: Vec<PageEntry>,
-    /// The payloads, concatenated.
+    /// Bytes the batch owns: copied raw pages, lz4 blocks and the zstd frame.
     pub payload: Vec<u8>,
+    /// The payload in wire order.
+    pub parts: Vec<Part>,
+    /// Bytes of the zstd frame, the payload's last part (0 without zstd pages).
+    pub zstd_len: u32,
+    /// How raw pages were meant to leave: copied, or in place (vectored or zero-copy).
+    pub path: Option<SendPath>,
     /// What the batch holds.
     pub counts: PageCounts,
 }
@@ -97,18 +166,83 @@ impl EncodedBatch {
     /// An empty batch with room for `pages` pages.
     pub fn with_capacity(pages: usize) -> Self {
         EncodedBatch {
-            epoch: 0,
             entries: Vec::with_capacity(pages),
             payload: Vec::with_capacity(pages * PAGE_SIZE),
-            counts: PageCounts::default(),
+            parts: Vec::with_capacity(pages),
+            ..Default::default()
         }
+    }
+
+    /// A batch whose payload is `payload`, owned, in one part (the last `zstd_len` bytes being its zstd frame).
+    pub fn owned(epoch: u32, entries: Vec<PageEntry>, payload: Vec<u8>, zstd_len: u32) -> Self {
+        let parts = if payload.is_empty() { Vec::new() } else { vec![Part::Owned { off: 0, len: payload.len() }] };
+        let mut counts = PageCounts::default();
+        entries.iter().for_each(|e| counts.count(e.codec));
+        EncodedBatch { epoch, entries, payload, parts, zstd_len, path: None, counts }
     }
 
     /// Empties the batch, keeping its buffers.
     pub fn clear(&mut self) {
         self.entries.clear();
         self.payload.clear();
+        self.parts.clear();
+        self.zstd_len = 0;
+        self.path = None;
         self.counts = PageCounts::default();
+    }
+
+    /// Payload bytes, all parts.
+    pub fn payload_len(&self) -> usize {
+        self.parts
+            .iter()
+            .map(|p| match *p {
+                Part::Owned { len, .. } | Part::Guest { len, .. } => len,
+            })
+            .sum()
+    }
+
+    /// Whether any raw page is sent from guest memory in place.
+    pub fn has_guest_parts(&self) -> bool {
+        self.parts.iter().any(|p| matches!(p, Part::Guest { .. }))
+    }
+
+    /// Appends `len` bytes just added at the end of `payload` to the parts, merging with the last part.
+    fn push_owned(&mut self, len: usize) {
+        let off = self.payload.len() - len;
+        if let Some(Part::Owned { off: o, len: l }) = self.parts.last_mut() {
+            if *o + *l == off {
+                *l += len;
+                return;
+            }
+        }
+        self.parts.push(Part::Owned { off, len });
+    }
+
+    /// Appends a guest page at `addr` to the parts, merging with the last part when contiguous.
+    fn push_guest(&mut self, addr: usize) {
+        if let Some(Part::Guest { addr: a, len: l }) = self.parts.last_mut() {
+            if *a + *l == addr {
+                *l += PAGE_SIZE;
+                return;
+            }
+        }
+        self.parts.push(Part::Guest { addr, len: PAGE_SIZE });
+    }
+
+    /// Each payload part's bytes, in wire order.
+    pub fn part_slices(&self) -> impl Iterator<Item = &[u8]> + '_ {
+        self.parts.iter().map(move |p| match *p {
+            Part::Owned { off, len } => &self.payload[off..off + len],
+            // SAFETY: a Guest part was made by the encoder from host_pages, whole pages inside a guest mapping, and
+            // the batch does not outlive that mapping (see the type's docs). The guest may write these pages
+            // meanwhile; readers of the bytes must tolerate that (entries of such pages are marked live).
+            Part::Guest { addr, len } => unsafe { std::slice::from_raw_parts(addr as *const u8, len) },
+        })
+    }
+
+    /// The whole payload as one buffer (copies in-place pages): for tests and tools.
+    pub fn payload_bytes(&self) -> Vec<u8> {
+        self.part_slices().flatten().copied().collect()
     }
 }
 
@@ -216,209 +350,28 @@ pub fn memory_root(mem: &dyn GuestMemory) -> Result<u64, GuestError> {
     Ok(table.root())
 }
 
-/// What the encoders know about the link, the machine and the codec, shared between them and the driver that
-/// measures the link.
-///
-/// Whether compression pays depends on what a wire byte costs, and that is not only wire time: each byte is copied,
-/// segmented, shaped and copied again by CPUs that may also be the ones compressing. On loopback a byte saved is cheap
-/// and lz4 costs more than it saves; over shaped veth links a byte saved is worth far more CPU, and lz4 pays. So the
-/// policy decides by measuring the outcome:
-///
-/// - A model gives the first answer: compress when the CPU time is less than the wire time saved, or when idle cores
-///   (from the OS) can do it while keeping pace with the link. Its inputs are measured: the link rate from acks,
-///   idle cores from `/proc/stat`, the codec's speed and ratio from the batches it compressed (every
-///   [`PROBE_EVERY`]th batch of a worker is compressed to keep those current).
-/// - Then the [`Explorer`] tries both: [`TRIAL`] without compression and [`TRIAL`] with it, comparing guest pages
-///   acknowledged per second, keeps the winner for [`EXPLOIT`], and tries again. Its clock is the acks' timestamps.
-#[derive(Debug)]
-pub struct CodecPolicy {
-    enabled: bool,
-    /// 0: the model decides; 1: never (trial or verdict); 2: always.
-    forced: std::sync::atomic::AtomicU8,
-    explorer: std::sync::Mutex<Explorer>,
-    link_rate_bps: AtomicU64,
-    /// Idle cores, in thousandths, as the OS reports them.
-    spare_milli_cpus: AtomicU64,
-    /// Compression cost in picoseconds per input byte, smoothed.
-    compress_ps_per_byte: AtomicU64,
-    /// Compressed size over input size for pages that looked compressible, in thousandths, smoothed.
-    ratio_milli: AtomicU64,
-    /// Share of non-zero pages that look compressible, in thousandths, smoothed.
-    compressible_milli: AtomicU64,
-}
-
-/// One batch in this many is compressed to measure the codec, whatever the policy says.
-pub const PROBE_EVERY: u64 = 32;
-
-/// How long each side of a trial runs, in ack time.
-pub const TRIAL: std::time::Duration = std::time::Duration::from_millis(200);
-/// The start of each trial that is not counted: batches encoded before the switch are still being acknowledged.
-pub const SETTLE: std::time::Duration = std::time::Duration::from_millis(60);
-/// How long a verdict holds before the next trial.
-pub const EXPLOIT: std::time::Duration = std::time::Duration::from_secs(2);
-
-/// Tries sending without and with compression, and keeps whichever delivered guest pages faster.
-#[derive(Debug, Default)]
-pub struct Explorer {
-    phase: ExplorePhase,
-    since: Option<Instant>,
-    pages: u64,
-    off_rate: f64,
-    won_on: u32,
-    won_off: u32,
-}
-
-#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
-enum ExplorePhase {
-    #[default]
-    Start,
-    Off,
-    On,
-    Exploit,
-}
-
-impl Explorer {
-    /// Counts `pages` acknowledged at `at`; returns the mode to force from now on (1 off, 2 on) when it changes.
-    pub fn observe(&mut self, pages: u64, at: Instant) -> Option<u8> {
-        let since = *self.since.get_or_insert(at);
-        let elapsed = at.saturating_duration_since(since);
-        if elapsed >= SETTLE {
-            self.pages += pages;
-        }
-        let rate = || self.pages as f64 / (elapsed - SETTLE).as_secs_f64().max(1e-6);
-        let (next, mode) = match self.phase {
-            ExplorePhase::Start => (ExplorePhase::Off, 1),
-            ExplorePhase::Off if elapsed >= TRIAL => {
-                self.off_rate = rate();
-                (ExplorePhase::On, 2)
-            }
-            // A compression trial that is clearly losing ends early: on a CPU-bound host it costs real time.
-            ExplorePhase::On if elapsed >= SETTLE + TRIAL / 4 && rate() < self.off_rate * 0.8 => {
-                self.won_off += 1;
-                (ExplorePhase::Exploit, 1)
-            }
-            ExplorePhase::On if elapsed >= TRIAL => {
-                // Compression must win clearly: it also costs CPU that other work on the host could use.
-                let on = rate() > self.off_rate * 1.03;
-                if on {
-                    self.won_on += 1;
-                } else {
-                    self.won_off += 1;
-                }
-                (ExplorePhase::Exploit, if on { 2 } else { 1 })
-            }
-            ExplorePhase::Exploit if elapsed >= EXPLOIT => (ExplorePhase::Off, 1),
-            _ => return None,
-        };
-        self.phase = next;
-        self.since = Some(at);
-        self.pages = 0;
-        Some(mode)
-    }
-}
-
-impl CodecPolicy {
-    /// A policy with no measurements yet. With `enabled` false nothing is ever compressed.
-    pub fn new(enabled: bool) -> Self {
-        CodecPolicy {
-            enabled,
-            forced: std::sync::atomic::AtomicU8::new(0),
-            explorer: std::sync::Mutex::new(Explorer::default()),
-            link_rate_bps: AtomicU64::new(0),
-            spare_milli_cpus: AtomicU64::new(0),
-            // lz4's usual speed, until measured: about 1.5 ns per byte.
-            compress_ps_per_byte: AtomicU64::new(1500),
-            ratio_milli: AtomicU64::new(700),
-            compressible_milli: AtomicU64::new(500),
-        }
-    }
-
-    /// The driver's latest measurements: link goodput in bytes per second, and idle cores on this machine.
-    pub fn set_link(&self, rate_bps: u64, spare_cpus: f64) {
-        self.link_rate_bps.store(rate_bps, Ordering::Relaxed);
-        self.spare_milli_cpus.store((spare_cpus.max(0.0) * 1000.0) as u64, Ordering::Relaxed);
-    }
-
-    /// Whether compressing the next batch of about `batch_bytes` raw bytes pays.
-    pub fn should_compress(&self, batch_bytes: u64) -> bool {
-        if !self.enabled {
-            return false;
-        }
-        match self.forced.load(Ordering::Relaxed) {
-            1 => return false,
-            2 => return self.ratio_milli.load(Ordering::Relaxed) < 950,
-            _ => {}
-        }
-        let rate = self.link_rate_bps.load(Ordering::Relaxed);
-        if rate == 0 {
-            // Nothing measured yet: the link is not known to be the bottleneck.
-            return false;
-        }
-        let ratio = self.ratio_milli.load(Ordering::Relaxed) as f64 / 1000.0;
-        if ratio >= 0.95 {
-            return false;
-        }
-        let share = self.compressible_milli.load(Ordering::Relaxed) as f64 / 1000.0;
-        let cpu_s = batch_bytes as f64 * share * self.compress_ps_per_byte.load(Ordering::Relaxed) as f64 * 1e-12;
-        let saved_s = batch_bytes as f64 * share * (1.0 - ratio) / rate as f64;
-        if cpu_s < saved_s {
-            return true;
-        }
-        // Half a core or less idle is noise, or another thread's share of this pipeline.
-        let spare = self.spare_milli_cpus.load(Ordering::Relaxed) as f64 / 1000.0;
-        let wire_s = batch_bytes as f64 / rate as f64;
-        spare >= 0.5 && cpu_s / spare <= wire_s
-    }
-
-    /// `pages` guest pages were acknowledged at `at`: drives the trials.
-    pub fn observe(&self, pages: u64, at: Instant) {
-        if !self.enabled {
-            return;
-        }
-        let mut ex = self.explorer.lock().unwrap_or_else(|e| e.into_inner());
-        if let Some(mode) = ex.observe(pages, at) {
-            self.forced.store(mode, Ordering::Relaxed);
-        }
-    }
-
-    /// The explorer's verdicts so far: (trials won by compression, trials won without).
-    pub fn verdicts(&self) -> (u32, u32) {
-        let ex = self.explorer.lock().unwrap_or_else(|e| e.into_inner());
-        (ex.won_on, ex.won_off)
-    }
-
-    /// Folds one compressed batch's figures into the estimates.
-    fn record(&self, input: u64, output: u64, nanos: u64, looked: u64, nonzero: u64) {
-        fn blend(a: &AtomicU64, sample: u64) {
-            let old = a.load(Ordering::Relaxed);
-            a.store((old * 7 + sample) / 8, Ordering::Relaxed);
-        }
-        if let (Some(ps), Some(ratio)) = ((nanos * 1000).checked_div(input), (output * 1000).checked_div(input)) {
-            blend(&self.compress_ps_per_byte, ps);
-            blend(&self.ratio_milli, ratio);
-        }
-        if let Some(share) = (looked * 1000).checked_div(nonzero) {
-            blend(&self.compressible_milli, share);
-        }
-    }
-}
-
 /// Turns page runs into batches for one worker. Buffers are taken from and returned to the sink, so steady state
 /// allocates nothing.
 pub struct BatchEncoder<'a, S: BatchSink> {
     mem: &'a dyn GuestMemory,
     hashes: &'a HashTable,
-    policy: &'a CodecPolicy,
+    policy: &'a SendPolicy,
     sink: &'a S,
     epoch: u32,
     max_pages: usize,
     batch: EncodedBatch,
-    compress: bool,
+    codec: BatchCodec,
+    in_place: bool,
+    /// One page copied out of guest memory, when the page must be exactly what is hashed and compressed.
+    page: Box<[u8; PAGE_SIZE]>,
     lz: Vec<u8>,
+    /// The batch's zstd pages, back to back, compressed at flush.
+    zin: Vec<u8>,
+    zstd: Option<zstd::bulk::Compressor<'static>>,
     // Per-batch compression figures for the policy.
-    lz_in: u64,
-    lz_out: u64,
-    lz_nanos: u64,
+    c_in: u64,
+    c_out: u64,
+    c_nanos: u64,
     looked: u64,
     batches: u64,
     /// Everything this worker encoded.
@@ -446,6 +399,9 @@ pub enum EncodeError {
     /// Guest memory could not be read.
     #[error(transparent)]
     Guest(#[from] GuestError),
+    /// The zstd library failed.
+    #[error("zstd: {0}")]
+    Zstd(std::io::Error),
 }
 
 impl<'a, S: BatchSink> BatchEncoder<'a, S> {
@@ -453,7 +409,7 @@ impl<'a, S: BatchSink> BatchEncoder<'a, S> {
     pub fn new(
         mem: &'a dyn GuestMemory,
         hashes: &'a HashTable,
-        policy: &'a CodecPolicy,
+        policy: &'a SendPolicy,
         sink: &'a S,
         epoch: u32,
     ) -> Self {
@@ -465,11 +421,15 @@ impl<'a, S: BatchSink> BatchEncoder<'a, S> {
             epoch,
             max_pages: BATCH_PAGES,
             batch: EncodedBatch::default(),
-            compress: false,
+            codec: BatchCodec::None,
+            in_place: false,
+            page: Box::new([0u8; PAGE_SIZE]),
             lz: vec![0u8; lz4_flex::block::get_maximum_output_size(PAGE_SIZE)],
-            lz_in: 0,
-            lz_out: 0,
-            lz_nanos: 0,
+            zin: Vec::new(),
+            zstd: None,
+            c_in: 0,
+            c_out: 0,
+            c_nanos: 0,
             looked: 0,
             batches: 0,
             counts: PageCounts::default(),
@@ -483,9 +443,12 @@ impl<'a, S: BatchSink> BatchEncoder<'a, S> {
         self.batch.clear();
         self.batch.epoch = self.epoch;
         self.batches += 1;
-        self.compress = self.policy.enabled
-            && (self.batches % PROBE_EVERY == 1 || self.policy.should_compress((self.max_pages * PAGE_SIZE) as u64));
-        (self.lz_in, self.lz_out, self.lz_nanos, self.looked) = (0, 0, 0, 0);
+        self.codec = self.policy.choose((self.max_pages * PAGE_SIZE) as u64, self.batches);
+        let path = self.policy.path();
+        self.batch.path = Some(path);
+        self.in_place = path.in_place();
+        self.zin.clear();
+        (self.c_in, self.c_out, self.c_nanos, self.looked) = (0, 0, 0, 0);
     }
 
     /// Encodes every page of `run`, submitting batches as they fill.
@@ -507,50 +470,110 @@ impl<'a, S: BatchSink> BatchEncoder<'a, S> {
         Ok(())
     }
 
-    /// Copies the page at `src` into the batch payload, the only copy the encoder makes, and decides its codec from
-    /// that copy: the guest may rewrite the page meanwhile, and hash, zero check and compression must all describe
-    /// the bytes that are sent.
+    /// Encodes the page at `src`. Whatever is hashed must be what is sent, so a page that is compressed or copied is
+    /// first copied once out of guest memory, and everything is decided from that copy. A raw page sent in place is
+    /// hashed where it lies, and its entry is marked live.
     fn encode_page(&mut self, index: u64, src: *const u8) {
-        let b = &mut self.batch;
-        let off = b.payload.len();
-        b.payload.reserve(PAGE_SIZE);
-        // SAFETY: `src` is one page of live guest memory (see push_run) and `reserve` made room for a page past
-        // `off`; set_len covers exactly the bytes just written. A torn copy of a page the guest is writing is fine: the
-        // write leaves the page dirty, so it is sent again (invariant 3).
-        unsafe {
-            std::ptr::copy_nonoverlapping(src, b.payload.as_mut_ptr().add(off), PAGE_SIZE);
-            b.payload.set_len(off + PAGE_SIZE);
-        }
-        let page = &b.payload[off..];
-        if is_zero(page) {
-            b.payload.truncate(off);
-            let hash = zero_page_hash();
+        // SAFETY: `src` is one page of live guest memory (see push_run). The guest may be writing it: a zero check or
+        // hash of a torn page describes bytes that will be sent again, because the write left the page dirty.
+        let live = unsafe { std::slice::from_raw_parts(src, PAGE_SIZE) };
+        if self.in_place && self.codec == BatchCodec::None {
+            if is_zero(live) {
+                return self.push_zero(index);
+            }
+            let hash = page_hash(live);
             self.hashes.set(index, hash);
-            b.entries.push(PageEntry { page: index, codec: Codec::Zero, len: 0, hash });
-            b.counts.zero += 1;
+            let b = &mut self.batch;
+            b.push_guest(src as usize);
+            b.entries.push(PageEntry { page: index, codec: Codec::Raw, len: PAGE_SIZE as u32, hash, live: true });
+            b.counts.raw += 1;
             return;
         }
-        let hash = page_hash(page);
+        self.page.copy_from_slice(live);
+        if is_zero(&self.page[..]) {
+            return self.push_zero(index);
+        }
+        let hash = page_hash(&self.page[..]);
         self.hashes.set(index, hash);
-        if self.compress && looks_compressible(page) {
+        if self.codec != BatchCodec::None && looks_compressible(&self.page[..]) {
             self.looked += 1;
-            let t = Instant::now();
-            let n = lz4_flex::block::compress_into(page, &mut self.lz).unwrap_or(PAGE_SIZE);
-            self.lz_nanos += t.elapsed().as_nanos() as u64;
-            self.lz_in += PAGE_SIZE as u64;
-            self.lz_out += n.min(PAGE_SIZE) as u64;
-            // Keep the compressed form only when it saves at least an eighth: below that, the receiver's decode costs
-            // more than the wire bytes saved.
-            if n <= PAGE_SIZE - PAGE_SIZE / 8 {
-                b.payload.truncate(off);
-                b.payload.extend_from_slice(&self.lz[..n]);
-                b.entries.push(PageEntry { page: index, codec: Codec::Lz4, len: n as u32, hash });
-                b.counts.compressed += 1;
+            if self.compress_page(index, hash) {
                 return;
             }
         }
-        b.entries.push(PageEntry { page: index, codec: Codec::Raw, len: PAGE_SIZE as u32, hash });
+        let b = &mut self.batch;
+        if self.in_place {
+            // Hashed from the copy, sent from guest memory: the page may still change before it is sent.
+            b.push_guest(src as usize);
+            b.entries.push(PageEntry { page: index, codec: Codec::Raw, len: PAGE_SIZE as u32, hash, live: true });
+        } else {
+            b.payload.extend_from_slice(&self.page[..]);
+            b.push_owned(PAGE_SIZE);
+            b.entries.push(PageEntry::new(index, Codec::Raw, PAGE_SIZE as u32, hash));
+        }
         b.counts.raw += 1;
+    }
+
+    fn push_zero(&mut self, index: u64) {
+        let hash = zero_page_hash();
+        self.hashes.set(index, hash);
+        self.batch.entries.push(PageEntry::new(index, Codec::Zero, 0, hash));
+        self.batch.counts.zero += 1;
+    }
+
+    /// Compresses the copied page with the batch's codec; false when it is to be sent raw after all.
+    fn compress_page(&mut self, index: u64, hash: u64) -> bool {
+        let b = &mut self.batch;
+        match self.codec {
+            BatchCodec::Zstd => {
+                // Compressed together at flush: across a batch's pages zstd finds far more to share than in one page.
+                self.zin.extend_from_slice(&self.page[..]);
+                b.entries.push(PageEntry::new(index, Codec::Zstd, 0, hash));
+                b.counts.zstd += 1;
+                true
+            }
+            BatchCodec::Lz4 => {
+                let t = Instant::now();
+                let n = lz4_flex::block::compress_into(&self.page[..], &mut self.lz).unwrap_or(PAGE_SIZE);
+                self.c_nanos += t.elapsed().as_nanos() as u64;
+                self.c_in += PAGE_SIZE as u64;
+                self.c_out += n.min(PAGE_SIZE) as u64;
+                // Keep the compressed form only when it saves at least an eighth: below that, the receiver's decode
+                // costs more than the wire bytes saved.
+                if n > PAGE_SIZE - PAGE_SIZE / 8 {
+                    return false;
+                }
+                b.payload.extend_from_slice(&self.lz[..n]);
+                b.push_owned(n);
+                b.entries.push(PageEntry::new(index, Codec::Lz4, n as u32, hash));
+                b.counts.lz4 += 1;
+                true
+            }
+            BatchCodec::None => false,
+        }
+    }
+
+    /// Compresses the batch's zstd pages into one frame at the end of the payload.
+    fn finish_zstd(&mut self) -> Result<(), EncodeError> {
+        if self.zin.is_empty() {
+            return Ok(());
+        }
+        let t = Instant::now();
+        let z = match &mut self.zstd {
+            Some(z) => z,
+            None => self.zstd.insert(zstd::bulk::Compressor::new(ZSTD_LEVEL).map_err(EncodeError::Zstd)?),
+        };
+        let b = &mut self.batch;
+        let start = b.payload.len();
+        b.payload.resize(start + zstd::zstd_safe::compress_bound(self.zin.len()), 0);
+        let n = z.compress_to_buffer(&self.zin, &mut b.payload[start..]).map_err(EncodeError::Zstd)?;
+        b.payload.truncate(start + n);
+        b.push_owned(n);
+        b.zstd_len = n as u32;
+        self.c_nanos += t.elapsed().as_nanos() as u64;
+        self.c_in += self.zin.len() as u64;
+        self.c_out += n as u64;
+        Ok(())
     }
 
     /// Submits the current batch if it holds any pages.
@@ -558,9 +581,10 @@ impl<'a, S: BatchSink> BatchEncoder<'a, S> {
         if self.batch.entries.is_empty() {
             return Ok(());
         }
-        if self.compress {
-            let nonzero = self.batch.counts.compressed + self.batch.counts.raw;
-            self.policy.record(self.lz_in, self.lz_out, self.lz_nanos, self.looked, nonzero);
+        self.finish_zstd()?;
+        if self.codec != BatchCodec::None {
+            let nonzero = self.batch.counts.compressed() + self.batch.counts.raw;
+            self.policy.record(self.codec, self.c_in, self.c_out, self.c_nanos, self.looked, nonzero);
         }
         self.counts.add(&self.batch.counts);
         let batch = std::mem::take(&mut self.batch);
@@ -604,58 +628,6 @@ mod tests {
             })
             .collect();
         assert!(!looks_compressible(&random));
-    }
-
-    #[test]
-    fn policy_compresses_only_when_it_pays() {
-        let p = CodecPolicy::new(true);
-        assert!(!p.should_compress(1 << 18), "no link measurement yet");
-        // 1 Gbit/s, no idle core: half of 256 KiB at 1.5 ns/B costs 0.2 ms of CPU and saves 0.3 × 1 ms of wire.
-        p.set_link(125_000_000, 0.0);
-        assert!(p.should_compress(1 << 18));
-        // 2 GB/s and a busy machine: the wire is faster than the codec, and no core is free to hide it.
-        p.set_link(2_000_000_000, 0.2);
-        assert!(!p.should_compress(1 << 18));
-        // The same link with one idle core: 0.2 ms of compression there keeps up with 0.13 ms of wire only on two.
-        p.set_link(2_000_000_000, 1.0);
-        assert!(!p.should_compress(1 << 18));
-        p.set_link(2_000_000_000, 2.0);
-        assert!(p.should_compress(1 << 18));
-        assert!(!CodecPolicy::new(false).should_compress(1 << 18));
-    }
-
-    #[test]
-    fn explorer_keeps_the_faster_mode() {
-        use std::time::Duration;
-        // Simulated acks every 5 ms; `on_faster` says which mode delivers more pages per ack.
-        let run = |on_faster: bool| {
-            let p = CodecPolicy::new(true);
-            let t0 = Instant::now();
-            for i in 0..400u64 {
-                let mode = p.forced.load(Ordering::Relaxed);
-                let pages = match (mode, on_faster) {
-                    (2, true) | (1, false) => 120,
-                    _ => 100,
-                };
-                p.observe(pages, t0 + Duration::from_millis(5 * i));
-            }
-            (p.verdicts(), p.forced.load(Ordering::Relaxed))
-        };
-        let ((on, off), mode) = run(true);
-        assert!(on >= 1 && off == 0 && mode == 2, "{on} {off} {mode}");
-        let ((on, off), mode) = run(false);
-        assert!(off >= 1 && on == 0 && mode == 1, "{on} {off} {mode}");
-    }
-
-    #[test]
-    fn incompressible_data_turns_compression_off() {
-        let p = CodecPolicy::new(true);
-        p.set_link(125_000_000, 4.0);
-        assert!(p.should_compress(1 << 18));
-        for _ in 0..40 {
-            p.record(4096, 4090, 3000, 1, 1);
-        }
-        assert!(!p.should_compress(1 << 18));
     }
 
     #[test]

@@ -4,7 +4,13 @@
 //! Frames can arrive out of order once several links carry them, so every page remembers the epoch (round) of the
 //! copy it holds. A copy is applied when its epoch is at least that (invariant 1, newest wins). Entries come from the
 //! wire, so every field is checked before it is used (invariant 5): the page index against the layout, the length
-//! against the codec, and an lz4 block must decode to exactly one page.
+//! against the codec, an lz4 block must decode to exactly one page, and a frame's zstd frame to exactly its zstd pages.
+//!
+//! A page's hash is checked before it is applied, except for a raw page the source sent in place from guest memory
+//! (`live`): the guest may have written it between the source's hash and its send. Such a page is applied and its
+//! table records the hash of what arrived; the guest's write left it dirty, so it comes again, and the last copy of
+//! every page is sent with the guest paused. Corruption of a live page is therefore caught at switchover, when the
+//! roots differ, instead of at once.
 
 use crate::encode::{page_hash, zero_page_hash, Codec, HashTable, PageCounts, PageEntry};
 use crate::guest::{host_pages, GuestMemory, PAGE_SIZE};
@@ -50,7 +56,18 @@ pub enum ApplyError {
         /// What went wrong.
         reason: String,
     },
+    /// A frame's zstd frame does not decode to exactly its zstd pages.
+    #[error("zstd frame for {pages} pages: {reason}")]
+    Zstd {
+        /// The frame's zstd pages.
+        pages: usize,
+        /// What went wrong.
+        reason: String,
+    },
 }
+
+/// The most zstd pages one frame may carry: the decode buffer is sized by it before anything is decoded.
+pub const MAX_ZSTD_PAGES: usize = 1024;
 
 /// What one apply did.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -65,19 +82,63 @@ pub enum Applied {
 pub const STRIPE_PAGES: u64 = 512;
 const STRIPES: usize = 1024;
 
-/// One apply thread's own state: a decode buffer and counters, so that threads share nothing but the page locks.
-#[derive(Debug)]
+/// One apply thread's own state: decode buffers and counters, so that threads share nothing but the page locks.
 pub struct ApplyState {
     scratch: Box<[u8; PAGE_SIZE]>,
+    zbuf: Vec<u8>,
+    zstd: Option<zstd::bulk::Decompressor<'static>>,
     /// Pages applied, by codec.
     pub counts: PageCounts,
     /// Copies dropped because the page held a newer one.
     pub stale: u64,
+    /// Live pages whose content had changed between the source's hash and its send.
+    pub torn: u64,
+}
+
+impl std::fmt::Debug for ApplyState {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ApplyState").field("counts", &self.counts).field("stale", &self.stale).finish()
+    }
 }
 
 impl Default for ApplyState {
     fn default() -> Self {
-        ApplyState { scratch: Box::new([0u8; PAGE_SIZE]), counts: PageCounts::default(), stale: 0 }
+        ApplyState {
+            scratch: Box::new([0u8; PAGE_SIZE]),
+            zbuf: Vec::new(),
+            zstd: None,
+            counts: PageCounts::default(),
+            stale: 0,
+            torn: 0,
+        }
+    }
+}
+
+impl ApplyState {
+    /// Decodes a frame's zstd frame into `pages` pages.
+    fn unzstd(&mut self, frame: &[u8], pages: usize) -> Result<(), ApplyError> {
+        let err = |reason: String| ApplyError::Zstd { pages, reason };
+        if pages > MAX_ZSTD_PAGES {
+            return Err(err(format!("more than {MAX_ZSTD_PAGES} pages")));
+        }
+        if pages == 0 || frame.is_empty() {
+            return if pages == 0 && frame.is_empty() {
+                Ok(())
+            } else {
+                Err(err(format!("{} bytes of zstd data", frame.len())))
+            };
+        }
+        let d = match &mut self.zstd {
+            Some(d) => d,
+            None => self.zstd.insert(zstd::bulk::Decompressor::new().map_err(|e| err(e.to_string()))?),
+        };
+        self.zbuf.resize(pages * PAGE_SIZE, 0);
+        // The buffer bounds the output: a frame that would decode to more fails instead of growing it.
+        let n = d.decompress_to_buffer(frame, &mut self.zbuf[..]).map_err(|e| err(e.to_string()))?;
+        if n != pages * PAGE_SIZE {
+            return Err(err(format!("decoded to {n} bytes, not {}", pages * PAGE_SIZE)));
+        }
+        Ok(())
     }
 }
 
@@ -116,6 +177,7 @@ impl<'a> Receiver<'a> {
             Codec::Zero => e.len == 0,
             Codec::Raw => e.len as usize == PAGE_SIZE,
             Codec::Lz4 => e.len > 0 && (e.len as usize) <= lz4_flex::block::get_maximum_output_size(PAGE_SIZE),
+            Codec::Zstd => e.len == 0,
         };
         if ok {
             Ok(())
@@ -129,26 +191,30 @@ impl<'a> Receiver<'a> {
         self.stripes[(page / STRIPE_PAGES) as usize % STRIPES].lock().unwrap_or_else(|e| e.into_inner())
     }
 
-    /// Applies one frame's pages, read in round `epoch`: `payload` holds the entries' payloads back to back. Every
-    /// entry is checked before any page is applied; a page whose content fails its hash ends the frame with an error
-    /// (the migration is then abandoned, so pages applied before it do not matter).
+    /// Applies one frame's pages, read in round `epoch`: `payload` holds the entries' payloads back to back, and
+    /// `zstd` the frame's zstd frame. Every entry is checked, and the zstd frame decoded, before any page is applied; a
+    /// page whose content fails its hash ends the frame with an error (the migration is then abandoned, so pages
+    /// applied before it do not matter).
     pub fn apply_frame(
         &self,
         epoch: u32,
         entries: &[PageEntry],
         payload: &[u8],
+        zstd: &[u8],
         st: &mut ApplyState,
     ) -> Result<(), ApplyError> {
-        let mut total = 0usize;
+        let (mut total, mut zpages) = (0usize, 0usize);
         for e in entries {
             self.check_entry(e)?;
             total += e.len as usize;
+            zpages += usize::from(e.codec == Codec::Zstd);
         }
         if total != payload.len() {
-            let e = entries.first().copied().unwrap_or(PageEntry { page: 0, codec: Codec::Zero, len: 0, hash: 0 });
+            let e = entries.first().copied().unwrap_or(PageEntry::new(0, Codec::Zero, 0, 0));
             return Err(ApplyError::BadLength { page: e.page, codec: e.codec, len: payload.len() as u32 });
         }
-        let mut off = 0;
+        st.unzstd(zstd, zpages)?;
+        let (mut off, mut zoff) = (0, 0);
         let mut held: Option<(u64, MutexGuard<'_, ()>)> = None;
         for e in entries {
             let stripe = e.page / STRIPE_PAGES;
@@ -157,8 +223,17 @@ impl<'a> Receiver<'a> {
                 drop(held.take());
                 held = Some((stripe, self.stripe(e.page)));
             }
-            self.apply_locked(epoch, e, &payload[off..off + e.len as usize], st)?;
-            off += e.len as usize;
+            if e.codec == Codec::Zstd {
+                // Moved out for the call, which needs the state mutably; the page is copied before it comes back.
+                let zbuf = std::mem::take(&mut st.zbuf);
+                let r = self.apply_locked(epoch, e, &zbuf[zoff..zoff + PAGE_SIZE], st);
+                st.zbuf = zbuf;
+                r?;
+                zoff += PAGE_SIZE;
+            } else {
+                self.apply_locked(epoch, e, &payload[off..off + e.len as usize], st)?;
+                off += e.len as usize;
+            }
         }
         Ok(())
     }
@@ -166,7 +241,7 @@ impl<'a> Receiver<'a> {
     /// Applies one page copy read in round `epoch`. `payload` is the entry's `len` bytes.
     pub fn apply(&self, epoch: u32, e: &PageEntry, payload: &[u8], st: &mut ApplyState) -> Result<Applied, ApplyError> {
         self.check_entry(e)?;
-        if payload.len() != e.len as usize {
+        if payload.len() != e.len as usize || e.codec == Codec::Zstd {
             return Err(ApplyError::BadLength { page: e.page, codec: e.codec, len: payload.len() as u32 });
         }
         let _guard = self.stripe(e.page);
@@ -193,7 +268,7 @@ impl<'a> Receiver<'a> {
                 st.scratch.fill(0);
                 &st.scratch[..]
             }
-            Codec::Raw => payload,
+            Codec::Raw | Codec::Zstd => payload,
             Codec::Lz4 => {
                 let n = lz4_flex::block::decompress_into(payload, &mut st.scratch[..])
                     .map_err(|err| ApplyError::Decompress { page: e.page, reason: err.to_string() })?;
@@ -209,15 +284,14 @@ impl<'a> Receiver<'a> {
         // Checked before anything is written: a corrupt page never reaches guest memory.
         let computed = if e.codec == Codec::Zero { zero_page_hash() } else { page_hash(data) };
         if computed != e.hash {
-            return Err(ApplyError::BadChecksum { page: e.page, expected: e.hash, computed });
+            if !(e.live && e.codec == Codec::Raw) {
+                return Err(ApplyError::BadChecksum { page: e.page, expected: e.hash, computed });
+            }
+            st.torn += 1;
         }
         slot.store(stamp, Ordering::Relaxed);
         self.hashes.set(e.page, computed);
-        match e.codec {
-            Codec::Zero => st.counts.zero += 1,
-            Codec::Raw => st.counts.raw += 1,
-            Codec::Lz4 => st.counts.compressed += 1,
-        }
+        st.counts.count(e.codec);
         // Fresh destination memory is already zero: writing a zero page there would only fault it in.
         if e.codec == Codec::Zero && held == 0 {
             return Ok(Applied::Written);
@@ -251,11 +325,11 @@ mod tests {
     }
 
     fn raw(page: u64, content: &[u8]) -> PageEntry {
-        PageEntry { page, codec: Codec::Raw, len: PAGE_SIZE as u32, hash: page_hash(content) }
+        PageEntry::new(page, Codec::Raw, PAGE_SIZE as u32, page_hash(content))
     }
 
     fn zero(page: u64) -> PageEntry {
-        PageEntry { page, codec: Codec::Zero, len: 0, hash: zero_page_hash() }
+        PageEntry::new(page, Codec::Zero, 0, zero_page_hash())
     }
 
     #[test]
@@ -288,11 +362,11 @@ mod tests {
         assert!(matches!(r.apply(0, &short, &page[..100], &mut st), Err(ApplyError::BadLength { len: 100, .. })));
         let zero_with_data = PageEntry { len: 5, ..zero(0) };
         assert!(matches!(r.apply(0, &zero_with_data, &page[..5], &mut st), Err(ApplyError::BadLength { .. })));
-        let garbage = PageEntry { page: 0, codec: Codec::Lz4, len: 16, hash: 0 };
+        let garbage = PageEntry::new(0, Codec::Lz4, 16, 0);
         assert!(matches!(r.apply(0, &garbage, &[0xff; 16], &mut st), Err(ApplyError::Decompress { .. })));
         // A valid lz4 block of the wrong size.
         let small = lz4_flex::block::compress(&[1u8; 100]);
-        let e = PageEntry { page: 0, codec: Codec::Lz4, len: small.len() as u32, hash: 0 };
+        let e = PageEntry::new(0, Codec::Lz4, small.len() as u32, 0);
         assert!(matches!(r.apply(0, &e, &small, &mut st), Err(ApplyError::Decompress { .. })));
     }
 
@@ -312,5 +386,54 @@ mod tests {
         assert_eq!(r.hashes().get(1), Some(zero_page_hash()));
         // The same page, intact and from the same round, is still accepted afterwards.
         assert_eq!(r.apply(0, &raw(1, &good), &good, &mut st).unwrap(), Applied::Written);
+    }
+
+    #[test]
+    fn a_zstd_frame_decodes_to_exactly_its_pages() {
+        let g = dest(4);
+        let r = Receiver::new(&g);
+        let mut st = ApplyState::default();
+        let (a, b) = (vec![3u8; PAGE_SIZE], vec![4u8; PAGE_SIZE]);
+        let frame = zstd::bulk::compress(&[a.clone(), b.clone()].concat(), 3).unwrap();
+        let entries = [
+            PageEntry::new(0, Codec::Zstd, 0, page_hash(&a)),
+            raw(1, &a),
+            PageEntry::new(2, Codec::Zstd, 0, page_hash(&b)),
+        ];
+        r.apply_frame(0, &entries, &a, &frame, &mut st).unwrap();
+        let mut out = vec![0u8; PAGE_SIZE];
+        read_page(&g, 2, &mut out).unwrap();
+        assert_eq!(out, b);
+        assert_eq!((st.counts.zstd, st.counts.raw), (2, 1));
+        // One zstd page too many or too few for the frame, a corrupt frame, or a frame without zstd pages.
+        let one = [entries[0]];
+        assert!(matches!(r.apply_frame(0, &one, &[], &frame, &mut st), Err(ApplyError::Zstd { pages: 1, .. })));
+        let three = [entries[0], entries[2], PageEntry::new(3, Codec::Zstd, 0, 0)];
+        assert!(matches!(r.apply_frame(0, &three, &[], &frame, &mut st), Err(ApplyError::Zstd { pages: 3, .. })));
+        let mut bad = frame.clone();
+        let mid = bad.len() / 2;
+        bad[mid] ^= 0x55;
+        let two = [entries[0], entries[2]];
+        let res = r.apply_frame(1, &two, &[], &bad, &mut st);
+        assert!(matches!(res, Err(ApplyError::Zstd { .. } | ApplyError::BadChecksum { .. })), "{res:?}");
+        assert!(matches!(r.apply_frame(0, &[raw(1, &a)], &a, &frame, &mut st), Err(ApplyError::Zstd { pages: 0, .. })));
+        let many: Vec<PageEntry> =
+            (0..MAX_ZSTD_PAGES as u64 + 1).map(|_| PageEntry::new(0, Codec::Zstd, 0, 0)).collect();
+        let res = r.apply_frame(0, &many, &[], &frame, &mut st);
+        assert!(matches!(res, Err(ApplyError::Zstd { .. })), "{res:?}");
+    }
+
+    #[test]
+    fn a_live_page_that_changed_in_flight_is_applied_with_the_hash_of_what_arrived() {
+        let g = dest(2);
+        let r = Receiver::new(&g);
+        let mut st = ApplyState::default();
+        let (hashed, sent) = (vec![5u8; PAGE_SIZE], vec![6u8; PAGE_SIZE]);
+        let live = PageEntry { live: true, ..raw(0, &hashed) };
+        assert_eq!(r.apply(0, &live, &sent, &mut st).unwrap(), Applied::Written);
+        assert_eq!((st.torn, r.hashes().get(0)), (1, Some(page_hash(&sent))));
+        // The same bytes on a page that was copied before hashing are corruption.
+        let copied = raw(1, &hashed);
+        assert!(matches!(r.apply(0, &copied, &sent, &mut st), Err(ApplyError::BadChecksum { page: 1, .. })));
     }
 }

@@ -11,10 +11,12 @@
 //! copied: when a link fails, the driver collects its queue and its unacknowledged list and routes those same batches
 //! again. Acks come back in order on each link, so the unacknowledged list is a FIFO.
 
+use crate::link::zerocopy::{Buffers, ZeroCopy, ZeroCopyStats};
 use crate::wire::{self, Kind, WireError, HEADER_LEN};
 use crossbeam::channel::{bounded, Receiver, SendTimeoutError, Sender};
-use livemig_engine::encode::{BatchSink, EncodedBatch, BATCH_PAGES};
+use livemig_engine::encode::{BatchSink, EncodedBatch, SendPath, BATCH_PAGES};
 use std::collections::VecDeque;
+use std::io::IoSlice;
 use std::net::{Shutdown, TcpStream};
 use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
@@ -32,7 +34,24 @@ const PRIOR_BPS: u64 = 125_000_000;
 
 /// Wire bytes of a batch's Pages frame.
 pub fn frame_len(b: &EncodedBatch) -> u64 {
-    (HEADER_LEN + 8 + b.entries.len() * wire::ENTRY_LEN + b.payload.len()) as u64
+    (HEADER_LEN + 8 + b.entries.len() * wire::ENTRY_LEN + b.payload_len()) as u64
+}
+
+/// A Pages frame in the zero-copy path's hands: header, entry table and the batch, kept until the kernel is done.
+struct ZcFrame {
+    header: [u8; HEADER_LEN],
+    table: Vec<u8>,
+    batch: Arc<EncodedBatch>,
+}
+
+impl Buffers for ZcFrame {
+    fn slices(&self) -> Vec<IoSlice<'_>> {
+        let mut v = Vec::with_capacity(self.batch.parts.len() + 2);
+        v.push(IoSlice::new(&self.header));
+        v.push(IoSlice::new(&self.table));
+        v.extend(self.batch.part_slices().map(IoSlice::new));
+        v
+    }
 }
 
 /// What a link's reader and writer tell the driver.
@@ -76,6 +95,8 @@ pub struct DataLink {
     failed: AtomicBool,
     stop: AtomicBool,
     writer_done: AtomicBool,
+    /// Zero-copy counters, and why zero-copy could not be used (then the link sends vectored).
+    pub zerocopy: Mutex<(ZeroCopyStats, Option<String>)>,
 }
 
 impl DataLink {
@@ -94,6 +115,7 @@ impl DataLink {
             failed: AtomicBool::new(false),
             stop: AtomicBool::new(false),
             writer_done: AtomicBool::new(false),
+            zerocopy: Mutex::new((ZeroCopyStats::default(), None)),
         }
     }
 
@@ -117,15 +139,51 @@ impl DataLink {
     }
 
     /// Writes queued batches to the socket until the link fails or the queue closes. Runs on the link's writer thread.
+    ///
+    /// Each batch goes out the way it was encoded for: one vectored write of header, entry table and payload parts
+    /// (raw pages copied into the batch, or in place in guest memory), or, for the zero-copy path, the same iovecs
+    /// with `MSG_ZEROCOPY`.
     pub fn write_loop(&self, index: usize, events: &Sender<LinkEvent>) {
         let mut table = Vec::with_capacity(8 + BATCH_PAGES * wire::ENTRY_LEN);
         let mut w = &self.stream;
+        let mut zc: Option<ZeroCopy> = None;
+        let mut zc_tried = false;
         while !self.is_failed() && !self.stop.load(Ordering::SeqCst) {
-            let Ok((seq, batch)) = self.rx.recv_timeout(Duration::from_millis(50)) else { continue };
+            let Ok((seq, batch)) = self.rx.recv_timeout(Duration::from_millis(50)) else {
+                if let Some(z) = zc.as_mut() {
+                    let _ = z.reap();
+                    self.zerocopy.lock().unwrap_or_else(|e| e.into_inner()).0 = z.stats;
+                }
+                continue;
+            };
             // Listed before it is written, so that a failure mid-write leaves it where the driver will look.
             self.unacked().push_back((seq, batch.clone()));
-            wire::encode_entries(&batch, &mut table);
-            match wire::write_pages(&mut w, batch.epoch, seq, &table, &batch.payload) {
+            let zero_copy = batch.path == Some(SendPath::ZeroCopy) && batch.has_guest_parts();
+            if zero_copy && !zc_tried {
+                zc_tried = true;
+                match ZeroCopy::new(&self.stream) {
+                    Ok(z) => zc = Some(z),
+                    Err(e) => {
+                        self.zerocopy.lock().unwrap_or_else(|e| e.into_inner()).1 =
+                            Some(format!("SO_ZEROCOPY refused ({e}); sending vectored"))
+                    }
+                }
+            }
+            let result = match zc.as_mut().filter(|_| zero_copy) {
+                Some(z) => {
+                    let mut own = Vec::with_capacity(8 + BATCH_PAGES * wire::ENTRY_LEN);
+                    wire::encode_entries(&batch, &mut own);
+                    let parts: Vec<&[u8]> = batch.part_slices().collect();
+                    let header = wire::pages_header(batch.epoch, seq, &own, &parts);
+                    z.send(Box::new(ZcFrame { header, table: own, batch: batch.clone() }))
+                }
+                None => {
+                    wire::encode_entries(&batch, &mut table);
+                    let parts: Vec<&[u8]> = batch.part_slices().collect();
+                    wire::write_pages(&mut w, batch.epoch, seq, &table, &parts)
+                }
+            };
+            match result {
                 Ok(n) => {
                     self.written.fetch_add(n as u64, Ordering::Relaxed);
                 }
@@ -134,6 +192,10 @@ impl DataLink {
                     break;
                 }
             }
+        }
+        if let Some(mut z) = zc {
+            z.drain();
+            self.zerocopy.lock().unwrap_or_else(|e| e.into_inner()).0 = z.stats;
         }
         self.writer_done.store(true, Ordering::SeqCst);
     }

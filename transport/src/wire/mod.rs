@@ -39,16 +39,19 @@ use xxhash_rust::xxh3::Xxh3;
 
 /// The frame magic: "LMIG".
 pub const MAGIC: [u8; 4] = *b"LMIG";
-/// The protocol version this build speaks.
-pub const VERSION: u16 = 1;
+/// The protocol version this build speaks. Version 2 added zstd frames and live (in-place) pages, whose hash a
+/// version 1 receiver would wrongly treat as corruption, so 1 is no longer spoken.
+pub const VERSION: u16 = 2;
 /// The oldest version this build accepts from a peer.
-pub const MIN_VERSION: u16 = 1;
+pub const MIN_VERSION: u16 = 2;
 /// Header size in bytes.
 pub const HEADER_LEN: usize = 32;
 /// The largest body accepted: a Pages frame of 64 raw pages is about 257 KiB; vCPU state blobs are far smaller.
 pub const MAX_BODY: u32 = 4 << 20;
-/// Bytes per page entry in a Pages frame: page index, payload length, codec, page hash.
+/// Bytes per page entry in a Pages frame: page index, payload length, codec, flags, page hash.
 pub const ENTRY_LEN: usize = 24;
+/// Entry flag: a raw page sent in place from guest memory, which may have changed between its hash and its send.
+pub const ENTRY_LIVE: u8 = 1;
 
 /// Frame kinds.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -295,10 +298,25 @@ pub fn write_frame(w: &mut impl Write, kind: Kind, epoch: u32, seq: u32, body: &
     write_parts(w, &Header::encode(kind, epoch, seq, body, &[]), body)
 }
 
-/// Writes a Pages frame: the entry table (from [`encode_entries`]), covered by the frame checksum, and the payload,
-/// covered by the hashes in the entries.
-pub fn write_pages(w: &mut impl Write, epoch: u32, seq: u32, table: &[u8], payload: &[u8]) -> std::io::Result<usize> {
-    write_parts(w, &Header::encode(Kind::Pages, epoch, seq, &[table], &[payload]), &[table, payload])
+/// Writes a Pages frame: the entry table (from [`encode_entries`]), covered by the frame checksum, and the payload
+/// parts, covered by the hashes in the entries.
+pub fn write_pages(
+    w: &mut impl Write,
+    epoch: u32,
+    seq: u32,
+    table: &[u8],
+    payload: &[&[u8]],
+) -> std::io::Result<usize> {
+    let h = pages_header(epoch, seq, table, payload);
+    let mut parts = Vec::with_capacity(payload.len() + 1);
+    parts.push(table);
+    parts.extend_from_slice(payload);
+    write_parts(w, &h, &parts)
+}
+
+/// The header of a Pages frame with this entry table and payload.
+pub fn pages_header(epoch: u32, seq: u32, table: &[u8], payload: &[&[u8]]) -> [u8; HEADER_LEN] {
+    Header::encode(Kind::Pages, epoch, seq, &[table], payload)
 }
 
 /// Writes a header and body parts with vectored writes (no staging copy of the body).
@@ -503,27 +521,42 @@ impl Hello {
     }
 }
 
-/// Serializes a batch's entry table: a count, then [`ENTRY_LEN`] bytes per page (index, payload length, codec, hash).
+/// Serializes a batch's entry table: a count and the zstd frame's length, then [`ENTRY_LEN`] bytes per page (index,
+/// payload length, codec, flags, hash).
 pub fn encode_entries(batch: &EncodedBatch, out: &mut Vec<u8>) {
     out.clear();
     out.extend_from_slice(&(batch.entries.len() as u32).to_le_bytes());
-    out.extend_from_slice(&0u32.to_le_bytes());
+    out.extend_from_slice(&batch.zstd_len.to_le_bytes());
     for e in &batch.entries {
         out.extend_from_slice(&e.page.to_le_bytes());
         out.extend_from_slice(&e.len.to_le_bytes());
-        out.extend_from_slice(&[e.codec as u8, 0, 0, 0]);
+        out.extend_from_slice(&[e.codec as u8, if e.live { ENTRY_LIVE } else { 0 }, 0, 0]);
         out.extend_from_slice(&e.hash.to_le_bytes());
     }
 }
 
+/// A parsed Pages body's payload: the entries' bytes back to back, and the zstd frame that follows them.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct PagesPayload<'a> {
+    /// The entries' payloads, in entry order.
+    pub entries: &'a [u8],
+    /// The batch's zstd frame (empty without zstd pages).
+    pub zstd: &'a [u8],
+}
+
 /// Parses a Pages body into its entries (into `entries`) and returns the payload. Checks that the count fits the
-/// body, the checksum covered exactly the entry table, every codec is known, and the payload lengths add up to exactly
-/// the payload; page indices, per-codec lengths and page hashes are the receiver's to check.
-pub fn decode_pages<'a>(h: &Header, body: &'a [u8], entries: &mut Vec<PageEntry>) -> Result<&'a [u8], WireError> {
+/// body, the checksum covered exactly the entry table, every codec and flag is known, and the payload lengths and the
+/// zstd frame add up to exactly the payload; page indices, per-codec lengths and page hashes are the receiver's to
+/// check.
+pub fn decode_pages<'a>(
+    h: &Header,
+    body: &'a [u8],
+    entries: &mut Vec<PageEntry>,
+) -> Result<PagesPayload<'a>, WireError> {
     let mut r = Body { kind: Kind::Pages, b: body };
     let bad = |why: String| WireError::Malformed { kind: Kind::Pages, why };
     let count = r.u32("page count")? as usize;
-    r.u32("reserved")?;
+    let zstd_len = r.u32("zstd frame length")?;
     if count > (body.len() - 8) / ENTRY_LEN {
         return Err(bad(format!("{count} entries do not fit a {}-byte body", body.len())));
     }
@@ -539,17 +572,25 @@ pub fn decode_pages<'a>(h: &Header, body: &'a [u8], entries: &mut Vec<PageEntry>
     for _ in 0..count {
         let page = r.u64("entry page")?;
         let len = r.u32("entry length")?;
-        let code = r.take(4, "entry codec")?[0];
+        let cf = r.take(4, "entry codec")?;
+        let (code, flags) = (cf[0], cf[1]);
         let codec = Codec::from_u8(code).ok_or_else(|| bad(format!("unknown page codec {code}")))?;
+        if flags & !ENTRY_LIVE != 0 {
+            return Err(bad(format!("unknown entry flags {flags:#04x}")));
+        }
         let hash = r.u64("entry hash")?;
         total += u64::from(len);
-        entries.push(PageEntry { page, codec, len, hash });
+        entries.push(PageEntry { page, codec, len, hash, live: flags & ENTRY_LIVE != 0 });
     }
     let payload = r.b;
-    if total != payload.len() as u64 {
-        return Err(bad(format!("entries claim {total} payload bytes, frame carries {}", payload.len())));
+    if total + u64::from(zstd_len) != payload.len() as u64 {
+        return Err(bad(format!(
+            "entries claim {total} payload bytes and a {zstd_len}-byte zstd frame, frame carries {}",
+            payload.len()
+        )));
     }
-    Ok(payload)
+    let (entries_part, zstd) = payload.split_at(total as usize);
+    Ok(PagesPayload { entries: entries_part, zstd })
 }
 
 /// The Verify body: how thorough, and the source's roots.

@@ -1,6 +1,5 @@
 use super::*;
 use livemig_engine::dirty::Bitmap;
-use livemig_engine::encode::PageCounts;
 
 fn frame(kind: Kind, epoch: u32, seq: u32, body: &[u8]) -> Vec<u8> {
     let mut out = Vec::new();
@@ -54,26 +53,27 @@ fn hello_round_trips_and_rejects_odd_layouts() {
 
 #[test]
 fn pages_round_trip() {
-    let batch = EncodedBatch {
-        epoch: 3,
-        entries: vec![
-            PageEntry { page: 5, codec: Codec::Zero, len: 0, hash: 1 },
-            PageEntry { page: 6, codec: Codec::Raw, len: 4096, hash: 2 },
-            PageEntry { page: 9, codec: Codec::Lz4, len: 10, hash: 3 },
+    let batch = EncodedBatch::owned(
+        3,
+        vec![
+            PageEntry::new(5, Codec::Zero, 0, 1),
+            PageEntry { live: true, ..PageEntry::new(6, Codec::Raw, 4096, 2) },
+            PageEntry::new(9, Codec::Lz4, 10, 3),
+            PageEntry::new(10, Codec::Zstd, 0, 4),
         ],
-        payload: vec![1; 4106],
-        counts: PageCounts::default(),
-    };
+        vec![1; 4106 + 7],
+        7,
+    );
     let mut table = Vec::new();
     encode_entries(&batch, &mut table);
     let mut bytes = Vec::new();
-    write_pages(&mut bytes, 3, 1, &table, &batch.payload).unwrap();
+    write_pages(&mut bytes, 3, 1, &table, &[&batch.payload[..100], &batch.payload[100..]]).unwrap();
     let (h, body) = read(&bytes).unwrap();
     assert_eq!((h.kind, h.checked_len as usize), (Kind::Pages, table.len()));
     let mut entries = Vec::new();
     let payload = decode_pages(&h, &body, &mut entries).unwrap();
     assert_eq!(entries, batch.entries);
-    assert_eq!(payload, &batch.payload[..]);
+    assert_eq!((payload.entries, payload.zstd), (&batch.payload[..4106], &batch.payload[4106..]));
     // The entry table is under the frame checksum; the payload is left to the page hashes, which the receiver checks.
     let mut flipped = bytes.clone();
     flipped[HEADER_LEN + 8 + 24] ^= 1;
@@ -107,7 +107,10 @@ fn wrong_version_is_named() {
     f[4..6].copy_from_slice(&(VERSION + 1).to_le_bytes());
     let err = read(&f).unwrap_err();
     assert!(matches!(err, WireError::UnsupportedVersion { found } if found == VERSION + 1));
-    assert!(err.to_string().contains("unsupported protocol version 2"), "{err}");
+    assert!(err.to_string().contains(&format!("unsupported protocol version {}", VERSION + 1)), "{err}");
+    // Version 1 predates live pages and zstd frames: refused by name too.
+    f[4..6].copy_from_slice(&1u16.to_le_bytes());
+    assert!(matches!(read(&f), Err(WireError::UnsupportedVersion { found: 1 })));
 }
 
 #[test]
@@ -145,7 +148,7 @@ fn checksum_coverage_cannot_be_narrowed() {
     assert!(matches!(read(&f), Err(WireError::Malformed { kind: Kind::Verify, .. })));
     // And a Pages frame only its payload.
     let batch = EncodedBatch {
-        entries: vec![PageEntry { page: 1, codec: Codec::Raw, len: 4096, hash: 0 }],
+        entries: vec![PageEntry::new(1, Codec::Raw, 4096, 0)],
         payload: vec![0; 4096],
         ..Default::default()
     };
@@ -186,10 +189,7 @@ fn inconsistent_page_tables_are_refused() {
     body[0..4].copy_from_slice(&1_000_000u32.to_le_bytes());
     assert!(matches!(decode_pages(&pages_header(&body, 8), &body, &mut entries), Err(WireError::Malformed { .. })));
     // One raw entry whose payload is short.
-    let batch = EncodedBatch {
-        entries: vec![PageEntry { page: 1, codec: Codec::Raw, len: 4096, hash: 0 }],
-        ..Default::default()
-    };
+    let batch = EncodedBatch { entries: vec![PageEntry::new(1, Codec::Raw, 4096, 0)], ..Default::default() };
     let mut table = Vec::new();
     encode_entries(&batch, &mut table);
     let tlen = table.len();
