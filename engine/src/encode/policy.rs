@@ -5,16 +5,19 @@
 //! - A **model** picks the codec. For each of none, lz4 and zstd it estimates when the batch would be done: the CPU
 //!   time to compress the pages that look compressible (measured per core, per codec, on the batches actually
 //!   compressed) and the wire time of what is left (at the link goodput measured from acks). The encoders run beside the
-//!   link writers, so where the OS reports idle cores the two overlap and the batch is done at the later of
-//!   `cpu / idle cores` and the wire time; on a machine with no idle core they add up. The soonest codec wins. Every
+//!   link writers, so where cores are free the two overlap and the batch is done at the later of `cpu / free cores` and
+//!   the wire time; with less than half a core free they add up. Free cores are the idle ones the OS reports plus those
+//!   the encoders spend compressing now, which another codec would have too. The soonest codec wins. Every
 //!   [`PROBE_EVERY`]th batch of a worker compresses with lz4 or zstd in turn, whatever the model says, so that both
 //!   codecs' speed and ratio stay measured.
 //! - An [`Explorer`] checks the model against outcomes, because a wire byte costs more than wire time: the kernel
 //!   copies, segments and shapes it on the same cores. It runs short trials and keeps what delivered the most guest
 //!   pages per second, and among modes within 3 % of the best, what cost the least process CPU per page. It first tries
 //!   each candidate send path (with `--send-path auto`), then compression off against the model's best codec, keeps the
-//!   winner for [`EXPLOIT`] (doubling, up to [`MAX_EXPLOIT`], while the same mode keeps winning), and tries again. Its
-//!   clock is the acks' timestamps, so it is deterministic under test.
+//!   winner for [`EXPLOIT`] (doubling while the same mode keeps winning, and at once when it won by more than 15 %, up
+//!   to [`MAX_EXPLOIT`]), and tries again: the
+//!   incumbent first, and a challenger below 90 % of its rate is cut short. Its clock is the acks' timestamps, so it is
+//!   deterministic under test.
 
 use std::collections::VecDeque;
 use std::sync::atomic::{AtomicU64, AtomicU8, Ordering};
@@ -81,8 +84,9 @@ pub enum BatchCodec {
 /// zstd's level: 3 compresses the text pages of a batch to 29 % against level 1's 31 %, at 80 % of its speed.
 pub const ZSTD_LEVEL: i32 = 3;
 
-/// One batch in this many is compressed to measure the codecs, whatever the policy says.
-pub const PROBE_EVERY: u64 = 32;
+/// Per worker, one batch in this many is compressed with lz4 and one with zstd, whatever the policy says, to keep both
+/// codecs measured.
+pub const PROBE_EVERY: u64 = 64;
 
 /// How long each trial runs, in ack time.
 pub const TRIAL: Duration = Duration::from_millis(200);
@@ -139,6 +143,8 @@ pub struct Explorer {
     pub codec_verdicts: (u32, u32),
     /// The send path of the latest verdict.
     pub chosen_path: Option<SendPath>,
+    /// Whether the model's latest choice was to compress.
+    pub model_compresses: bool,
 }
 
 impl Explorer {
@@ -158,6 +164,7 @@ impl Explorer {
             last_winner: None,
             codec_verdicts: (0, 0),
             chosen_path: None,
+            model_compresses: false,
         };
         if e.paths.len() > 1 {
             e.queue = e.paths.iter().map(|&path| Mode { path, codec: CodecMode::Model }).collect();
@@ -170,8 +177,14 @@ impl Explorer {
 
     fn codec_arms(&self, path: SendPath) -> VecDeque<Mode> {
         if self.codec {
-            // Off first, so that a losing compression trial can end early against its rate.
-            [CodecMode::Off, CodecMode::On].into_iter().map(|codec| Mode { path, codec }).collect()
+            // The incumbent runs first, so that the challenger's trial can end early when it is clearly losing: the
+            // last winner, or before any verdict what the model was doing.
+            let on_first = match self.last_winner {
+                Some(w) => w.codec == CodecMode::On,
+                None => self.model_compresses,
+            };
+            let order = if on_first { [CodecMode::On, CodecMode::Off] } else { [CodecMode::Off, CodecMode::On] };
+            order.into_iter().map(|codec| Mode { path, codec }).collect()
         } else {
             VecDeque::new()
         }
@@ -199,8 +212,8 @@ impl Explorer {
             let cpu_per_page = (cpu_s - cpu0).max(0.0) / self.pages.max(1) as f64;
             if self.stage != Stage::Exploit {
                 let best = self.tried.iter().map(|t| t.1).fold(0.0, f64::max);
-                // A trial that is clearly losing ends early: on a CPU-bound host it costs real time.
-                let losing = elapsed >= SETTLE + TRIAL / 4 && rate < best * 0.8;
+                // A trial that is clearly losing ends early: each of its milliseconds costs real time.
+                let losing = elapsed >= SETTLE + TRIAL / 4 && rate < best * 0.9;
                 if elapsed >= TRIAL || losing {
                     self.tried.push((current, rate, cpu_per_page));
                     return self.next(at, cpu_s);
@@ -241,7 +254,16 @@ impl Explorer {
                 self.codec_verdicts.1 += 1;
             }
         }
-        self.hold = if self.last_winner == Some(winner) { (self.hold * 2).min(MAX_EXPLOIT) } else { EXPLOIT };
+        let best = self.tried.iter().map(|t| t.1).fold(0.0, f64::max);
+        let runner_up = self.tried.iter().filter(|t| t.0 != winner).map(|t| t.1).fold(0.0, f64::max);
+        self.hold = if runner_up < best * 0.85 {
+            // Won by a wide margin: conditions would have to change a lot to overturn it.
+            MAX_EXPLOIT
+        } else if self.last_winner == Some(winner) {
+            (self.hold * 2).min(MAX_EXPLOIT)
+        } else {
+            EXPLOIT
+        };
         self.last_winner = Some(winner);
         self.chosen_path = Some(winner.path);
         self.stage = Stage::Exploit;
@@ -296,8 +318,16 @@ pub struct SendPolicy {
     /// The explorer's mode: the path's code, plus 0x40 for compression off or 0x80 for on.
     mode: AtomicU8,
     link_rate_bps: AtomicU64,
-    /// Idle cores, in thousandths, as the OS reports them.
+    /// Cores free for compression, in thousandths: idle ones as the OS reports them, plus those the encoders spend
+    /// compressing now (another codec would have them too).
     spare_milli_cpus: AtomicU64,
+    /// Nanoseconds spent compressing, all workers, and the (time, total) when the driver last looked.
+    compress_nanos: AtomicU64,
+    compress_seen: Mutex<Option<(Instant, u64)>>,
+    /// Cores the encoders spent compressing over the last span, in thousandths.
+    compressing_milli: AtomicU64,
+    /// Whether the model's latest choice was to compress (the explorer's first incumbent).
+    model_compresses: std::sync::atomic::AtomicBool,
     lz4: CodecStats,
     zstd: CodecStats,
     /// Share of non-zero pages that look compressible, in thousandths, smoothed.
@@ -317,6 +347,10 @@ impl SendPolicy {
             explorer: Mutex::new(explorer),
             link_rate_bps: AtomicU64::new(0),
             spare_milli_cpus: AtomicU64::new(0),
+            compress_nanos: AtomicU64::new(0),
+            compress_seen: Mutex::new(None),
+            compressing_milli: AtomicU64::new(0),
+            model_compresses: std::sync::atomic::AtomicBool::new(false),
             // Typical figures until measured: lz4 about 4 ns per byte of text and 63 %, zstd about 8 ns and 30 %.
             lz4: CodecStats::new(4000, 630),
             zstd: CodecStats::new(8000, 300),
@@ -342,7 +376,22 @@ impl SendPolicy {
     /// The driver's latest measurements: link goodput in bytes per second, and idle cores on this machine.
     pub fn set_link(&self, rate_bps: u64, spare_cpus: f64) {
         self.link_rate_bps.store(rate_bps, Ordering::Relaxed);
-        self.spare_milli_cpus.store((spare_cpus.max(0.0) * 1000.0) as u64, Ordering::Relaxed);
+        let now = Instant::now();
+        let total = self.compress_nanos.load(Ordering::Relaxed);
+        let mut seen = self.compress_seen.lock().unwrap_or_else(|e| e.into_inner());
+        match *seen {
+            // Spans under 50 ms are too short to measure: the last figure stands.
+            Some((at, before)) if now.saturating_duration_since(at) >= Duration::from_millis(50) => {
+                let span = now.saturating_duration_since(at).as_nanos() as f64;
+                self.compressing_milli.store(((total - before) as f64 / span * 1000.0) as u64, Ordering::Relaxed);
+                *seen = Some((now, total));
+            }
+            Some(_) => {}
+            None => *seen = Some((now, total)),
+        }
+        let compressing = self.compressing_milli.load(Ordering::Relaxed) as f64 / 1000.0;
+        let free = spare_cpus.max(0.0) + compressing;
+        self.spare_milli_cpus.store((free * 1000.0) as u64, Ordering::Relaxed);
     }
 
     /// The codec for the next batch of about `batch_bytes` raw bytes, and the `n`th batch of its worker (for probes).
@@ -361,7 +410,11 @@ impl SendPolicy {
         match self.mode.load(Ordering::Relaxed) & 0xc0 {
             0x40 => BatchCodec::None,
             0x80 => self.best(batch_bytes, false),
-            _ => self.best(batch_bytes, true),
+            _ => {
+                let c = self.best(batch_bytes, true);
+                self.model_compresses.store(c != BatchCodec::None, Ordering::Relaxed);
+                c
+            }
         }
     }
 
@@ -410,6 +463,7 @@ impl SendPolicy {
             return;
         }
         let mut ex = self.explorer.lock().unwrap_or_else(|e| e.into_inner());
+        ex.model_compresses = self.model_compresses.load(Ordering::Relaxed);
         if let Some(m) = ex.observe(pages, at, cpu_s) {
             let codec = match m.codec {
                 CodecMode::Model => 0,
@@ -438,6 +492,7 @@ impl SendPolicy {
             BatchCodec::Zstd => &self.zstd,
             BatchCodec::None => return,
         };
+        self.compress_nanos.fetch_add(nanos, Ordering::Relaxed);
         if let (Some(ps), Some(ratio)) = ((nanos * 1000).checked_div(input), (output * 1000).checked_div(input)) {
             blend(&stats.ps_per_byte, ps);
             blend(&stats.ratio_milli, ratio);

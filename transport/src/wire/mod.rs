@@ -48,8 +48,11 @@ pub const MIN_VERSION: u16 = 2;
 pub const HEADER_LEN: usize = 32;
 /// The largest body accepted: a Pages frame of 64 raw pages is about 257 KiB; vCPU state blobs are far smaller.
 pub const MAX_BODY: u32 = 4 << 20;
-/// Bytes per page entry in a Pages frame: page index, payload length, codec, flags, page hash.
-pub const ENTRY_LEN: usize = 24;
+/// Bytes per page entry in a Pages frame: page index (40 bits), payload length (16 bits), codec and flags (4 bits
+/// each), page hash (64 bits). At 16 bytes, the entries of a 2 GiB guest's 393,216 touched pages take 6 MiB.
+pub const ENTRY_LEN: usize = 16;
+/// Page indices are 40 bits: guests up to 4 EiB.
+pub const MAX_PAGE_INDEX: u64 = (1 << 40) - 1;
 /// Entry flag: a raw page sent in place from guest memory, which may have changed between its hash and its send.
 pub const ENTRY_LIVE: u8 = 1;
 
@@ -528,9 +531,10 @@ pub fn encode_entries(batch: &EncodedBatch, out: &mut Vec<u8>) {
     out.extend_from_slice(&(batch.entries.len() as u32).to_le_bytes());
     out.extend_from_slice(&batch.zstd_len.to_le_bytes());
     for e in &batch.entries {
-        out.extend_from_slice(&e.page.to_le_bytes());
-        out.extend_from_slice(&e.len.to_le_bytes());
-        out.extend_from_slice(&[e.codec as u8, if e.live { ENTRY_LIVE } else { 0 }, 0, 0]);
+        assert!(e.page <= MAX_PAGE_INDEX && e.len <= u32::from(u16::MAX), "entry {e:?} does not fit the wire format");
+        out.extend_from_slice(&e.page.to_le_bytes()[..5]);
+        out.extend_from_slice(&(e.len as u16).to_le_bytes());
+        out.push(e.codec as u8 | if e.live { ENTRY_LIVE << 4 } else { 0 });
         out.extend_from_slice(&e.hash.to_le_bytes());
     }
 }
@@ -570,10 +574,13 @@ pub fn decode_pages<'a>(
     entries.clear();
     let mut total = 0u64;
     for _ in 0..count {
-        let page = r.u64("entry page")?;
-        let len = r.u32("entry length")?;
-        let cf = r.take(4, "entry codec")?;
-        let (code, flags) = (cf[0], cf[1]);
+        let mut p = [0u8; 8];
+        p[..5].copy_from_slice(r.take(5, "entry page")?);
+        let page = u64::from_le_bytes(p);
+        let l = r.take(2, "entry length")?;
+        let len = u32::from(u16::from_le_bytes([l[0], l[1]]));
+        let cf = r.u8("entry codec")?;
+        let (code, flags) = (cf & 0xf, cf >> 4);
         let codec = Codec::from_u8(code).ok_or_else(|| bad(format!("unknown page codec {code}")))?;
         if flags & !ENTRY_LIVE != 0 {
             return Err(bad(format!("unknown entry flags {flags:#04x}")));
