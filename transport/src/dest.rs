@@ -67,6 +67,9 @@ pub struct DestReport {
     pub pages: PageCounts,
     /// Page copies dropped because the page already held a newer one.
     pub stale: u64,
+    /// Pages sent in place whose content changed between the source's hash and their send (the guest wrote them in
+    /// flight); each is dirty again and was resent.
+    pub torn: u64,
     /// Bytes read from the data links.
     pub bytes_received: u64,
     /// Per data link (its index, bytes received), for the links that presented the session.
@@ -295,6 +298,7 @@ fn run(
         hello,
         pages: totals.counts,
         stale: totals.stale,
+        torn: totals.torn,
         bytes_received: shared.bytes.load(Ordering::Relaxed),
         links,
         resumed_at,
@@ -472,6 +476,7 @@ fn data_link(
         let mut t = shared.totals.lock().unwrap_or_else(|e| e.into_inner());
         t.counts.add(&st.counts);
         t.stale += st.stale;
+        t.torn += st.torn;
     }
     shared.received.lock().unwrap_or_else(|e| e.into_inner()).push((link, received));
     if let Err(e) = result {
