@@ -20,8 +20,11 @@ pub use livemig_engine as engine;
 pub use livemig_kvm as kvm;
 pub use livemig_transport as transport;
 
+pub mod baseline;
+pub mod bench;
 pub mod guests;
 pub mod lab;
 pub mod loopback;
 pub mod manifest;
+pub mod plot;
 pub mod report;

@@ -3,6 +3,8 @@
 use anyhow::{anyhow, bail, Context, Result};
 use clap::{Args, Parser, Subcommand, ValueEnum};
 use indicatif::{ProgressBar, ProgressStyle};
+use livemig::baseline;
+use livemig::bench::{self, BenchConfig, Hosts, Scenario};
 use livemig::engine::cpu::{self, CpuDescription};
 use livemig::engine::encode::SendPath;
 use livemig::engine::guest::{Guest, GuestMemory, MemoryLayout, SyntheticConfig, SyntheticGuest};
@@ -19,7 +21,7 @@ use livemig::transport::dest::{accept_migration, receive, DestOptions};
 use livemig::transport::link::LinkSpec;
 use livemig::transport::source::{migrate, Progress, SourceOptions, SourceReport, VerifyMode};
 use livemig::transport::wire::Hello;
-use std::io::{BufRead, IsTerminal};
+use std::io::IsTerminal;
 use std::net::{TcpListener, TcpStream};
 use std::path::PathBuf;
 use std::process::Stdio;
@@ -75,6 +77,50 @@ enum Cmd {
     Lab {
         #[command(subcommand)]
         cmd: LabCmd,
+    },
+    /// Benchmark matrix: scenarios × link counts × send paths, each migrated between two processes and set beside a
+    /// raw-TCP baseline over the same links. Prints a table and writes a JSON file.
+    Bench {
+        /// Scenarios, comma-separated: reference, dirty.
+        #[arg(long, default_value = "reference")]
+        scenarios: String,
+        /// Link counts, comma-separated.
+        #[arg(long, default_value = "1")]
+        links: String,
+        /// Send paths, comma-separated: copy, vectored, zerocopy, auto.
+        #[arg(long, default_value = "copy,vectored,zerocopy,auto")]
+        paths: String,
+        /// Guest memory.
+        #[arg(long, default_value = "2GiB", value_parser = parse_size)]
+        memory: u64,
+        /// Run in the lab (`lab up` first) instead of over loopback.
+        #[arg(long)]
+        lab: bool,
+        /// The lab's namespace prefix.
+        #[arg(long, default_value = "lm")]
+        prefix: String,
+        /// The JSON file of rows.
+        #[arg(long, default_value = "bench.json")]
+        output: PathBuf,
+        /// Also draw each row's migration: FILE.svg becomes FILE-<scenario>-<links>l-<path>.svg.
+        #[arg(long)]
+        plot: Option<PathBuf>,
+    },
+    /// The raw-TCP baseline's receiving end (for `bench`).
+    #[command(hide = true)]
+    XSink {
+        #[arg(long)]
+        listen: String,
+        #[arg(long, default_value_t = 1)]
+        links: usize,
+    },
+    /// The raw-TCP baseline's sending end (for `bench`).
+    #[command(hide = true)]
+    XBlast {
+        #[arg(long = "link")]
+        links: Vec<LinkSpec>,
+        #[arg(long)]
+        bytes: u64,
     },
     /// Be the destination host: wait for one migration and run the guest it brings.
     Receive {
@@ -276,6 +322,9 @@ struct RunOpts {
     /// Write the JSON report here.
     #[arg(long)]
     report: Option<PathBuf>,
+    /// Draw the migration into this SVG file: throughput per link over time, pages and throttle per round.
+    #[arg(long)]
+    plot: Option<PathBuf>,
     /// Print the JSON report on stdout instead of the table.
     #[arg(long)]
     json: bool,
@@ -293,6 +342,19 @@ fn main() {
         Cmd::Preflight { vm, dest } => preflight_cmd(&vm, &dest),
         Cmd::Lab { cmd } => lab_cmd(cmd),
         Cmd::Cpu { cmd } => cpu_cmd(cmd),
+        Cmd::Bench { scenarios, links, paths, memory, lab, prefix, output, plot } => {
+            bench_cmd(&scenarios, &links, &paths, memory, lab.then(|| Lab::new(&prefix)), &output, plot.as_deref())
+        }
+        Cmd::XSink { listen, links } => (|| {
+            let l = TcpListener::bind(&listen).with_context(|| format!("listening on {listen}"))?;
+            eprintln!("listening on {}", l.local_addr()?);
+            println!("{}", serde_json::to_string(&baseline::sink(&l, links)?)?);
+            Ok(())
+        })(),
+        Cmd::XBlast { links, bytes } => (|| {
+            println!("{}", serde_json::to_string(&baseline::blast(&links, bytes)?)?);
+            Ok(())
+        })(),
     };
     if let Err(e) = result {
         // One line: the chain of causes joined with ": ".
@@ -437,10 +499,14 @@ fn guest_info(g: &dyn Guest) -> GuestInfo {
     }
 }
 
-fn finish(report: &Report, run_report: &Option<PathBuf>, json: bool) -> Result<()> {
+fn finish(report: &Report, run_report: &Option<PathBuf>, json: bool, plot: Option<&std::path::Path>) -> Result<()> {
     let text = serde_json::to_string_pretty(report)?;
     if let Some(path) = run_report {
         std::fs::write(path, &text).with_context(|| format!("writing {}", path.display()))?;
+    }
+    if let Some(path) = plot {
+        livemig::plot::draw(&livemig::plot::PlotData::from_report(&serde_json::to_value(report)?), path)?;
+        eprintln!("plot: {}", path.display());
     }
     if json {
         println!("{text}");
@@ -484,7 +550,7 @@ fn demo(links: usize, g: &GuestOpts, run: &RunOpts) -> Result<()> {
     if let (Ok(()), Err(e)) = (&out.source.result, &out.dest) {
         bail!("source completed but destination failed: {e}");
     }
-    finish(&report, &run.report, run.json)
+    finish(&report, &run.report, run.json, run.plot.as_deref())
 }
 
 fn send(to: &str, links: &[LinkSpec], g: &GuestOpts, run: &RunOpts) -> Result<()> {
@@ -494,7 +560,7 @@ fn send(to: &str, links: &[LinkSpec], g: &GuestOpts, run: &RunOpts) -> Result<()
     let (bar, update) = progress_bar();
     let r = migrate(&guest, stream, links, &opts, &update);
     bar.finish_and_clear();
-    finish(&source_report(&guest, &r, run, &opts), &run.report, run.json)
+    finish(&source_report(&guest, &r, run, &opts), &run.report, run.json, run.plot.as_deref())
 }
 
 /// What `receive` says about itself, and where it announces.
@@ -583,7 +649,7 @@ fn receive_cmd(
         cpu_seconds,
         timeline: Vec::new(),
     };
-    finish(&report, &report_path, json)
+    finish(&report, &report_path, json, None)
 }
 
 fn lab_cmd(cmd: LabCmd) -> Result<()> {
@@ -626,41 +692,16 @@ fn lab_run(lab: &Lab, prealloc: bool, mut send_args: Vec<String>) -> Result<()> 
     let kvm = send_args.windows(2).any(|w| w[0] == "--guest" && w[1] == "kvm");
     let prealloc = (prealloc && !kvm).then_some(memory);
     let (mut recv, mut send) = lab.commands(&exe, &send_args, prealloc, (&dest_report, &source_report))?;
-    let mut receiver = recv.stdout(Stdio::piped()).stderr(Stdio::piped()).spawn().context("starting receive")?;
-    // Wait until it listens, passing its messages on.
-    let mut lines = std::io::BufReader::new(receiver.stderr.take().expect("piped")).lines();
-    let listening = loop {
-        match lines.next() {
-            Some(Ok(l)) => {
-                eprintln!("[{}] {l}", lab.dst());
-                if l.starts_with("waiting for a migration") {
-                    break true;
-                }
-            }
-            _ => break false,
-        }
-    };
     let prefix = lab.dst();
-    let forward = std::thread::spawn(move || lines.map_while(Result::ok).for_each(|l| eprintln!("[{prefix}] {l}")));
-    if !listening {
-        let _ = receiver.wait();
-        bail!("receive in {} did not start listening", lab.dst());
-    }
+    let receiver = bench::spawn_ready(&mut recv, "waiting for a migration", move |l| eprintln!("[{prefix}] {l}"))
+        .with_context(|| format!("starting receive in {}", lab.dst()))?;
     let sent = send.stderr(Stdio::inherit()).output().context("running send")?;
-    // A receiver whose source failed ends on its own once the connection drops; give it a moment, then stop it.
-    let t = Instant::now();
-    while receiver.try_wait()?.is_none() && t.elapsed() < Duration::from_secs(10) {
-        std::thread::sleep(Duration::from_millis(20));
-    }
-    if receiver.try_wait()?.is_none() {
-        let _ = receiver.kill();
-    }
-    let received = receiver.wait_with_output()?;
-    let _ = forward.join();
+    // A receiver whose source failed ends on its own once the connection drops; give it ten seconds.
+    let (received, received_ok) = receiver.finish(Duration::from_secs(10))?;
     println!("== source: send in {} ==", lab.src());
     print!("{}", String::from_utf8_lossy(&sent.stdout));
     println!("== destination: receive in {} ==", lab.dst());
-    print!("{}", String::from_utf8_lossy(&received.stdout));
+    print!("{received}");
     if let Ok(text) = std::fs::read_to_string(&source_report) {
         if let Ok(r) = serde_json::from_str::<serde_json::Value>(&text) {
             if let Some(g) = round0_goodput(&r) {
@@ -672,8 +713,8 @@ fn lab_run(lab: &Lab, prealloc: bool, mut send_args: Vec<String>) -> Result<()> 
     if !sent.status.success() {
         bail!("send failed in {} ({})", lab.src(), sent.status);
     }
-    if !received.status.success() {
-        bail!("receive failed in {} ({})", lab.dst(), received.status);
+    if !received_ok {
+        bail!("receive failed in {}", lab.dst());
     }
     Ok(())
 }
@@ -684,6 +725,78 @@ fn round0_goodput(r: &serde_json::Value) -> Option<f64> {
     let bytes = r0.get("bytes_on_wire")?.as_f64()?;
     let secs = r0.get("duration_s")?.as_f64()?;
     (secs > 0.0).then(|| bytes * 8.0 / secs)
+}
+
+fn bench_cmd(
+    scenarios: &str,
+    links: &str,
+    paths: &str,
+    memory: u64,
+    lab: Option<Lab>,
+    output: &std::path::Path,
+    plot: Option<&std::path::Path>,
+) -> Result<()> {
+    let list = |s: &str| s.split(',').map(str::trim).filter(|x| !x.is_empty()).map(String::from).collect::<Vec<_>>();
+    let scenarios = list(scenarios).iter().map(|s| Scenario::parse(s)).collect::<Result<Vec<_>, _>>()?;
+    let links = list(links)
+        .iter()
+        .map(|n| {
+            n.parse::<usize>().ok().filter(|&n| n > 0).ok_or_else(|| anyhow!("--links: '{n}' is not a link count"))
+        })
+        .collect::<Result<Vec<_>>>()?;
+    let paths = list(paths);
+    if let Some(p) = paths.iter().find(|p| !["copy", "vectored", "zerocopy", "auto"].contains(&p.as_str())) {
+        bail!("--paths: unknown send path '{p}' (copy, vectored, zerocopy, auto)");
+    }
+    let cfg = BenchConfig {
+        scenarios,
+        links,
+        paths,
+        memory,
+        hosts: lab.map_or(Hosts::Loopback, Hosts::Lab),
+        exe: std::env::current_exe()?,
+        dir: std::env::temp_dir().join(format!("livemig-bench-{}", std::process::id())),
+    };
+    let where_ = match &cfg.hosts {
+        Hosts::Loopback => "loopback".to_string(),
+        Hosts::Lab(l) => format!("lab {} ({} link(s))", l.prefix, l.links()?),
+    };
+    eprintln!("bench over {where_}: {} row(s)", cfg.scenarios.len() * cfg.links.len() * cfg.paths.len());
+    let mut done = |r: &bench::Row| {
+        eprintln!(
+            "{} {} link(s) {}: {:.3} s, {:.2} Gbit/s, baseline {:.2} Gbit/s",
+            r.scenario.name(),
+            r.links,
+            r.send_path,
+            r.total_time_s,
+            r.wire_bps / 1e9,
+            r.baseline_bps / 1e9
+        )
+    };
+    let rows = bench::run(&cfg, &mut done)?;
+    print!("{}", bench::table(&rows));
+    let json = serde_json::json!({ "hosts": where_, "memory_bytes": memory, "rows": rows });
+    std::fs::write(output, serde_json::to_string_pretty(&json)?)
+        .with_context(|| format!("writing {}", output.display()))?;
+    println!("rows: {}", output.display());
+    if let Some(plot) = plot {
+        for r in &rows {
+            let file = plot.with_file_name(format!(
+                "{}-{}-{}l-{}.svg",
+                plot.file_stem().unwrap_or_default().to_string_lossy(),
+                r.scenario.name(),
+                r.links,
+                r.send_path
+            ));
+            let report: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(&r.source_report)?)?;
+            livemig::plot::draw(&livemig::plot::PlotData::from_report(&report), &file)?;
+            println!("plot: {}", file.display());
+        }
+    }
+    if rows.iter().any(|r| !r.verified) {
+        bail!("a row's migration did not complete verified");
+    }
+    Ok(())
 }
 
 fn read_cpu(path: &PathBuf) -> Result<CpuDescription> {

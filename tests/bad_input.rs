@@ -156,7 +156,7 @@ fn page_index_out_of_range() {
     let (e, data) = raw_page(PAGES, 1);
     let err = on_data_link(&pages_frame(vec![e], data)).unwrap_err();
     assert!(matches!(err, ReceiveError::Apply(ApplyError::PageOutOfRange { page: PAGES, pages: PAGES })), "{err}");
-    let huge = PageEntry::new(u64::MAX, Codec::Zero, 0, zero_page_hash());
+    let huge = PageEntry::new(wire::MAX_PAGE_INDEX, Codec::Zero, 0, zero_page_hash());
     let err = on_data_link(&pages_frame(vec![huge], vec![])).unwrap_err();
     assert!(matches!(err, ReceiveError::Apply(ApplyError::PageOutOfRange { .. })), "{err}");
 }

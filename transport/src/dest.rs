@@ -3,19 +3,20 @@
 //!
 //! Threads, scoped to [`receive`]: the control loop (the caller's thread) handles the vCPU state, verification and
 //! commit; a control reader feeds it frames; an acceptor takes data links on every listener, and each data link gets
-//! a thread that checks its session id, then reads frames in order, checks each (header, checksum, body structure,
-//! then every page entry against the layout), applies its pages through the engine's shared [`Receiver`] and
-//! acknowledges it on the same link; a pre-fault thread faults guest memory in ahead of the pages.
+//! a thread that checks its session id, then reads frames in order, checks each (header, checksum, entry table, then
+//! every page entry against the layout), reads raw pages straight into guest memory and applies the rest through the
+//! engine's shared [`Receiver`], and acknowledges the frame on the same link; a pre-fault thread faults guest memory
+//! in ahead of the pages.
 //!
 //! The guest is built from the source's Hello by the caller's factory, kept paused, restored from the vCPU state,
 //! verified, and resumed only on Commit, after every data thread has ended. A data link that dies is dropped; bad
 //! input anywhere ends the migration with a typed error and an Abort to the source. Nothing here panics on input.
 
 use crate::wire::{self, Header, Hello, Kind, Verified, Verify, WireError, HEADER_LEN};
-use livemig_engine::encode::{memory_root, PageCounts};
+use livemig_engine::encode::{memory_root, Codec, PageCounts, PageEntry};
 use livemig_engine::guest::{Guest, GuestError};
 use livemig_engine::preflight::DestDescription;
-use livemig_engine::receive::{ApplyError, ApplyState, Receiver};
+use livemig_engine::receive::{ApplyError, ApplyState, InPlaceError, Receiver};
 use std::net::{Shutdown, SocketAddr, TcpListener, TcpStream};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Mutex;
@@ -200,8 +201,8 @@ struct Shared<'a> {
     rx: Receiver<'a>,
     session: u64,
     stop: AtomicBool,
-    /// Data sockets, to close them all at the end.
-    links: Mutex<Vec<TcpStream>>,
+    /// Data sockets with their link index: to close them all at the end, or one that keeps a page busy.
+    links: std::sync::Arc<Mutex<Vec<(u32, TcpStream)>>>,
     /// Per link (index, bytes received).
     received: Mutex<Vec<(u32, u64)>>,
     totals: Mutex<ApplyState>,
@@ -222,11 +223,21 @@ fn run(
     opts: &DestOptions,
     refused: &(dyn Fn(SocketAddr, &WireError) + Sync),
 ) -> Result<DestReport, ReceiveError> {
+    let links: std::sync::Arc<Mutex<Vec<(u32, TcpStream)>>> = Default::default();
+    let evict_from = links.clone();
+    // A page still busy when its resend arrives is held by a link the source has given up on: drop that link.
+    let evict = move |link: u32| {
+        for (k, s) in evict_from.lock().unwrap_or_else(|e| e.into_inner()).iter() {
+            if *k == link {
+                let _ = s.shutdown(Shutdown::Both);
+            }
+        }
+    };
     let shared = Shared {
-        rx: Receiver::new(guest.memory()),
+        rx: Receiver::new(guest.memory()).with_evict(evict),
         session: hello.session,
         stop: AtomicBool::new(false),
-        links: Mutex::new(Vec::new()),
+        links,
         received: Mutex::new(Vec::new()),
         totals: Mutex::new(ApplyState::default()),
         die_after: opts.die_after_bytes,
@@ -276,7 +287,7 @@ fn run(
         // Stop every helper and data thread before the guest may run: a late write from a dead link's thread must
         // not land in memory the resumed guest owns.
         shared.stop.store(true, Ordering::SeqCst);
-        for l in shared.links.lock().unwrap_or_else(|e| e.into_inner()).iter() {
+        for (_, l) in shared.links.lock().unwrap_or_else(|e| e.into_inner()).iter() {
             let _ = l.shutdown(Shutdown::Both);
         }
         let _ = control.shutdown(Shutdown::Read);
@@ -435,24 +446,24 @@ fn data_link(
     let _ = stream.set_read_timeout(None);
     let _ = stream.set_nodelay(true);
     if let Ok(c) = stream.try_clone() {
-        shared.links.lock().unwrap_or_else(|e| e.into_inner()).push(c);
+        shared.links.lock().unwrap_or_else(|e| e.into_inner()).push((link, c));
     }
     // The list may have been closed just before this link was added to it.
     if shared.stop.load(Ordering::SeqCst) {
         return;
     }
     let mut st = ApplyState::default();
-    let mut entries = Vec::new();
+    let mut frame = FrameBuffers::default();
     let mut received = 0u64;
     let (mut r, mut w) = (&stream, &stream);
     let result = loop {
-        let h = match wire::read_frame(&mut r, &mut body) {
-            Ok(h) => h,
+        let (raw, h) = match wire::read_header(&mut r) {
+            Ok(x) => x,
             // The link died or was closed: the source sends its batches again elsewhere.
             Err(WireError::Closed | WireError::Io(_) | WireError::Truncated { .. }) => break Ok(()),
             Err(e) => break Err(ReceiveError::from(e)),
         };
-        let len = (HEADER_LEN + body.len()) as u64;
+        let len = (HEADER_LEN as u64) + u64::from(h.len);
         received += len;
         let total = shared.bytes.fetch_add(len, Ordering::Relaxed) + len;
         if shared.die_after.is_some_and(|n| total >= n) {
@@ -461,13 +472,17 @@ fn data_link(
         if h.kind != Kind::Pages {
             break Err(WireError::Unexpected { got: h.kind, expected: "Pages on a data link" }.into());
         }
-        let applied = wire::decode_pages(&h, &body, &mut entries)
-            .map_err(ReceiveError::from)
-            .and_then(|p| Ok(shared.rx.apply_frame(h.epoch, &entries, p.entries, p.zstd, &mut st)?));
-        if let Err(e) = applied {
-            break Err(e);
+        // Inside a frame the bytes are already on their way: a frame that stops arriving is a dead link, and this
+        // thread may be holding a page lock that other links wait for (see read_pages).
+        let _ = stream.set_read_timeout(Some(MID_FRAME_TIMEOUT));
+        let read = read_pages(&mut r, &raw, &h, link, &shared.rx, &mut st, &mut frame);
+        let _ = stream.set_read_timeout(None);
+        match read {
+            Ok(()) => {}
+            Err(None) => break Ok(()),
+            Err(Some(e)) => break Err(e),
         }
-        let ack = wire::encode_ack(len, entries.len() as u32);
+        let ack = wire::encode_ack(len, frame.entries.len() as u32);
         if wire::write_frame(&mut w, Kind::Ack, h.epoch, h.seq, &[&ack]).is_err() {
             break Ok(());
         }
@@ -486,13 +501,82 @@ fn data_link(
         let _ = tx.send(Msg::Fatal(e));
         if killed {
             // As a killed process would: every connection drops at once.
-            for l in shared.links.lock().unwrap_or_else(|e| e.into_inner()).iter() {
+            for (_, l) in shared.links.lock().unwrap_or_else(|e| e.into_inner()).iter() {
                 let _ = l.shutdown(Shutdown::Both);
             }
         }
     }
     // The link is done either way; its clone in `links` must not keep the connection open.
     let _ = stream.shutdown(Shutdown::Both);
+}
+
+/// How long a data link may stall in the middle of a frame before it counts as dead. A raw page is read into guest
+/// memory with the page marked busy, so a link that dies mid-page would otherwise keep it busy for good; past this,
+/// the link is dropped, the mark cleared, and the source sends the frame again on another link (the half-written page
+/// is rewritten whole, as its batch was not acknowledged).
+const MID_FRAME_TIMEOUT: Duration = Duration::from_secs(2);
+
+/// A data link's buffers for the frame being read, kept from frame to frame.
+#[derive(Default)]
+struct FrameBuffers {
+    table: Vec<u8>,
+    entries: Vec<PageEntry>,
+    /// The entries whose bytes go through `payload` (all but raw pages).
+    others: Vec<PageEntry>,
+    payload: Vec<u8>,
+    zstd: Vec<u8>,
+}
+
+/// Reads the rest of a Pages frame whose header is `raw`/`h` and applies it. The entry table is read and checked
+/// (checksum, structure, every entry against the layout) before any payload byte; then raw pages are read straight
+/// into their place in guest memory, and the other pages' bytes (lz4 blocks, the zstd frame) into buffers, applied
+/// at the end. `Err(None)`: the link died mid-frame, which is not the migration's failure (its batches are resent).
+fn read_pages(
+    r: &mut &TcpStream,
+    raw: &[u8; HEADER_LEN],
+    h: &Header,
+    link: u32,
+    rx: &Receiver<'_>,
+    st: &mut ApplyState,
+    f: &mut FrameBuffers,
+) -> Result<(), Option<ReceiveError>> {
+    let fatal = |e: ReceiveError| Some(e);
+    let dead_or = |e: WireError| match e {
+        WireError::Io(_) | WireError::Truncated { .. } | WireError::Closed => None,
+        e => Some(e.into()),
+    };
+    f.table.resize(h.checked_len as usize, 0);
+    wire::read_part(r, &mut f.table, "entry table").map_err(dead_or)?;
+    wire::check_sum(raw, h, &f.table).map_err(|e| fatal(e.into()))?;
+    let zstd_len = wire::decode_table(h, &f.table, &mut f.entries).map_err(|e| fatal(e.into()))?;
+    for e in &f.entries {
+        rx.check_entry(e).map_err(|e| fatal(e.into()))?;
+    }
+    f.others.clear();
+    f.payload.clear();
+    for e in &f.entries {
+        if e.codec == Codec::Raw {
+            let read = rx.apply_raw_in_place(h.epoch, e, link, st, |page| {
+                wire::read_part(r, page, "page").map_err(|e| match e {
+                    WireError::Io(io) => io,
+                    e => std::io::Error::new(std::io::ErrorKind::UnexpectedEof, e.to_string()),
+                })
+            });
+            match read {
+                Ok(_) => {}
+                Err(InPlaceError::Io(_)) => return Err(None),
+                Err(InPlaceError::Apply(a)) => return Err(fatal(a.into())),
+            }
+        } else {
+            let at = f.payload.len();
+            f.payload.resize(at + e.len as usize, 0);
+            wire::read_part(r, &mut f.payload[at..], "page payload").map_err(dead_or)?;
+            f.others.push(*e);
+        }
+    }
+    f.zstd.resize(zstd_len as usize, 0);
+    wire::read_part(r, &mut f.zstd, "zstd frame").map_err(dead_or)?;
+    rx.apply_frame(h.epoch, &f.others, &f.payload, &f.zstd, st).map_err(|e| fatal(e.into()))
 }
 
 /// How long a new connection has to present its Hello. A livemig source sends it right after connecting.

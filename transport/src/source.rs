@@ -785,10 +785,12 @@ impl Driver<'_> {
         self.reroute(i);
     }
 
-    /// Routes again what the failed link `i` holds.
+    /// Routes again what the failed link `i` holds. The driver must get back to its events, so a batch that no link
+    /// takes within the link timeout (every other link full and stalled) fails the migration.
     fn reroute(&mut self, i: usize) {
         for item in self.stripe.links[i].take_back() {
-            if !self.stripe.route(item) && self.error.is_none() {
+            let deadline = Instant::now() + self.opts.link_timeout;
+            if !self.stripe.route(item, Some(deadline)) && self.error.is_none() {
                 let why = self.link_errors[i].clone().unwrap_or_default();
                 self.fail(MigrateError::AllLinksFailed(why));
                 return;

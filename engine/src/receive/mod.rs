@@ -66,6 +66,17 @@ pub enum ApplyError {
     },
 }
 
+/// Why a page read in place could not be applied.
+#[derive(Debug, thiserror::Error)]
+pub enum InPlaceError {
+    /// The entry or its content is bad.
+    #[error(transparent)]
+    Apply(#[from] ApplyError),
+    /// Reading the page's bytes failed.
+    #[error("reading a page: {0}")]
+    Io(std::io::Error),
+}
+
 /// The most zstd pages one frame may carry: the decode buffer is sized by it before anything is decoded.
 pub const MAX_ZSTD_PAGES: usize = 1024;
 
@@ -76,6 +87,27 @@ pub enum Applied {
     Written,
     /// The page already held a newer copy; this one was dropped.
     Stale,
+}
+
+/// An epoch slot holds the stamp (epoch + 1) of the page's copy in its low 24 bits, and, while one link reads the page
+/// in place ([`Receiver::apply_raw_in_place`]), that link's index + 1 above them.
+const OWNER_SHIFT: u32 = 24;
+const STAMP_MASK: u32 = (1 << OWNER_SHIFT) - 1;
+/// The most links a receiver tells apart as owners of busy pages.
+pub const MAX_OWNERS: u32 = 255;
+/// How long an apply that finds its page busy waits before it looks again.
+const BUSY_WAIT: std::time::Duration = std::time::Duration::from_micros(200);
+/// How long an apply waits for a busy page before it asks for the owning link to be dropped. Only a resend racing its
+/// original finds a page busy, and the source resends only what a link it has given up on held.
+const BUSY_PATIENCE: std::time::Duration = std::time::Duration::from_millis(20);
+
+fn stamp_of(epoch: u32) -> u32 {
+    epoch.saturating_add(1).min(STAMP_MASK)
+}
+
+/// The link reading the page in place, if any.
+fn owner_of(slot: u32) -> Option<u32> {
+    (slot >> OWNER_SHIFT).checked_sub(1)
 }
 
 /// Pages per lock stripe: 2 MiB, so a frame of consecutive pages takes one lock, not one per page.
@@ -144,15 +176,19 @@ impl ApplyState {
 
 /// The destination's view of guest memory during a migration, shared by the apply threads of all links.
 ///
-/// A page's epoch check and its write happen under the lock of the page's 2 MiB stripe, so two links carrying copies
-/// of the same page from different rounds can never interleave: whichever applies last, the newer copy stays.
+/// A page's epoch check and its write happen under the lock of the page's 2 MiB stripe, or, for a raw page read
+/// straight from the network, under a busy mark set and cleared under that lock; so two links carrying copies of the
+/// same page can never interleave: whichever applies last, the newer copy stays.
 pub struct Receiver<'a> {
     mem: &'a dyn GuestMemory,
     pages: u64,
-    /// Per page: 0 if never applied, else epoch + 1 of the copy it holds. Only touched under the page's stripe lock.
+    /// Per page: 0 if never applied, else epoch + 1 of the copy it holds, and the owner while it is read in place
+    /// (see [`OWNER_SHIFT`]). Only touched under the page's stripe lock.
     epochs: Vec<AtomicU32>,
     stripes: Vec<Mutex<()>>,
     hashes: HashTable,
+    /// Drops a link (by index) that has kept a page busy past [`BUSY_PATIENCE`].
+    evict: Option<Box<dyn Fn(u32) + Send + Sync + 'a>>,
 }
 
 impl<'a> Receiver<'a> {
@@ -165,6 +201,26 @@ impl<'a> Receiver<'a> {
             epochs: (0..pages).map(|_| AtomicU32::new(0)).collect(),
             stripes: (0..STRIPES).map(|_| Mutex::new(())).collect(),
             hashes: HashTable::new(pages),
+            evict: None,
+        }
+    }
+
+    /// Sets how to drop a link that keeps a page busy: a resend of a page found busy means the source gave up on the
+    /// link reading it, which may be stalled mid-page; dropping it ends that read so that the resend can go on.
+    pub fn with_evict(mut self, evict: impl Fn(u32) + Send + Sync + 'a) -> Self {
+        self.evict = Some(Box::new(evict));
+        self
+    }
+
+    /// Waits a moment for a busy page; past [`BUSY_PATIENCE`], asks for its owner to be dropped.
+    fn wait_busy(&self, slot: u32, waited: &mut std::time::Duration) {
+        std::thread::sleep(BUSY_WAIT);
+        *waited += BUSY_WAIT;
+        if *waited >= BUSY_PATIENCE {
+            if let (Some(evict), Some(owner)) = (&self.evict, owner_of(slot)) {
+                evict(owner);
+            }
+            *waited = std::time::Duration::ZERO;
         }
     }
 
@@ -216,26 +272,108 @@ impl<'a> Receiver<'a> {
         st.unzstd(zstd, zpages)?;
         let (mut off, mut zoff) = (0, 0);
         let mut held: Option<(u64, MutexGuard<'_, ()>)> = None;
+        let mut waited = std::time::Duration::ZERO;
         for e in entries {
             let stripe = e.page / STRIPE_PAGES;
-            if held.as_ref().is_none_or(|(s, _)| *s != stripe) {
-                // Release before taking the next: holding two stripes could deadlock against another link.
+            loop {
+                if held.as_ref().is_none_or(|(s, _)| *s != stripe) {
+                    // Release before taking the next: holding two stripes could deadlock against another link.
+                    drop(held.take());
+                    held = Some((stripe, self.stripe(e.page)));
+                }
+                let done = if e.codec == Codec::Zstd {
+                    // Moved out for the call, which needs the state mutably; the page is copied before it comes back.
+                    let zbuf = std::mem::take(&mut st.zbuf);
+                    let r = self.apply_locked(epoch, e, &zbuf[zoff..zoff + PAGE_SIZE], st);
+                    st.zbuf = zbuf;
+                    r?
+                } else {
+                    self.apply_locked(epoch, e, &payload[off..off + e.len as usize], st)?
+                };
+                if done.is_some() {
+                    break;
+                }
+                // Another link is reading this page in place; it needs the stripe lock to finish.
                 drop(held.take());
-                held = Some((stripe, self.stripe(e.page)));
+                self.wait_busy(self.epochs[e.page as usize].load(Ordering::Relaxed), &mut waited);
             }
             if e.codec == Codec::Zstd {
-                // Moved out for the call, which needs the state mutably; the page is copied before it comes back.
-                let zbuf = std::mem::take(&mut st.zbuf);
-                let r = self.apply_locked(epoch, e, &zbuf[zoff..zoff + PAGE_SIZE], st);
-                st.zbuf = zbuf;
-                r?;
                 zoff += PAGE_SIZE;
             } else {
-                self.apply_locked(epoch, e, &payload[off..off + e.len as usize], st)?;
                 off += e.len as usize;
             }
         }
         Ok(())
+    }
+
+    /// Applies a raw page whose bytes are still on the wire: `fill` reads them straight into the page's place in guest
+    /// memory (or, for a stale copy, into scratch), then the page is hashed there. This saves the copy from a frame
+    /// buffer into guest memory.
+    ///
+    /// The stripe lock is not held while `fill` reads from the network: the page is marked busy instead, and any other
+    /// apply of it (only a resend racing its original after a link failure) waits until the mark is cleared. The
+    /// caller must bound `fill`, so that a link dying mid-page cannot keep a page busy for good. If `fill` fails, the
+    /// page keeps its old epoch and hash but part of its bytes may be new: the frame was not acknowledged, so the
+    /// source sends it again and the page is rewritten whole.
+    ///
+    /// A page that fails its hash (and is not live) has then already been written: the error abandons the migration,
+    /// and the destination guest never runs.
+    ///
+    /// `owner` is the reading link's index (below [`MAX_OWNERS`]), which a waiting apply may ask to drop.
+    pub fn apply_raw_in_place(
+        &self,
+        epoch: u32,
+        e: &PageEntry,
+        owner: u32,
+        st: &mut ApplyState,
+        fill: impl FnOnce(&mut [u8]) -> std::io::Result<()>,
+    ) -> Result<Applied, InPlaceError> {
+        self.check_entry(e)?;
+        if e.codec != Codec::Raw {
+            return Err(ApplyError::BadLength { page: e.page, codec: e.codec, len: e.len }.into());
+        }
+        let (ptr, _) = host_pages(self.mem, e.page, 1)
+            .map_err(|_| ApplyError::PageOutOfRange { page: e.page, pages: self.pages })?;
+        let stamp = stamp_of(epoch);
+        let slot = &self.epochs[e.page as usize];
+        let mut waited = std::time::Duration::ZERO;
+        let held = loop {
+            let guard = self.stripe(e.page);
+            let held = slot.load(Ordering::Relaxed);
+            if owner_of(held).is_none() {
+                if held > stamp {
+                    drop(guard);
+                    fill(&mut st.scratch[..]).map_err(InPlaceError::Io)?;
+                    st.stale += 1;
+                    return Ok(Applied::Stale);
+                }
+                slot.store(held | ((owner.min(MAX_OWNERS - 1) + 1) << OWNER_SHIFT), Ordering::Relaxed);
+                break held;
+            }
+            drop(guard);
+            self.wait_busy(held, &mut waited);
+        };
+        // SAFETY: host_pages points at one whole page of the destination's live mapping; its vCPUs are paused until the
+        // migration commits, and the busy mark excludes every other apply of this page while the slice lives.
+        let page = unsafe { std::slice::from_raw_parts_mut(ptr, PAGE_SIZE) };
+        let filled = fill(page);
+        let computed = page_hash(page);
+        let _guard = self.stripe(e.page);
+        if let Err(err) = filled {
+            slot.store(held, Ordering::Relaxed);
+            return Err(InPlaceError::Io(err));
+        }
+        if computed != e.hash {
+            if !e.live {
+                slot.store(held, Ordering::Relaxed);
+                return Err(ApplyError::BadChecksum { page: e.page, expected: e.hash, computed }.into());
+            }
+            st.torn += 1;
+        }
+        slot.store(stamp, Ordering::Relaxed);
+        self.hashes.set(e.page, computed);
+        st.counts.raw += 1;
+        Ok(Applied::Written)
     }
 
     /// Applies one page copy read in round `epoch`. `payload` is the entry's `len` bytes.
@@ -244,24 +382,35 @@ impl<'a> Receiver<'a> {
         if payload.len() != e.len as usize || e.codec == Codec::Zstd {
             return Err(ApplyError::BadLength { page: e.page, codec: e.codec, len: payload.len() as u32 });
         }
-        let _guard = self.stripe(e.page);
-        self.apply_locked(epoch, e, payload, st)
+        let mut waited = std::time::Duration::ZERO;
+        loop {
+            let guard = self.stripe(e.page);
+            if let Some(a) = self.apply_locked(epoch, e, payload, st)? {
+                return Ok(a);
+            }
+            drop(guard);
+            self.wait_busy(self.epochs[e.page as usize].load(Ordering::Relaxed), &mut waited);
+        }
     }
 
-    /// The apply proper; the caller checked the entry and holds the page's stripe lock.
+    /// The apply proper; the caller checked the entry and holds the page's stripe lock. `None` when another link is
+    /// reading the page in place: the caller releases the lock, waits, and tries again.
     fn apply_locked(
         &self,
         epoch: u32,
         e: &PageEntry,
         payload: &[u8],
         st: &mut ApplyState,
-    ) -> Result<Applied, ApplyError> {
-        let stamp = epoch.saturating_add(1);
+    ) -> Result<Option<Applied>, ApplyError> {
+        let stamp = stamp_of(epoch);
         let slot = &self.epochs[e.page as usize];
         let held = slot.load(Ordering::Relaxed);
+        if owner_of(held).is_some() {
+            return Ok(None);
+        }
         if held > stamp {
             st.stale += 1;
-            return Ok(Applied::Stale);
+            return Ok(Some(Applied::Stale));
         }
         let data: &[u8] = match e.codec {
             Codec::Zero => {
@@ -294,14 +443,14 @@ impl<'a> Receiver<'a> {
         st.counts.count(e.codec);
         // Fresh destination memory is already zero: writing a zero page there would only fault it in.
         if e.codec == Codec::Zero && held == 0 {
-            return Ok(Applied::Written);
+            return Ok(Some(Applied::Written));
         }
         let (ptr, _) = host_pages(self.mem, e.page, 1)
             .map_err(|_| ApplyError::PageOutOfRange { page: e.page, pages: self.pages })?;
         // SAFETY: host_pages points at one whole page of the destination's live mapping. Its vCPUs are paused until
         // the migration commits, and the stripe lock held by the caller excludes every other apply of this page.
         unsafe { std::ptr::copy_nonoverlapping(data.as_ptr(), ptr, PAGE_SIZE) };
-        Ok(Applied::Written)
+        Ok(Some(Applied::Written))
     }
 
     /// The receiver's hash table.
@@ -435,5 +584,67 @@ mod tests {
         // The same bytes on a page that was copied before hashing are corruption.
         let copied = raw(1, &hashed);
         assert!(matches!(r.apply(0, &copied, &sent, &mut st), Err(ApplyError::BadChecksum { page: 1, .. })));
+    }
+
+    #[test]
+    fn a_page_read_in_place_stays_busy_until_its_stalled_owner_is_evicted() {
+        let g = dest(2);
+        let (tx, rx) = std::sync::mpsc::channel::<()>();
+        let evicted = AtomicU32::new(u32::MAX);
+        let r = Receiver::new(&g).with_evict(|link| {
+            evicted.store(link, Ordering::SeqCst);
+            let _ = tx.send(());
+        });
+        let page = vec![7u8; PAGE_SIZE];
+        let (r, page_ref) = (&r, &page);
+        std::thread::scope(|s| {
+            // Link 3 starts reading page 1 in place and stalls until it is dropped.
+            s.spawn(move || {
+                let mut st = ApplyState::default();
+                let res = r.apply_raw_in_place(0, &raw(1, page_ref), 3, &mut st, |buf| {
+                    buf[..100].fill(0xee);
+                    rx.recv().unwrap();
+                    Err(std::io::Error::other("link dropped"))
+                });
+                assert!(matches!(res, Err(InPlaceError::Io(_))), "{res:?}");
+            });
+            while owner_of(r.epochs[1].load(Ordering::SeqCst)).is_none() {
+                std::thread::yield_now();
+            }
+            // The resend on another link waits, has link 3 dropped, and then applies the whole page.
+            let mut st = ApplyState::default();
+            assert_eq!(r.apply(0, &raw(1, page_ref), page_ref, &mut st).unwrap(), Applied::Written);
+            assert_eq!(evicted.load(Ordering::SeqCst), 3);
+        });
+        let mut out = vec![0u8; PAGE_SIZE];
+        read_page(&g, 1, &mut out).unwrap();
+        assert_eq!(out, page);
+        assert_eq!(r.hashes().get(1), Some(page_hash(&page)));
+    }
+
+    #[test]
+    fn a_page_read_in_place_is_checked_and_stale_copies_are_dropped() {
+        let g = dest(2);
+        let r = Receiver::new(&g);
+        let mut st = ApplyState::default();
+        let (new, old) = (vec![2u8; PAGE_SIZE], vec![1u8; PAGE_SIZE]);
+        let put = |data: &[u8]| {
+            let data = data.to_vec();
+            move |buf: &mut [u8]| {
+                buf.copy_from_slice(&data);
+                Ok(())
+            }
+        };
+        assert_eq!(r.apply_raw_in_place(2, &raw(0, &new), 0, &mut st, put(&new)).unwrap(), Applied::Written);
+        assert_eq!(r.apply_raw_in_place(1, &raw(0, &old), 0, &mut st, put(&old)).unwrap(), Applied::Stale);
+        let mut out = vec![0u8; PAGE_SIZE];
+        read_page(&g, 0, &mut out).unwrap();
+        assert_eq!(out, new);
+        // Content that does not match a copied page's hash is refused; a live page's is recorded as it arrived.
+        let err = r.apply_raw_in_place(3, &raw(1, &old), 0, &mut st, put(&new)).unwrap_err();
+        assert!(matches!(err, InPlaceError::Apply(ApplyError::BadChecksum { page: 1, .. })), "{err}");
+        let live = PageEntry { live: true, ..raw(1, &old) };
+        assert_eq!(r.apply_raw_in_place(3, &live, 0, &mut st, put(&new)).unwrap(), Applied::Written);
+        assert_eq!((st.torn, r.hashes().get(1)), (1, Some(page_hash(&new))));
     }
 }

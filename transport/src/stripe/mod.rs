@@ -305,7 +305,8 @@ impl Stripe {
         self.links
             .iter()
             .enumerate()
-            .filter(|(_, l)| !l.is_failed())
+            // A link whose writer has stopped is failed or about to be: its queue would never drain.
+            .filter(|(_, l)| !l.is_failed() && !l.writer_done.load(Ordering::SeqCst))
             .map(|(i, l)| {
                 let rate = match l.rate_bps.load(Ordering::Relaxed) {
                     0 => default,
@@ -317,13 +318,13 @@ impl Stripe {
             .map(|(i, _)| i)
     }
 
-    /// Routes a batch (new, or taken back from a failed link) to a live link. False when every link has failed or
-    /// the migration is over.
-    pub fn route(&self, item: Queued) -> bool {
+    /// Routes a batch (new, or taken back from a failed link) to a live link. False when every link has failed, the
+    /// migration is over, or (with a deadline) no link took it in time.
+    pub fn route(&self, item: Queued, deadline: Option<Instant>) -> bool {
         let bytes = frame_len(&item.1);
         let mut item = item;
         loop {
-            if self.abort.load(Ordering::Relaxed) {
+            if self.abort.load(Ordering::Relaxed) || deadline.is_some_and(|d| Instant::now() > d) {
                 return false;
             }
             let Some(i) = self.pick(bytes) else { return false };
@@ -348,7 +349,7 @@ impl BatchSink for Stripe {
         }
         self.round_batches.fetch_add(1, Ordering::SeqCst);
         let seq = self.seq.fetch_add(1, Ordering::Relaxed);
-        self.route((seq, Arc::new(batch)))
+        self.route((seq, Arc::new(batch)), None)
     }
 
     fn take_buffer(&self) -> EncodedBatch {

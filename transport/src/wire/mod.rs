@@ -277,23 +277,41 @@ fn read_full(r: &mut impl Read, buf: &mut [u8]) -> Result<usize, std::io::Error>
 
 /// Reads one frame: the header, checked, then the body into `body` (resized to fit), checked against the checksum.
 pub fn read_frame(r: &mut impl Read, body: &mut Vec<u8>) -> Result<Header, WireError> {
+    let (raw, header) = read_header(r)?;
+    body.resize(header.len as usize, 0);
+    read_part(r, body, "body")?;
+    check_sum(&raw, &header, &body[..header.checked_len as usize])?;
+    Ok(header)
+}
+
+/// Reads and checks a frame header; returns its bytes (for [`check_sum`]) and the parsed header. The body is left
+/// on the stream, for a receiver that reads parts of it straight to where they belong.
+pub fn read_header(r: &mut impl Read) -> Result<([u8; HEADER_LEN], Header), WireError> {
     let mut h = [0u8; HEADER_LEN];
     match read_full(r, &mut h)? {
         0 => return Err(WireError::Closed),
         n if n < HEADER_LEN => return Err(WireError::Truncated { part: "header", needed: HEADER_LEN, got: n }),
         _ => {}
     }
-    let header = Header::decode(&h)?;
-    body.resize(header.len as usize, 0);
-    let got = read_full(r, body)?;
-    if got < body.len() {
-        return Err(WireError::Truncated { part: "body", needed: body.len(), got });
+    Ok((h, Header::decode(&h)?))
+}
+
+/// Reads exactly `buf.len()` bytes of a frame's `part`; a stream that ends first is a truncated frame.
+pub fn read_part(r: &mut impl Read, buf: &mut [u8], part: &'static str) -> Result<(), WireError> {
+    let got = read_full(r, buf)?;
+    if got < buf.len() {
+        return Err(WireError::Truncated { part, needed: buf.len(), got });
     }
-    let computed = checksum(&h[..24], &[&body[..header.checked_len as usize]]);
-    if computed != header.checksum {
-        return Err(WireError::BadChecksum { expected: header.checksum, computed });
+    Ok(())
+}
+
+/// Checks the frame checksum over the header bytes `raw` and the body's checked part.
+pub fn check_sum(raw: &[u8; HEADER_LEN], h: &Header, checked: &[u8]) -> Result<(), WireError> {
+    let computed = checksum(&raw[..24], &[checked]);
+    if computed != h.checksum {
+        return Err(WireError::BadChecksum { expected: h.checksum, computed });
     }
-    Ok(header)
+    Ok(())
 }
 
 /// Writes one frame whose whole body the checksum covers.
@@ -548,21 +566,31 @@ pub struct PagesPayload<'a> {
     pub zstd: &'a [u8],
 }
 
-/// Parses a Pages body into its entries (into `entries`) and returns the payload. Checks that the count fits the
-/// body, the checksum covered exactly the entry table, every codec and flag is known, and the payload lengths and the
-/// zstd frame add up to exactly the payload; page indices, per-codec lengths and page hashes are the receiver's to
-/// check.
+/// Parses a Pages body into its entries (into `entries`) and returns the payload (see [`decode_table`]).
 pub fn decode_pages<'a>(
     h: &Header,
     body: &'a [u8],
     entries: &mut Vec<PageEntry>,
 ) -> Result<PagesPayload<'a>, WireError> {
-    let mut r = Body { kind: Kind::Pages, b: body };
+    let split = (h.checked_len as usize).min(body.len());
+    let (table, payload) = body.split_at(split);
+    let header = Header { len: body.len() as u32, ..*h };
+    let zstd_len = decode_table(&header, table, entries)? as usize;
+    let (entries_part, zstd) = payload.split_at(payload.len() - zstd_len);
+    Ok(PagesPayload { entries: entries_part, zstd })
+}
+
+/// Parses a Pages frame's entry table (the checksummed head of its body) into `entries`, and returns the length of
+/// the zstd frame at the payload's end. Checks that the count fits the table, the checksum covered exactly the table,
+/// every codec and flag is known, and the payload lengths and the zstd frame add up to exactly the rest of the body
+/// (`h.len - h.checked_len`); page indices, per-codec lengths and page hashes are the receiver's to check.
+pub fn decode_table(h: &Header, table: &[u8], entries: &mut Vec<PageEntry>) -> Result<u32, WireError> {
+    let mut r = Body { kind: Kind::Pages, b: table };
     let bad = |why: String| WireError::Malformed { kind: Kind::Pages, why };
     let count = r.u32("page count")? as usize;
     let zstd_len = r.u32("zstd frame length")?;
-    if count > (body.len() - 8) / ENTRY_LEN {
-        return Err(bad(format!("{count} entries do not fit a {}-byte body", body.len())));
+    if count > (table.len() - 8) / ENTRY_LEN {
+        return Err(bad(format!("{count} entries do not fit a {}-byte table", table.len())));
     }
     if h.checked_len as usize != 8 + count * ENTRY_LEN {
         return Err(bad(format!(
@@ -589,15 +617,13 @@ pub fn decode_pages<'a>(
         total += u64::from(len);
         entries.push(PageEntry { page, codec, len, hash, live: flags & ENTRY_LIVE != 0 });
     }
-    let payload = r.b;
-    if total + u64::from(zstd_len) != payload.len() as u64 {
+    let payload = u64::from(h.len.saturating_sub(h.checked_len));
+    if total + u64::from(zstd_len) != payload {
         return Err(bad(format!(
-            "entries claim {total} payload bytes and a {zstd_len}-byte zstd frame, frame carries {}",
-            payload.len()
+            "entries claim {total} payload bytes and a {zstd_len}-byte zstd frame, frame carries {payload}"
         )));
     }
-    let (entries_part, zstd) = payload.split_at(total as usize);
-    Ok(PagesPayload { entries: entries_part, zstd })
+    Ok(zstd_len)
 }
 
 /// The Verify body: how thorough, and the source's roots.

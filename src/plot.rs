@@ -1,0 +1,143 @@
+//! `--plot FILE.svg`: one migration drawn from its report: wire throughput per link over time (one line per link),
+//! and the pages sent and the vCPU throttle per round.
+//!
+//! The data comes from the JSON report ([`PlotData::from_report`]), so `demo`, `send`, `lab run` and `bench` draw the
+//! same picture from the same file format. SVG only (plotters' SVG backend): no font files, no bitmap libraries.
+
+use plotters::prelude::*;
+use std::path::Path;
+
+/// What the plot shows.
+#[derive(Debug, Clone, Default)]
+pub struct PlotData {
+    /// Link names, in link order.
+    pub links: Vec<String>,
+    /// Per link: (seconds since the start, Gbit/s over the sample before it).
+    pub throughput: Vec<Vec<(f64, f64)>>,
+    /// Per round: (index, pages sent, throttle percent).
+    pub rounds: Vec<(u32, u64, f64)>,
+}
+
+/// Why a plot could not be drawn.
+#[derive(Debug, thiserror::Error)]
+#[error("plot {path}: {why}")]
+pub struct PlotError {
+    path: String,
+    why: String,
+}
+
+impl PlotData {
+    /// Reads the plot's data from a report (the JSON of SPEC.md with livemig's additions).
+    pub fn from_report(r: &serde_json::Value) -> PlotData {
+        let links: Vec<String> = r
+            .get("links")
+            .and_then(|l| l.as_array())
+            .map(|ls| ls.iter().map(|l| l.get("name").and_then(|n| n.as_str()).unwrap_or("?").to_string()).collect())
+            .unwrap_or_default();
+        let mut samples: Vec<(f64, Vec<f64>)> = Vec::new();
+        for s in r.get("timeline").and_then(|t| t.as_array()).into_iter().flatten() {
+            let t = s.get(0).and_then(|t| t.as_f64()).unwrap_or(0.0);
+            let b = s.get(1).and_then(|b| b.as_array()).map(|b| b.iter().filter_map(|x| x.as_f64()).collect());
+            samples.push((t, b.unwrap_or_default()));
+        }
+        let mut throughput = vec![Vec::new(); links.len()];
+        for w in samples.windows(2) {
+            let ((t0, b0), (t1, b1)) = (&w[0], &w[1]);
+            let dt = t1 - t0;
+            // The closing sample can follow the last by a few milliseconds: too short a span to be a rate.
+            if dt < 0.05 {
+                continue;
+            }
+            for (k, series) in throughput.iter_mut().enumerate() {
+                let d = b1.get(k).unwrap_or(&0.0) - b0.get(k).unwrap_or(&0.0);
+                series.push((*t1, d * 8.0 / dt / 1e9));
+            }
+        }
+        let rounds = r
+            .get("rounds")
+            .and_then(|r| r.as_array())
+            .map(|rs| {
+                rs.iter()
+                    .map(|x| {
+                        let f = |k: &str| x.get(k).and_then(|v| v.as_f64()).unwrap_or(0.0);
+                        (f("index") as u32, f("dirty_pages") as u64, f("throttle_pct"))
+                    })
+                    .collect()
+            })
+            .unwrap_or_default();
+        PlotData { links, throughput, rounds }
+    }
+}
+
+/// Draws `d` into the SVG file `path`.
+pub fn draw(d: &PlotData, path: &Path) -> Result<(), PlotError> {
+    let err = |e: &dyn std::fmt::Display| PlotError { path: path.display().to_string(), why: e.to_string() };
+    let root = SVGBackend::new(path, (1000, 720)).into_drawing_area();
+    root.fill(&WHITE).map_err(|e| err(&e))?;
+    let (top, bottom) = root.split_vertically(420);
+
+    let t_max = d.throughput.iter().flatten().map(|p| p.0).fold(0.1, f64::max);
+    let g_max = d.throughput.iter().flatten().map(|p| p.1).fold(0.1, f64::max) * 1.15;
+    let mut chart = ChartBuilder::on(&top)
+        .caption("Wire throughput per link", ("sans-serif", 22))
+        .margin(12)
+        .x_label_area_size(40)
+        .y_label_area_size(75)
+        .build_cartesian_2d(0f64..t_max, 0f64..g_max)
+        .map_err(|e| err(&e))?;
+    chart.configure_mesh().x_desc("time since the handshake (s)").y_desc("Gbit/s").draw().map_err(|e| err(&e))?;
+    for (k, series) in d.throughput.iter().enumerate() {
+        let color = Palette99::pick(k).to_rgba();
+        let name = d.links.get(k).cloned().unwrap_or_else(|| format!("link {k}"));
+        chart
+            .draw_series(LineSeries::new(series.iter().copied(), color.stroke_width(2)))
+            .map_err(|e| err(&e))?
+            .label(name)
+            .legend(move |(x, y)| PathElement::new(vec![(x, y), (x + 20, y)], color.stroke_width(2)));
+    }
+    chart.configure_series_labels().background_style(WHITE.mix(0.8)).border_style(BLACK).draw().map_err(|e| err(&e))?;
+
+    let r_max = d.rounds.iter().map(|r| r.0).max().unwrap_or(0) as f64 + 0.5;
+    let p_max = d.rounds.iter().map(|r| r.1).max().unwrap_or(1).max(1) as f64 * 1.15;
+    let mut chart = ChartBuilder::on(&bottom)
+        .caption("Pages sent and vCPU throttle per round", ("sans-serif", 22))
+        .margin(12)
+        .x_label_area_size(40)
+        .y_label_area_size(75)
+        .right_y_label_area_size(60)
+        .build_cartesian_2d(-0.5f64..r_max, 0f64..p_max)
+        .map_err(|e| err(&e))?
+        .set_secondary_coord(-0.5f64..r_max, 0f64..100f64);
+    chart
+        .configure_mesh()
+        .x_desc("round")
+        .y_desc("pages sent (dirty pages)")
+        .x_labels(d.rounds.len() * 2 + 2)
+        .x_label_formatter(&|x| {
+            if (x - x.round()).abs() < 1e-6 && *x >= 0.0 {
+                format!("{x:.0}")
+            } else {
+                String::new()
+            }
+        })
+        .y_label_formatter(&|y| if *y >= 1000.0 { format!("{:.0}k", y / 1000.0) } else { format!("{y:.0}") })
+        .draw()
+        .map_err(|e| err(&e))?;
+    chart.configure_secondary_axes().y_desc("throttle %").draw().map_err(|e| err(&e))?;
+    let pages: Vec<(f64, f64)> = d.rounds.iter().map(|r| (f64::from(r.0), r.1 as f64)).collect();
+    chart
+        .draw_series(LineSeries::new(pages.iter().copied(), BLUE.stroke_width(2)))
+        .map_err(|e| err(&e))?
+        .label("pages sent")
+        .legend(|(x, y)| PathElement::new(vec![(x, y), (x + 20, y)], BLUE.stroke_width(2)));
+    chart.draw_series(pages.iter().map(|&p| Circle::new(p, 4, BLUE.filled()))).map_err(|e| err(&e))?;
+    let throttle: Vec<(f64, f64)> = d.rounds.iter().map(|r| (f64::from(r.0), r.2)).collect();
+    chart
+        .draw_secondary_series(LineSeries::new(throttle.iter().copied(), RED.stroke_width(2)))
+        .map_err(|e| err(&e))?
+        .label("throttle %")
+        .legend(|(x, y)| PathElement::new(vec![(x, y), (x + 20, y)], RED.stroke_width(2)));
+    chart.configure_series_labels().background_style(WHITE.mix(0.8)).border_style(BLACK).draw().map_err(|e| err(&e))?;
+    root.present().map_err(|e| err(&e))?;
+    Ok(())
+}
