@@ -13,7 +13,7 @@
 //! input anywhere ends the migration with a typed error and an Abort to the source. Nothing here panics on input.
 
 use crate::wire::{self, Header, Hello, Kind, Verified, Verify, WireError, HEADER_LEN};
-use livemig_engine::encode::{memory_root, Codec, PageCounts, PageEntry};
+use livemig_engine::encode::{memory_root, PageCounts, PageEntry};
 use livemig_engine::guest::{Guest, GuestError};
 use livemig_engine::preflight::DestDescription;
 use livemig_engine::receive::{ApplyError, ApplyState, InPlaceError, Receiver};
@@ -510,27 +510,26 @@ fn data_link(
     let _ = stream.shutdown(Shutdown::Both);
 }
 
-/// How long a data link may stall in the middle of a frame before it counts as dead. A raw page is read into guest
-/// memory with the page marked busy, so a link that dies mid-page would otherwise keep it busy for good; past this,
-/// the link is dropped, the mark cleared, and the source sends the frame again on another link (the half-written page
-/// is rewritten whole, as its batch was not acknowledged).
-const MID_FRAME_TIMEOUT: Duration = Duration::from_secs(2);
+/// How long a data link may stall in the middle of a frame before it counts as dead. Raw pages are read into guest
+/// memory with the pages marked busy, so a link that dies mid-frame would otherwise keep them busy for good; past
+/// this, the link is dropped, the marks cleared, and the source sends the frame again on another link (half-written
+/// pages are rewritten whole, as the batch was not acknowledged). A resend that finds a page busy does not wait for
+/// this: it has the stalled link dropped at once (see `Receiver::with_evict`). So this only needs to be longer than
+/// any stall the source itself tolerates (its link timeout, 3 s by default, and the 2 s pause bound).
+const MID_FRAME_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// A data link's buffers for the frame being read, kept from frame to frame.
 #[derive(Default)]
 struct FrameBuffers {
     table: Vec<u8>,
     entries: Vec<PageEntry>,
-    /// The entries whose bytes go through `payload` (all but raw pages).
-    others: Vec<PageEntry>,
-    payload: Vec<u8>,
-    zstd: Vec<u8>,
 }
 
 /// Reads the rest of a Pages frame whose header is `raw`/`h` and applies it. The entry table is read and checked
-/// (checksum, structure, every entry against the layout) before any payload byte; then raw pages are read straight
-/// into their place in guest memory, and the other pages' bytes (lz4 blocks, the zstd frame) into buffers, applied
-/// at the end. `Err(None)`: the link died mid-frame, which is not the migration's failure (its batches are resent).
+/// (checksum, structure, every entry against the layout) before any payload byte; then the payload is read with
+/// vectored reads, raw pages straight into their place in guest memory and the other pages' bytes (lz4 blocks, the
+/// zstd frame) into buffers applied at the end. `Err(None)`: the link died mid-frame, which is not the migration's
+/// failure (its batches are resent).
 fn read_pages(
     r: &mut &TcpStream,
     raw: &[u8; HEADER_LEN],
@@ -549,34 +548,23 @@ fn read_pages(
     wire::read_part(r, &mut f.table, "entry table").map_err(dead_or)?;
     wire::check_sum(raw, h, &f.table).map_err(|e| fatal(e.into()))?;
     let zstd_len = wire::decode_table(h, &f.table, &mut f.entries).map_err(|e| fatal(e.into()))?;
-    for e in &f.entries {
-        rx.check_entry(e).map_err(|e| fatal(e.into()))?;
-    }
-    f.others.clear();
-    f.payload.clear();
-    for e in &f.entries {
-        if e.codec == Codec::Raw {
-            let read = rx.apply_raw_in_place(h.epoch, e, link, st, |page| {
-                wire::read_part(r, page, "page").map_err(|e| match e {
-                    WireError::Io(io) => io,
-                    e => std::io::Error::new(std::io::ErrorKind::UnexpectedEof, e.to_string()),
-                })
-            });
-            match read {
-                Ok(_) => {}
-                Err(InPlaceError::Io(_)) => return Err(None),
-                Err(InPlaceError::Apply(a)) => return Err(fatal(a.into())),
+    let applied = rx.apply_frame_in_place(h.epoch, &f.entries, zstd_len as usize, link, st, |iov| {
+        let mut rest = iov;
+        while !rest.is_empty() {
+            match std::io::Read::read_vectored(r, rest) {
+                Ok(0) => return Err(std::io::ErrorKind::UnexpectedEof.into()),
+                Ok(n) => std::io::IoSliceMut::advance_slices(&mut rest, n),
+                Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+                Err(e) => return Err(e),
             }
-        } else {
-            let at = f.payload.len();
-            f.payload.resize(at + e.len as usize, 0);
-            wire::read_part(r, &mut f.payload[at..], "page payload").map_err(dead_or)?;
-            f.others.push(*e);
         }
+        Ok(())
+    });
+    match applied {
+        Ok(()) => Ok(()),
+        Err(InPlaceError::Io(_)) => Err(None),
+        Err(InPlaceError::Apply(a)) => Err(fatal(a.into())),
     }
-    f.zstd.resize(zstd_len as usize, 0);
-    wire::read_part(r, &mut f.zstd, "zstd frame").map_err(dead_or)?;
-    rx.apply_frame(h.epoch, &f.others, &f.payload, &f.zstd, st).map_err(|e| fatal(e.into()))
 }
 
 /// How long a new connection has to present its Hello. A livemig source sends it right after connecting.

@@ -306,8 +306,10 @@ pub fn migrate(
         let mut spawned: std::io::Result<()> = Ok(());
         for (i, link) in stripe.links.iter().enumerate() {
             let tx = link_tx.clone();
-            spawned =
-                spawned.and(spawn(format!("lm-write{i}")).spawn_scoped(s, move || link.write_loop(i, &tx)).map(drop));
+            let policy = &policy;
+            let copied = move || policy.note_zerocopy_copied();
+            spawned = spawned
+                .and(spawn(format!("lm-write{i}")).spawn_scoped(s, move || link.write_loop(i, &tx, &copied)).map(drop));
             let tx = link_tx.clone();
             let pool = stripe.pool().clone();
             spawned = spawned.and(

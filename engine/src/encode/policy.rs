@@ -6,16 +6,18 @@
 //!   time to compress the pages that look compressible (measured per core, per codec, on the batches actually
 //!   compressed) and the wire time of what is left (at the link goodput measured from acks). The encoders run beside the
 //!   link writers, so where cores are free the two overlap and the batch is done at the later of `cpu / free cores` and
-//!   the wire time; with less than half a core free they add up. Free cores are the idle ones the OS reports plus those
-//!   the encoders spend compressing now, which another codec would have too. The soonest codec wins. Every
+//!   the wire time. Free cores are the idle ones the OS reports plus those the encoders spend compressing now, which
+//!   another codec would have too. With less than half a core free, the two still overlap when one core compresses a
+//!   batch faster than the link sends it (the encoders wait on the link anyway), and add up otherwise. The soonest
+//!   codec wins. Every
 //!   [`PROBE_EVERY`]th batch of a worker compresses with lz4 or zstd in turn, whatever the model says, so that both
 //!   codecs' speed and ratio stay measured.
 //! - An [`Explorer`] checks the model against outcomes, because a wire byte costs more than wire time: the kernel
 //!   copies, segments and shapes it on the same cores. It runs short trials and keeps what delivered the most guest
 //!   pages per second, and among modes within 3 % of the best, what cost the least process CPU per page. It first tries
-//!   each candidate send path (with `--send-path auto`), then compression off against the model's best codec, keeps the
+//!   each candidate send path (with `--send-path auto`), then no compression, zstd and lz4, keeps the
 //!   winner for [`EXPLOIT`] (doubling while the same mode keeps winning, and at once when it won by more than 15 %, up
-//!   to [`MAX_EXPLOIT`]), and tries again: the
+//!   to [`MAX_EXPLOIT`]), and tries again, leaving out modes that lost by more than 15 % while the winner stays: the
 //!   incumbent first, and a challenger below 90 % of its rate is cut short. Its clock is the acks' timestamps, so it is
 //!   deterministic under test.
 
@@ -72,14 +74,18 @@ impl SendPath {
 
 /// What a batch is compressed with.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[repr(u8)]
 pub enum BatchCodec {
     /// Nothing compressed.
-    None,
+    None = 0,
     /// Compressible pages each become an lz4 block.
-    Lz4,
+    Lz4 = 1,
     /// Compressible pages together become one zstd frame.
-    Zstd,
+    Zstd = 2,
 }
+
+/// Compression counts as hopeless when the model's better codec takes this many times as long as sending raw.
+pub const HOPELESS: f64 = 1.5;
 
 /// zstd's level: 3 compresses the text pages of a batch to 29 % against level 1's 31 %, at 80 % of its speed.
 pub const ZSTD_LEVEL: i32 = 3;
@@ -104,8 +110,20 @@ pub enum CodecMode {
     Model,
     /// Nothing is compressed.
     Off,
-    /// Compressible pages are compressed, with the better codec by the model.
-    On,
+    /// Compressible pages are compressed with lz4.
+    Lz4,
+    /// Compressible pages are compressed with zstd.
+    Zstd,
+}
+
+impl CodecMode {
+    fn of(c: BatchCodec) -> CodecMode {
+        match c {
+            BatchCodec::None => CodecMode::Off,
+            BatchCodec::Lz4 => CodecMode::Lz4,
+            BatchCodec::Zstd => CodecMode::Zstd,
+        }
+    }
 }
 
 /// A mode the explorer can force: a send path and a codec mode.
@@ -143,8 +161,14 @@ pub struct Explorer {
     pub codec_verdicts: (u32, u32),
     /// The send path of the latest verdict.
     pub chosen_path: Option<SendPath>,
-    /// Whether the model's latest choice was to compress.
-    pub model_compresses: bool,
+    /// The model's latest choice.
+    pub model_choice: BatchCodec,
+    /// Codec modes that lost by more than 15 %; they are not tried again while the same mode keeps winning.
+    benched: Vec<CodecMode>,
+    /// Whether the model finds compression hopeless ([`SendPolicy::hopeless`]): then it is not tried.
+    pub compression_hopeless: bool,
+    /// Whether the kernel has reported copying zero-copy sends: then zero-copy saves nothing and loses its trial.
+    pub zerocopy_copies: bool,
 }
 
 impl Explorer {
@@ -164,7 +188,10 @@ impl Explorer {
             last_winner: None,
             codec_verdicts: (0, 0),
             chosen_path: None,
-            model_compresses: false,
+            model_choice: BatchCodec::None,
+            benched: Vec::new(),
+            compression_hopeless: false,
+            zerocopy_copies: false,
         };
         if e.paths.len() > 1 {
             e.queue = e.paths.iter().map(|&path| Mode { path, codec: CodecMode::Model }).collect();
@@ -176,15 +203,20 @@ impl Explorer {
     }
 
     fn codec_arms(&self, path: SendPath) -> VecDeque<Mode> {
-        if self.codec {
-            // The incumbent runs first, so that the challenger's trial can end early when it is clearly losing: the
-            // last winner, or before any verdict what the model was doing.
-            let on_first = match self.last_winner {
-                Some(w) => w.codec == CodecMode::On,
-                None => self.model_compresses,
+        if self.codec && self.compression_hopeless {
+            [Mode { path, codec: CodecMode::Off }].into_iter().collect()
+        } else if self.codec {
+            // The incumbent runs first, so that a challenger's trial can end early when it is clearly losing: the last
+            // winner, or before any verdict what the model was doing.
+            let first = match self.last_winner {
+                Some(w) if w.codec != CodecMode::Model => w.codec,
+                _ => CodecMode::of(self.model_choice),
             };
-            let order = if on_first { [CodecMode::On, CodecMode::Off] } else { [CodecMode::Off, CodecMode::On] };
-            order.into_iter().map(|codec| Mode { path, codec }).collect()
+            // An arm that lost by a wide margin sits out while the same mode keeps winning.
+            let rest = [CodecMode::Off, CodecMode::Zstd, CodecMode::Lz4]
+                .into_iter()
+                .filter(|&c| c != first && !self.benched.contains(&c));
+            std::iter::once(first).chain(rest).map(|codec| Mode { path, codec }).collect()
         } else {
             VecDeque::new()
         }
@@ -202,6 +234,12 @@ impl Explorer {
             // The first ack starts the first trial (or, with nothing to try, the one verdict).
             return self.next(at, cpu_s);
         };
+        if current.path == SendPath::ZeroCopy && self.zerocopy_copies && self.stage == Stage::Paths {
+            // The kernel copies these sends anyway (loopback, or a veth peer in this host): zero-copy only adds the
+            // pinning and the completions. It loses without a full trial.
+            self.tried.push((current, 0.0, f64::INFINITY));
+            return self.next(at, cpu_s);
+        }
         let (since, _) = *self.since.get_or_insert((at, cpu_s));
         let elapsed = at.saturating_duration_since(since);
         if elapsed >= SETTLE {
@@ -234,7 +272,10 @@ impl Explorer {
         self.since = Some((at, cpu_s));
         self.counted_from = None;
         self.pages = 0;
-        if let Some(m) = self.queue.pop_front() {
+        while let Some(m) = self.queue.pop_front() {
+            if m.codec != CodecMode::Off && m.codec != CodecMode::Model && self.compression_hopeless {
+                continue;
+            }
             self.stage = if self.stage == Stage::Exploit { Stage::Codec } else { self.stage };
             return self.switch(m);
         }
@@ -248,7 +289,7 @@ impl Explorer {
             return self.switch(m);
         }
         if self.codec && self.tried.len() > 1 {
-            if winner.codec == CodecMode::On {
+            if winner.codec != CodecMode::Off {
                 self.codec_verdicts.0 += 1;
             } else {
                 self.codec_verdicts.1 += 1;
@@ -256,6 +297,10 @@ impl Explorer {
         }
         let best = self.tried.iter().map(|t| t.1).fold(0.0, f64::max);
         let runner_up = self.tried.iter().filter(|t| t.0 != winner).map(|t| t.1).fold(0.0, f64::max);
+        if self.last_winner != Some(winner) {
+            self.benched.clear();
+        }
+        self.benched.extend(self.tried.iter().filter(|t| t.1 < best * 0.85).map(|t| t.0.codec));
         self.hold = if runner_up < best * 0.85 {
             // Won by a wide margin: conditions would have to change a lot to overturn it.
             MAX_EXPLOIT
@@ -315,7 +360,7 @@ pub struct SendPolicy {
     /// A codec fixed by [`SendPolicy::pinned`], for benchmarks and tests.
     pinned: Option<BatchCodec>,
     explorer: Mutex<Explorer>,
-    /// The explorer's mode: the path's code, plus 0x40 for compression off or 0x80 for on.
+    /// The explorer's mode: the path's code, plus 0x40 for compression off, 0x80 for lz4 or 0xc0 for zstd.
     mode: AtomicU8,
     link_rate_bps: AtomicU64,
     /// Cores free for compression, in thousandths: idle ones as the OS reports them, plus those the encoders spend
@@ -326,8 +371,10 @@ pub struct SendPolicy {
     compress_seen: Mutex<Option<(Instant, u64)>>,
     /// Cores the encoders spent compressing over the last span, in thousandths.
     compressing_milli: AtomicU64,
-    /// Whether the model's latest choice was to compress (the explorer's first incumbent).
-    model_compresses: std::sync::atomic::AtomicBool,
+    /// The model's latest choice (the explorer's first incumbent), as a `BatchCodec` discriminant.
+    model_choice: AtomicU8,
+    /// Whether a link has reported the kernel copying its zero-copy sends.
+    zerocopy_copies: std::sync::atomic::AtomicBool,
     lz4: CodecStats,
     zstd: CodecStats,
     /// Share of non-zero pages that look compressible, in thousandths, smoothed.
@@ -350,7 +397,8 @@ impl SendPolicy {
             compress_nanos: AtomicU64::new(0),
             compress_seen: Mutex::new(None),
             compressing_milli: AtomicU64::new(0),
-            model_compresses: std::sync::atomic::AtomicBool::new(false),
+            model_choice: AtomicU8::new(BatchCodec::None as u8),
+            zerocopy_copies: std::sync::atomic::AtomicBool::new(false),
             // Typical figures until measured: lz4 about 4 ns per byte of text and 63 %, zstd about 8 ns and 30 %.
             lz4: CodecStats::new(4000, 630),
             zstd: CodecStats::new(8000, 300),
@@ -402,17 +450,20 @@ impl SendPolicy {
         if !self.compress {
             return BatchCodec::None;
         }
-        match n % PROBE_EVERY {
+        // Where compression is hopeless, one probe in 16 keeps the figures fresh enough to notice the link slowing.
+        let every = if self.hopeless(batch_bytes) { PROBE_EVERY * 16 } else { PROBE_EVERY };
+        match n % every {
             1 => return BatchCodec::Lz4,
             2 => return BatchCodec::Zstd,
             _ => {}
         }
         match self.mode.load(Ordering::Relaxed) & 0xc0 {
             0x40 => BatchCodec::None,
-            0x80 => self.best(batch_bytes, false),
+            0x80 => BatchCodec::Lz4,
+            0xc0 => BatchCodec::Zstd,
             _ => {
                 let c = self.best(batch_bytes, true);
-                self.model_compresses.store(c != BatchCodec::None, Ordering::Relaxed);
+                self.model_choice.store(c as u8, Ordering::Relaxed);
                 c
             }
         }
@@ -421,20 +472,46 @@ impl SendPolicy {
     /// The model's pick: the codec that finishes a batch soonest. With `allow_none` false, the better of the two codecs
     /// (none only when neither shrinks pages at all).
     pub fn best(&self, batch_bytes: u64, allow_none: bool) -> BatchCodec {
-        let rate = self.link_rate_bps.load(Ordering::Relaxed);
-        if rate == 0 && allow_none {
+        if self.link_rate_bps.load(Ordering::Relaxed) == 0 && allow_none {
             // Nothing measured yet: the link is not known to be the bottleneck.
             return BatchCodec::None;
         }
-        let rate = rate.max(1) as f64;
+        let (none, lz4, zstd) = self.costs(batch_bytes);
+        let none = if allow_none { none } else { f64::INFINITY };
+        if none <= lz4 && none <= zstd {
+            BatchCodec::None
+        } else if zstd < lz4 {
+            BatchCodec::Zstd
+        } else {
+            BatchCodec::Lz4
+        }
+    }
+
+    /// Whether the model finds compression hopeless: the better codec would take more than [`HOPELESS`] times as long
+    /// as sending raw. Then neither the explorer's trials nor most probes are worth their CPU.
+    pub fn hopeless(&self, batch_bytes: u64) -> bool {
+        if self.link_rate_bps.load(Ordering::Relaxed) == 0 {
+            return false;
+        }
+        let (none, lz4, zstd) = self.costs(batch_bytes);
+        lz4.min(zstd) > none * HOPELESS
+    }
+
+    /// The model's time for a batch of `batch_bytes`: sent raw, with lz4, with zstd.
+    fn costs(&self, batch_bytes: u64) -> (f64, f64, f64) {
+        let rate = self.link_rate_bps.load(Ordering::Relaxed).max(1) as f64;
         let b = batch_bytes as f64;
         let input = b * self.compressible_milli.load(Ordering::Relaxed) as f64 / 1000.0;
         let spare = self.spare_milli_cpus.load(Ordering::Relaxed) as f64 / 1000.0;
         let done_at = |cpu_s: f64, wire_s: f64| {
-            // Half a core or less idle is noise, or another thread's share of this pipeline: then CPU and wire add up.
             if spare >= 0.5 {
                 (cpu_s / spare).max(wire_s)
+            } else if cpu_s < wire_s {
+                // No core is idle, but one encoder compresses a batch faster than the link sends one: the link is the
+                // bottleneck, the encoders wait on it, and that wait is what compression uses.
+                wire_s
             } else {
+                // The codec is slower than the link: the encoders are the bottleneck, and CPU and wire add up.
                 cpu_s + wire_s
             }
         };
@@ -446,15 +523,7 @@ impl SendPolicy {
             let cpu = input * s.ps_per_byte.load(Ordering::Relaxed) as f64 * 1e-12;
             done_at(cpu, (b - input * (1.0 - ratio)) / rate)
         };
-        let none = if allow_none { b / rate } else { f64::INFINITY };
-        let (lz4, zstd) = (cost(&self.lz4), cost(&self.zstd));
-        if none <= lz4 && none <= zstd {
-            BatchCodec::None
-        } else if zstd < lz4 {
-            BatchCodec::Zstd
-        } else {
-            BatchCodec::Lz4
-        }
+        (b / rate, cost(&self.lz4), cost(&self.zstd))
     }
 
     /// `pages` guest pages were acknowledged at `at`, with `cpu_s` process CPU seconds used so far: drives the trials.
@@ -463,15 +532,27 @@ impl SendPolicy {
             return;
         }
         let mut ex = self.explorer.lock().unwrap_or_else(|e| e.into_inner());
-        ex.model_compresses = self.model_compresses.load(Ordering::Relaxed);
+        ex.model_choice = match self.model_choice.load(Ordering::Relaxed) {
+            1 => BatchCodec::Lz4,
+            2 => BatchCodec::Zstd,
+            _ => BatchCodec::None,
+        };
+        ex.compression_hopeless = self.hopeless((crate::encode::BATCH_PAGES * crate::guest::PAGE_SIZE) as u64);
+        ex.zerocopy_copies = self.zerocopy_copies.load(Ordering::Relaxed);
         if let Some(m) = ex.observe(pages, at, cpu_s) {
             let codec = match m.codec {
                 CodecMode::Model => 0,
                 CodecMode::Off => 0x40,
-                CodecMode::On => 0x80,
+                CodecMode::Lz4 => 0x80,
+                CodecMode::Zstd => 0xc0,
             };
             self.mode.store(m.path.code() | codec, Ordering::Relaxed);
         }
+    }
+
+    /// A link's kernel reported that it copied zero-copy sends after all.
+    pub fn note_zerocopy_copied(&self) {
+        self.zerocopy_copies.store(true, Ordering::Relaxed);
     }
 
     /// The explorer's codec verdicts so far: (trials won by compression, trials won without).
@@ -551,11 +632,26 @@ mod tests {
 
     #[test]
     fn explorer_keeps_the_faster_codec_mode() {
-        let on = |m: Mode| m.codec == CodecMode::On;
-        let (ex, m) = run(vec![SendPath::Copy], |m| if on(m) { 120 } else { 100 }, |_| 0.001);
-        assert!(on(m) && ex.codec_verdicts.0 >= 1 && ex.codec_verdicts.1 == 0, "{m:?} {:?}", ex.codec_verdicts);
-        let (ex, m) = run(vec![SendPath::Copy], |m| if on(m) { 100 } else { 120 }, |_| 0.001);
-        assert!(!on(m) && ex.codec_verdicts.1 >= 1 && ex.codec_verdicts.0 == 0, "{m:?} {:?}", ex.codec_verdicts);
+        // zstd delivers most pages (a slow link); lz4 a little less; off least.
+        let rate = |m: Mode| match m.codec {
+            CodecMode::Zstd => 130,
+            CodecMode::Lz4 => 115,
+            _ => 100,
+        };
+        let (ex, m) = run(vec![SendPath::Copy], rate, |_| 0.001);
+        assert!(
+            m.codec == CodecMode::Zstd && ex.codec_verdicts == (ex.codec_verdicts.0, 0),
+            "{m:?} {:?}",
+            ex.codec_verdicts
+        );
+        assert!(ex.codec_verdicts.0 >= 1);
+        // Compression loses (a fast link).
+        let (ex, m) = run(vec![SendPath::Copy], |m| if m.codec == CodecMode::Off { 120 } else { 100 }, |_| 0.001);
+        assert!(
+            m.codec == CodecMode::Off && ex.codec_verdicts.1 >= 1 && ex.codec_verdicts.0 == 0,
+            "{m:?} {:?}",
+            ex.codec_verdicts
+        );
     }
 
     #[test]
@@ -571,6 +667,22 @@ mod tests {
     }
 
     #[test]
+    fn zero_copy_that_the_kernel_copies_loses_its_trial_at_once() {
+        let mut ex = Explorer::new(vec![SendPath::ZeroCopy, SendPath::Copy], false);
+        ex.zerocopy_copies = true;
+        let t0 = Instant::now();
+        let mut modes = Vec::new();
+        for i in 0..200u64 {
+            if let Some(m) = ex.observe(100, at(t0, 5 * i), 0.0) {
+                modes.push((5 * i, m.path));
+            }
+        }
+        // Zero-copy starts (first ack), is dropped on the next one, and copy wins although it was no faster.
+        assert_eq!(modes[..2], [(0, SendPath::ZeroCopy), (5, SendPath::Copy)], "{modes:?}");
+        assert_eq!(ex.chosen_path, Some(SendPath::Copy));
+    }
+
+    #[test]
     fn a_repeated_verdict_holds_longer() {
         let mut ex = Explorer::new(vec![SendPath::Copy], true);
         let t0 = Instant::now();
@@ -580,7 +692,8 @@ mod tests {
                 switches.push(5 * i);
             }
         }
-        // Equal rates and CPU: off, tried first, keeps winning, and the holds between trials grow 2, 4, 8, 8 s.
+        // Equal rates and CPU: off, the model's choice and tried first, keeps winning, and the holds between trials
+        // grow 2, 4, 8, 8 s.
         let gaps: Vec<u64> = switches.windows(2).map(|w| w[1] - w[0]).filter(|&g| g > 1000).collect();
         assert!(gaps.len() >= 3 && gaps[1] > gaps[0] && gaps[2] > gaps[1], "{switches:?}");
     }

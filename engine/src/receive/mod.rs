@@ -56,6 +56,12 @@ pub enum ApplyError {
         /// What went wrong.
         reason: String,
     },
+    /// A frame lists the same page twice.
+    #[error("page {page} appears twice in one frame")]
+    Duplicate {
+        /// The page.
+        page: u64,
+    },
     /// A frame's zstd frame does not decode to exactly its zstd pages.
     #[error("zstd frame for {pages} pages: {reason}")]
     Zstd {
@@ -118,6 +124,12 @@ const STRIPES: usize = 1024;
 pub struct ApplyState {
     scratch: Box<[u8; PAGE_SIZE]>,
     zbuf: Vec<u8>,
+    // Buffers of apply_frame_in_place, kept from frame to frame.
+    claims: Vec<(usize, Option<usize>, u32)>,
+    payload: Vec<u8>,
+    zin: Vec<u8>,
+    stale_buf: Vec<u8>,
+    others: Vec<PageEntry>,
     zstd: Option<zstd::bulk::Decompressor<'static>>,
     /// Pages applied, by codec.
     pub counts: PageCounts,
@@ -138,6 +150,11 @@ impl Default for ApplyState {
         ApplyState {
             scratch: Box::new([0u8; PAGE_SIZE]),
             zbuf: Vec::new(),
+            claims: Vec::new(),
+            payload: Vec::new(),
+            zin: Vec::new(),
+            stale_buf: Vec::new(),
+            others: Vec::new(),
             zstd: None,
             counts: PageCounts::default(),
             stale: 0,
@@ -306,74 +323,163 @@ impl<'a> Receiver<'a> {
         Ok(())
     }
 
-    /// Applies a raw page whose bytes are still on the wire: `fill` reads them straight into the page's place in guest
-    /// memory (or, for a stale copy, into scratch), then the page is hashed there. This saves the copy from a frame
-    /// buffer into guest memory.
+    /// Applies a frame whose payload is still on the wire: `read` gets one set of buffers covering the whole payload
+    /// in wire order and must fill them exactly. Raw pages are read straight into their place in guest memory (a stale
+    /// copy into scratch), which saves copying them out of a frame buffer; lz4 blocks and the zstd frame go to buffers
+    /// and are applied afterwards, as [`Receiver::apply_frame`] does.
     ///
-    /// The stripe lock is not held while `fill` reads from the network: the page is marked busy instead, and any other
-    /// apply of it (only a resend racing its original after a link failure) waits until the mark is cleared. The
-    /// caller must bound `fill`, so that a link dying mid-page cannot keep a page busy for good. If `fill` fails, the
-    /// page keeps its old epoch and hash but part of its bytes may be new: the frame was not acknowledged, so the
-    /// source sends it again and the page is rewritten whole.
+    /// The stripe locks are not held while `read` waits on the network: each raw page is marked busy by `owner` (the
+    /// reading link's index, below [`MAX_OWNERS`]) instead, and any other apply of it (only a resend racing its original
+    /// after a link failure) waits until the mark is cleared, asking after [`BUSY_PATIENCE`] for the owner to be dropped.
+    /// The caller must bound `read`, so that a link dying mid-frame cannot keep pages busy for good. If `read` fails,
+    /// the pages keep their old epochs and hashes but some of their bytes may be new: the frame was not acknowledged, so
+    /// the source sends it again and the pages are rewritten whole.
     ///
     /// A page that fails its hash (and is not live) has then already been written: the error abandons the migration,
     /// and the destination guest never runs.
-    ///
-    /// `owner` is the reading link's index (below [`MAX_OWNERS`]), which a waiting apply may ask to drop.
-    pub fn apply_raw_in_place(
+    pub fn apply_frame_in_place(
         &self,
         epoch: u32,
-        e: &PageEntry,
+        entries: &[PageEntry],
+        zstd_len: usize,
         owner: u32,
         st: &mut ApplyState,
-        fill: impl FnOnce(&mut [u8]) -> std::io::Result<()>,
-    ) -> Result<Applied, InPlaceError> {
-        self.check_entry(e)?;
-        if e.codec != Codec::Raw {
-            return Err(ApplyError::BadLength { page: e.page, codec: e.codec, len: e.len }.into());
-        }
-        let (ptr, _) = host_pages(self.mem, e.page, 1)
-            .map_err(|_| ApplyError::PageOutOfRange { page: e.page, pages: self.pages })?;
-        let stamp = stamp_of(epoch);
-        let slot = &self.epochs[e.page as usize];
-        let mut waited = std::time::Duration::ZERO;
-        let held = loop {
-            let guard = self.stripe(e.page);
-            let held = slot.load(Ordering::Relaxed);
-            if owner_of(held).is_none() {
-                if held > stamp {
-                    drop(guard);
-                    fill(&mut st.scratch[..]).map_err(InPlaceError::Io)?;
-                    st.stale += 1;
-                    return Ok(Applied::Stale);
-                }
-                slot.store(held | ((owner.min(MAX_OWNERS - 1) + 1) << OWNER_SHIFT), Ordering::Relaxed);
-                break held;
+        read: impl FnOnce(&mut [std::io::IoSliceMut<'_>]) -> std::io::Result<()>,
+    ) -> Result<(), InPlaceError> {
+        let (mut others_len, mut stale_pages) = (0usize, 0usize);
+        for e in entries {
+            self.check_entry(e)?;
+            if e.codec != Codec::Raw {
+                others_len += e.len as usize;
             }
-            drop(guard);
-            self.wait_busy(held, &mut waited);
+        }
+        let stamp = stamp_of(epoch);
+        let mark = (owner.min(MAX_OWNERS - 1) + 1) << OWNER_SHIFT;
+        // Claim every raw page: (entry, its place in guest memory or None when stale, its slot before the claim).
+        let mut claims = std::mem::take(&mut st.claims);
+        claims.clear();
+        for (i, e) in entries.iter().enumerate() {
+            if e.codec != Codec::Raw {
+                continue;
+            }
+            let (ptr, _) = host_pages(self.mem, e.page, 1)
+                .map_err(|_| ApplyError::PageOutOfRange { page: e.page, pages: self.pages })?;
+            let slot = &self.epochs[e.page as usize];
+            let mut waited = std::time::Duration::ZERO;
+            loop {
+                let guard = self.stripe(e.page);
+                let held = slot.load(Ordering::Relaxed);
+                match owner_of(held) {
+                    None if held > stamp => {
+                        stale_pages += 1;
+                        claims.push((i, None, held));
+                    }
+                    None => {
+                        slot.store(held | mark, Ordering::Relaxed);
+                        claims.push((i, Some(ptr as usize), held));
+                    }
+                    Some(o) if o == owner.min(MAX_OWNERS - 1) => {
+                        drop(guard);
+                        self.release(entries, &claims);
+                        st.claims = claims;
+                        return Err(ApplyError::Duplicate { page: e.page }.into());
+                    }
+                    Some(_) => {
+                        drop(guard);
+                        self.wait_busy(held, &mut waited);
+                        continue;
+                    }
+                }
+                break;
+            }
+        }
+        st.payload.resize(others_len, 0);
+        st.zin.resize(zstd_len, 0);
+        st.stale_buf.resize(stale_pages * PAGE_SIZE, 0);
+        // The payload in wire order, as (address, length) of disjoint buffers.
+        let mut parts: Vec<(usize, usize)> = Vec::with_capacity(entries.len() + 1);
+        let push = |parts: &mut Vec<(usize, usize)>, addr: usize, len: usize| match parts.last_mut() {
+            Some((a, l)) if *a + *l == addr => *l += len,
+            _ => parts.push((addr, len)),
         };
-        // SAFETY: host_pages points at one whole page of the destination's live mapping; its vCPUs are paused until the
-        // migration commits, and the busy mark excludes every other apply of this page while the slice lives.
-        let page = unsafe { std::slice::from_raw_parts_mut(ptr, PAGE_SIZE) };
-        let filled = fill(page);
-        let computed = page_hash(page);
-        let _guard = self.stripe(e.page);
+        let (mut c, mut other_off, mut stale_off) = (0usize, 0usize, 0usize);
+        for (i, e) in entries.iter().enumerate() {
+            if e.codec == Codec::Raw {
+                let (_, place, _) = claims[c];
+                c += 1;
+                debug_assert_eq!(claims[c - 1].0, i);
+                match place {
+                    Some(addr) => push(&mut parts, addr, PAGE_SIZE),
+                    None => {
+                        push(&mut parts, st.stale_buf.as_mut_ptr() as usize + stale_off, PAGE_SIZE);
+                        stale_off += PAGE_SIZE;
+                    }
+                }
+            } else if e.len > 0 {
+                push(&mut parts, st.payload.as_mut_ptr() as usize + other_off, e.len as usize);
+                other_off += e.len as usize;
+            }
+        }
+        if zstd_len > 0 {
+            push(&mut parts, st.zin.as_mut_ptr() as usize, zstd_len);
+        }
+        // SAFETY: every part is a distinct range: a claimed guest page (one whole page of the live mapping, marked busy
+        // so that no other apply touches it), a page of stale_buf, or a range of payload or zin, all sized above and
+        // not resized until the slices are gone.
+        let mut iov: Vec<std::io::IoSliceMut<'_>> = parts
+            .iter()
+            .map(|&(a, l)| std::io::IoSliceMut::new(unsafe { std::slice::from_raw_parts_mut(a as *mut u8, l) }))
+            .collect();
+        let filled = read(&mut iov);
+        drop(iov);
         if let Err(err) = filled {
-            slot.store(held, Ordering::Relaxed);
+            self.release(entries, &claims);
+            st.claims = claims;
             return Err(InPlaceError::Io(err));
         }
-        if computed != e.hash {
-            if !e.live {
+        let mut result = Ok(());
+        for (k, &(i, place, held)) in claims.iter().enumerate() {
+            let e = &entries[i];
+            let Some(addr) = place else {
+                st.stale += 1;
+                continue;
+            };
+            // SAFETY: as above; the page is still marked busy by this call.
+            let computed = page_hash(unsafe { std::slice::from_raw_parts(addr as *const u8, PAGE_SIZE) });
+            let slot = &self.epochs[e.page as usize];
+            let _guard = self.stripe(e.page);
+            if computed != e.hash && !e.live {
                 slot.store(held, Ordering::Relaxed);
-                return Err(ApplyError::BadChecksum { page: e.page, expected: e.hash, computed }.into());
+                drop(_guard);
+                self.release(entries, &claims[k + 1..]);
+                result = Err(ApplyError::BadChecksum { page: e.page, expected: e.hash, computed });
+                break;
             }
-            st.torn += 1;
+            st.torn += u64::from(computed != e.hash);
+            slot.store(stamp, Ordering::Relaxed);
+            self.hashes.set(e.page, computed);
+            st.counts.raw += 1;
         }
-        slot.store(stamp, Ordering::Relaxed);
-        self.hashes.set(e.page, computed);
-        st.counts.raw += 1;
-        Ok(Applied::Written)
+        st.claims = claims;
+        result?;
+        let mut others = std::mem::take(&mut st.others);
+        others.clear();
+        others.extend(entries.iter().filter(|e| e.codec != Codec::Raw));
+        let (payload, zin) = (std::mem::take(&mut st.payload), std::mem::take(&mut st.zin));
+        let r = self.apply_frame(epoch, &others, &payload, &zin, st);
+        (st.payload, st.zin, st.others) = (payload, zin, others);
+        Ok(r?)
+    }
+
+    /// Clears the busy marks of `claims`, restoring each page's slot as it was.
+    fn release(&self, entries: &[PageEntry], claims: &[(usize, Option<usize>, u32)]) {
+        for &(i, place, held) in claims {
+            if place.is_some() {
+                let page = entries[i].page;
+                let _guard = self.stripe(page);
+                self.epochs[page as usize].store(held, Ordering::Relaxed);
+            }
+        }
     }
 
     /// Applies one page copy read in round `epoch`. `payload` is the entry's `len` bytes.
@@ -586,6 +692,59 @@ mod tests {
         assert!(matches!(r.apply(0, &copied, &sent, &mut st), Err(ApplyError::BadChecksum { page: 1, .. })));
     }
 
+    /// A reader that fills the frame's buffers from `bytes`, in order.
+    fn from(bytes: Vec<u8>) -> impl FnOnce(&mut [std::io::IoSliceMut<'_>]) -> std::io::Result<()> {
+        move |iov| {
+            let mut off = 0;
+            for b in iov.iter_mut() {
+                let n = b.len();
+                b.copy_from_slice(&bytes[off..off + n]);
+                off += n;
+            }
+            assert_eq!(off, bytes.len(), "the buffers cover the payload exactly");
+            Ok(())
+        }
+    }
+
+    #[test]
+    fn a_frame_read_in_place_lands_in_guest_memory_and_stale_copies_are_dropped() {
+        let g = dest(4);
+        let r = Receiver::new(&g);
+        let mut st = ApplyState::default();
+        let (a, b, c) = (vec![1u8; PAGE_SIZE], vec![2u8; PAGE_SIZE], vec![3u8; PAGE_SIZE]);
+        let lz = lz4_flex::block::compress(&c);
+        let z = zstd::bulk::compress(&a, 3).unwrap();
+        let entries = [
+            raw(0, &a),
+            PageEntry::new(1, Codec::Lz4, lz.len() as u32, page_hash(&c)),
+            zero(2),
+            raw(3, &b),
+            PageEntry::new(2, Codec::Zstd, 0, page_hash(&a)),
+        ];
+        let payload = [a.clone(), lz.clone(), b.clone(), z.clone()].concat();
+        r.apply_frame_in_place(1, &entries, z.len(), 0, &mut st, from(payload)).unwrap();
+        let mut out = vec![0u8; PAGE_SIZE];
+        for (page, want) in [(0, &a), (1, &c), (2, &a), (3, &b)] {
+            read_page(&g, page, &mut out).unwrap();
+            assert_eq!(&out, want, "page {page}");
+        }
+        assert_eq!((st.counts.raw, st.counts.lz4, st.counts.zero, st.counts.zstd), (2, 1, 1, 1));
+        // An older copy of page 0 read in place goes to scratch.
+        r.apply_frame_in_place(0, &[raw(0, &b)], 0, 0, &mut st, from(b.clone())).unwrap();
+        read_page(&g, 0, &mut out).unwrap();
+        assert_eq!((out, st.stale), (a.clone(), 1));
+        // Content that does not match a copied page's hash is refused; a live page's is recorded as it arrived.
+        let err = r.apply_frame_in_place(2, &[raw(3, &a)], 0, 0, &mut st, from(c.clone())).unwrap_err();
+        assert!(matches!(err, InPlaceError::Apply(ApplyError::BadChecksum { page: 3, .. })), "{err}");
+        let live = PageEntry { live: true, ..raw(3, &a) };
+        r.apply_frame_in_place(2, &[live], 0, 0, &mut st, from(c.clone())).unwrap();
+        assert_eq!((st.torn, r.hashes().get(3)), (1, Some(page_hash(&c))));
+        // A page listed twice is refused, and leaves no page busy.
+        let err = r.apply_frame_in_place(3, &[raw(1, &a), raw(1, &a)], 0, 0, &mut st, from(vec![])).unwrap_err();
+        assert!(matches!(err, InPlaceError::Apply(ApplyError::Duplicate { page: 1 })), "{err}");
+        assert!(owner_of(r.epochs[1].load(Ordering::SeqCst)).is_none());
+    }
+
     #[test]
     fn a_page_read_in_place_stays_busy_until_its_stalled_owner_is_evicted() {
         let g = dest(2);
@@ -601,8 +760,8 @@ mod tests {
             // Link 3 starts reading page 1 in place and stalls until it is dropped.
             s.spawn(move || {
                 let mut st = ApplyState::default();
-                let res = r.apply_raw_in_place(0, &raw(1, page_ref), 3, &mut st, |buf| {
-                    buf[..100].fill(0xee);
+                let res = r.apply_frame_in_place(0, &[raw(1, page_ref)], 0, 3, &mut st, |iov| {
+                    iov[0][..100].fill(0xee);
                     rx.recv().unwrap();
                     Err(std::io::Error::other("link dropped"))
                 });
@@ -620,31 +779,5 @@ mod tests {
         read_page(&g, 1, &mut out).unwrap();
         assert_eq!(out, page);
         assert_eq!(r.hashes().get(1), Some(page_hash(&page)));
-    }
-
-    #[test]
-    fn a_page_read_in_place_is_checked_and_stale_copies_are_dropped() {
-        let g = dest(2);
-        let r = Receiver::new(&g);
-        let mut st = ApplyState::default();
-        let (new, old) = (vec![2u8; PAGE_SIZE], vec![1u8; PAGE_SIZE]);
-        let put = |data: &[u8]| {
-            let data = data.to_vec();
-            move |buf: &mut [u8]| {
-                buf.copy_from_slice(&data);
-                Ok(())
-            }
-        };
-        assert_eq!(r.apply_raw_in_place(2, &raw(0, &new), 0, &mut st, put(&new)).unwrap(), Applied::Written);
-        assert_eq!(r.apply_raw_in_place(1, &raw(0, &old), 0, &mut st, put(&old)).unwrap(), Applied::Stale);
-        let mut out = vec![0u8; PAGE_SIZE];
-        read_page(&g, 0, &mut out).unwrap();
-        assert_eq!(out, new);
-        // Content that does not match a copied page's hash is refused; a live page's is recorded as it arrived.
-        let err = r.apply_raw_in_place(3, &raw(1, &old), 0, &mut st, put(&new)).unwrap_err();
-        assert!(matches!(err, InPlaceError::Apply(ApplyError::BadChecksum { page: 1, .. })), "{err}");
-        let live = PageEntry { live: true, ..raw(1, &old) };
-        assert_eq!(r.apply_raw_in_place(3, &live, 0, &mut st, put(&new)).unwrap(), Applied::Written);
-        assert_eq!((st.torn, r.hashes().get(1)), (1, Some(page_hash(&new))));
     }
 }

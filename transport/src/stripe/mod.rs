@@ -143,7 +143,7 @@ impl DataLink {
     /// Each batch goes out the way it was encoded for: one vectored write of header, entry table and payload parts
     /// (raw pages copied into the batch, or in place in guest memory), or, for the zero-copy path, the same iovecs
     /// with `MSG_ZEROCOPY`.
-    pub fn write_loop(&self, index: usize, events: &Sender<LinkEvent>) {
+    pub fn write_loop(&self, index: usize, events: &Sender<LinkEvent>, kernel_copied: &(dyn Fn() + Sync)) {
         let mut table = Vec::with_capacity(8 + BATCH_PAGES * wire::ENTRY_LEN);
         let mut w = &self.stream;
         let mut zc: Option<ZeroCopy> = None;
@@ -183,6 +183,9 @@ impl DataLink {
                     wire::write_pages(&mut w, batch.epoch, seq, &table, &parts)
                 }
             };
+            if zc.as_ref().is_some_and(|z| z.stats.copied > 0) {
+                kernel_copied();
+            }
             match result {
                 Ok(n) => {
                     self.written.fetch_add(n as u64, Ordering::Relaxed);
