@@ -77,6 +77,8 @@ pub struct BenchConfig {
     pub exe: PathBuf,
     /// Where the reports of each row go.
     pub dir: PathBuf,
+    /// More `send` options for every row (such as `--no-compress`).
+    pub send_args: Vec<String>,
 }
 
 /// One row of the matrix.
@@ -284,7 +286,8 @@ fn run_row(cfg: &BenchConfig, scenario: Scenario, links: usize, path: &str) -> R
     for s in &specs {
         send.args(["--link", s]);
     }
-    send.args(["--memory", &memory, "--send-path", path]).args(scenario.args()).arg("--report").arg(&src_report);
+    send.args(["--memory", &memory, "--send-path", path]).args(scenario.args()).args(&cfg.send_args);
+    send.arg("--report").arg(&src_report);
     let sent = send.stderr(Stdio::null()).stdout(Stdio::null()).status();
     let (_, received_ok) = receiver.finish(Duration::from_secs(10))?;
     let sent = sent.map_err(|e| BenchError::Process(format!("running send: {e}")))?;

@@ -80,32 +80,7 @@ enum Cmd {
     },
     /// Benchmark matrix: scenarios × link counts × send paths, each migrated between two processes and set beside a
     /// raw-TCP baseline over the same links. Prints a table and writes a JSON file.
-    Bench {
-        /// Scenarios, comma-separated: reference, dirty.
-        #[arg(long, default_value = "reference")]
-        scenarios: String,
-        /// Link counts, comma-separated.
-        #[arg(long, default_value = "1")]
-        links: String,
-        /// Send paths, comma-separated: copy, vectored, zerocopy, auto.
-        #[arg(long, default_value = "copy,vectored,zerocopy,auto")]
-        paths: String,
-        /// Guest memory.
-        #[arg(long, default_value = "2GiB", value_parser = parse_size)]
-        memory: u64,
-        /// Run in the lab (`lab up` first) instead of over loopback.
-        #[arg(long)]
-        lab: bool,
-        /// The lab's namespace prefix.
-        #[arg(long, default_value = "lm")]
-        prefix: String,
-        /// The JSON file of rows.
-        #[arg(long, default_value = "bench.json")]
-        output: PathBuf,
-        /// Also draw each row's migration: FILE.svg becomes FILE-<scenario>-<links>l-<path>.svg.
-        #[arg(long)]
-        plot: Option<PathBuf>,
-    },
+    Bench(BenchArgs),
     /// The raw-TCP baseline's receiving end (for `bench`).
     #[command(hide = true)]
     XSink {
@@ -156,6 +131,37 @@ enum Cmd {
         #[arg(long)]
         json: bool,
     },
+}
+
+#[derive(Args)]
+struct BenchArgs {
+    /// Scenarios, comma-separated: reference, dirty.
+    #[arg(long, default_value = "reference")]
+    scenarios: String,
+    /// Link counts, comma-separated.
+    #[arg(long, default_value = "1")]
+    links: String,
+    /// Send paths, comma-separated: copy, vectored, zerocopy, auto.
+    #[arg(long, default_value = "copy,vectored,zerocopy,auto")]
+    paths: String,
+    /// Guest memory.
+    #[arg(long, default_value = "2GiB", value_parser = parse_size)]
+    memory: u64,
+    /// Run in the lab (`lab up` first) instead of over loopback.
+    #[arg(long)]
+    lab: bool,
+    /// The lab's namespace prefix.
+    #[arg(long, default_value = "lm")]
+    prefix: String,
+    /// The JSON file of rows.
+    #[arg(long, default_value = "bench.json")]
+    output: PathBuf,
+    /// Also draw each row's migration: FILE.svg becomes FILE-<scenario>-<links>l-<path>.svg.
+    #[arg(long)]
+    plot: Option<PathBuf>,
+    /// Never compress (to compare the send paths' own CPU cost).
+    #[arg(long)]
+    no_compress: bool,
 }
 
 #[derive(Subcommand)]
@@ -313,8 +319,9 @@ struct RunOpts {
     no_compress: bool,
     /// How raw pages leave guest memory: copied into the batch, written in place with iovecs, in place with
     /// MSG_ZEROCOPY, or auto: try each for 200 ms and keep the one that delivers fastest (the cheapest in CPU among
-    /// near ties).
-    #[arg(long, value_enum, default_value = "auto")]
+    /// near ties). The default is vectored: on every link `livemig bench` measured here it was fastest or tied, and
+    /// auto's trials cost a migration that lasts a second a tenth of its time (README "Benchmarks").
+    #[arg(long, value_enum, default_value = "vectored")]
     send_path: SendPathArg,
     /// Fault injection (demo only): the destination drops its connection after this many MiB, as if killed.
     #[arg(long, hide = true)]
@@ -342,9 +349,7 @@ fn main() {
         Cmd::Preflight { vm, dest } => preflight_cmd(&vm, &dest),
         Cmd::Lab { cmd } => lab_cmd(cmd),
         Cmd::Cpu { cmd } => cpu_cmd(cmd),
-        Cmd::Bench { scenarios, links, paths, memory, lab, prefix, output, plot } => {
-            bench_cmd(&scenarios, &links, &paths, memory, lab.then(|| Lab::new(&prefix)), &output, plot.as_deref())
-        }
+        Cmd::Bench(args) => bench_cmd(&args),
         Cmd::XSink { listen, links } => (|| {
             let l = TcpListener::bind(&listen).with_context(|| format!("listening on {listen}"))?;
             eprintln!("listening on {}", l.local_addr()?);
@@ -727,15 +732,11 @@ fn round0_goodput(r: &serde_json::Value) -> Option<f64> {
     (secs > 0.0).then(|| bytes * 8.0 / secs)
 }
 
-fn bench_cmd(
-    scenarios: &str,
-    links: &str,
-    paths: &str,
-    memory: u64,
-    lab: Option<Lab>,
-    output: &std::path::Path,
-    plot: Option<&std::path::Path>,
-) -> Result<()> {
+fn bench_cmd(a: &BenchArgs) -> Result<()> {
+    let (scenarios, links, paths, memory, output, plot) =
+        (&a.scenarios, &a.links, &a.paths, a.memory, &a.output, a.plot.as_deref());
+    let lab = a.lab.then(|| Lab::new(&a.prefix));
+    let send_args = if a.no_compress { vec!["--no-compress".to_string()] } else { Vec::new() };
     let list = |s: &str| s.split(',').map(str::trim).filter(|x| !x.is_empty()).map(String::from).collect::<Vec<_>>();
     let scenarios = list(scenarios).iter().map(|s| Scenario::parse(s)).collect::<Result<Vec<_>, _>>()?;
     let links = list(links)
@@ -756,6 +757,7 @@ fn bench_cmd(
         hosts: lab.map_or(Hosts::Loopback, Hosts::Lab),
         exe: std::env::current_exe()?,
         dir: std::env::temp_dir().join(format!("livemig-bench-{}", std::process::id())),
+        send_args,
     };
     let where_ = match &cfg.hosts {
         Hosts::Loopback => "loopback".to_string(),
@@ -775,7 +777,7 @@ fn bench_cmd(
     };
     let rows = bench::run(&cfg, &mut done)?;
     print!("{}", bench::table(&rows));
-    let json = serde_json::json!({ "hosts": where_, "memory_bytes": memory, "rows": rows });
+    let json = serde_json::json!({ "hosts": where_, "memory_bytes": memory, "send_args": cfg.send_args, "rows": rows });
     std::fs::write(output, serde_json::to_string_pretty(&json)?)
         .with_context(|| format!("writing {}", output.display()))?;
     println!("rows: {}", output.display());

@@ -2,7 +2,8 @@
 //!
 //! - [`guest`]: the guest abstractions (memory, dirty log, vCPUs) and the synthetic guest.
 //! - [`dirty`]: dirty bitmaps and the parallel word-at-a-time scan that turns them into page runs.
-//! - [`encode`]: zero pages, the compression decision, batches, and the per-page hash tables.
+//! - [`encode`]: zero pages, codecs (lz4, zstd), batches with raw pages copied or left in place, the per-page hash
+//!   tables, and the policy that picks codec and send path per batch.
 //! - [`precopy`]: the sans-IO pre-copy state machine and its estimators.
 //! - [`receive`]: the destination's page apply with the per-page epoch rule.
 //! - [`cpu`]: CPU descriptions read with CPUID, cluster baselines, compatibility.

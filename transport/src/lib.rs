@@ -1,12 +1,13 @@
 //! livemig's transport: the wire format, and the drivers that run the engine's state machine over sockets.
 //!
 //! - [`wire`]: frames, the handshake, and every message of a migration, with a typed error per problem.
-//! - [`link`]: data links (socket2: bound to a local address and an interface, buffers sized on purpose).
+//! - [`link`]: data links (socket2: bound to a local address and an interface, buffers sized on purpose), and the
+//!   `MSG_ZEROCOPY` sender.
 //! - [`stripe`]: the scheduler that spreads batches over the links by measured capacity, and takes a dead link's back.
 //! - [`source`]: the source driver (scan workers, a writer and a reader per link, around the pre-copy machine).
 //! - [`dest`]: the destination driver (control loop; per link: check the session, read, check, apply, acknowledge;
 //!   restore, verify, commit).
-//! - [`cpu`]: idle CPU from `/proc/stat`, for the codec policy.
+//! - [`cpu`]: idle CPU from `/proc/stat`, for the codec policy, and process CPU seconds from `getrusage`.
 //! - [`announce`]: RARP announcements of the guest's MACs after switchover.
 #![deny(missing_docs)]
 

@@ -46,7 +46,8 @@ pub struct SourceOptions {
     pub workers: usize,
     /// Whether compression may be used at all (the policy still decides per batch).
     pub compress: bool,
-    /// How raw pages leave guest memory; `None` tries each path and keeps the best (`--send-path auto`).
+    /// How raw pages leave guest memory; `None` tries each path and keeps the best (`--send-path auto`). Vectored by
+    /// default.
     pub send_path: Option<SendPath>,
     /// A destination that acknowledges nothing for this long is declared failed.
     pub peer_timeout: Duration,
@@ -72,7 +73,7 @@ impl Default for SourceOptions {
             verify: VerifyMode::Tables,
             workers: std::thread::available_parallelism().map_or(2, |n| n.get()),
             compress: true,
-            send_path: None,
+            send_path: Some(SendPath::Vectored),
             peer_timeout: Duration::from_secs(10),
             link_timeout: Duration::from_secs(3),
             session: session_id(),

@@ -1,0 +1,45 @@
+//! `livemig bench` end to end over loopback: a small matrix, its JSON rows and its plots.
+
+use std::process::Command;
+
+const BIN: &str = env!("CARGO_BIN_EXE_livemig");
+
+#[test]
+fn bench_prints_the_matrix_writes_rows_and_draws_each_row() {
+    let dir = std::env::temp_dir().join(format!("livemig-benchtest-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let (rows, plot) = (dir.join("rows.json"), dir.join("p.svg"));
+    let out = Command::new(BIN)
+        .args(["bench", "--memory", "64MiB", "--links", "1,2", "--paths", "copy,vectored", "--output"])
+        .arg(&rows)
+        .arg("--plot")
+        .arg(&plot)
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "{stdout}\n{}", String::from_utf8_lossy(&out.stderr));
+    assert!(stdout.contains("TCP Gb") && stdout.contains("ratio"), "{stdout}");
+    let json: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(&rows).unwrap()).unwrap();
+    let rows = json["rows"].as_array().unwrap();
+    assert_eq!(rows.len(), 4, "2 link counts × 2 paths");
+    for r in rows {
+        assert_eq!(r["verified"], true, "{r}");
+        let (wire, base) = (r["wire_bps"].as_f64().unwrap(), r["baseline_bps"].as_f64().unwrap());
+        assert!(wire > 0.0 && base > 0.0, "{r}");
+        assert!((r["ratio"].as_f64().unwrap() - wire / base).abs() < 1e-9);
+        assert!(r["source_cpu_s_per_gb"].as_f64().unwrap() > 0.0 && r["dest_cpu_s_per_gb"].as_f64().unwrap() > 0.0);
+        assert_eq!(r["used_path"], r["send_path"], "a fixed path is used as asked");
+    }
+    // Each row's plot: both charts' axes labelled, and one line per link in the throughput chart.
+    for (links, path) in [(1, "copy"), (2, "vectored")] {
+        let svg = std::fs::read_to_string(dir.join(format!("p-reference-{links}l-{path}.svg"))).unwrap();
+        for label in ["time since the handshake (s)", "Gbit/s", "round", "pages sent (dirty pages)", "throttle %"] {
+            assert!(svg.contains(label), "{links}l-{path}: no '{label}'");
+        }
+        for k in 1..=links {
+            assert!(svg.contains(&format!("127.0.0.{k}&gt;127.0.0.1:")), "{links}l-{path}: link {k} has no line");
+        }
+        assert!(!svg.contains(&format!("127.0.0.{}&gt;", links + 1)), "{links}l-{path}: a line too many");
+    }
+    let _ = std::fs::remove_dir_all(&dir);
+}
