@@ -296,7 +296,6 @@ pub fn migrate(
     };
     let stripe = Stripe::new(data);
     let (ev_tx, ev_rx) = crossbeam::channel::unbounded::<Event>();
-    let (link_tx, link_rx) = crossbeam::channel::unbounded::<LinkEvent>();
     let done = AtomicBool::new(false);
     let hashes = HashTable::new(guest.memory().total_pages());
     let policy = SendPolicy::new(opts.compress, opts.send_path.map_or_else(|| SendPath::ALL.to_vec(), |p| vec![p]));
@@ -306,29 +305,25 @@ pub fn migrate(
         let spawn = |name: String| std::thread::Builder::new().name(name);
         let mut spawned: std::io::Result<()> = Ok(());
         for (i, link) in stripe.links.iter().enumerate() {
-            let tx = link_tx.clone();
+            // Link events go straight into the driver's one event channel: an ack wakes one thread, not two.
+            let ev = ev_tx.clone();
             let policy = &policy;
             let copied = move || policy.note_zerocopy_copied();
-            spawned = spawned
-                .and(spawn(format!("lm-write{i}")).spawn_scoped(s, move || link.write_loop(i, &tx, &copied)).map(drop));
-            let tx = link_tx.clone();
+            let to_driver = move |e: LinkEvent| drop(ev.send(Event::Link(e)));
+            spawned = spawned.and(
+                spawn(format!("lm-write{i}"))
+                    .spawn_scoped(s, move || link.write_loop(i, &to_driver, &copied))
+                    .map(drop),
+            );
+            let ev = ev_tx.clone();
+            let to_driver = move |e: LinkEvent| drop(ev.send(Event::Link(e)));
             let pool = stripe.pool().clone();
             spawned = spawned.and(
-                spawn(format!("lm-read{i}")).spawn_scoped(s, move || link.read_loop(i, &tx, &pool, done)).map(drop),
+                spawn(format!("lm-read{i}"))
+                    .spawn_scoped(s, move || link.read_loop(i, &to_driver, &pool, done))
+                    .map(drop),
             );
         }
-        drop(link_tx);
-        // Link events are forwarded into the driver's one event channel.
-        let ev = ev_tx.clone();
-        spawned = spawned.and(
-            spawn("lm-links".into())
-                .spawn_scoped(s, move || {
-                    for e in link_rx {
-                        let _ = ev.send(Event::Link(e));
-                    }
-                })
-                .map(drop),
-        );
         let ev = ev_tx.clone();
         spawned =
             spawned.and(spawn("lm-control".into()).spawn_scoped(s, move || control_loop(control, &ev, done)).map(drop));

@@ -143,7 +143,7 @@ impl DataLink {
     /// Each batch goes out the way it was encoded for: one vectored write of header, entry table and payload parts
     /// (raw pages copied into the batch, or in place in guest memory), or, for the zero-copy path, the same iovecs
     /// with `MSG_ZEROCOPY`.
-    pub fn write_loop(&self, index: usize, events: &Sender<LinkEvent>, kernel_copied: &(dyn Fn() + Sync)) {
+    pub fn write_loop(&self, index: usize, events: &(dyn Fn(LinkEvent) + Sync), kernel_copied: &(dyn Fn() + Sync)) {
         let mut table = Vec::with_capacity(8 + BATCH_PAGES * wire::ENTRY_LEN);
         let mut w = &self.stream;
         let mut zc: Option<ZeroCopy> = None;
@@ -191,7 +191,7 @@ impl DataLink {
                     self.written.fetch_add(n as u64, Ordering::Relaxed);
                 }
                 Err(e) => {
-                    let _ = events.send(LinkEvent::Failed { link: index, error: e.into() });
+                    events(LinkEvent::Failed { link: index, error: e.into() });
                     break;
                 }
             }
@@ -205,7 +205,13 @@ impl DataLink {
 
     /// Reads the destination's acks until the link fails or closes. Runs on the link's reader thread; returns emptied
     /// batch buffers to `pool`.
-    pub fn read_loop(&self, index: usize, events: &Sender<LinkEvent>, pool: &Sender<EncodedBatch>, done: &AtomicBool) {
+    pub fn read_loop(
+        &self,
+        index: usize,
+        events: &(dyn Fn(LinkEvent) + Sync),
+        pool: &Sender<EncodedBatch>,
+        done: &AtomicBool,
+    ) {
         let mut buf = Vec::new();
         let mut r = &self.stream;
         loop {
@@ -218,7 +224,7 @@ impl DataLink {
                 Ok(x) => x,
                 Err(error) => {
                     if !done.load(Ordering::SeqCst) && !self.is_failed() && !self.stop.load(Ordering::SeqCst) {
-                        let _ = events.send(LinkEvent::Failed { link: index, error });
+                        events(LinkEvent::Failed { link: index, error });
                     }
                     return;
                 }
@@ -234,7 +240,7 @@ impl DataLink {
             // An ack for a batch not on the list (a duplicate) changes nothing.
             let Some(batch) = batch else { continue };
             self.held.fetch_sub(frame_len(&batch).min(self.held()), Ordering::Relaxed);
-            let _ = events.send(LinkEvent::Acked { link: index, epoch: h.epoch, bytes, pages, at: Instant::now() });
+            events(LinkEvent::Acked { link: index, epoch: h.epoch, bytes, pages, at: Instant::now() });
             if let Ok(b) = Arc::try_unwrap(batch) {
                 let _ = pool.try_send(b);
             }
