@@ -317,6 +317,9 @@ struct RunOpts {
     /// Never compress.
     #[arg(long)]
     no_compress: bool,
+    /// Scan and encode worker threads (default: one per CPU).
+    #[arg(long)]
+    workers: Option<usize>,
     /// How raw pages leave guest memory: copied into the batch, written in place with iovecs, in place with
     /// MSG_ZEROCOPY, or auto: try each for 200 ms and keep the one that delivers fastest (the cheapest in CPU among
     /// near ties). The default is vectored: on every link `livemig bench` measured here it was fastest or tied, and
@@ -463,6 +466,7 @@ fn source_options(run: &RunOpts, g: &GuestOpts) -> Result<SourceOptions> {
             VerifyArg::Full => VerifyMode::Full,
         },
         compress: !run.no_compress,
+        workers: run.workers.unwrap_or_else(|| SourceOptions::default().workers).max(1),
         send_path: match run.send_path {
             SendPathArg::Copy => Some(SendPath::Copy),
             SendPathArg::Vectored => Some(SendPath::Vectored),
