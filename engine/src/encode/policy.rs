@@ -4,22 +4,22 @@
 //!
 //! - A **model** picks the codec. For each of none, lz4 and zstd it estimates when the batch would be done: the CPU
 //!   time to compress the pages that look compressible (measured per core, per codec, on the batches actually
-//!   compressed) and the wire time of what is left (at the link goodput measured from acks). The encoders run beside the
-//!   link writers, so where cores are free the two overlap and the batch is done at the later of `cpu / free cores` and
-//!   the wire time. Free cores are the idle ones the OS reports plus those the encoders spend compressing now, which
-//!   another codec would have too. With less than half a core free, the two still overlap when one core compresses a
-//!   batch faster than the link sends it (the encoders wait on the link anyway), and add up otherwise. The soonest
-//!   codec wins. Every
-//!   [`PROBE_EVERY`]th batch of a worker compresses with lz4 or zstd in turn, whatever the model says, so that both
-//!   codecs' speed and ratio stay measured.
+//!   compressed) and the wire time of what is left (at the link goodput measured from acks). The encoders run beside
+//!   the link writers, so where cores are free the two overlap and the batch is done at the later of
+//!   `cpu / free cores` and the wire time. Free cores are the idle ones the OS reports plus those the encoders spend
+//!   compressing now, which another codec would have too. With less than half a core free, the two still overlap when
+//!   one core compresses a batch faster than the link sends it (the encoders wait on the link anyway), and add up
+//!   otherwise. The soonest codec wins. Per worker, one batch in [`PROBE_EVERY`] is compressed with lz4 and one with
+//!   zstd whatever the model says, so that both codecs stay measured (one in 16 × that where compression is
+//!   [hopeless](SendPolicy::hopeless)).
 //! - An [`Explorer`] checks the model against outcomes, because a wire byte costs more than wire time: the kernel
 //!   copies, segments and shapes it on the same cores. It runs short trials and keeps what delivered the most guest
 //!   pages per second, and among modes within 3 % of the best, what cost the least process CPU per page. It first tries
-//!   each candidate send path (with `--send-path auto`), then no compression, zstd and lz4, keeps the
-//!   winner for [`EXPLOIT`] (doubling while the same mode keeps winning, and at once when it won by more than 15 %, up
-//!   to [`MAX_EXPLOIT`]), and tries again, leaving out modes that lost by more than 15 % while the winner stays: the
-//!   incumbent first, and a challenger below 90 % of its rate is cut short. Its clock is the acks' timestamps, so it is
-//!   deterministic under test.
+//!   each candidate send path (with `--send-path auto`), then the codec modes: the incumbent first (the last winner,
+//!   or the model's choice), then no compression, zstd and lz4; a challenger below 90 % of the best rate is cut short,
+//!   and one that lost by more than 15 % sits out while the same mode keeps winning. It keeps the winner for
+//!   [`EXPLOIT`], doubling while the same mode keeps winning (at once when it won by more than 15 %), up to
+//!   [`MAX_EXPLOIT`], and tries again. Its clock is the acks' timestamps, so it is deterministic under test.
 
 use std::collections::VecDeque;
 use std::sync::atomic::{AtomicU64, AtomicU8, Ordering};
