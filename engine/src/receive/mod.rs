@@ -330,7 +330,7 @@ impl<'a> Receiver<'a> {
     ///
     /// The stripe locks are not held while `read` waits on the network: each raw page is marked busy by `owner` (the
     /// reading link's index, below [`MAX_OWNERS`]) instead, and any other apply of it (only a resend racing its original
-    /// after a link failure) waits until the mark is cleared, asking after [`BUSY_PATIENCE`] for the owner to be dropped.
+    /// after a link failure) waits until the mark is cleared, asking after 20 ms for the owner to be dropped.
     /// The caller must bound `read`, so that a link dying mid-frame cannot keep pages busy for good. If `read` fails,
     /// the pages keep their old epochs and hashes but some of their bytes may be new: the frame was not acknowledged, so
     /// the source sends it again and the pages are rewritten whole.

@@ -211,7 +211,7 @@ impl ZeroCopy {
         Ok(())
     }
 
-    /// Waits for every pending send to complete, up to [`DRAIN_TIMEOUT`]. Whatever is still pending then is
+    /// Waits for every pending send to complete, up to 2 s. Whatever is still pending then is
     /// released anyway: the connection is finished, and nothing it still sends will be read.
     pub fn drain(&mut self) {
         let deadline = Instant::now() + DRAIN_TIMEOUT;
