@@ -63,7 +63,7 @@ fn decode(c: &mut Criterion) {
     let raw = frames(&guest, BatchCodec::None);
     parse.throughput(Throughput::Elements(raw.len() as u64));
     // What the receiver does before any payload byte: parse the header, check the checksum over the entry table, and
-    // decode and bound-check the table (64 entries).
+    // decode and bound-check the table (128 entries).
     parse.bench_function("header_checksum_table", |b| {
         let mut entries = Vec::new();
         b.iter(|| {

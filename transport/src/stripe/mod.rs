@@ -26,8 +26,9 @@ use std::time::{Duration, Instant};
 pub type Queued = (u32, Arc<EncodedBatch>);
 
 /// Batches queued ahead of each link's writer: enough to keep a socket busy while the encoders stall for a moment,
-/// few enough (4 MiB) that a batch does not wait long behind its predecessors or strand much on a link that dies.
-pub const QUEUE_BATCHES: usize = 16;
+/// few enough (4 MiB of 512 KiB batches) that a batch does not wait long behind its predecessors or strand much on a
+/// link that dies.
+pub const QUEUE_BATCHES: usize = 8;
 
 /// Goodput assumed for a link before any link has been measured: 1 Gbit/s.
 const PRIOR_BPS: u64 = 125_000_000;

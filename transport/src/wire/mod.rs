@@ -46,7 +46,7 @@ pub const VERSION: u16 = 2;
 pub const MIN_VERSION: u16 = 2;
 /// Header size in bytes.
 pub const HEADER_LEN: usize = 32;
-/// The largest body accepted: a Pages frame of 64 raw pages is about 257 KiB; vCPU state blobs are far smaller.
+/// The largest body accepted: a Pages frame of 128 raw pages is about 514 KiB; vCPU state blobs are far smaller.
 pub const MAX_BODY: u32 = 4 << 20;
 /// Bytes per page entry in a Pages frame: page index (40 bits), payload length (16 bits), codec and flags (4 bits
 /// each), page hash (64 bits). At 16 bytes, the entries of a 2 GiB guest's 393,216 touched pages take 6 MiB.
