@@ -223,8 +223,6 @@ pub struct SourceReport {
     pub max_throttle_pct: f64,
     /// The send path used at the end (`--send-path auto`: the one the trials kept).
     pub send_path: SendPath,
-    /// The codec trials' verdicts: (compression won, no compression won).
-    pub codec_verdicts: (u32, u32),
     /// Process CPU seconds (user and system) used from the handshake to the end.
     pub cpu_seconds: f64,
     /// Wire bytes per link, sampled about every 100 ms: (seconds since the start, cumulative bytes per link).
@@ -272,7 +270,6 @@ pub fn migrate(
         links: Vec::new(),
         max_throttle_pct: 0.0,
         send_path: opts.send_path.unwrap_or(SendPath::Vectored),
-        codec_verdicts: (0, 0),
         cpu_seconds: 0.0,
         timeline: Vec::new(),
     };
@@ -369,7 +366,6 @@ pub fn migrate(
     });
     report.total_time = start.elapsed();
     report.cpu_seconds = crate::cpu::process_cpu_seconds() - cpu_start;
-    report.codec_verdicts = policy.verdicts();
     report.send_path = policy.path();
     let secs = report.total_time.as_secs_f64().max(1e-9);
     let mut total = control_written.load(Ordering::Relaxed);

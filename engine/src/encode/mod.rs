@@ -239,11 +239,6 @@ impl EncodedBatch {
             Part::Guest { addr, len } => unsafe { std::slice::from_raw_parts(addr as *const u8, len) },
         })
     }
-
-    /// The whole payload as one buffer (copies in-place pages): for tests and tools.
-    pub fn payload_bytes(&self) -> Vec<u8> {
-        self.part_slices().flatten().copied().collect()
-    }
 }
 
 /// True when every byte of `page` is zero. Checks 64 bytes per step with OR-reduced words, which the compiler turns

@@ -411,11 +411,6 @@ impl SendPolicy {
         SendPolicy { pinned: Some(codec), ..SendPolicy::new(codec != BatchCodec::None, vec![path]) }
     }
 
-    /// Whether compression may be used at all.
-    pub fn compression_enabled(&self) -> bool {
-        self.compress
-    }
-
     /// The send path in force.
     pub fn path(&self) -> SendPath {
         SendPath::from_code(self.mode.load(Ordering::Relaxed) & 0x3f)
@@ -553,16 +548,6 @@ impl SendPolicy {
     /// A link's kernel reported that it copied zero-copy sends after all.
     pub fn note_zerocopy_copied(&self) {
         self.zerocopy_copies.store(true, Ordering::Relaxed);
-    }
-
-    /// The explorer's codec verdicts so far: (trials won by compression, trials won without).
-    pub fn verdicts(&self) -> (u32, u32) {
-        self.explorer.lock().unwrap_or_else(|e| e.into_inner()).codec_verdicts
-    }
-
-    /// The send path the explorer settled on, if it has.
-    pub fn chosen_path(&self) -> Option<SendPath> {
-        self.explorer.lock().unwrap_or_else(|e| e.into_inner()).chosen_path
     }
 
     /// Folds one compressed batch's figures into the estimates: `input` bytes compressed to `output` in `nanos`;

@@ -126,6 +126,7 @@ pub struct ApplyState {
     zbuf: Vec<u8>,
     // Buffers of apply_frame_in_place, kept from frame to frame.
     claims: Vec<(usize, Option<usize>, u32)>,
+    parts: Vec<(usize, usize)>,
     payload: Vec<u8>,
     zin: Vec<u8>,
     stale_buf: Vec<u8>,
@@ -151,6 +152,7 @@ impl Default for ApplyState {
             scratch: Box::new([0u8; PAGE_SIZE]),
             zbuf: Vec::new(),
             claims: Vec::new(),
+            parts: Vec::new(),
             payload: Vec::new(),
             zin: Vec::new(),
             stale_buf: Vec::new(),
@@ -259,6 +261,17 @@ impl<'a> Receiver<'a> {
         }
     }
 
+    /// Makes `held` the lock of `page`'s stripe, keeping it when it already is: consecutive pages of a frame mostly
+    /// share a stripe, so a frame takes a lock per 2 MiB, not per page. Releases before taking the next: holding two
+    /// stripes could deadlock against another link.
+    fn hold<'s>(&'s self, held: &mut Option<(u64, MutexGuard<'s, ()>)>, page: u64) {
+        let stripe = page / STRIPE_PAGES;
+        if held.as_ref().is_none_or(|(s, _)| *s != stripe) {
+            drop(held.take());
+            *held = Some((stripe, self.stripe(page)));
+        }
+    }
+
     fn stripe(&self, page: u64) -> MutexGuard<'_, ()> {
         // The guarded data is (); a panic while holding it leaves nothing inconsistent.
         self.stripes[(page / STRIPE_PAGES) as usize % STRIPES].lock().unwrap_or_else(|e| e.into_inner())
@@ -291,13 +304,8 @@ impl<'a> Receiver<'a> {
         let mut held: Option<(u64, MutexGuard<'_, ()>)> = None;
         let mut waited = std::time::Duration::ZERO;
         for e in entries {
-            let stripe = e.page / STRIPE_PAGES;
             loop {
-                if held.as_ref().is_none_or(|(s, _)| *s != stripe) {
-                    // Release before taking the next: holding two stripes could deadlock against another link.
-                    drop(held.take());
-                    held = Some((stripe, self.stripe(e.page)));
-                }
+                self.hold(&mut held, e.page);
                 let done = if e.codec == Codec::Zstd {
                     // Moved out for the call, which needs the state mutably; the page is copied before it comes back.
                     let zbuf = std::mem::take(&mut st.zbuf);
@@ -358,16 +366,22 @@ impl<'a> Receiver<'a> {
         // Claim every raw page: (entry, its place in guest memory or None when stale, its slot before the claim).
         let mut claims = std::mem::take(&mut st.claims);
         claims.clear();
+        let mut lock: Option<(u64, MutexGuard<'_, ()>)> = None;
+        let mut waited = std::time::Duration::ZERO;
         for (i, e) in entries.iter().enumerate() {
             if e.codec != Codec::Raw {
                 continue;
             }
-            let (ptr, _) = host_pages(self.mem, e.page, 1)
-                .map_err(|_| ApplyError::PageOutOfRange { page: e.page, pages: self.pages })?;
+            let Ok((ptr, _)) = host_pages(self.mem, e.page, 1) else {
+                // check_entry bounded the index, so only a layout that lies gets here; leave no page busy.
+                drop(lock.take());
+                self.release(entries, &claims);
+                st.claims = claims;
+                return Err(ApplyError::PageOutOfRange { page: e.page, pages: self.pages }.into());
+            };
             let slot = &self.epochs[e.page as usize];
-            let mut waited = std::time::Duration::ZERO;
             loop {
-                let guard = self.stripe(e.page);
+                self.hold(&mut lock, e.page);
                 let held = slot.load(Ordering::Relaxed);
                 match owner_of(held) {
                     None if held > stamp => {
@@ -379,13 +393,14 @@ impl<'a> Receiver<'a> {
                         claims.push((i, Some(ptr as usize), held));
                     }
                     Some(o) if o == owner.min(MAX_OWNERS - 1) => {
-                        drop(guard);
+                        drop(lock.take());
                         self.release(entries, &claims);
                         st.claims = claims;
                         return Err(ApplyError::Duplicate { page: e.page }.into());
                     }
                     Some(_) => {
-                        drop(guard);
+                        // Its owner needs the stripe lock to finish.
+                        drop(lock.take());
                         self.wait_busy(held, &mut waited);
                         continue;
                     }
@@ -393,11 +408,13 @@ impl<'a> Receiver<'a> {
                 break;
             }
         }
+        drop(lock.take());
         st.payload.resize(others_len, 0);
         st.zin.resize(zstd_len, 0);
         st.stale_buf.resize(stale_pages * PAGE_SIZE, 0);
         // The payload in wire order, as (address, length) of disjoint buffers.
-        let mut parts: Vec<(usize, usize)> = Vec::with_capacity(entries.len() + 1);
+        let mut parts = std::mem::take(&mut st.parts);
+        parts.clear();
         let push = |parts: &mut Vec<(usize, usize)>, addr: usize, len: usize| match parts.last_mut() {
             Some((a, l)) if *a + *l == addr => *l += len,
             _ => parts.push((addr, len)),
@@ -432,6 +449,7 @@ impl<'a> Receiver<'a> {
             .collect();
         let filled = read(&mut iov);
         drop(iov);
+        st.parts = parts;
         if let Err(err) = filled {
             self.release(entries, &claims);
             st.claims = claims;
@@ -447,10 +465,10 @@ impl<'a> Receiver<'a> {
             // SAFETY: as above; the page is still marked busy by this call.
             let computed = page_hash(unsafe { std::slice::from_raw_parts(addr as *const u8, PAGE_SIZE) });
             let slot = &self.epochs[e.page as usize];
-            let _guard = self.stripe(e.page);
+            self.hold(&mut lock, e.page);
             if computed != e.hash && !e.live {
                 slot.store(held, Ordering::Relaxed);
-                drop(_guard);
+                drop(lock.take());
                 self.release(entries, &claims[k + 1..]);
                 result = Err(ApplyError::BadChecksum { page: e.page, expected: e.hash, computed });
                 break;
@@ -460,6 +478,7 @@ impl<'a> Receiver<'a> {
             self.hashes.set(e.page, computed);
             st.counts.raw += 1;
         }
+        drop(lock);
         st.claims = claims;
         result?;
         let mut others = std::mem::take(&mut st.others);

@@ -127,11 +127,6 @@ impl ZeroCopy {
         Ok(sent)
     }
 
-    /// Sends whose buffers the kernel still holds.
-    pub fn pending(&self) -> usize {
-        self.pending.len()
-    }
-
     /// Reads every notification queued on the error queue, without blocking, and releases what they complete.
     pub fn reap(&mut self) -> Result<(), Error> {
         loop {
