@@ -87,7 +87,7 @@ impl Default for SourceOptions {
 /// A session id that differs between runs and hosts.
 pub fn session_id() -> u64 {
     let t = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap_or_default().as_nanos() as u64;
-    xxhash_rust::xxh3::xxh3_64(&[t.to_le_bytes(), u64::from(std::process::id()).to_le_bytes()].concat())
+    twox_hash::XxHash3_64::oneshot(&[t.to_le_bytes(), u64::from(std::process::id()).to_le_bytes()].concat())
 }
 
 /// Why a migration failed. In every case before commit the source guest is running again, unthrottled.

@@ -22,10 +22,11 @@ pub use policy::{BatchCodec, SendPath, SendPolicy, PROBE_EVERY, ZSTD_LEVEL};
 
 use crate::dirty::PageRun;
 use crate::guest::{host_pages, GuestError, GuestMemory, PAGE_SIZE};
+use std::hash::Hasher;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::OnceLock;
 use std::time::Instant;
-use xxhash_rust::xxh3::{xxh3_64, Xxh3};
+use twox_hash::XxHash3_64;
 
 /// How a page travels.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -272,13 +273,13 @@ pub fn looks_compressible(page: &[u8]) -> bool {
 
 /// The xxh3 of a page.
 pub fn page_hash(page: &[u8]) -> u64 {
-    xxh3_64(page)
+    XxHash3_64::oneshot(page)
 }
 
 /// The xxh3 of an all-zero page.
 pub fn zero_page_hash() -> u64 {
     static H: OnceLock<u64> = OnceLock::new();
-    *H.get_or_init(|| xxh3_64(&[0u8; PAGE_SIZE]))
+    *H.get_or_init(|| XxHash3_64::oneshot(&[0u8; PAGE_SIZE]))
 }
 
 /// One xxh3 per guest page: what the sender sent, or what the receiver applied. Starts as all-zero pages, which is
@@ -321,15 +322,15 @@ impl HashTable {
     /// An xxh3 over the whole table, in page order: the digest the two sides compare. 4 MiB for a 2 GiB guest, a few
     /// hundred microseconds.
     pub fn root(&self) -> u64 {
-        let mut h = Xxh3::new();
+        let mut h = XxHash3_64::new();
         let mut buf = [0u8; 8 * 512];
         for chunk in self.hashes.chunks(512) {
             for (i, v) in chunk.iter().enumerate() {
                 buf[i * 8..i * 8 + 8].copy_from_slice(&v.load(Ordering::Relaxed).to_le_bytes());
             }
-            h.update(&buf[..chunk.len() * 8]);
+            h.write(&buf[..chunk.len() * 8]);
         }
-        h.digest()
+        h.finish()
     }
 }
 

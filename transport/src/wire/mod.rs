@@ -34,8 +34,9 @@ use livemig_engine::dirty::Bitmap;
 use livemig_engine::encode::{Codec, EncodedBatch, PageEntry};
 use livemig_engine::guest::MemoryLayout;
 use livemig_engine::preflight::DestDescription;
+use std::hash::Hasher;
 use std::io::{IoSlice, Read, Write};
-use xxhash_rust::xxh3::Xxh3;
+use twox_hash::XxHash3_64;
 
 /// The frame magic: "LMIG".
 pub const MAGIC: [u8; 4] = *b"LMIG";
@@ -253,12 +254,12 @@ impl Header {
 }
 
 fn checksum(head: &[u8], body: &[&[u8]]) -> u64 {
-    let mut x = Xxh3::new();
-    x.update(head);
+    let mut x = XxHash3_64::new();
+    x.write(head);
     for b in body {
-        x.update(b);
+        x.write(b);
     }
-    x.digest()
+    x.finish()
 }
 
 /// Reads until `buf` is full; on a clean or unclean end of stream reports how much arrived.
