@@ -599,6 +599,17 @@ impl<'a, S: BatchSink> BatchEncoder<'a, S> {
 mod tests {
     use super::*;
 
+    /// The page hash is on the wire, so it must stay XXH3-64 (seed 0) whichever SIMD path the CPU takes: known answers
+    /// from the reference algorithm (the empty input's is in xxHash's own test suite; the others came from the
+    /// xxhash-rust crate, an independent implementation).
+    #[test]
+    fn page_hash_is_xxh3_64() {
+        assert_eq!(page_hash(&[]), 0x2d06_8005_38d3_94c2);
+        assert_eq!(zero_page_hash(), 0x93d7_6fe1_48c6_89ba);
+        let pattern: Vec<u8> = (0..PAGE_SIZE as u32).map(|i| (i * 31 % 251) as u8).collect();
+        assert_eq!(page_hash(&pattern), 0xf250_6e94_c3d1_2d24);
+    }
+
     #[test]
     fn zero_check_finds_any_set_byte() {
         let mut p = vec![0u8; PAGE_SIZE];
