@@ -6,6 +6,11 @@
 //! blaster ([`crate::baseline`]) on the same addresses and pushes the migration's wire bytes through. The processes are
 //! separate so that each side's CPU seconds come from its own `getrusage`. Rows run one at a time; nothing else runs
 //! meanwhile.
+//!
+//! A row is `repeat` such pairs, a migration then its baseline, in turn. The row shows the median migration (by wire
+//! throughput) and the median baseline, and the ratio of the two. On a shared machine both drift by a quarter from one
+//! second to the next; taking them in turn exposes both to the same drift, and the medians keep one lucky or unlucky
+//! run from deciding the ratio. Every run's figures are in the row's `runs`.
 
 use crate::baseline::Transfer;
 use crate::lab::Lab;
@@ -79,6 +84,19 @@ pub struct BenchConfig {
     pub dir: PathBuf,
     /// More `send` options for every row (such as `--no-compress`).
     pub send_args: Vec<String>,
+    /// Migration and baseline pairs per row.
+    pub repeat: usize,
+}
+
+/// One migration of a row and the baseline run after it.
+#[derive(Debug, Clone, Copy, Serialize)]
+pub struct Run {
+    /// The migration's wire bits per second (as [`Row::wire_bps`]).
+    pub wire_bps: f64,
+    /// The baseline's bits per second.
+    pub baseline_bps: f64,
+    /// Whether the migration completed and verified.
+    pub verified: bool,
 }
 
 /// One row of the matrix.
@@ -92,7 +110,7 @@ pub struct Row {
     pub send_path: String,
     /// The path in use at the end (what `auto` kept).
     pub used_path: String,
-    /// Whether the migration completed and verified.
+    /// Whether every migration of the row completed and verified.
     pub verified: bool,
     /// Seconds, handshake to the destination resumed.
     pub total_time_s: f64,
@@ -108,18 +126,20 @@ pub struct Row {
     pub source_cpu_s_per_gb: f64,
     /// Destination process CPU seconds per GB on the wire.
     pub dest_cpu_s_per_gb: f64,
-    /// The baseline's bits per second, same bytes, same links.
+    /// The baseline's bits per second, same bytes, same links (the median run).
     pub baseline_bps: f64,
     /// The baseline's sender and receiver CPU seconds per GB.
     pub baseline_cpu_s_per_gb: (f64, f64),
-    /// `wire_bps / baseline_bps`.
+    /// `wire_bps / baseline_bps`: the median migration's throughput over the median baseline's.
     pub ratio: f64,
     /// Pages by codec, all rounds: zero, lz4, zstd, raw.
     pub codecs: [u64; 4],
     /// Zero-copy sends, and how many the kernel copied.
     pub zerocopy: (u64, u64),
-    /// The source's JSON report.
+    /// The source's JSON report (of the median migration).
     pub source_report: PathBuf,
+    /// Every pair, in the order run.
+    pub runs: Vec<Run>,
 }
 
 /// Why the bench stopped.
@@ -269,8 +289,39 @@ pub fn run(cfg: &BenchConfig, row_done: &mut dyn FnMut(&Row)) -> Result<Vec<Row>
     Ok(rows)
 }
 
+/// The row's figures from the median migration (by wire throughput) and the median baseline.
 fn run_row(cfg: &BenchConfig, scenario: Scenario, links: usize, path: &str) -> Result<Row, BenchError> {
-    let tag = format!("{}-{links}l-{path}", scenario.name());
+    let mut rows = Vec::with_capacity(cfg.repeat);
+    let mut baselines = Vec::with_capacity(cfg.repeat);
+    for i in 0..cfg.repeat.max(1) {
+        let row = migrate_once(cfg, scenario, links, path, i)?;
+        baselines.push(baseline_once(cfg, links, row.bytes_on_wire)?);
+        rows.push(row);
+    }
+    let runs: Vec<Run> = rows
+        .iter()
+        .zip(&baselines)
+        .map(|(r, b)| Run { wire_bps: r.wire_bps, baseline_bps: bps(&b.0), verified: r.verified })
+        .collect();
+    let verified = rows.iter().all(|r| r.verified);
+    rows.sort_by(|a, b| a.wire_bps.total_cmp(&b.wire_bps));
+    baselines.sort_by(|a, b| a.0.secs.total_cmp(&b.0.secs));
+    let mut row = rows.swap_remove(rows.len() / 2);
+    let base = baselines[baselines.len() / 2];
+    let gb = row.bytes_on_wire as f64 / 1e9;
+    row.baseline_bps = bps(&base.0);
+    row.baseline_cpu_s_per_gb = (base.0.cpu_seconds / gb.max(1e-9), base.1.cpu_seconds / gb.max(1e-9));
+    row.ratio = row.wire_bps / row.baseline_bps.max(1e-9);
+    Ok(Row { verified, runs, ..row })
+}
+
+fn bps(t: &Transfer) -> f64 {
+    t.bytes as f64 * 8.0 / t.secs.max(1e-9)
+}
+
+/// One migration of a row (run `n`), its baseline fields left empty.
+fn migrate_once(cfg: &BenchConfig, scenario: Scenario, links: usize, path: &str, n: usize) -> Result<Row, BenchError> {
+    let tag = format!("{}-{links}l-{path}-{n}", scenario.name());
     let (src_report, dst_report) =
         (cfg.dir.join(format!("{tag}-source.json")), cfg.dir.join(format!("{tag}-destination.json")));
     let port = cfg.hosts.port(0)?;
@@ -301,11 +352,8 @@ fn run_row(cfg: &BenchConfig, scenario: Scenario, links: usize, path: &str) -> R
     let zc = src.get("links").and_then(|l| l.as_array()).map_or((0, 0), |ls| {
         ls.iter().fold((0, 0), |(s, c), l| (s + num(l, "zerocopy_sends") as u64, c + num(l, "zerocopy_copied") as u64))
     });
-    let base = baseline(cfg, links, bytes)?;
     let moving: f64 =
         src.get("rounds").and_then(|r| r.as_array()).map_or(total, |rs| rs.iter().map(|r| num(r, "duration_s")).sum());
-    let wire_bps = bytes as f64 * 8.0 / moving.max(1e-9);
-    let baseline_bps = base.0.bytes as f64 * 8.0 / base.0.secs.max(1e-9);
     Ok(Row {
         scenario,
         links,
@@ -315,26 +363,20 @@ fn run_row(cfg: &BenchConfig, scenario: Scenario, links: usize, path: &str) -> R
         total_time_s: total,
         downtime_ms: src.get("downtime_ms").and_then(|v| v.as_f64()),
         bytes_on_wire: bytes,
-        wire_bps,
+        wire_bps: bytes as f64 * 8.0 / moving.max(1e-9),
         source_cpu_s_per_gb: num(&src, "cpu_seconds") / gb.max(1e-9),
         dest_cpu_s_per_gb: dst.as_ref().map_or(f64::NAN, |d| num(d, "cpu_seconds") / gb.max(1e-9)),
-        baseline_bps,
-        baseline_cpu_s_per_gb: (base.0.cpu_seconds / gb.max(1e-9), base.1.cpu_seconds / gb.max(1e-9)),
-        ratio: wire_bps / baseline_bps.max(1e-9),
+        baseline_bps: f64::NAN,
+        baseline_cpu_s_per_gb: (f64::NAN, f64::NAN),
+        ratio: f64::NAN,
         codecs: ["zero", "lz4", "zstd", "raw"].map(|k| num(&pages, k) as u64),
         zerocopy: zc,
         source_report: src_report,
+        runs: Vec::new(),
     })
 }
 
-/// Runs the baseline for `bytes` over `links` links three times and returns the median run: (blaster, sink). One run
-/// varies by a third from the next on this kind of machine; the median steadies the ratio.
-fn baseline(cfg: &BenchConfig, links: usize, bytes: u64) -> Result<(Transfer, Transfer), BenchError> {
-    let mut runs = (0..3).map(|_| baseline_once(cfg, links, bytes)).collect::<Result<Vec<_>, _>>()?;
-    runs.sort_by(|a, b| a.0.secs.total_cmp(&b.0.secs));
-    Ok(runs[1])
-}
-
+/// One baseline run: `bytes` over `links` links; returns (blaster, sink).
 fn baseline_once(cfg: &BenchConfig, links: usize, bytes: u64) -> Result<(Transfer, Transfer), BenchError> {
     let port = cfg.hosts.port(1)?;
     let (listen, _, specs) = cfg.hosts.addresses(links, port);

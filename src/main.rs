@@ -162,6 +162,9 @@ struct BenchArgs {
     /// Never compress (to compare the send paths' own CPU cost).
     #[arg(long)]
     no_compress: bool,
+    /// Migrations per row, each followed by a baseline run; the row shows the medians.
+    #[arg(long, default_value_t = 3, value_parser = clap::value_parser!(u16).range(1..))]
+    repeat: u16,
 }
 
 #[derive(Subcommand)]
@@ -762,6 +765,7 @@ fn bench_cmd(a: &BenchArgs) -> Result<()> {
         exe: std::env::current_exe()?,
         dir: std::env::temp_dir().join(format!("livemig-bench-{}", std::process::id())),
         send_args,
+        repeat: usize::from(a.repeat),
     };
     let where_ = match &cfg.hosts {
         Hosts::Loopback => "loopback".to_string(),
@@ -769,19 +773,24 @@ fn bench_cmd(a: &BenchArgs) -> Result<()> {
     };
     eprintln!("bench over {where_}: {} row(s)", cfg.scenarios.len() * cfg.links.len() * cfg.paths.len());
     let mut done = |r: &bench::Row| {
+        let runs: Vec<String> =
+            r.runs.iter().map(|x| format!("{:.2}/{:.2}", x.wire_bps / 1e9, x.baseline_bps / 1e9)).collect();
         eprintln!(
-            "{} {} link(s) {}: {:.3} s, {:.2} Gbit/s, baseline {:.2} Gbit/s",
+            "{} {} link(s) {}: {:.3} s, {:.2} Gbit/s, baseline {:.2} Gbit/s (medians; runs, ours/baseline: {})",
             r.scenario.name(),
             r.links,
             r.send_path,
             r.total_time_s,
             r.wire_bps / 1e9,
-            r.baseline_bps / 1e9
+            r.baseline_bps / 1e9,
+            runs.join(" ")
         )
     };
     let rows = bench::run(&cfg, &mut done)?;
     print!("{}", bench::table(&rows));
-    let json = serde_json::json!({ "hosts": where_, "memory_bytes": memory, "send_args": cfg.send_args, "rows": rows });
+    let json = serde_json::json!({
+        "hosts": where_, "memory_bytes": memory, "send_args": cfg.send_args, "repeat": cfg.repeat, "rows": rows
+    });
     std::fs::write(output, serde_json::to_string_pretty(&json)?)
         .with_context(|| format!("writing {}", output.display()))?;
     println!("rows: {}", output.display());

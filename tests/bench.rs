@@ -27,6 +27,16 @@ fn bench_prints_the_matrix_writes_rows_and_draws_each_row() {
         let (wire, base) = (r["wire_bps"].as_f64().unwrap(), r["baseline_bps"].as_f64().unwrap());
         assert!(wire > 0.0 && base > 0.0, "{r}");
         assert!((r["ratio"].as_f64().unwrap() - wire / base).abs() < 1e-9);
+        // Three migrations, each with its baseline; the row's figures are the medians.
+        let runs = r["runs"].as_array().unwrap();
+        assert_eq!(runs.len(), 3, "{r}");
+        assert!(runs.iter().all(|x| x["verified"] == true), "{r}");
+        let median = |k: &str| {
+            let mut v: Vec<f64> = runs.iter().map(|x| x[k].as_f64().unwrap()).collect();
+            v.sort_by(f64::total_cmp);
+            v[1]
+        };
+        assert_eq!((median("wire_bps"), median("baseline_bps")), (wire, base), "{r}");
         assert!(r["source_cpu_s_per_gb"].as_f64().unwrap() > 0.0 && r["dest_cpu_s_per_gb"].as_f64().unwrap() > 0.0);
         assert_eq!(r["used_path"], r["send_path"], "a fixed path is used as asked");
     }
