@@ -8,9 +8,9 @@
 //! meanwhile.
 //!
 //! A row is `repeat` such pairs, a migration then its baseline, in turn. The row shows the median migration (by wire
-//! throughput) and the median baseline, and the ratio of the two. On a shared machine both drift by a quarter from one
-//! second to the next; taking them in turn exposes both to the same drift, and the medians keep one lucky or unlucky
-//! run from deciding the ratio. Every run's figures are in the row's `runs`.
+//! throughput) and the median baseline, and the ratio of the two. On a shared machine both drift by a quarter or more
+//! between runs a few seconds apart; taking them in turn exposes both to the same drift, and the medians keep one
+//! lucky or unlucky run from deciding the ratio. Every run's figures are in the row's `runs`.
 
 use crate::baseline::Transfer;
 use crate::lab::Lab;
