@@ -305,7 +305,7 @@ fn run_row(cfg: &BenchConfig, scenario: Scenario, links: usize, path: &str) -> R
         .collect();
     let verified = rows.iter().all(|r| r.verified);
     rows.sort_by(|a, b| a.wire_bps.total_cmp(&b.wire_bps));
-    baselines.sort_by(|a, b| a.0.secs.total_cmp(&b.0.secs));
+    baselines.sort_by(|a, b| bps(&a.0).total_cmp(&bps(&b.0)));
     let mut row = rows.swap_remove(rows.len() / 2);
     let base = baselines[baselines.len() / 2];
     let gb = row.bytes_on_wire as f64 / 1e9;
