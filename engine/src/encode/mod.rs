@@ -474,17 +474,26 @@ impl<'a, S: BatchSink> BatchEncoder<'a, S> {
         // SAFETY: `src` is one page of live guest memory (see push_run). The guest may be writing it: a zero check or
         // hash of a torn page describes bytes that will be sent again, because the write left the page dirty.
         let live = unsafe { std::slice::from_raw_parts(src, PAGE_SIZE) };
-        if self.in_place && self.codec == BatchCodec::None {
-            if is_zero(live) {
+        if self.codec == BatchCodec::None {
+            if self.in_place {
+                if is_zero(live) {
+                    return self.push_zero(index);
+                }
+                let hash = page_hash(live);
+                self.hashes.set(index, hash);
+                return self.push_in_place(index, src, hash);
+            }
+            // The copy path: the one copy goes straight into the batch.
+            let b = &mut self.batch;
+            let start = b.payload.len();
+            b.payload.extend_from_slice(live);
+            if is_zero(&b.payload[start..]) {
+                b.payload.truncate(start);
                 return self.push_zero(index);
             }
-            let hash = page_hash(live);
+            let hash = page_hash(&b.payload[start..]);
             self.hashes.set(index, hash);
-            let b = &mut self.batch;
-            b.push_guest(src as usize);
-            b.entries.push(PageEntry { page: index, codec: Codec::Raw, len: PAGE_SIZE as u32, hash, live: true });
-            b.counts.raw += 1;
-            return;
+            return self.push_copied(index, hash);
         }
         self.page.copy_from_slice(live);
         if is_zero(&self.page[..]) {
@@ -492,22 +501,34 @@ impl<'a, S: BatchSink> BatchEncoder<'a, S> {
         }
         let hash = page_hash(&self.page[..]);
         self.hashes.set(index, hash);
-        if self.codec != BatchCodec::None && looks_compressible(&self.page[..]) {
+        if looks_compressible(&self.page[..]) {
             self.looked += 1;
             if self.compress_page(index, hash) {
                 return;
             }
         }
-        let b = &mut self.batch;
         if self.in_place {
             // Hashed from the copy, sent from guest memory: the page may still change before it is sent.
-            b.push_guest(src as usize);
-            b.entries.push(PageEntry { page: index, codec: Codec::Raw, len: PAGE_SIZE as u32, hash, live: true });
-        } else {
-            b.payload.extend_from_slice(&self.page[..]);
-            b.push_owned(PAGE_SIZE);
-            b.entries.push(PageEntry::new(index, Codec::Raw, PAGE_SIZE as u32, hash));
+            return self.push_in_place(index, src, hash);
         }
+        self.batch.payload.extend_from_slice(&self.page[..]);
+        self.push_copied(index, hash);
+    }
+
+    /// A raw page whose bytes were just appended to the batch's payload.
+    fn push_copied(&mut self, index: u64, hash: u64) {
+        let b = &mut self.batch;
+        b.push_owned(PAGE_SIZE);
+        b.entries.push(PageEntry::new(index, Codec::Raw, PAGE_SIZE as u32, hash));
+        b.counts.raw += 1;
+    }
+
+    /// A raw page left in guest memory at `src` for the writer to send from there; `hash` may be older than what is
+    /// sent, so the entry is marked live.
+    fn push_in_place(&mut self, index: u64, src: *const u8, hash: u64) {
+        let b = &mut self.batch;
+        b.push_guest(src as usize);
+        b.entries.push(PageEntry { page: index, codec: Codec::Raw, len: PAGE_SIZE as u32, hash, live: true });
         b.counts.raw += 1;
     }
 
