@@ -71,34 +71,39 @@ pub fn sink(listener: &TcpListener, links: usize) -> Result<Transfer, BaselineEr
             Err(e) => return Err(BaselineError::Io { what: "accept", err: e }),
         }
     }
+    on_each(conns, |_, c| {
+        c.set_nonblocking(false).map_err(io("configure"))?;
+        c.set_read_timeout(Some(TIMEOUT)).map_err(io("configure"))?;
+        let mut buf = vec![0u8; CHUNK];
+        let mut n = 0u64;
+        loop {
+            match (&c).read(&mut buf) {
+                Ok(0) => break,
+                Ok(k) => n += k as u64,
+                Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+                Err(e) => return Err(BaselineError::Io { what: "read", err: e }),
+            }
+        }
+        (&c).write_all(&n.to_le_bytes()).map_err(io("answer"))?;
+        Ok(n)
+    })
+}
+
+/// Runs `f` on each connection (with its index) on a thread of its own, and returns the bytes they moved in all, the
+/// time from start to the last, and the process CPU seconds meanwhile.
+fn on_each(
+    conns: Vec<TcpStream>,
+    f: impl Fn(usize, TcpStream) -> Result<u64, BaselineError> + Sync,
+) -> Result<Transfer, BaselineError> {
     let (t0, cpu0) = (Instant::now(), process_cpu_seconds());
-    let counts: Vec<Result<u64, BaselineError>> = std::thread::scope(|s| {
-        let handles: Vec<_> = conns
-            .into_iter()
-            .map(|c| {
-                s.spawn(move || {
-                    c.set_nonblocking(false).map_err(io("configure"))?;
-                    c.set_read_timeout(Some(TIMEOUT)).map_err(io("configure"))?;
-                    let mut buf = vec![0u8; CHUNK];
-                    let mut n = 0u64;
-                    loop {
-                        match (&c).read(&mut buf) {
-                            Ok(0) => break,
-                            Ok(k) => n += k as u64,
-                            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
-                            Err(e) => return Err(BaselineError::Io { what: "read", err: e }),
-                        }
-                    }
-                    (&c).write_all(&n.to_le_bytes()).map_err(io("answer"))?;
-                    Ok(n)
-                })
-            })
-            .collect();
-        handles.into_iter().map(|h| h.join().expect("sink thread panicked")).collect()
+    let f = &f;
+    let results: Vec<Result<u64, BaselineError>> = std::thread::scope(|s| {
+        let handles: Vec<_> = conns.into_iter().enumerate().map(|(i, c)| s.spawn(move || f(i, c))).collect();
+        handles.into_iter().map(|h| h.join().expect("baseline thread panicked")).collect()
     });
     let mut bytes = 0;
-    for c in counts {
-        bytes += c?;
+    for r in results {
+        bytes += r?;
     }
     Ok(Transfer { bytes, secs: t0.elapsed().as_secs_f64(), cpu_seconds: process_cpu_seconds() - cpu0 })
 }
@@ -110,41 +115,26 @@ pub fn blast(links: &[LinkSpec], bytes: u64) -> Result<Transfer, BaselineError> 
         .map(|l| l.connect(Duration::from_secs(5)).map_err(io("connect")))
         .collect::<Result<Vec<TcpStream>, _>>()?;
     let n = conns.len() as u64;
-    let (t0, cpu0) = (Instant::now(), process_cpu_seconds());
-    let results: Vec<Result<u64, BaselineError>> = std::thread::scope(|s| {
-        let handles: Vec<_> = conns
-            .into_iter()
-            .enumerate()
-            .map(|(i, c)| {
-                let share = bytes / n + u64::from((i as u64) < bytes % n);
-                s.spawn(move || {
-                    // Not zeros: nothing on the way may take a shortcut for them.
-                    let buf: Vec<u8> = (0..CHUNK).map(|j| (j * 131 + 7) as u8).collect();
-                    let mut left = share;
-                    while left > 0 {
-                        let k = left.min(CHUNK as u64) as usize;
-                        (&c).write_all(&buf[..k]).map_err(io("write"))?;
-                        left -= k as u64;
-                    }
-                    c.shutdown(std::net::Shutdown::Write).map_err(io("half-close"))?;
-                    c.set_read_timeout(Some(TIMEOUT)).map_err(io("configure"))?;
-                    let mut count = [0u8; 8];
-                    (&c).read_exact(&mut count).map_err(io("read the sink's count"))?;
-                    let read = u64::from_le_bytes(count);
-                    if read != share {
-                        return Err(BaselineError::Short { link: i, sent: share, read });
-                    }
-                    Ok(share)
-                })
-            })
-            .collect();
-        handles.into_iter().map(|h| h.join().expect("blast thread panicked")).collect()
-    });
-    let mut sent = 0;
-    for r in results {
-        sent += r?;
-    }
-    Ok(Transfer { bytes: sent, secs: t0.elapsed().as_secs_f64(), cpu_seconds: process_cpu_seconds() - cpu0 })
+    on_each(conns, |i, c| {
+        let share = bytes / n + u64::from((i as u64) < bytes % n);
+        // Not zeros: nothing on the way may take a shortcut for them.
+        let buf: Vec<u8> = (0..CHUNK).map(|j| (j * 131 + 7) as u8).collect();
+        let mut left = share;
+        while left > 0 {
+            let k = left.min(CHUNK as u64) as usize;
+            (&c).write_all(&buf[..k]).map_err(io("write"))?;
+            left -= k as u64;
+        }
+        c.shutdown(std::net::Shutdown::Write).map_err(io("half-close"))?;
+        c.set_read_timeout(Some(TIMEOUT)).map_err(io("configure"))?;
+        let mut count = [0u8; 8];
+        (&c).read_exact(&mut count).map_err(io("read the sink's count"))?;
+        let read = u64::from_le_bytes(count);
+        if read != share {
+            return Err(BaselineError::Short { link: i, sent: share, read });
+        }
+        Ok(share)
+    })
 }
 
 #[cfg(test)]
