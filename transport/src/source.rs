@@ -351,7 +351,7 @@ pub fn migrate(
                 start,
                 timeline: Vec::new(),
             };
-            d.run(&mut report, start, initial, rtt);
+            d.run(&mut report, initial, rtt);
             d.sample_links(true);
             report.timeline = std::mem::take(&mut d.timeline);
         }
@@ -570,8 +570,8 @@ struct Driver<'a> {
 const TIMELINE_EVERY: Duration = Duration::from_millis(100);
 
 impl Driver<'_> {
-    fn run(&mut self, report: &mut SourceReport, start: Instant, initial: Bitmap, rtt: Duration) {
-        self.machine = Some(Precopy::new(self.opts.precopy.clone(), initial, start));
+    fn run(&mut self, report: &mut SourceReport, initial: Bitmap, rtt: Duration) {
+        self.machine = Some(Precopy::new(self.opts.precopy.clone(), initial, self.start));
         // The switchover's fixed cost: three round trips (state, verify, commit), the digest on both sides (timed on
         // the table itself), and a millisecond for restoring and resuming.
         let t = Instant::now();

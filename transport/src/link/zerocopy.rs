@@ -1,6 +1,6 @@
 //! The zero-copy send path: `sendmsg(MSG_ZEROCOPY)` on a link's socket, and its completions from the error queue.
 //!
-//! Why `MSG_ZEROCOPY` and not io_uring's `SendZc`: a Pages frame is a header, an entry table and up to 64 guest
+//! Why `MSG_ZEROCOPY` and not io_uring's `SendZc`: a Pages frame is a header, an entry table and a batch's guest
 //! pages in runs, which one `sendmsg` takes as iovecs; `SendZc` sends one buffer per request, and its fixed-buffer form
 //! would mean registering all of guest memory, whose registrations are capped at 1 GiB each and pinned for the whole
 //! migration. `MSG_ZEROCOPY` pins only the pages in flight, needs no ring or extra crate, and runs on the link's writer
