@@ -56,7 +56,7 @@ fn decode(c: &mut Criterion) {
         SyntheticGuest::new(&SyntheticConfig { memory_bytes: 64 << 20, touched_pct: 100.0, ..Default::default() })
             .unwrap();
     let layout = MemoryLayout { regions: vec![(0, 64 << 20)] };
-    let dest = SyntheticGuest::destination(&layout).unwrap();
+    let dest = SyntheticGuest::destination(&layout, 1).unwrap();
     let bytes = guest.total_pages() * 4096;
 
     let mut parse = c.benchmark_group("frame_parse");

@@ -18,7 +18,7 @@ pub fn main() -> Result<(), Box<dyn std::error::Error>> {
         let refused = |peer, e: &_| eprintln!("refused {peer}: {e}");
         let (control, hello) = accept_migration(&listener, &opts, &refused)?;
         // Data links arrive on the same listener here; a host with several NICs passes one listener per NIC.
-        let make = |h: &Hello| SyntheticGuest::destination(&h.layout);
+        let make = |h: &Hello| SyntheticGuest::destination(&h.layout, h.vcpus);
         let (guest, report) = receive(&[&listener], &control, hello, make, &opts, &refused)?;
         Ok::<_, Box<dyn std::error::Error + Send + Sync>>((guest, report))
     });

@@ -22,7 +22,11 @@ impl AnyGuest {
     pub fn destination(hello: &Hello) -> Result<AnyGuest, GuestError> {
         let layout = &hello.layout;
         match hello.guest_kind.as_str() {
-            "synthetic" => Ok(AnyGuest::Synthetic(SyntheticGuest::destination(layout)?)),
+            "synthetic" => Ok(AnyGuest::Synthetic(SyntheticGuest::destination(layout, hello.vcpus)?)),
+            "kvm" if hello.vcpus != 1 => Err(GuestError::BadState(format!(
+                "the KVM test guest has one vCPU, the source announced {}",
+                hello.vcpus
+            ))),
             "kvm" => Ok(AnyGuest::Kvm(KvmGuest::destination(layout, hello.cpu.as_ref()).map_err(GuestError::from)?)),
             other => Err(GuestError::BadState(format!("this destination cannot host a '{other}' guest"))),
         }

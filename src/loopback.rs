@@ -3,7 +3,7 @@
 
 use crate::guests::AnyGuest;
 use livemig_engine::guest::Guest;
-use livemig_transport::dest::{accept_migration, receive, DestOptions, DestReport, ReceiveError};
+use livemig_transport::dest::{admit, receive, DestOptions, DestReport, ReceiveError};
 use livemig_transport::link::LinkSpec;
 use livemig_transport::source::{migrate, Progress, SourceOptions, SourceReport};
 use std::net::{IpAddr, Ipv4Addr, TcpListener, TcpStream};
@@ -33,8 +33,9 @@ pub fn migrate_loopback(
     std::thread::scope(|s| {
         let dest = std::thread::Builder::new().name("lm-dest".into()).spawn_scoped(s, move || {
             let refused = |peer, e: &_| eprintln!("refused connection from {peer}: {e}");
-            let (stream, hello) =
-                accept_migration(&listener, dopts, &refused).map_err(|e| ReceiveError::Wire(e.into()))?;
+            // One known source: its control connection comes first, and a refusal ends the run.
+            let (stream, _) = listener.accept().map_err(|e| ReceiveError::Wire(e.into()))?;
+            let hello = admit(&stream, dopts)?;
             receive(&[&listener], &stream, hello, AnyGuest::destination, dopts, &refused)
         })?;
         let control = TcpStream::connect(addr)?;

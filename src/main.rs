@@ -596,7 +596,7 @@ fn receive_cmd(
         Some(bytes) => {
             let t = Instant::now();
             let layout = MemoryLayout { regions: vec![(0, bytes)] };
-            let g = SyntheticGuest::destination(&layout).context("preallocating guest memory")?;
+            let g = SyntheticGuest::destination(&layout, 1).context("preallocating guest memory")?;
             g.prefault(0, g.total_pages());
             eprintln!("preallocated {} MiB of guest memory in {:.2} s", bytes >> 20, t.elapsed().as_secs_f64());
             Some(g)
@@ -628,7 +628,10 @@ fn receive_cmd(
     let cpu_start = livemig::transport::cpu::process_cpu_seconds();
     let listeners: Vec<&TcpListener> = std::iter::once(&listener).chain(extra.iter()).collect();
     let make = |h: &Hello| match ready {
-        Some(g) if g.layout() == h.layout && h.guest_kind == "synthetic" => Ok(AnyGuest::Synthetic(g)),
+        Some(g) if g.layout() == h.layout && h.guest_kind == "synthetic" => {
+            g.vcpus().set_limit(h.vcpus);
+            Ok(AnyGuest::Synthetic(g))
+        }
         _ => AnyGuest::destination(h),
     };
     let (guest, r) = receive(&listeners, &stream, hello, make, &opts, &refused).context("receiving the migration")?;

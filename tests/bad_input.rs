@@ -51,43 +51,74 @@ fn opts() -> DestOptions {
     DestOptions { idle_timeout: Duration::from_secs(5), ..Default::default() }
 }
 
+/// What a data link's client heard back.
+#[derive(Debug, Default)]
+struct DataLinkAnswer {
+    /// The Abort's reason, when the destination ended the link for what it sent.
+    abort: Option<String>,
+    /// Whether any frame was acknowledged (applied).
+    acked: bool,
+}
+
 /// Runs a destination against a client that sends `control` on the control connection and, when given, `data` on
-/// a data link that presents the right session; then closes both. Returns the destination's result.
-fn exchange(control: Vec<u8>, data: Option<Vec<u8>>, dopts: DestOptions) -> Result<(), ReceiveError> {
+/// a data link that presents the right session; then closes both. Returns the destination's result and what the
+/// data link heard back.
+fn exchange(control: Vec<u8>, data: Option<Vec<u8>>, dopts: DestOptions) -> (Result<(), ReceiveError>, DataLinkAnswer) {
     let listener = TcpListener::bind("127.0.0.1:0").unwrap();
     let addr = listener.local_addr().unwrap();
     let client = std::thread::spawn(move || {
         let mut c = TcpStream::connect(addr).unwrap();
         let _ = c.write_all(&control);
+        let mut answer = DataLinkAnswer::default();
         if let Some(data) = data {
             let mut d = TcpStream::connect(addr).unwrap();
             let mut bytes = frame(Kind::LinkHello, &wire::encode_link_hello(7, 0));
             bytes.extend_from_slice(&data);
             let _ = d.write_all(&bytes);
             let _ = d.shutdown(Shutdown::Write);
-            let _ = std::io::copy(&mut d, &mut std::io::sink());
+            let mut body = Vec::new();
+            while let Ok(h) = wire::read_frame(&mut &d, &mut body) {
+                match h.kind {
+                    Kind::Ack => answer.acked = true,
+                    Kind::Abort => answer.abort = Some(wire::decode_reason(&body)),
+                    _ => {}
+                }
+            }
         }
         let _ = c.shutdown(Shutdown::Write);
         // Drain whatever the destination answers until it closes.
         let _ = std::io::copy(&mut c, &mut std::io::sink());
+        answer
     });
     let (stream, _) = listener.accept().unwrap();
     let result = read_hello(&stream, &dopts).map_err(ReceiveError::from).and_then(|h| {
-        receive(&[&listener], &stream, h, |h| SyntheticGuest::destination(&h.layout), &dopts, &|_, _| {}).map(|_| ())
+        receive(&[&listener], &stream, h, |h| SyntheticGuest::destination(&h.layout, h.vcpus), &dopts, &|_, _| {})
+            .map(|_| ())
     });
     drop(stream);
-    client.join().unwrap();
-    result
+    (result, client.join().unwrap())
 }
 
 /// Control bytes alone.
 fn against(bytes: Vec<u8>, dopts: DestOptions) -> Result<(), ReceiveError> {
-    exchange(bytes, None, dopts)
+    exchange(bytes, None, dopts).0
 }
 
-/// A valid Hello on the control connection, and `data` on a data link.
-fn on_data_link(data: &[u8]) -> Result<(), ReceiveError> {
-    exchange(frame(Kind::Hello, &hello(PAGES).encode()), Some(data.to_vec()), opts())
+/// A valid Hello on the control connection, and `data` on a data link: bad data ends that link with an Abort, not
+/// the migration (which then ends because the client closes its control connection). Returns what the link heard.
+fn on_data_link(data: &[u8]) -> DataLinkAnswer {
+    let (result, answer) = exchange(frame(Kind::Hello, &hello(PAGES).encode()), Some(data.to_vec()), opts());
+    let err = result.expect_err("the client closed its control connection");
+    assert!(matches!(err, ReceiveError::Wire(WireError::Closed)), "the control connection's end decides: {err}");
+    answer
+}
+
+/// The reason a data link was ended with, asserting that nothing it sent was applied.
+fn link_refusal(data: &[u8]) -> String {
+    let answer = on_data_link(data);
+    assert!(!answer.acked, "bad data was applied: {answer:?}");
+    let why = answer.abort.clone();
+    why.unwrap_or_else(|| panic!("the link was not ended with a reason: {answer:?}"))
 }
 
 fn with_hello(rest: &[u8]) -> Vec<u8> {
@@ -115,8 +146,8 @@ fn wrong_version() {
 fn unknown_frame_type() {
     let mut f = frame(Kind::Commit, &[]);
     f[6..8].copy_from_slice(&77u16.to_le_bytes());
-    let err = on_data_link(&f).unwrap_err();
-    assert!(matches!(err, ReceiveError::Wire(WireError::UnknownKind(77))), "{err}");
+    let why = link_refusal(&f);
+    assert!(why.contains("unknown frame type 77"), "{why}");
     let err = against(with_hello(&f), opts()).unwrap_err();
     assert!(matches!(err, ReceiveError::Wire(WireError::UnknownKind(77))), "{err}");
 }
@@ -126,16 +157,16 @@ fn bad_checksum() {
     let (e, data) = raw_page(3, 1);
     let mut f = pages_frame(vec![e], data);
     f[HEADER_LEN + 8] ^= 1; // the entry's page index, under the frame checksum
-    let err = on_data_link(&f).unwrap_err();
-    assert!(matches!(err, ReceiveError::Wire(WireError::BadChecksum { .. })), "{err}");
+    let why = link_refusal(&f);
+    assert!(why.starts_with("bad checksum: frame says"), "{why}");
 }
 
 #[test]
 fn corrupt_page_payload() {
     let (e, mut data) = raw_page(3, 1);
     data[4000] = 2;
-    let err = on_data_link(&pages_frame(vec![e], data)).unwrap_err();
-    assert!(matches!(err, ReceiveError::Apply(ApplyError::BadChecksum { page: 3, .. })), "{err}");
+    let why = link_refusal(&pages_frame(vec![e], data));
+    assert!(why.starts_with("page 3: bad checksum"), "{why}");
 }
 
 #[test]
@@ -145,8 +176,8 @@ fn truncated_frame() {
     // On the control connection a truncated frame ends the migration; on a data link it is a link that died.
     let err = against(with_hello(&f[..100]), opts()).unwrap_err();
     assert!(matches!(err, ReceiveError::Wire(WireError::Truncated { part: "body", .. })), "{err}");
-    let err = on_data_link(&f[..100]).unwrap_err();
-    assert!(matches!(err, ReceiveError::Wire(WireError::Closed)), "the control connection's end decides: {err}");
+    let answer = on_data_link(&f[..100]);
+    assert!(!answer.acked && answer.abort.is_none(), "a link that died mid-frame is just dropped: {answer:?}");
     let err = against(with_hello(&f[..20]), opts()).unwrap_err();
     assert!(matches!(err, ReceiveError::Wire(WireError::Truncated { part: "header", got: 20, .. })), "{err}");
 }
@@ -154,11 +185,11 @@ fn truncated_frame() {
 #[test]
 fn page_index_out_of_range() {
     let (e, data) = raw_page(PAGES, 1);
-    let err = on_data_link(&pages_frame(vec![e], data)).unwrap_err();
-    assert!(matches!(err, ReceiveError::Apply(ApplyError::PageOutOfRange { page: PAGES, pages: PAGES })), "{err}");
+    let why = link_refusal(&pages_frame(vec![e], data));
+    assert_eq!(why, ApplyError::PageOutOfRange { page: PAGES, pages: PAGES }.to_string());
     let huge = PageEntry::new(wire::MAX_PAGE_INDEX, Codec::Zero, 0, zero_page_hash());
-    let err = on_data_link(&pages_frame(vec![huge], vec![])).unwrap_err();
-    assert!(matches!(err, ReceiveError::Apply(ApplyError::PageOutOfRange { .. })), "{err}");
+    let why = link_refusal(&pages_frame(vec![huge], vec![]));
+    assert!(why.contains("out of range"), "{why}");
 }
 
 #[test]
@@ -166,6 +197,7 @@ fn guest_larger_than_the_host_is_refused_before_allocation() {
     let f = frame(Kind::Hello, &hello(1 << 28).encode()); // 1 TiB
     let err = against(f, DestOptions { max_memory: 1 << 30, ..opts() }).unwrap_err();
     assert!(matches!(err, ReceiveError::TooLarge { max, .. } if max == 1 << 30), "{err}");
+    assert!(err.to_string().contains("memory") && err.is_refusal(), "{err}");
 }
 
 #[test]
@@ -177,8 +209,8 @@ fn commit_without_verification_is_refused() {
 #[test]
 fn source_that_vanishes_before_commit_is_an_error_not_a_resumed_guest() {
     let (e, data) = raw_page(1, 5);
-    let err = on_data_link(&pages_frame(vec![e], data)).unwrap_err();
-    assert!(matches!(err, ReceiveError::Wire(WireError::Closed)), "{err}");
+    let answer = on_data_link(&pages_frame(vec![e], data));
+    assert!(answer.acked, "a good page was not applied: {answer:?}");
     // Pages on the control connection are a protocol violation.
     let (e, data) = raw_page(1, 5);
     let err = against(with_hello(&pages_frame(vec![e], data)), opts()).unwrap_err();
@@ -209,8 +241,10 @@ fn garbage_never_panics_or_hangs() {
             }
             b
         };
-        // On a data link and on the control connection after the Hello.
-        assert!(on_data_link(&bytes).is_err(), "iteration {i}: garbage was accepted on a data link");
+        // On a data link (every byte of a frame is under a checksum or a page hash, so nothing is applied) and on
+        // the control connection after the Hello.
+        let answer = on_data_link(&bytes);
+        assert!(!answer.acked, "iteration {i}: garbage was applied on a data link: {answer:?}");
         assert!(against(with_hello(&bytes), opts()).is_err(), "iteration {i}: garbage was accepted on control");
     }
 }

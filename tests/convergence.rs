@@ -70,7 +70,14 @@ fn a_final_round_that_runs_past_the_pause_bound_is_cancelled_and_the_source_resu
         let dest = s.spawn(|| {
             let dopts = DestOptions::default();
             let (stream, hello) = accept_migration(&listener, &dopts, &|_, _| {}).unwrap();
-            receive(&[&listener], &stream, hello, |h| SyntheticGuest::destination(&h.layout), &dopts, &|_, _| {})
+            receive(
+                &[&listener],
+                &stream,
+                hello,
+                |h| SyntheticGuest::destination(&h.layout, h.vcpus),
+                &dopts,
+                &|_, _| {},
+            )
         });
         let watcher = s.spawn(|| {
             // Cut the link as soon as the guest is paused: the final round cannot complete. (Bounded: a run that never

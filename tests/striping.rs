@@ -76,9 +76,18 @@ fn strangers_on_a_data_port_are_refused_and_the_migration_completes() {
     let report = std::thread::scope(|s| {
         let dest = s.spawn(|| {
             let dopts = DestOptions::default();
-            let note = |peer: SocketAddr, e: &wire::WireError| refused.lock().unwrap().push((peer, e.to_string()));
+            let note = |peer: SocketAddr, e: &livemig::transport::dest::ReceiveError| {
+                refused.lock().unwrap().push((peer, e.to_string()))
+            };
             let (stream, hello) = accept_migration(&control, &dopts, &note).unwrap();
-            receive(&[&control, &data], &stream, hello, |h| SyntheticGuest::destination(&h.layout), &dopts, &note)
+            receive(
+                &[&control, &data],
+                &stream,
+                hello,
+                |h| SyntheticGuest::destination(&h.layout, h.vcpus),
+                &dopts,
+                &note,
+            )
         });
         let links = [LinkSpec::to(data_addr)];
         let r = migrate(&src, TcpStream::connect(control_addr).unwrap(), &links, &opts, &|_| {});
@@ -116,7 +125,7 @@ fn a_lagging_link_cannot_overwrite_a_newer_copy() {
     let hello = Hello {
         session: 42,
         layout: layout.clone(),
-        vcpus: 0,
+        vcpus: 1,
         guest_kind: "synthetic".into(),
         chunks: Bitmap::full(1),
         cpu: None,
@@ -125,7 +134,7 @@ fn a_lagging_link_cannot_overwrite_a_newer_copy() {
     let dest = std::thread::spawn(move || {
         let dopts = DestOptions::default();
         let (stream, hello) = accept_migration(&listener, &dopts, &|_, _| {}).unwrap();
-        receive(&[&listener], &stream, hello, |h| SyntheticGuest::destination(&h.layout), &dopts, &|_, _| {})
+        receive(&[&listener], &stream, hello, |h| SyntheticGuest::destination(&h.layout, h.vcpus), &dopts, &|_, _| {})
     });
     let mut control = TcpStream::connect(addr).unwrap();
     control.write_all(&frame(Kind::Hello, &hello.encode())).unwrap();
@@ -157,7 +166,7 @@ fn a_lagging_link_cannot_overwrite_a_newer_copy() {
                            // The destination's digest must be that of memory holding round 1's copy.
     let table = HashTable::new(PAGES);
     table.set(5, page_hash(&[0xbb; 4096]));
-    let state = SyntheticGuest::destination(&layout).unwrap().vcpus().save_state().unwrap();
+    let state = SyntheticGuest::destination(&layout, 1).unwrap().vcpus().save_state().unwrap();
     control.write_all(&frame(Kind::VcpuState, &state)).unwrap();
     assert_eq!(wire::read_frame(&mut control, &mut buf).unwrap().kind, Kind::StateAck);
     let v = Verify { full: true, table_root: table.root(), memory_root: table.root() };
@@ -189,7 +198,14 @@ fn migrate_with_a_failing_link(reset_on_cut: bool) {
         let dest = s.spawn(|| {
             let dopts = DestOptions::default();
             let (stream, hello) = accept_migration(&listener, &dopts, &|_, _| {}).unwrap();
-            receive(&[&listener], &stream, hello, |h| SyntheticGuest::destination(&h.layout), &dopts, &|_, _| {})
+            receive(
+                &[&listener],
+                &stream,
+                hello,
+                |h| SyntheticGuest::destination(&h.layout, h.vcpus),
+                &dopts,
+                &|_, _| {},
+            )
         });
         // Cut the middle link once it has carried 1 MiB: its first few batches, early in a round 0 of about 150 MiB.
         // The watcher also stops when the migration does, so a run that never reaches the cut fails below, not hangs.

@@ -75,3 +75,91 @@ pub fn assert_running_unthrottled(g: &SyntheticGuest) {
     std::thread::sleep(Duration::from_millis(200));
     assert!(v.pages_written() > before, "source vCPUs are not running");
 }
+
+/// Frames spoken by hand, for tests that play a source (or a stranger) byte by byte.
+pub mod frames {
+    use livemig::engine::dirty::Bitmap;
+    use livemig::engine::encode::{page_hash, Codec, EncodedBatch, PageEntry};
+    use livemig::engine::guest::MemoryLayout;
+    use livemig::transport::wire::{self, Hello, Kind};
+
+    /// A Hello for a synthetic guest of `pages` pages and one vCPU.
+    pub fn hello(session: u64, pages: u64) -> Hello {
+        Hello {
+            session,
+            layout: MemoryLayout { regions: vec![(0, pages * 4096)] },
+            vcpus: 1,
+            guest_kind: "synthetic".into(),
+            chunks: Bitmap::full(pages.div_ceil(wire::CHUNK_PAGES)),
+            cpu: None,
+            macs: Vec::new(),
+        }
+    }
+
+    /// One whole frame.
+    pub fn frame(kind: Kind, body: &[u8]) -> Vec<u8> {
+        let mut out = Vec::new();
+        wire::write_frame(&mut out, kind, 0, 0, &[body]).unwrap();
+        out
+    }
+
+    /// A Pages frame of round `epoch`.
+    pub fn pages(epoch: u32, entries: Vec<PageEntry>, payload: Vec<u8>) -> Vec<u8> {
+        let batch = EncodedBatch { entries, payload, ..Default::default() };
+        let mut table = Vec::new();
+        wire::encode_entries(&batch, &mut table);
+        let mut out = Vec::new();
+        wire::write_pages(&mut out, epoch, 0, &table, &[&batch.payload]).unwrap();
+        out
+    }
+
+    /// A raw page of `fill` bytes and its entry.
+    pub fn raw_page(page: u64, fill: u8) -> (PageEntry, Vec<u8>) {
+        let data = vec![fill; 4096];
+        (PageEntry::new(page, Codec::Raw, 4096, page_hash(&data)), data)
+    }
+}
+
+/// The threads this process runs now.
+pub fn thread_count() -> usize {
+    std::fs::read_to_string("/proc/self/status")
+        .ok()
+        .and_then(|s| s.lines().find(|l| l.starts_with("Threads:")).map(str::to_owned))
+        .and_then(|l| l.split_whitespace().nth(1).and_then(|v| v.parse().ok()))
+        .unwrap_or(0)
+}
+
+/// Forwards one connection to `to` and passes each frame from the client through `edit` (whole frames: header and
+/// body), so that a test can corrupt chosen bytes on the wire. The other direction is forwarded untouched.
+pub fn frame_proxy(to: SocketAddr, edit: impl FnMut(&mut Vec<u8>) + Send + 'static) -> SocketAddr {
+    use livemig::transport::wire::HEADER_LEN;
+    let l = TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = l.local_addr().unwrap();
+    std::thread::spawn(move || {
+        let mut edit = edit;
+        let Ok((mut client, _)) = l.accept() else { return };
+        let Ok(mut server) = TcpStream::connect(to) else { return };
+        let (mut back_from, mut back_to) = (server.try_clone().unwrap(), client.try_clone().unwrap());
+        std::thread::spawn(move || {
+            let _ = std::io::copy(&mut back_from, &mut back_to);
+            let _ = back_to.shutdown(Shutdown::Write);
+        });
+        loop {
+            let mut f = vec![0u8; HEADER_LEN];
+            if client.read_exact(&mut f).is_err() {
+                break;
+            }
+            let len = u32::from_le_bytes(f[16..20].try_into().unwrap()) as usize;
+            f.resize(HEADER_LEN + len.min(64 << 20), 0);
+            if client.read_exact(&mut f[HEADER_LEN..]).is_err() {
+                break;
+            }
+            edit(&mut f);
+            if server.write_all(&f).is_err() {
+                break;
+            }
+        }
+        let _ = server.shutdown(Shutdown::Write);
+    });
+    addr
+}

@@ -84,10 +84,14 @@ impl Default for SourceOptions {
     }
 }
 
-/// A session id that differs between runs and hosts.
+/// A fresh session id from the OS's random source (`getrandom`), so that nobody can guess one from when a migration
+/// started. Should that call fail, a kernel random UUID (hashed with the clock) stands in.
 pub fn session_id() -> u64 {
-    let t = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap_or_default().as_nanos() as u64;
-    twox_hash::XxHash3_64::oneshot(&[t.to_le_bytes(), u64::from(std::process::id()).to_le_bytes()].concat())
+    getrandom::u64().unwrap_or_else(|_| {
+        let uuid = std::fs::read("/proc/sys/kernel/random/uuid").unwrap_or_default();
+        let t = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap_or_default().as_nanos();
+        twox_hash::XxHash3_64::oneshot(&[&uuid[..], &t.to_le_bytes()].concat())
+    })
 }
 
 /// Why a migration failed. In every case before commit the source guest is running again, unthrottled.
@@ -128,6 +132,10 @@ pub enum MigrateError {
     /// The pause ran past the hard bound before the commit; the source resumed.
     #[error("pause exceeded the {} ms bound before commit; switchover cancelled", MAX_PAUSE.as_millis())]
     PauseBound,
+    /// Commit was sent but not acknowledged: the destination may be running the guest, so the source stays paused
+    /// and an operator must find out which side runs it.
+    #[error("outcome unknown: {0}")]
+    OutcomeUnknown(String),
 }
 
 impl From<GuestError> for MigrateError {
@@ -415,6 +423,7 @@ fn handshake(
         macs: opts.macs.clone(),
     };
     let body = hello.encode();
+    stream.set_write_timeout(Some(opts.peer_timeout)).map_err(|e| MigrateError::Handshake(e.into()))?;
     let mut w = stream;
     let n = wire::write_frame(&mut w, Kind::Hello, 0, 0, &[&body]).map_err(|e| MigrateError::Handshake(e.into()))?;
     written.fetch_add(n as u64, Ordering::Relaxed);
@@ -435,8 +444,7 @@ fn handshake(
                 let failures = livemig_engine::preflight::check(vm, &dest);
                 if !failures.is_empty() {
                     let e = MigrateError::Preflight(failures);
-                    let mut w = stream;
-                    let _ = wire::write_frame(&mut w, Kind::Abort, 0, 0, &[e.to_string().as_bytes()]);
+                    let _ = wire::write_abort(stream, &e.to_string());
                     return Err(e);
                 }
             }
@@ -580,6 +588,7 @@ impl Driver<'_> {
         self.machine().set_switchover_cost(cost);
         let vcpus = self.guest.vcpus();
         let mut marks: [Option<Instant>; 4] = [None; 4];
+        let mut commit_sent = false;
         while let Some(action) = self.machine().poll() {
             match action {
                 Action::SendRound { epoch, pages, last } => {
@@ -636,6 +645,7 @@ impl Driver<'_> {
                 Action::Commit => {
                     // From here the destination may run the guest: the pause bound can no longer cancel.
                     self.pause_deadline = None;
+                    commit_sent = true;
                     if self.send_control(Kind::Commit, &[])
                         && self.wait_for(|e| matches!(e, Event::Committed).then_some(())).is_some()
                     {
@@ -650,6 +660,9 @@ impl Driver<'_> {
                 Action::Done(outcome) => {
                     match outcome {
                         Outcome::Completed => {}
+                        Outcome::Failed(reason) if commit_sent => {
+                            report.result = Err(MigrateError::OutcomeUnknown(reason));
+                        }
                         Outcome::Failed(reason) => {
                             report.result = Err(self.error.take().unwrap_or(MigrateError::Machine(reason)));
                         }
@@ -717,8 +730,7 @@ impl Driver<'_> {
     /// closed connection. Bounded, because the destination may be the thing that stopped reading.
     fn tell_destination(&self, reason: &str) {
         let _ = self.control.set_write_timeout(Some(Duration::from_millis(200)));
-        let mut w = self.control;
-        let _ = wire::write_frame(&mut w, Kind::Abort, 0, 0, &[reason.as_bytes()]);
+        let _ = wire::write_abort(self.control, reason);
     }
 
     fn send_control(&mut self, kind: Kind, body: &[u8]) -> bool {

@@ -186,10 +186,13 @@ impl SyntheticGuest {
     }
 
     /// An empty destination guest of the given layout, its vCPUs paused until a state blob is restored and resumed.
-    pub fn destination(layout: &MemoryLayout) -> Result<Self, GuestError> {
+    /// A blob may bring up to `vcpus` vCPUs (the source's Hello says how many): each is a thread, so a blob from the
+    /// wire may not ask for more.
+    pub fn destination(layout: &MemoryLayout, vcpus: u32) -> Result<Self, GuestError> {
         let mem = Arc::new(Memory::new(layout, true)?);
-        let vcpus = SyntheticVcpus::start(mem.clone(), 0, 0, 1, 0, true)?;
-        Ok(SyntheticGuest { mem, vcpus })
+        let v = SyntheticVcpus::start(mem.clone(), 0, 0, 1, 0, true)?;
+        v.set_limit(vcpus);
+        Ok(SyntheticGuest { mem, vcpus: v })
     }
 
     /// The vCPUs.
@@ -290,6 +293,8 @@ struct Ctl {
     parked: usize,
     rate: u64,
     hot_pages: u64,
+    /// The most vCPUs a restored state may bring.
+    limit: usize,
     /// Per vCPU: RNG state and pages written. The state blob; each vCPU stores its own here when it parks.
     states: Vec<(u64, u64)>,
 }
@@ -314,7 +319,7 @@ impl SyntheticVcpus {
     fn start(mem: Arc<Memory>, n: u32, rate: u64, hot_pages: u64, seed: u64, paused: bool) -> Result<Self, GuestError> {
         let states = (0..u64::from(n)).map(|i| (seed.wrapping_add(i.wrapping_mul(0x9e37_79b9)), 0)).collect();
         let control = Arc::new(Control {
-            ctl: Mutex::new(Ctl { paused, stop: false, parked: 0, rate, hot_pages, states }),
+            ctl: Mutex::new(Ctl { paused, stop: false, parked: 0, rate, hot_pages, limit: n as usize, states }),
             cv: Condvar::new(),
             pause_req: AtomicBool::new(paused),
             throttle_milli: AtomicU32::new(0),
@@ -350,6 +355,11 @@ impl SyntheticVcpus {
     /// Number of vCPUs.
     pub fn count(&self) -> usize {
         self.lock().states.len()
+    }
+
+    /// Sets the most vCPUs a state blob may bring (a destination's, from the source's Hello).
+    pub fn set_limit(&self, vcpus: u32) {
+        self.lock().limit = vcpus as usize;
     }
 }
 
@@ -413,6 +423,10 @@ impl Vcpus for SyntheticVcpus {
             None => return Err(bad("truncated header")),
         }
         let n = u32_at(8).ok_or_else(|| bad("truncated header"))? as usize;
+        let limit = self.lock().limit;
+        if n > limit {
+            return Err(GuestError::BadState(format!("state for {n} vCPUs, this guest was built for {limit}")));
+        }
         let (rate, hot) = (u64_at(12).ok_or_else(|| bad("truncated"))?, u64_at(20).ok_or_else(|| bad("truncated"))?);
         if blob.len() != 28 + n * 16 {
             return Err(GuestError::BadState(format!("{} bytes for {n} vCPUs, expected {}", blob.len(), 28 + n * 16)));

@@ -595,7 +595,7 @@ mod tests {
     use crate::guest::{read_page, MemoryLayout, SyntheticGuest};
 
     fn dest(pages: u64) -> SyntheticGuest {
-        SyntheticGuest::destination(&MemoryLayout { regions: vec![(0, pages * PAGE_SIZE as u64)] }).unwrap()
+        SyntheticGuest::destination(&MemoryLayout { regions: vec![(0, pages * PAGE_SIZE as u64)] }, 1).unwrap()
     }
 
     fn raw(page: u64, content: &[u8]) -> PageEntry {

@@ -62,6 +62,8 @@ impl LinkSpec {
         sock.set_send_buffer_size(SEND_BUFFER)?;
         sock.set_recv_buffer_size(RECV_BUFFER)?;
         sock.set_tcp_nodelay(true)?;
+        // No write may block for ever on a peer that stopped reading; the driver fails a silent link much sooner.
+        sock.set_write_timeout(Some(Duration::from_secs(10)))?;
         sock.connect_timeout(&SockAddr::from(self.remote), timeout)
             .map_err(|e| std::io::Error::new(e.kind(), format!("connecting {}: {e}", self.name())))?;
         Ok(sock.into())

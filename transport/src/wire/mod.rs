@@ -47,8 +47,13 @@ pub const VERSION: u16 = 2;
 pub const MIN_VERSION: u16 = 2;
 /// Header size in bytes.
 pub const HEADER_LEN: usize = 32;
-/// The largest body accepted: a Pages frame of 128 raw pages is about 514 KiB; vCPU state blobs are far smaller.
+/// The largest body of any frame: a Pages frame of 128 raw pages is about 514 KiB, and a Hello's chunk map for a
+/// 64 TiB guest is 4 MiB. Each kind has its own, mostly far smaller, limit ([`Kind::max_body`]).
 pub const MAX_BODY: u32 = 4 << 20;
+/// The most vCPUs a Hello may announce (KVM's own limit on x86 is 4096).
+pub const MAX_VCPUS: u32 = 4096;
+/// The longest Abort reason kept; a longer one is cut.
+pub const MAX_REASON: usize = 1024;
 /// Bytes per page entry in a Pages frame: page index (40 bits), payload length (16 bits), codec and flags (4 bits
 /// each), page hash (64 bits). At 16 bytes, the entries of a 2 GiB guest's 393,216 touched pages take 6 MiB.
 pub const ENTRY_LEN: usize = 16;
@@ -88,6 +93,21 @@ pub enum Kind {
 }
 
 impl Kind {
+    /// The largest body a frame of this kind may have: each is bounded by what it can legitimately hold, so that a
+    /// peer cannot make the receiver buffer megabytes for a frame that carries a few bytes.
+    pub fn max_body(self) -> u32 {
+        use Kind::*;
+        match self {
+            Hello | Pages | VcpuState => MAX_BODY,
+            // The session and the destination's description (JSON: its name, datastores, port groups, CPU).
+            HelloAck => 256 << 10,
+            Abort => MAX_REASON as u32,
+            Ack | LinkHello => 12,
+            Verify | Verified => 17,
+            StateAck | Commit | Committed => 0,
+        }
+    }
+
     fn from_u16(v: u16) -> Option<Kind> {
         use Kind::*;
         Some(match v {
@@ -123,9 +143,14 @@ pub enum WireError {
     /// The frame kind is not one this version defines.
     #[error("unknown frame type {0}")]
     UnknownKind(u16),
-    /// The body is larger than any frame may be.
-    #[error("frame body of {0} bytes exceeds the {MAX_BODY}-byte limit")]
-    TooLarge(u32),
+    /// The body is larger than a frame of its kind may be.
+    #[error("{kind:?} frame body of {len} bytes exceeds the {}-byte limit for its kind", kind.max_body())]
+    TooLarge {
+        /// The frame kind.
+        kind: Kind,
+        /// The length the header claims.
+        len: u32,
+    },
     /// The checksum does not match the frame.
     #[error("bad checksum: frame says {expected:#018x}, content hashes to {computed:#018x}")]
     BadChecksum {
@@ -230,8 +255,8 @@ impl Header {
         }
         let kind = Kind::from_u16(u16_at(6)).ok_or(WireError::UnknownKind(u16_at(6)))?;
         let len = u32_at(16);
-        if len > MAX_BODY {
-            return Err(WireError::TooLarge(len));
+        if len > kind.max_body() {
+            return Err(WireError::TooLarge { kind, len });
         }
         let checked_len = u32_at(20);
         // Only a Pages payload may go unchecked here, because its pages carry their own hashes.
@@ -484,6 +509,9 @@ impl Hello {
             return Err(bad(format!("page size {page_size}, this build moves 4096-byte pages")));
         }
         let vcpus = r.u32("vCPU count")?;
+        if vcpus == 0 || vcpus > MAX_VCPUS {
+            return Err(bad(format!("{vcpus} vCPUs (1..={MAX_VCPUS} allowed)")));
+        }
         let n = r.u8("guest kind length")?;
         let guest_kind = String::from_utf8(r.take(n.into(), "guest kind")?.to_vec())
             .map_err(|_| bad("guest kind is not UTF-8".into()))?;
@@ -752,7 +780,113 @@ pub fn decode_link_hello(body: &[u8]) -> Result<(u64, u32), WireError> {
 
 /// An Abort body's reason, made printable whatever bytes arrived.
 pub fn decode_reason(body: &[u8]) -> String {
-    String::from_utf8_lossy(&body[..body.len().min(1024)]).into_owned()
+    String::from_utf8_lossy(&body[..body.len().min(MAX_REASON)]).into_owned()
+}
+
+/// Writes an Abort frame with `reason` (cut to [`MAX_REASON`] bytes) on `w`. Best effort, for the caller to ignore
+/// or report: the peer may be gone already.
+pub fn write_abort(mut w: impl Write, reason: &str) -> std::io::Result<usize> {
+    let mut end = reason.len().min(MAX_REASON);
+    while !reason.is_char_boundary(end) {
+        end -= 1;
+    }
+    write_frame(&mut w, Kind::Abort, 0, 0, &[&reason.as_bytes()[..end]])
+}
+
+/// A reader that gives a whole frame (or any sequence of reads) one deadline, rather than each read its own timeout:
+/// a peer that trickles a byte now and then cannot hold a reader past `deadline`. The socket's read timeout is set
+/// to the time left, and lowered again as that shrinks (at most one `setsockopt` per [`DEADLINE_SLACK`] of waiting).
+#[derive(Debug)]
+pub struct Deadline<'a> {
+    stream: &'a std::net::TcpStream,
+    at: std::time::Instant,
+    what: &'static str,
+    /// The read timeout set on the socket, if this reader set one.
+    set: Option<std::time::Duration>,
+}
+
+/// How far past its deadline a [`Deadline`] read may end.
+pub const DEADLINE_SLACK: std::time::Duration = std::time::Duration::from_millis(50);
+
+impl<'a> Deadline<'a> {
+    /// Reads from `stream` until `at`; `what` names the wait in the timeout's message.
+    pub fn new(stream: &'a std::net::TcpStream, at: std::time::Instant, what: &'static str) -> Self {
+        Deadline { stream, at, what, set: None }
+    }
+
+    /// Sets the socket's timeout to the time left, when it is more than [`DEADLINE_SLACK`] over it.
+    fn arm(&mut self) -> std::io::Result<()> {
+        let left = self.at.saturating_duration_since(std::time::Instant::now());
+        if left.is_zero() {
+            return Err(std::io::Error::new(
+                std::io::ErrorKind::TimedOut,
+                format!("{} not complete in time", self.what),
+            ));
+        }
+        if self.set.is_none_or(|s| s > left + DEADLINE_SLACK) {
+            self.stream.set_read_timeout(Some(left))?;
+            self.set = Some(left);
+        }
+        Ok(())
+    }
+
+    fn timed_out(&self, e: std::io::Error) -> std::io::Error {
+        match e.kind() {
+            std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut => {
+                std::io::Error::new(std::io::ErrorKind::TimedOut, format!("{} not complete in time", self.what))
+            }
+            _ => e,
+        }
+    }
+}
+
+impl Read for Deadline<'_> {
+    fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
+        self.arm()?;
+        (&*self.stream).read(buf).map_err(|e| self.timed_out(e))
+    }
+
+    fn read_vectored(&mut self, bufs: &mut [std::io::IoSliceMut<'_>]) -> std::io::Result<usize> {
+        self.arm()?;
+        (&*self.stream).read_vectored(bufs).map_err(|e| self.timed_out(e))
+    }
+}
+
+/// Reads one frame from `stream`: waits for its first byte without a deadline (between frames a peer may be quiet for
+/// long; the caller judges silence), then gives the rest of the frame `within`.
+pub fn read_frame_within(
+    stream: &std::net::TcpStream,
+    body: &mut Vec<u8>,
+    within: std::time::Duration,
+    what: &'static str,
+) -> Result<Header, WireError> {
+    let (raw, header) = read_header_within(stream, within, what)?;
+    body.resize(header.len as usize, 0);
+    let mut d = Deadline::new(stream, std::time::Instant::now() + within, what);
+    read_part(&mut d, body, "body")?;
+    check_sum(&raw, &header, &body[..header.checked_len as usize])?;
+    Ok(header)
+}
+
+/// Reads a frame header as [`read_frame_within`] does: the first byte whenever it comes, the rest `within`.
+pub fn read_header_within(
+    stream: &std::net::TcpStream,
+    within: std::time::Duration,
+    what: &'static str,
+) -> Result<([u8; HEADER_LEN], Header), WireError> {
+    let mut h = [0u8; HEADER_LEN];
+    // A previous frame's deadline may have left a timeout on the socket.
+    stream.set_read_timeout(None)?;
+    if read_full(&mut &*stream, &mut h[..1])? == 0 {
+        return Err(WireError::Closed);
+    }
+    let mut d = Deadline::new(stream, std::time::Instant::now() + within, what);
+    let got = 1 + read_full(&mut d, &mut h[1..])?;
+    if got < HEADER_LEN {
+        return Err(WireError::Truncated { part: "header", needed: HEADER_LEN, got });
+    }
+    let header = Header::decode(&h)?;
+    Ok((h, header))
 }
 
 #[cfg(test)]

@@ -7,6 +7,18 @@ fn frame(kind: Kind, epoch: u32, seq: u32, body: &[u8]) -> Vec<u8> {
     out
 }
 
+fn hello() -> Hello {
+    Hello {
+        session: 1,
+        layout: MemoryLayout { regions: vec![(0, 1 << 20)] },
+        vcpus: 1,
+        guest_kind: "synthetic".into(),
+        chunks: Bitmap::full(1),
+        cpu: None,
+        macs: Vec::new(),
+    }
+}
+
 fn read(bytes: &[u8]) -> Result<(Header, Vec<u8>), WireError> {
     let mut body = Vec::new();
     let h = read_frame(&mut &bytes[..], &mut body)?;
@@ -166,7 +178,58 @@ fn checksum_coverage_cannot_be_narrowed() {
 fn oversized_bodies_are_refused_before_allocation() {
     let mut f = frame(Kind::Pages, 0, 0, &[]);
     f[16..20].copy_from_slice(&u32::MAX.to_le_bytes());
-    assert!(matches!(read(&f), Err(WireError::TooLarge(u32::MAX))));
+    assert!(matches!(read(&f), Err(WireError::TooLarge { kind: Kind::Pages, len: u32::MAX })));
+}
+
+#[test]
+fn each_kind_has_its_own_body_limit() {
+    // An Ack carries 12 bytes: one that claims a megabyte is refused at its header, before any body is read.
+    for (kind, len) in [(Kind::Ack, 1u32 << 20), (Kind::LinkHello, 13), (Kind::Commit, 1), (Kind::Abort, 64 << 10)] {
+        let mut f = frame(kind, 0, 0, &[]);
+        f[16..20].copy_from_slice(&len.to_le_bytes());
+        let err = read(&f).unwrap_err();
+        assert!(matches!(err, WireError::TooLarge { kind: k, len: l } if k == kind && l == len), "{kind:?}: {err}");
+        assert!(err.to_string().contains("limit for its kind"), "{err}");
+    }
+    // At the limit is fine.
+    let f = frame(Kind::Ack, 0, 0, &[0u8; 12]);
+    assert_eq!(read(&f).unwrap().0.len, 12);
+}
+
+#[test]
+fn a_hello_with_too_many_vcpus_is_refused() {
+    for vcpus in [0, MAX_VCPUS + 1, u32::MAX] {
+        let h = Hello { vcpus, ..hello() };
+        let err = Hello::decode(&h.encode()).unwrap_err();
+        assert!(err.to_string().contains("vCPUs"), "{err}");
+    }
+    assert_eq!(Hello::decode(&Hello { vcpus: MAX_VCPUS, ..hello() }.encode()).unwrap().vcpus, MAX_VCPUS);
+}
+
+#[test]
+fn a_frame_has_one_deadline_however_slowly_its_bytes_trickle() {
+    use std::io::Write;
+    let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let mut c = std::net::TcpStream::connect(l.local_addr().unwrap()).unwrap();
+    let (s, _) = l.accept().unwrap();
+    let bytes = frame(Kind::Ack, 1, 2, &[7u8; 12]);
+    let trickle = std::thread::spawn(move || {
+        // One byte every 20 ms: each read gets a byte long before any per-read timeout of 150 ms would fire.
+        for b in bytes {
+            if c.write_all(&[b]).is_err() {
+                return;
+            }
+            std::thread::sleep(std::time::Duration::from_millis(20));
+        }
+    });
+    let t = std::time::Instant::now();
+    let mut body = Vec::new();
+    let err = read_frame_within(&s, &mut body, std::time::Duration::from_millis(150), "test frame").unwrap_err();
+    let took = t.elapsed();
+    assert!(err.to_string().contains("test frame not complete in time"), "{err}");
+    assert!(took < std::time::Duration::from_millis(150) + DEADLINE_SLACK * 2, "took {took:?}");
+    drop(s);
+    trickle.join().unwrap();
 }
 
 fn pages_header(body: &[u8], table_len: usize) -> Header {
