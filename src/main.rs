@@ -98,39 +98,51 @@ enum Cmd {
         bytes: u64,
     },
     /// Be the destination host: wait for one migration and run the guest it brings.
-    Receive {
-        /// Address to listen on, for the control connection and data links.
-        #[arg(long)]
-        listen: String,
-        /// More addresses to accept data links on (one per NIC).
-        #[arg(long = "data")]
-        data: Vec<String>,
-        /// This destination's name in its description.
-        #[arg(long)]
-        name: Option<String>,
-        /// A datastore this destination can see (repeat for each).
-        #[arg(long = "datastore")]
-        datastores: Vec<String>,
-        /// A port group of this destination, NAME:UPLINKS (repeat for each).
-        #[arg(long = "port-group")]
-        port_groups: Vec<String>,
-        /// After resuming the guest, announce its NICs' MACs (from the source's manifest) on this interface (RARP).
-        #[arg(long)]
-        announce: Option<String>,
-        /// Create and fault in the destination guest's RAM (this size, one region) before any source connects, as a
-        /// destination VM started with its memory preallocated would be. Used when the source's layout matches.
-        #[arg(long, value_parser = parse_size)]
-        prealloc: Option<u64>,
-        /// How long to let the resumed guest run before exiting, in milliseconds.
-        #[arg(long, default_value_t = 500)]
-        run_for_ms: u64,
-        /// Write the JSON report here.
-        #[arg(long)]
-        report: Option<PathBuf>,
-        /// Print the JSON report on stdout instead of the summary.
-        #[arg(long)]
-        json: bool,
-    },
+    Receive(ReceiveArgs),
+}
+
+#[derive(Args)]
+struct ReceiveArgs {
+    /// Address to listen on, for the control connection and data links.
+    #[arg(long)]
+    listen: String,
+    /// More addresses to accept data links on (one per NIC).
+    #[arg(long = "data")]
+    data: Vec<String>,
+    /// This destination's name in its description.
+    #[arg(long)]
+    name: Option<String>,
+    /// A datastore this destination can see (repeat for each).
+    #[arg(long = "datastore")]
+    datastores: Vec<String>,
+    /// A port group of this destination, NAME:UPLINKS (repeat for each).
+    #[arg(long = "port-group")]
+    port_groups: Vec<String>,
+    /// After resuming the guest, announce its NICs' MACs (from the source's manifest) on this interface (RARP).
+    #[arg(long)]
+    announce: Option<String>,
+    /// The largest guest accepted (e.g. 8GiB). Default: this host's available memory. A larger guest is refused at
+    /// the handshake, before anything is allocated, and receive goes on waiting. More than is available may be
+    /// allowed for a sparse guest on an overcommitted host; pre-faulting still stops at what is available.
+    #[arg(long, value_parser = parse_size)]
+    max_memory: Option<u64>,
+    /// Create and fault in the destination guest's RAM (this size, one region) before any source connects, as a
+    /// destination VM started with its memory preallocated would be. Used when the source's layout matches. May not
+    /// exceed the host's available memory.
+    #[arg(long, value_parser = parse_size)]
+    prealloc: Option<u64>,
+    /// How long to let the resumed guest run before exiting, in milliseconds.
+    #[arg(long, default_value_t = 500)]
+    run_for_ms: u64,
+    /// Write the JSON report here.
+    #[arg(long)]
+    report: Option<PathBuf>,
+    /// Print the JSON report on stdout instead of the summary.
+    #[arg(long)]
+    json: bool,
+    /// Fault injection (tests): the control connection fails just before Committed is sent.
+    #[arg(long, hide = true)]
+    x_fail_committed: bool,
 }
 
 #[derive(Args)]
@@ -343,15 +355,30 @@ struct RunOpts {
     json: bool,
 }
 
+/// An error that ends the CLI with its own exit status (1 is the default for any other error): 2 for usage, 3 when a
+/// migration's outcome is unknown.
+#[derive(Debug)]
+struct Exit(i32, String);
+
+impl std::fmt::Display for Exit {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.1)
+    }
+}
+
+impl std::error::Error for Exit {}
+
+/// Exit status 2: the command line asked for something impossible.
+fn usage(msg: impl Into<String>) -> anyhow::Error {
+    Exit(2, msg.into()).into()
+}
+
 fn main() {
     let cli = Cli::parse();
     let result = match cli.cmd {
         Cmd::Demo { links, guest, run } => demo(links, &guest, &run),
         Cmd::Send { to, links, guest, run } => send(&to, &links, &guest, &run),
-        Cmd::Receive { listen, data, name, datastores, port_groups, announce, prealloc, run_for_ms, report, json } => {
-            let me = Describe { name, datastores, port_groups, announce };
-            receive_cmd(&listen, &data, &me, prealloc, run_for_ms, report, json)
-        }
+        Cmd::Receive(args) => receive_cmd(args),
         Cmd::Preflight { vm, dest } => preflight_cmd(&vm, &dest),
         Cmd::Lab { cmd } => lab_cmd(cmd),
         Cmd::Cpu { cmd } => cpu_cmd(cmd),
@@ -370,7 +397,7 @@ fn main() {
     if let Err(e) = result {
         // One line: the chain of causes joined with ": ".
         eprintln!("livemig: {}", format!("{e:#}").replace('\n', " "));
-        std::process::exit(1);
+        std::process::exit(e.downcast_ref::<Exit>().map_or(1, |x| x.0));
     }
 }
 
@@ -395,7 +422,7 @@ fn make_guest(g: &GuestOpts) -> Result<AnyGuest> {
         ),
         GuestKind::Kvm => {
             if g.vcpus != 1 {
-                bail!("the KVM test guest runs one vCPU (--vcpus 1)");
+                return Err(usage("the KVM test guest runs one vCPU (--vcpus 1)"));
             }
             let dirty_log = match g.dirty_log {
                 DirtyLogArg::Get => DirtyLogMethod::GetLog,
@@ -526,6 +553,7 @@ fn finish(report: &Report, run_report: &Option<PathBuf>, json: bool, plot: Optio
         print!("{}", report.table());
     }
     match (&report.error, report.status) {
+        (Some(e), _) if report.outcome_unknown => Err(Exit(3, format!("migration outcome unknown: {e}")).into()),
         (_, "completed") => Ok(()),
         (Some(e), _) => Err(anyhow!("migration {}: {e}", report.status)),
         (None, s) => Err(anyhow!("migration {s}")),
@@ -541,7 +569,7 @@ fn source_report(guest: &AnyGuest, r: &SourceReport, run: &RunOpts, opts: &Sourc
 
 fn demo(links: usize, g: &GuestOpts, run: &RunOpts) -> Result<()> {
     if links == 0 {
-        bail!("--links must be at least 1");
+        return Err(usage("--links must be at least 1"));
     }
     let guest = make_guest(g)?;
     let opts = source_options(run, g)?;
@@ -575,77 +603,101 @@ fn send(to: &str, links: &[LinkSpec], g: &GuestOpts, run: &RunOpts) -> Result<()
     finish(&source_report(&guest, &r, run, &opts), &run.report, run.json, run.plot.as_deref())
 }
 
-/// What `receive` says about itself, and where it announces.
-struct Describe {
-    name: Option<String>,
-    datastores: Vec<String>,
-    port_groups: Vec<String>,
-    announce: Option<String>,
+/// Creates and faults in a destination guest of `bytes` in one region (`receive --prealloc`).
+fn preallocate(bytes: u64) -> Result<SyntheticGuest> {
+    let t = Instant::now();
+    let g = SyntheticGuest::destination(&MemoryLayout { regions: vec![(0, bytes)] }, 1)
+        .context("preallocating guest memory")?;
+    g.prefault(0, g.total_pages());
+    eprintln!("preallocated {} MiB of guest memory in {:.2} s", bytes >> 20, t.elapsed().as_secs_f64());
+    Ok(g)
 }
 
-fn receive_cmd(
-    listen: &str,
-    data: &[String],
-    me: &Describe,
-    prealloc: Option<u64>,
-    run_for_ms: u64,
-    report_path: Option<PathBuf>,
-    json: bool,
-) -> Result<()> {
-    let ready = match prealloc {
-        Some(bytes) => {
-            let t = Instant::now();
-            let layout = MemoryLayout { regions: vec![(0, bytes)] };
-            let g = SyntheticGuest::destination(&layout, 1).context("preallocating guest memory")?;
-            g.prefault(0, g.total_pages());
-            eprintln!("preallocated {} MiB of guest memory in {:.2} s", bytes >> 20, t.elapsed().as_secs_f64());
-            Some(g)
+/// `receive`: waits for a source, refusing (and going on waiting after) any attempt turned down at the handshake,
+/// then receives one migration.
+fn receive_cmd(a: ReceiveArgs) -> Result<()> {
+    let mut opts = DestOptions { fail_committed: a.x_fail_committed, ..Default::default() };
+    if let Some(max) = a.max_memory {
+        opts.max_memory = max;
+    }
+    let available = livemig::transport::dest::available_memory();
+    if let (Some(want), Some(have)) = (a.prealloc, available) {
+        if want > have {
+            return Err(usage(format!(
+                "--prealloc {} MiB is more than the {} MiB of memory this host has available",
+                want >> 20,
+                have >> 20
+            )));
         }
-        None => None,
-    };
-    // A KVM guest's counter at resume is the source's at its pause: memory carries it.
-    let listener = TcpListener::bind(listen).with_context(|| format!("listening on {listen}"))?;
-    let extra = data
-        .iter()
-        .map(|a| TcpListener::bind(a).with_context(|| format!("listening on {a}")))
-        .collect::<Result<Vec<_>>>()?;
-    eprintln!("waiting for a migration on {}", listener.local_addr()?);
-    let mut opts = DestOptions::default();
+    }
     let mut description = opts.describe();
-    if let Some(n) = &me.name {
+    if let Some(n) = &a.name {
         description.name = n.clone();
     }
-    description.datastores = me.datastores.clone();
-    for pg in &me.port_groups {
-        let (name, uplinks) = pg.split_once(':').ok_or_else(|| anyhow!("--port-group {pg}: want NAME:UPLINKS"))?;
-        let uplinks = uplinks.parse().map_err(|_| anyhow!("--port-group {pg}: uplinks must be a number"))?;
+    description.datastores = a.datastores.clone();
+    for pg in &a.port_groups {
+        let (name, uplinks) =
+            pg.split_once(':').ok_or_else(|| usage(format!("--port-group {pg}: want NAME:UPLINKS")))?;
+        let uplinks = uplinks.parse().map_err(|_| usage(format!("--port-group {pg}: uplinks must be a number")))?;
         description.port_groups.push(PortGroup { name: name.to_string(), uplinks });
     }
     opts.description = Some(description);
+    let listener = TcpListener::bind(&a.listen).with_context(|| format!("listening on {}", a.listen))?;
+    let extra = a
+        .data
+        .iter()
+        .map(|d| TcpListener::bind(d).with_context(|| format!("listening on {d}")))
+        .collect::<Result<Vec<_>>>()?;
+    // The preallocated guest waits here until a matching source takes it (a refused one may leave it unused).
+    let ready = std::cell::Cell::new(a.prealloc.map(preallocate).transpose()?);
+    eprintln!("waiting for a migration on {}", listener.local_addr()?);
     let refused = |peer, e: &_| eprintln!("refused {peer}: {e}");
-    let (stream, hello) = accept_migration(&listener, &opts, &refused)?;
-    let start = Instant::now();
-    let cpu_start = livemig::transport::cpu::process_cpu_seconds();
     let listeners: Vec<&TcpListener> = std::iter::once(&listener).chain(extra.iter()).collect();
-    let make = |h: &Hello| match ready {
-        Some(g) if g.layout() == h.layout && h.guest_kind == "synthetic" => {
-            g.vcpus().set_limit(h.vcpus);
-            Ok(AnyGuest::Synthetic(g))
+    let (guest, r, start, cpu_start) = loop {
+        let (stream, hello) = accept_migration(&listener, &opts, &refused)?;
+        let start = Instant::now();
+        let cpu_start = livemig::transport::cpu::process_cpu_seconds();
+        let peer = stream.peer_addr()?;
+        let make = |h: &Hello| match ready.take() {
+            Some(g) if g.layout() == h.layout && h.guest_kind == "synthetic" => {
+                g.vcpus().set_limit(h.vcpus);
+                Ok(AnyGuest::Synthetic(g))
+            }
+            _ => AnyGuest::destination(h),
+        };
+        match receive(&listeners, &stream, hello, make, &opts, &refused) {
+            Ok((guest, r)) => break (guest, r, start, cpu_start),
+            // Turned down at the handshake: nothing changed here, so wait for the real source.
+            Err(e) if e.is_refusal() => {
+                refused(peer, &e);
+                let kept = match (ready.take(), a.prealloc) {
+                    (None, Some(bytes)) => Some(preallocate(bytes)?),
+                    (kept, _) => kept,
+                };
+                ready.set(kept);
+            }
+            Err(e) => return Err(anyhow::Error::new(e).context("receiving the migration")),
         }
-        _ => AnyGuest::destination(h),
     };
-    let (guest, r) = receive(&listeners, &stream, hello, make, &opts, &refused).context("receiving the migration")?;
     let cpu_seconds = livemig::transport::cpu::process_cpu_seconds() - cpu_start;
     eprintln!("guest resumed {:.3} s after the handshake", r.resumed_at.duration_since(start).as_secs_f64());
-    if let Some(iface) = &me.announce {
+    if let Some(e) = &r.committed_error {
+        // The guest runs here and stays running; the source did not hear so and stays paused.
+        eprintln!("livemig: the guest runs here, but the source was not told ({e}): it stays paused");
+    }
+    for (link, why) in &r.link_errors {
+        eprintln!("data link {link} ended for bad data: {why}");
+    }
+    if let Some(iface) = &a.announce {
         let sent = announce(iface, &r.hello.macs, Schedule::default()).context("announcing the guest's MACs")?;
         eprintln!("announced {} MAC(s) on {iface}: {sent} RARP frames", r.hello.macs.len());
     }
     eprintln!("{}", guest.check_running(None).map_err(|e| anyhow!(e))?);
-    std::thread::sleep(Duration::from_millis(run_for_ms.saturating_sub(100)));
+    std::thread::sleep(Duration::from_millis(a.run_for_ms.saturating_sub(100)));
     let report = Report {
         status: "completed",
-        error: None,
+        error: r.committed_error.clone(),
+        outcome_unknown: r.committed_error.is_some(),
         // receive() only returns after a Commit, and refuses a Commit that did not follow equal digests.
         verified: true,
         verify_mode: if r.full_verify { "full" } else { "tables" },
@@ -664,7 +716,7 @@ fn receive_cmd(
         cpu_seconds,
         timeline: Vec::new(),
     };
-    finish(&report, &report_path, json, None)
+    finish(&report, &a.report, a.json, None)
 }
 
 fn lab_cmd(cmd: LabCmd) -> Result<()> {
@@ -692,7 +744,7 @@ fn lab_run(lab: &Lab, prealloc: bool, mut send_args: Vec<String>) -> Result<()> 
     let mut source_report = dir.join("source.json");
     if let Some(i) = send_args.iter().position(|a| a == "--report") {
         if i + 1 >= send_args.len() {
-            bail!("--report needs a file");
+            return Err(usage("--report needs a file"));
         }
         source_report = PathBuf::from(send_args.remove(i + 1));
         send_args.remove(i);
@@ -752,12 +804,15 @@ fn bench_cmd(a: &BenchArgs) -> Result<()> {
     let links = list(links)
         .iter()
         .map(|n| {
-            n.parse::<usize>().ok().filter(|&n| n > 0).ok_or_else(|| anyhow!("--links: '{n}' is not a link count"))
+            n.parse::<usize>()
+                .ok()
+                .filter(|&n| n > 0)
+                .ok_or_else(|| usage(format!("--links: '{n}' is not a link count")))
         })
         .collect::<Result<Vec<_>>>()?;
     let paths = list(paths);
     if let Some(p) = paths.iter().find(|p| !["copy", "vectored", "zerocopy", "auto"].contains(&p.as_str())) {
-        bail!("--paths: unknown send path '{p}' (copy, vectored, zerocopy, auto)");
+        return Err(usage(format!("--paths: unknown send path '{p}' (copy, vectored, zerocopy, auto)")));
     }
     let cfg = BenchConfig {
         scenarios,

@@ -102,8 +102,11 @@ pub struct Downtime {
 pub struct Report {
     /// "completed", "failed" or "cancelled".
     pub status: &'static str,
-    /// The one-line reason when not completed.
+    /// The one-line reason when not completed (or, on a destination that runs the guest, why the source may not know).
     pub error: Option<String>,
+    /// True when the commit's outcome is unknown (an addition): the source sent Commit and heard nothing back, or the
+    /// destination runs the guest but could not say so. Exit status 3: an operator must find which side runs it.
+    pub outcome_unknown: bool,
     /// Destination memory digest equals the source's at switchover.
     pub verified: bool,
     /// "tables" or "full" (an addition).
@@ -164,6 +167,7 @@ impl Report {
                 Err(_) => "failed",
             },
             error: r.result.as_ref().err().map(|e| e.to_string()),
+            outcome_unknown: matches!(r.result, Err(MigrateError::OutcomeUnknown(_))),
             verified: r.verified,
             verify_mode: match verify {
                 VerifyMode::Tables => "tables",

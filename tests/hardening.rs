@@ -7,7 +7,7 @@ mod common;
 use common::frames::{self, raw_page};
 use common::{assert_running_unthrottled, frame_proxy};
 use livemig::engine::encode::{page_hash, HashTable};
-use livemig::engine::guest::{read_page, Guest, GuestMemory, SyntheticConfig, SyntheticGuest};
+use livemig::engine::guest::{read_page, Guest, GuestMemory, SyntheticConfig, SyntheticGuest, Vcpus};
 use livemig::engine::precopy::{OnTimeout, PrecopyConfig};
 use livemig::guests::AnyGuest;
 use livemig::transport::dest::{accept_migration, receive, DestOptions};
@@ -358,4 +358,22 @@ fn session_ids_are_not_derived_from_the_clock() {
     }
     let ids: std::collections::HashSet<u64> = (0..1000).map(|_| session_id()).collect();
     assert_eq!(ids.len(), 1000);
+}
+
+/// Defect 3: once the destination resumes the guest, failing to send `Committed` must not drop it: the destination
+/// keeps the guest running and reports the failure; the source, which never heard, stays paused with the outcome
+/// unknown.
+#[test]
+fn a_failure_to_send_committed_keeps_the_destination_guest_running() {
+    let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = listener.local_addr().unwrap();
+    let dest = destination(listener, DestOptions { fail_committed: true, ..dopts() });
+    let g = guest(64, 2000);
+    let r = migrate_with(&g, addr, &[], &SourceOptions::default(), || {});
+    assert!(matches!(r.result, Err(MigrateError::OutcomeUnknown(_))), "{:?}", r.result);
+    assert!(g.vcpus().is_paused(), "the source resumed although the destination may run the guest");
+    let (moved, report) = dest.join().unwrap().expect("the destination dropped a guest it had resumed");
+    let why = report.committed_error.expect("the failure to send Committed was not reported");
+    assert!(why.contains("sending Committed"), "{why}");
+    moved.check_running(None).expect("the destination guest does not run");
 }

@@ -70,6 +70,28 @@ impl LinkSpec {
     }
 }
 
+/// The kernel's smoothed round-trip time of a TCP connection (`TCP_INFO`), if it has measured one.
+///
+/// A round trip timed by the application includes whatever the peer did before answering (accepting the
+/// connection, building a guest); the kernel's figure is the network's alone.
+pub fn tcp_rtt(stream: &TcpStream) -> Option<Duration> {
+    use std::os::fd::AsRawFd;
+    // SAFETY: tcp_info is plain data, so all zeros is a valid value.
+    let mut info: libc::tcp_info = unsafe { std::mem::zeroed() };
+    let mut len = std::mem::size_of::<libc::tcp_info>() as libc::socklen_t;
+    // SAFETY: getsockopt writes at most `len` bytes into `info`, which is that large and lives across the call.
+    let rc = unsafe {
+        libc::getsockopt(
+            stream.as_raw_fd(),
+            libc::IPPROTO_TCP,
+            libc::TCP_INFO,
+            (&mut info as *mut libc::tcp_info).cast(),
+            &mut len,
+        )
+    };
+    (rc == 0 && info.tcpi_rtt > 0).then(|| Duration::from_micros(u64::from(info.tcpi_rtt)))
+}
+
 /// Parses `[IFACE=]LOCAL>REMOTE:PORT` (or just `REMOTE:PORT`).
 impl FromStr for LinkSpec {
     type Err = String;

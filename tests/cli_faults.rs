@@ -1,0 +1,172 @@
+//! The CLI's side of the fault matrix, with `livemig receive` and `livemig send` as real processes on loopback:
+//! attempts refused at the handshake do not end `receive`, a killed source is noticed within seconds, exit statuses
+//! say what happened (0 completed, 1 failed with the source running, 2 usage, 3 outcome unknown), and running out of
+//! descriptors at accept is waited out, not fatal.
+
+use std::io::{BufRead, BufReader};
+use std::process::{Child, Command, ExitStatus, Stdio};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+const BIN: &str = env!("CARGO_BIN_EXE_livemig");
+
+/// A `livemig receive` on an ephemeral loopback port, with its stderr collected line by line.
+struct Receiver {
+    child: Child,
+    addr: String,
+    lines: Arc<Mutex<Vec<String>>>,
+}
+
+impl Receiver {
+    fn start(extra: &[&str], setup: impl FnOnce(&mut Command)) -> Receiver {
+        let mut cmd = Command::new(BIN);
+        cmd.args(["receive", "--listen", "127.0.0.1:0", "--run-for-ms", "100"])
+            .args(extra)
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped());
+        setup(&mut cmd);
+        let mut child = cmd.spawn().expect("spawn livemig receive");
+        let mut lines = BufReader::new(child.stderr.take().unwrap()).lines();
+        let first = lines.next().expect("receive printed nothing").unwrap();
+        assert!(first.starts_with("waiting for a migration on"), "{first}");
+        let addr = first.rsplit(' ').next().unwrap().to_string();
+        let collected = Arc::new(Mutex::new(Vec::new()));
+        let c = collected.clone();
+        std::thread::spawn(move || lines.map_while(Result::ok).for_each(|l| c.lock().unwrap().push(l)));
+        Receiver { child, addr, lines: collected }
+    }
+
+    /// Waits up to `within` for the process to exit.
+    fn wait(&mut self, within: Duration) -> Option<ExitStatus> {
+        let t = Instant::now();
+        while t.elapsed() < within {
+            if let Some(s) = self.child.try_wait().unwrap() {
+                // Let the stderr reader catch up with the last lines.
+                std::thread::sleep(Duration::from_millis(50));
+                return Some(s);
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        None
+    }
+
+    fn stderr(&self) -> Vec<String> {
+        self.lines.lock().unwrap().clone()
+    }
+}
+
+impl Drop for Receiver {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+fn send(to: &str, args: &[&str]) -> std::process::Output {
+    Command::new(BIN).args(["send", "--to", to, "--touched", "50"]).args(args).output().expect("run livemig send")
+}
+
+fn last_line(bytes: &[u8]) -> String {
+    String::from_utf8_lossy(bytes).lines().last().unwrap_or_default().to_string()
+}
+
+#[test]
+fn receive_refuses_a_guest_over_max_memory_then_takes_the_next() {
+    let mut r = Receiver::start(&["--max-memory", "64MiB"], |_| {});
+    let big = send(&r.addr, &["--memory", "128MiB"]);
+    assert_eq!(big.status.code(), Some(1), "{}", String::from_utf8_lossy(&big.stderr));
+    let why = last_line(&big.stderr);
+    assert!(why.contains("guest memory of 134217728 bytes exceeds the 67108864 bytes"), "{why}");
+    assert!(r.child.try_wait().unwrap().is_none(), "receive ended after a refusal");
+    let small = send(&r.addr, &["--memory", "32MiB"]);
+    assert!(small.status.success(), "{}", String::from_utf8_lossy(&small.stderr));
+    let status = r.wait(Duration::from_secs(10)).expect("receive did not end after the migration");
+    assert!(status.success(), "{:?}", r.stderr());
+    assert!(r.stderr().iter().any(|l| l.contains("exceeds the 67108864 bytes")), "{:?}", r.stderr());
+}
+
+#[test]
+fn a_killed_source_ends_receive_within_seconds() {
+    let mut r = Receiver::start(&[], |_| {});
+    // A downtime target no round can meet keeps the source in pre-copy, so it is mid-round when it is killed.
+    let mut source = Command::new(BIN)
+        .args(["send", "--to", &r.addr, "--memory", "256MiB", "--dirty-rate", "50000", "--no-throttle"])
+        .args(["--downtime-target", "1", "--max-time", "60", "--max-rounds", "100000"])
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    std::thread::sleep(Duration::from_millis(1500));
+    assert!(source.try_wait().unwrap().is_none(), "the source ended before it could be killed");
+    source.kill().unwrap(); // SIGKILL
+    let killed = Instant::now();
+    source.wait().unwrap();
+    let status = r.wait(Duration::from_secs(10)).expect("receive did not notice the killed source within 10 s");
+    println!("receive exited {status} {:?} after the kill", killed.elapsed());
+    assert_eq!(status.code(), Some(1));
+    let errors: Vec<String> = r.stderr().into_iter().filter(|l| l.starts_with("livemig:")).collect();
+    assert_eq!(errors.len(), 1, "{errors:?}");
+}
+
+#[test]
+fn usage_errors_exit_2() {
+    for args in
+        [&["demo", "--links", "0"][..], &["send"][..], &["receive", "--listen", "127.0.0.1:0", "--max-memory", "lots"]]
+    {
+        let out = Command::new(BIN).args(args).output().unwrap();
+        assert_eq!(out.status.code(), Some(2), "{args:?}: {}", String::from_utf8_lossy(&out.stderr));
+    }
+}
+
+/// When `Committed` cannot be sent, both sides exit 3: the destination keeps running the guest it resumed, and the
+/// source, which never heard, stays paused.
+#[test]
+fn an_unsent_committed_is_an_unknown_outcome_on_both_sides() {
+    let mut r = Receiver::start(&["--x-fail-committed"], |_| {});
+    let out = send(&r.addr, &["--memory", "32MiB", "--dirty-rate", "2000", "--json"]);
+    assert_eq!(out.status.code(), Some(3), "{}", String::from_utf8_lossy(&out.stderr));
+    let report: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(report["outcome_unknown"], true);
+    assert_eq!(report["source_vcpus_after"]["paused"], true, "the source resumed a guest the destination may run");
+    let status = r.wait(Duration::from_secs(10)).expect("receive did not end");
+    assert_eq!(status.code(), Some(3), "{:?}", r.stderr());
+    let lines = r.stderr();
+    assert!(lines.iter().any(|l| l.contains("destination guest running")), "{lines:?}");
+    assert!(lines.iter().any(|l| l.contains("sending Committed")), "{lines:?}");
+}
+
+/// With its descriptors used up by silent connections, `receive` cannot accept the real source until their Hello
+/// time runs out; accept's EMFILE is waited out, and the migration then completes.
+#[test]
+fn running_out_of_descriptors_at_accept_is_waited_out() {
+    use std::os::unix::process::CommandExt;
+    let mut r = Receiver::start(&[], |cmd| {
+        // SAFETY: setrlimit is async-signal-safe and touches only the child being started.
+        unsafe {
+            cmd.pre_exec(|| {
+                let lim = libc::rlimit { rlim_cur: 16, rlim_max: 16 };
+                if libc::setrlimit(libc::RLIMIT_NOFILE, &lim) != 0 {
+                    return Err(std::io::Error::last_os_error());
+                }
+                Ok(())
+            });
+        }
+    });
+    let port = r.addr.rsplit(':').next().unwrap().to_string();
+    // Silent connections from two addresses take every descriptor the receiver has left.
+    let mut silent = Vec::new();
+    for ip in ["127.0.0.2", "127.0.0.3"] {
+        for _ in 0..8 {
+            let s = socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None).unwrap();
+            s.bind(&format!("{ip}:0").parse::<std::net::SocketAddr>().unwrap().into()).unwrap();
+            s.connect(&format!("127.0.0.1:{port}").parse::<std::net::SocketAddr>().unwrap().into()).unwrap();
+            silent.push(s);
+        }
+    }
+    std::thread::sleep(Duration::from_millis(300));
+    let out = send(&r.addr, &["--memory", "32MiB"]);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let status = r.wait(Duration::from_secs(10)).expect("receive did not end");
+    assert!(status.success(), "{:?}", r.stderr());
+    drop(silent);
+}
