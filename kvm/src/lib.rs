@@ -184,7 +184,8 @@ impl KvmGuest {
         let data_pages = cfg.memory_bytes / PAGE_SIZE as u64 - first;
         let touched = (data_pages as f64 * cfg.touched_pct.clamp(0.0, 100.0) / 100.0) as u64;
         let hot = ((data_pages as f64 * cfg.hot_set_pct.clamp(0.0, 100.0) / 100.0) as u64).clamp(1, data_pages);
-        livemig_engine::guest::fill_mix(g.map.region(), first..first + touched, 0x6b76_6d21);
+        // SAFETY: the VM's vCPU has not started, and nothing else reads its memory yet.
+        unsafe { livemig_engine::guest::fill_mix(g.map.region(), first..first + touched, 0x6b76_6d21) };
         // The check value starts as the sum of the hot pages' first words, as the guest will recompute it.
         let mut check = 0u32;
         let mut word = [0u8; PAGE_SIZE];
@@ -304,7 +305,7 @@ impl KvmGuest {
             .name("kvm-vcpu0".into())
             .spawn(move || vcpu_loop(&v, &s))
             .map_err(|e| KvmError::Guest(GuestError::Thread(e)))?;
-        let regions = vec![*map.region()];
+        let regions = vec![map.host_region()];
         let g = KvmGuest {
             vm,
             map,

@@ -56,7 +56,8 @@ fn the_guest_runs_proves_its_memory_and_moves_to_a_fresh_vm() {
         let mut page = vec![0u8; PAGE_SIZE];
         for p in 0..g.total_pages() {
             read_page(&g, p, &mut page).unwrap();
-            write_page(&d, p, &page).unwrap();
+            // SAFETY: the new VM's vCPU has not run yet, and this loop is the only writer of its memory.
+            unsafe { write_page(&d, p, &page) }.unwrap();
         }
         d.restore_state(&blob).unwrap();
         d.resume();
@@ -89,7 +90,8 @@ fn a_page_the_guest_did_not_write_changing_under_it_is_caught_by_its_self_check(
     let mut page = vec![0u8; PAGE_SIZE];
     read_page(&g, p, &mut page).unwrap();
     page[0] ^= 0x5a;
-    write_page(&g, p, &page).unwrap();
+    // SAFETY: the guest's vCPU is paused, and nothing else writes its memory.
+    unsafe { write_page(&g, p, &page) }.unwrap();
     g.resume();
     wait_for("a failed self-check", || g.reports().checks_bad.load(Ordering::Relaxed) >= 1);
 }

@@ -132,19 +132,49 @@ pub enum Part {
         /// Length.
         len: usize,
     },
-    /// `len` bytes of guest memory at host address `addr`: raw pages sent in place.
-    Guest {
-        /// Host virtual address inside a guest memory mapping.
-        addr: usize,
-        /// Length (whole pages).
-        len: usize,
-    },
+    /// Raw pages sent in place from guest memory.
+    Guest(GuestRun),
+}
+
+/// A run of whole pages in guest memory that a batch sends in place. Only the encoder makes one, from pages of a
+/// live mapping, so safe code cannot point a batch at arbitrary memory:
+///
+/// ```compile_fail,E0451
+/// let forged = livemig_engine::encode::GuestRun { addr: 0x1000, len: 4096 };
+/// ```
+/// ```
+/// fn read(run: &livemig_engine::encode::GuestRun) -> (usize, usize) {
+///     (run.addr(), run.len())
+/// }
+/// ```
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct GuestRun {
+    addr: usize,
+    len: usize,
+}
+
+impl GuestRun {
+    /// Host virtual address of the run's first byte.
+    pub fn addr(&self) -> usize {
+        self.addr
+    }
+
+    /// Length in bytes (whole pages).
+    pub fn len(&self) -> usize {
+        self.len
+    }
+
+    /// True for an empty run (never made).
+    pub fn is_empty(&self) -> bool {
+        self.len == 0
+    }
 }
 
 /// A batch of encoded pages from one round: the entries, and their payload in parts.
 ///
-/// A batch with [`Part::Guest`] parts points into guest memory: it must not outlive the guest's mapping. The source
-/// driver keeps every batch inside the migration, which borrows the guest for its whole run.
+/// A batch with [`Part::Guest`] parts points into guest memory, whose mapping it does not keep alive: reading those
+/// bytes ([`EncodedBatch::part_slices`]) is `unsafe` for that reason. The source driver keeps every batch inside the
+/// migration, which borrows the guest for its whole run.
 #[derive(Debug, Default)]
 pub struct EncodedBatch {
     /// The round (epoch) the pages were read in.
@@ -197,14 +227,14 @@ impl EncodedBatch {
         self.parts
             .iter()
             .map(|p| match *p {
-                Part::Owned { len, .. } | Part::Guest { len, .. } => len,
+                Part::Owned { len, .. } | Part::Guest(GuestRun { len, .. }) => len,
             })
             .sum()
     }
 
     /// Whether any raw page is sent from guest memory in place.
     pub fn has_guest_parts(&self) -> bool {
-        self.parts.iter().any(|p| matches!(p, Part::Guest { .. }))
+        self.parts.iter().any(|p| matches!(p, Part::Guest(_)))
     }
 
     /// Appends `len` bytes just added at the end of `payload` to the parts, merging with the last part.
@@ -219,25 +249,39 @@ impl EncodedBatch {
         self.parts.push(Part::Owned { off, len });
     }
 
-    /// Appends a guest page at `addr` to the parts, merging with the last part when contiguous.
+    /// Appends a guest page at `addr` (from `host_pages`) to the parts, merging with the last part when contiguous.
     fn push_guest(&mut self, addr: usize) {
-        if let Some(Part::Guest { addr: a, len: l }) = self.parts.last_mut() {
-            if *a + *l == addr {
-                *l += PAGE_SIZE;
+        if let Some(Part::Guest(run)) = self.parts.last_mut() {
+            if run.addr + run.len == addr {
+                run.len += PAGE_SIZE;
                 return;
             }
         }
-        self.parts.push(Part::Guest { addr, len: PAGE_SIZE });
+        self.parts.push(Part::Guest(GuestRun { addr, len: PAGE_SIZE }));
     }
 
-    /// Each payload part's bytes, in wire order.
-    pub fn part_slices(&self) -> impl Iterator<Item = &[u8]> + '_ {
+    /// Each payload part's bytes, in wire order, for a send.
+    ///
+    /// ```compile_fail,E0133
+    /// let b = livemig_engine::encode::EncodedBatch::default();
+    /// assert_eq!(b.part_slices().count(), 0);
+    /// ```
+    /// ```
+    /// let b = livemig_engine::encode::EncodedBatch::default();
+    /// // SAFETY: the batch has no guest parts.
+    /// assert_eq!(unsafe { b.part_slices() }.count(), 0);
+    /// ```
+    ///
+    /// # Safety
+    /// The guest memory this batch's [`Part::Guest`] runs point into must still be mapped while the slices live. The
+    /// guest may write those pages meanwhile (their entries are marked live), so their bytes may be handed to the
+    /// kernel to send but not read and relied on here.
+    pub unsafe fn part_slices(&self) -> impl Iterator<Item = &[u8]> + '_ {
         self.parts.iter().map(move |p| match *p {
             Part::Owned { off, len } => &self.payload[off..off + len],
-            // SAFETY: a Guest part was made by the encoder from host_pages, whole pages inside a guest mapping, and
-            // the batch does not outlive that mapping (see the type's docs). The guest may write these pages
-            // meanwhile; readers of the bytes must tolerate that (entries of such pages are marked live).
-            Part::Guest { addr, len } => unsafe { std::slice::from_raw_parts(addr as *const u8, len) },
+            // SAFETY: the encoder made the run from host_pages (whole pages of a guest mapping), and the caller keeps
+            // that mapping alive (this function's contract).
+            Part::Guest(GuestRun { addr, len }) => unsafe { std::slice::from_raw_parts(addr as *const u8, len) },
         })
     }
 }
@@ -467,26 +511,21 @@ impl<'a, S: BatchSink> BatchEncoder<'a, S> {
         Ok(())
     }
 
-    /// Encodes the page at `src`. Whatever is hashed must be what is sent, so a page that is compressed or copied is
-    /// first copied once out of guest memory, and everything is decided from that copy. A raw page sent in place is
-    /// hashed where it lies, and its entry is marked live.
+    /// Encodes the page at `src`. Whatever is hashed must be what is sent, so every page is first copied once out of
+    /// guest memory (with volatile loads: a vCPU may be writing it), and everything is decided from that copy. A raw
+    /// page sent in place is hashed from the copy and sent from guest memory, where it may still change: its entry is
+    /// marked live. On the copy path the one copy goes straight into the batch.
     fn encode_page(&mut self, index: u64, src: *const u8) {
-        // SAFETY: `src` is one page of live guest memory (see push_run). The guest may be writing it: a zero check or
-        // hash of a torn page describes bytes that will be sent again, because the write left the page dirty.
-        let live = unsafe { std::slice::from_raw_parts(src, PAGE_SIZE) };
-        if self.codec == BatchCodec::None {
-            if self.in_place {
-                if is_zero(live) {
-                    return self.push_zero(index);
-                }
-                let hash = page_hash(live);
-                self.hashes.set(index, hash);
-                return self.push_in_place(index, src, hash);
-            }
-            // The copy path: the one copy goes straight into the batch.
+        if self.codec == BatchCodec::None && !self.in_place {
             let b = &mut self.batch;
             let start = b.payload.len();
-            b.payload.extend_from_slice(live);
+            b.payload.reserve(PAGE_SIZE);
+            // SAFETY: `src` is one page-aligned page of live guest memory (see push_run); the reserve made room for a
+            // page past `start`, which the copy fills before the length covers it.
+            unsafe {
+                crate::guest::copy_from_guest(src, b.payload.as_mut_ptr().add(start));
+                b.payload.set_len(start + PAGE_SIZE);
+            }
             if is_zero(&b.payload[start..]) {
                 b.payload.truncate(start);
                 return self.push_zero(index);
@@ -495,20 +534,20 @@ impl<'a, S: BatchSink> BatchEncoder<'a, S> {
             self.hashes.set(index, hash);
             return self.push_copied(index, hash);
         }
-        self.page.copy_from_slice(live);
+        // SAFETY: as above; `self.page` is one page of this encoder's own.
+        unsafe { crate::guest::copy_from_guest(src, self.page.as_mut_ptr()) };
         if is_zero(&self.page[..]) {
             return self.push_zero(index);
         }
         let hash = page_hash(&self.page[..]);
         self.hashes.set(index, hash);
-        if looks_compressible(&self.page[..]) {
+        if self.codec != BatchCodec::None && looks_compressible(&self.page[..]) {
             self.looked += 1;
             if self.compress_page(index, hash) {
                 return;
             }
         }
         if self.in_place {
-            // Hashed from the copy, sent from guest memory: the page may still change before it is sent.
             return self.push_in_place(index, src, hash);
         }
         self.batch.payload.extend_from_slice(&self.page[..]);

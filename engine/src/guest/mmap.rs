@@ -50,6 +50,14 @@ impl MmapRegion {
     pub fn region(&self) -> &HostRegion {
         &self.region
     }
+
+    /// Another [`HostRegion`] for the same mapping, for a memory object that keeps this map alive beside its list of
+    /// regions (the list is what [`super::GuestMemory::regions`] lends out).
+    pub fn host_region(&self) -> HostRegion {
+        let r = &self.region;
+        // SAFETY: the same range `new` vouched for; the caller keeps `self`, and so the mapping, at least as long.
+        unsafe { HostRegion::new(r.guest_addr(), NonNull::new(r.as_ptr()).expect("a mapping is never null"), r.len()) }
+    }
 }
 
 impl Drop for MmapRegion {

@@ -55,7 +55,21 @@ pub enum GuestError {
 }
 
 /// A host mapping of one contiguous range of guest-physical memory.
-#[derive(Debug, Clone, Copy)]
+///
+/// Neither `Copy` nor `Clone`: one is made only by [`HostRegion::new`], whose caller vouches for the mapping, and
+/// lives inside the memory object that owns that mapping, so it cannot be kept past it by safe code:
+///
+/// ```compile_fail,E0599
+/// fn keep(r: &livemig_engine::guest::HostRegion) -> livemig_engine::guest::HostRegion {
+///     r.clone()
+/// }
+/// ```
+/// ```
+/// fn look(r: &livemig_engine::guest::HostRegion) -> usize {
+///     r.len()
+/// }
+/// ```
+#[derive(Debug)]
 pub struct HostRegion {
     guest_addr: u64,
     ptr: NonNull<u8>,
@@ -171,23 +185,82 @@ pub fn host_pages(mem: &dyn GuestMemory, first: u64, count: u64) -> Result<(*mut
     Err(GuestError::OutOfRange { first, end: first + count, pages: base })
 }
 
-/// Copies page `page` of guest memory into `out` (exactly one page long).
+/// Copies one page of guest memory at `src` to `dst`, with volatile loads: vCPUs may write the page meanwhile (it
+/// is shared with them, as vm-memory's `VolatileSlice` treats it), so the compiler must neither assume its bytes
+/// stay put nor read them twice. The copy may see the page mid-write; the writer sets the page's dirty bit after
+/// writing, so such a copy is always sent again. 16-byte loads, so that it costs about what a plain copy does.
 ///
-/// Guest memory is shared with running vCPUs, so the copy may see a page mid-write. That is harmless: the writer sets
-/// the page's dirty bit after writing, so a torn copy is always sent again in a later round.
+/// # Safety
+/// `src` is page-aligned and valid for reads of [`PAGE_SIZE`] bytes (a page of a live guest mapping), and `dst` is
+/// valid for writes of [`PAGE_SIZE`] bytes and does not overlap it.
+pub unsafe fn copy_from_guest(src: *const u8, dst: *mut u8) {
+    debug_assert_eq!(src as usize % PAGE_SIZE, 0);
+    #[cfg(target_arch = "x86_64")]
+    {
+        use std::arch::x86_64::__m128i;
+        let (s, d) = (src.cast::<__m128i>(), dst.cast::<__m128i>());
+        for i in 0..PAGE_SIZE / 16 {
+            // SAFETY: by the contract, both are in bounds; `s` is 16-byte aligned (a page), `d` written unaligned.
+            unsafe { d.add(i).write_unaligned(s.add(i).read_volatile()) };
+        }
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    {
+        let (s, d) = (src.cast::<u64>(), dst.cast::<u64>());
+        for i in 0..PAGE_SIZE / 8 {
+            // SAFETY: by the contract, both are in bounds; `s` is 8-byte aligned (a page), `d` written unaligned.
+            unsafe { d.add(i).write_unaligned(s.add(i).read_volatile()) };
+        }
+    }
+}
+
+/// Copies one page from `src` into guest memory at `dst` with volatile stores, as a vCPU's write would land: other
+/// threads (the migration) may read the page meanwhile.
+///
+/// # Safety
+/// `dst` is page-aligned and valid for writes of [`PAGE_SIZE`] bytes (a page of a live guest mapping), and `src` is
+/// valid for reads of [`PAGE_SIZE`] bytes and does not overlap it.
+pub unsafe fn copy_to_guest(src: *const u8, dst: *mut u8) {
+    debug_assert_eq!(dst as usize % PAGE_SIZE, 0);
+    let (s, d) = (src.cast::<u64>(), dst.cast::<u64>());
+    for i in 0..PAGE_SIZE / 8 {
+        // SAFETY: by the contract, both are in bounds; `d` is 8-byte aligned (a page), `s` read unaligned.
+        unsafe { d.add(i).write_volatile(s.add(i).read_unaligned()) };
+    }
+}
+
+/// Copies page `page` of guest memory into `out` (exactly one page long). The page may be written meanwhile (see
+/// [`copy_from_guest`]).
 pub fn read_page(mem: &dyn GuestMemory, page: u64, out: &mut [u8]) -> Result<(), GuestError> {
     assert_eq!(out.len(), PAGE_SIZE);
     let (ptr, _) = host_pages(mem, page, 1)?;
-    // SAFETY: host_pages returned a pointer to a whole page inside a live mapping; `out` is a distinct Rust buffer.
-    unsafe { std::ptr::copy_nonoverlapping(ptr, out.as_mut_ptr(), PAGE_SIZE) };
+    // SAFETY: host_pages returned a page-aligned pointer to a whole page inside a live mapping; `out` is a distinct
+    // Rust buffer of one page.
+    unsafe { copy_from_guest(ptr, out.as_mut_ptr()) };
     Ok(())
 }
 
 /// Copies `data` (exactly one page) into page `page` of guest memory.
-pub fn write_page(mem: &dyn GuestMemory, page: u64, data: &[u8]) -> Result<(), GuestError> {
+///
+/// ```compile_fail,E0133
+/// # use livemig_engine::guest::*;
+/// let g = SyntheticGuest::destination(&MemoryLayout { regions: vec![(0, 4096)] }, 1).unwrap();
+/// write_page(&g, 0, &[1u8; PAGE_SIZE]).unwrap();
+/// ```
+/// ```
+/// # use livemig_engine::guest::*;
+/// let g = SyntheticGuest::destination(&MemoryLayout { regions: vec![(0, 4096)] }, 1).unwrap();
+/// // SAFETY: the guest's vCPUs are paused (a destination's start so), and nothing else touches its memory.
+/// unsafe { write_page(&g, 0, &[1u8; PAGE_SIZE]) }.unwrap();
+/// ```
+///
+/// # Safety
+/// Nothing else may read or write that page meanwhile: not the guest's vCPUs (a destination's are paused until the
+/// migration commits) and not another apply of the same page.
+pub unsafe fn write_page(mem: &dyn GuestMemory, page: u64, data: &[u8]) -> Result<(), GuestError> {
     assert_eq!(data.len(), PAGE_SIZE);
     let (ptr, _) = host_pages(mem, page, 1)?;
-    // SAFETY: as in read_page; the destination guest's vCPUs are not running while pages are applied.
+    // SAFETY: host_pages points at a whole page of a live mapping; the caller excludes every other access to it.
     unsafe { std::ptr::copy_nonoverlapping(data.as_ptr(), ptr, PAGE_SIZE) };
     Ok(())
 }

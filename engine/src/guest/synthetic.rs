@@ -142,16 +142,17 @@ impl Memory {
             .iter()
             .map(|&(gpa, len)| MmapRegion::new(gpa, len, huge_pages))
             .collect::<Result<Vec<_>, _>>()?;
-        let regions = maps.iter().map(|m| *m.region()).collect();
+        let regions = maps.iter().map(MmapRegion::host_region).collect();
         let dirty = AtomicBitmap::new(layout.total_pages());
         Ok(Memory { maps, regions, dirty })
     }
 
     /// One page write by a vCPU: the content first, then the dirty bit, as KVM's dirty log sees a guest write.
-    fn write_page(&self, page: u64, content: &[u8]) {
+    fn write_page(&self, page: u64, content: &[u8; PAGE_SIZE]) {
         if let Ok((ptr, _)) = host_pages(self, page, 1) {
-            // SAFETY: host_pages points at a whole page of a live mapping; `content` is one page of a separate buffer.
-            unsafe { std::ptr::copy_nonoverlapping(content.as_ptr(), ptr, PAGE_SIZE) };
+            // SAFETY: host_pages points at a whole, page-aligned page of a live mapping; `content` is one page of a
+            // separate buffer. The migration may read the page meanwhile, which volatile stores allow.
+            unsafe { super::copy_to_guest(content.as_ptr(), ptr) };
             self.dirty.set(page);
         }
     }
@@ -244,13 +245,27 @@ impl DirtyLog for SyntheticGuest {
 
 /// Writes pages `0..touched` of `map` with the SPEC.md mix.
 fn populate(map: &MmapRegion, touched: u64, seed: u64) {
-    fill_mix(map.region(), 0..touched, seed);
+    // SAFETY: the map was just created and nothing else has seen it yet.
+    unsafe { fill_mix(map.region(), 0..touched, seed) };
 }
 
 /// Writes pages `pages` of `region` with the SPEC.md mix (the kind by page index), on all cores. Page `i`'s content
-/// depends only on the seed and `i`, so the result does not depend on how the work was split. For guests being built:
-/// nothing else may access those pages meanwhile. Pages past the region's end are ignored.
-pub fn fill_mix(region: &HostRegion, pages: std::ops::Range<u64>, seed: u64) {
+/// depends only on the seed and `i`, so the result does not depend on how the work was split. Pages past the region's
+/// end are ignored.
+///
+/// ```compile_fail,E0133
+/// let m = livemig_engine::guest::MmapRegion::new(0, 4096, false).unwrap();
+/// livemig_engine::guest::fill_mix(m.region(), 0..1, 7);
+/// ```
+/// ```
+/// let m = livemig_engine::guest::MmapRegion::new(0, 4096, false).unwrap();
+/// // SAFETY: nothing else has seen the new map.
+/// unsafe { livemig_engine::guest::fill_mix(m.region(), 0..1, 7) };
+/// ```
+///
+/// # Safety
+/// For guests being built: nothing else may read or write those pages meanwhile (no vCPU runs, no migration reads).
+pub unsafe fn fill_mix(region: &HostRegion, pages: std::ops::Range<u64>, seed: u64) {
     let (first, last) = (pages.start, pages.end.min(region.pages()));
     let count = last.saturating_sub(first);
     let workers = std::thread::available_parallelism().map_or(1, |n| n.get()) as u64;
@@ -474,7 +489,7 @@ impl Drop for SyntheticVcpus {
 /// One vCPU: rewrites random hot-set pages at its share of the dirty rate, sleeping the throttled share of each
 /// [`THROTTLE_SLICE`], and parks whenever a pause is asked for.
 fn vcpu_loop(id: usize, mem: &Memory, control: &Control) {
-    let mut buf = vec![0u8; PAGE_SIZE];
+    let mut buf = Box::new([0u8; PAGE_SIZE]);
     let (mut rng, mut written) = (Rng(0), 0u64);
     let mut ctl = control.ctl.lock().expect("vcpu control poisoned");
     // Start parked so that the first iteration loads this vCPU's state.
@@ -530,7 +545,7 @@ fn vcpu_loop(id: usize, mem: &Memory, control: &Control) {
             let owed = (due - done_in_slice).min(64);
             for _ in 0..owed {
                 let page = rng.next() % hot;
-                fill_page(PageKind::of(page), &mut buf, &mut rng);
+                fill_page(PageKind::of(page), &mut buf[..], &mut rng);
                 mem.write_page(page, &buf);
                 written += 1;
                 done_in_slice += 1;

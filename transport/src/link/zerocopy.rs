@@ -49,7 +49,7 @@ pub trait Buffers: Send {
     fn slices(&self) -> Vec<IoSlice<'_>>;
 }
 
-/// One socket's zero-copy sender.
+/// One socket's zero-copy sender. Dropping it with sends still pending leaks their buffers (see [`ZeroCopy::drain`]).
 pub struct ZeroCopy {
     fd: RawFd,
     /// The number the kernel gives the next successful send.
@@ -87,9 +87,14 @@ impl ZeroCopy {
         let total: usize = slices.iter().map(|b| b.len()).sum();
         let mut rest = &mut slices[..];
         let mut sent = 0;
-        while !rest.is_empty() {
+        let result = loop {
+            if rest.is_empty() {
+                break Ok(sent);
+            }
             if self.pending.len() >= MAX_PENDING {
-                self.wait_some()?;
+                if let Err(e) = self.wait_some() {
+                    break Err(e);
+                }
             }
             // SAFETY: msghdr is plain data; the iovec array points at `rest`, which lives across the call, and IoSlice
             // is ABI-compatible with iovec.
@@ -104,24 +109,28 @@ impl ZeroCopy {
                 match e.kind() {
                     ErrorKind::Interrupted => continue,
                     // Out of option memory for notifications: let some complete, then go on.
-                    _ if e.raw_os_error() == Some(libc::ENOBUFS) => {
-                        self.wait_some()?;
-                        continue;
-                    }
-                    _ => return Err(e),
+                    _ if e.raw_os_error() == Some(libc::ENOBUFS) => match self.wait_some() {
+                        Ok(()) => continue,
+                        Err(e) => break Err(e),
+                    },
+                    _ => break Err(e),
                 }
             }
             if n == 0 {
-                return Err(ErrorKind::WriteZero.into());
+                break Err(ErrorKind::WriteZero.into());
             }
             self.next_id = self.next_id.wrapping_add(1);
             self.stats.sends += 1;
             sent += n as usize;
             IoSlice::advance_slices(&mut rest, n as usize);
-        }
+        };
         drop(slices);
-        // The last send of this frame: everything it referenced is released once its number completes.
-        self.pending.push_back((self.next_id.wrapping_sub(1), bufs));
+        if sent > 0 {
+            // The last send of this frame: everything it referenced is released once its number completes. Kept even
+            // when a later part failed, since the kernel may still read the parts it took.
+            self.pending.push_back((self.next_id.wrapping_sub(1), bufs));
+        }
+        let sent = result?;
         self.reap()?;
         debug_assert_eq!(sent, total);
         Ok(sent)
@@ -158,20 +167,23 @@ impl ZeroCopy {
     /// # Safety
     /// `msg` was just filled by `recvmsg`, and its control buffer is live.
     unsafe fn parse(&mut self, msg: &libc::msghdr) {
-        // SAFETY (whole body): the CMSG_* macros walk the control buffer recvmsg filled, within msg_controllen; a
-        // sock_extended_err is read unaligned from a cmsg of the level and type that carry it.
+        // SAFETY: the CMSG_* macros walk the control buffer recvmsg filled, within msg_controllen (this function's
+        // contract); the first header is null or inside it.
         let mut c = unsafe { libc::CMSG_FIRSTHDR(msg) };
         while !c.is_null() {
+            // SAFETY: `c` is a non-null cmsg header inside the filled control buffer.
             let (level, ty) = unsafe { ((*c).cmsg_level, (*c).cmsg_type) };
             let is_err = (level == libc::SOL_IP && ty == libc::IP_RECVERR)
                 || (level == libc::SOL_IPV6 && ty == libc::IPV6_RECVERR);
             if is_err {
+                // SAFETY: a cmsg of this level and type carries a sock_extended_err as its data, read unaligned.
                 let ee: libc::sock_extended_err =
                     unsafe { std::ptr::read_unaligned(libc::CMSG_DATA(c).cast::<libc::sock_extended_err>()) };
                 if ee.ee_errno == 0 && ee.ee_origin == SO_EE_ORIGIN_ZEROCOPY {
                     self.complete(ee.ee_info, ee.ee_data, ee.ee_code & SO_EE_CODE_ZEROCOPY_COPIED != 0);
                 }
             }
+            // SAFETY: `c` is a header inside `msg`'s control buffer; the macro returns the next one or null.
             c = unsafe { libc::CMSG_NXTHDR(msg, c) };
         }
     }
@@ -206,8 +218,8 @@ impl ZeroCopy {
         Ok(())
     }
 
-    /// Waits for every pending send to complete, up to 2 s. Whatever is still pending then is
-    /// released anyway: the connection is finished, and nothing it still sends will be read.
+    /// Waits for every pending send to complete, up to 2 s. Whatever is still pending then is leaked: the kernel may
+    /// still read it, so freeing it could send freed (and reused) memory.
     pub fn drain(&mut self) {
         let deadline = Instant::now() + DRAIN_TIMEOUT;
         while !self.pending.is_empty() {
@@ -216,7 +228,15 @@ impl ZeroCopy {
             }
         }
         let _ = self.reap();
-        self.pending.clear();
+        self.leak_pending();
+    }
+
+    /// Gives up on the sends still pending without freeing what they send: the kernel may still read those buffers
+    /// (a send not yet acknowledged by the peer is pinned, not copied), so they are leaked rather than reused.
+    fn leak_pending(&mut self) {
+        for (_, bufs) in self.pending.drain(..) {
+            std::mem::forget(bufs);
+        }
     }
 
     /// Waits for the error queue to have something; false at the deadline.
@@ -244,5 +264,88 @@ impl ZeroCopy {
                 return Ok(false);
             }
         }
+    }
+}
+
+impl Drop for ZeroCopy {
+    fn drop(&mut self) {
+        self.leak_pending();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::net::{TcpListener, TcpStream};
+    use std::sync::atomic::{AtomicUsize, Ordering};
+    use std::sync::Arc;
+
+    /// A buffer that counts its drops: a drop while the kernel may still read it is what must not happen.
+    struct Counted(Vec<u8>, Arc<AtomicUsize>);
+
+    impl Buffers for Counted {
+        fn slices(&self) -> Vec<IoSlice<'_>> {
+            vec![IoSlice::new(&self.0)]
+        }
+    }
+
+    impl Drop for Counted {
+        fn drop(&mut self) {
+            self.1.fetch_add(1, Ordering::SeqCst);
+        }
+    }
+
+    /// A connection whose peer reads nothing, with small buffers, and a non-blocking sending end.
+    fn stalled_pair() -> (TcpStream, TcpStream) {
+        let l = TcpListener::bind("127.0.0.1:0").unwrap();
+        let peer = socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None).unwrap();
+        peer.set_recv_buffer_size(4096).unwrap();
+        peer.connect(&l.local_addr().unwrap().into()).unwrap();
+        let (tx, _) = l.accept().unwrap();
+        socket2::SockRef::from(&tx).set_send_buffer_size(4096).unwrap();
+        tx.set_nonblocking(true).unwrap();
+        (tx, peer.into())
+    }
+
+    #[test]
+    fn a_frame_whose_later_part_fails_is_kept_for_the_kernel_not_freed() {
+        let (tx, _peer) = stalled_pair();
+        let Ok(mut z) = ZeroCopy::new(&tx) else {
+            eprintln!("SKIPPED: SO_ZEROCOPY is not available here");
+            return;
+        };
+        let drops = Arc::new(AtomicUsize::new(0));
+        // Far more than the buffers hold: the first sendmsg takes part of it, a later one finds no room.
+        let r = z.send(Box::new(Counted(vec![7u8; 8 << 20], drops.clone())));
+        assert!(r.is_err(), "8 MiB fit into a stalled connection: {r:?}");
+        assert!(z.stats.sends > 0, "no part was sent zero-copy");
+        drop(z);
+        assert_eq!(drops.load(Ordering::SeqCst), 0, "a buffer the kernel may still read was freed");
+    }
+
+    #[test]
+    fn sends_still_pending_after_the_drain_are_leaked_not_freed() {
+        let (tx, _peer) = stalled_pair();
+        let Ok(mut z) = ZeroCopy::new(&tx) else {
+            eprintln!("SKIPPED: SO_ZEROCOPY is not available here");
+            return;
+        };
+        // Fill the peer's window with plain writes, so that what follows stays unacknowledged in the send queue.
+        let mut w = &tx;
+        while std::io::Write::write(&mut w, &[1u8; 4096]).is_ok() {}
+        std::thread::sleep(Duration::from_millis(100));
+        // Only buffers that were sent count: one the kernel refused outright is free to go.
+        let mut sent = Vec::new();
+        for _ in 0..64 {
+            let drops = Arc::new(AtomicUsize::new(0));
+            if z.send(Box::new(Counted(vec![9u8; 64], drops.clone()))).is_ok() {
+                sent.push(drops);
+            }
+        }
+        assert!(!sent.is_empty() && !z.pending.is_empty(), "nothing stayed pending ({} sends)", sent.len());
+        let pending = z.pending.len();
+        z.drain();
+        let freed = sent.iter().filter(|d| d.load(Ordering::SeqCst) > 0).count();
+        assert!(freed <= sent.len() - pending, "{freed} of {pending} pending zero-copy buffers were freed");
     }
 }

@@ -50,7 +50,10 @@ impl Buffers for ZcFrame {
         let mut v = Vec::with_capacity(self.batch.parts.len() + 2);
         v.push(IoSlice::new(&self.header));
         v.push(IoSlice::new(&self.table));
-        v.extend(self.batch.part_slices().map(IoSlice::new));
+        // SAFETY: a ZcFrame is made by a link's writer for a batch of the running migration, which borrows the guest
+        // (and so its mapping) for its whole run, and ZeroCopy::send slices it only then; afterwards it is kept until
+        // the kernel is done, or leaked, but never sliced again.
+        v.extend(unsafe { self.batch.part_slices() }.map(IoSlice::new));
         v
     }
 }
@@ -174,13 +177,15 @@ impl DataLink {
                 Some(z) => {
                     let mut own = Vec::with_capacity(8 + BATCH_PAGES * wire::ENTRY_LEN);
                     wire::encode_entries(&batch, &mut own);
-                    let parts: Vec<&[u8]> = batch.part_slices().collect();
+                    // SAFETY: the batch belongs to the running migration, which borrows the guest for its whole run.
+                    let parts: Vec<&[u8]> = unsafe { batch.part_slices() }.collect();
                     let header = wire::pages_header(batch.epoch, seq, &own, &parts);
                     z.send(Box::new(ZcFrame { header, table: own, batch: batch.clone() }))
                 }
                 None => {
                     wire::encode_entries(&batch, &mut table);
-                    let parts: Vec<&[u8]> = batch.part_slices().collect();
+                    // SAFETY: the batch belongs to the running migration, which borrows the guest for its whole run.
+                    let parts: Vec<&[u8]> = unsafe { batch.part_slices() }.collect();
                     wire::write_pages(&mut w, batch.epoch, seq, &table, &parts)
                 }
             };
