@@ -22,6 +22,7 @@ pub use livemig_transport as transport;
 
 pub mod baseline;
 pub mod bench;
+pub mod fuzz;
 pub mod guests;
 pub mod lab;
 pub mod loopback;

@@ -174,8 +174,26 @@ fn sections(blob: &[u8]) -> Result<Vec<(Tag, &[u8])>, StateError> {
     Ok(out)
 }
 
-/// Restores a vCPU (created with CPUID set, not running) from a blob, in the order above. Returns the pacing.
-pub fn restore(vcpu: &VcpuFd, blob: &[u8]) -> Result<u64, StateError> {
+/// A state blob parsed and checked, ready to load into a vCPU.
+#[derive(Debug)]
+pub struct Parsed {
+    mp: kvm_mp_state,
+    regs: kvm_regs,
+    sregs: kvm_sregs,
+    xsave: kvm_xsave,
+    xcrs: kvm_xcrs,
+    dregs: kvm_debugregs,
+    lapic: kvm_lapic_state,
+    events: kvm_vcpu_events,
+    msrs: Msrs,
+    msr_count: usize,
+    /// The guest's pacing, carried beside its registers.
+    pub pacing: u64,
+}
+
+/// Parses and checks a blob from the wire without touching any vCPU: every section present once, each of its
+/// structure's exact size, the MSR list whole. A bad blob is an error here and changes nothing.
+pub fn parse(blob: &[u8]) -> Result<Parsed, StateError> {
     let s = sections(blob)?;
     let get = |t: Tag| {
         s.iter()
@@ -183,15 +201,6 @@ pub fn restore(vcpu: &VcpuFd, blob: &[u8]) -> Result<u64, StateError> {
             .map(|(_, b)| *b)
             .ok_or_else(|| StateError::Blob(format!("no {t:?} section")))
     };
-    // Parse everything before touching the vCPU: a bad blob changes nothing.
-    let mp: kvm_mp_state = from_bytes(get(Tag::MpState)?, "mp_state")?;
-    let regs: kvm_regs = from_bytes(get(Tag::Regs)?, "regs")?;
-    let sregs: kvm_sregs = from_bytes(get(Tag::Sregs)?, "sregs")?;
-    let xsave: kvm_xsave = from_bytes(get(Tag::Xsave)?, "xsave")?;
-    let xcrs: kvm_xcrs = from_bytes(get(Tag::Xcrs)?, "xcrs")?;
-    let dregs: kvm_debugregs = from_bytes(get(Tag::DebugRegs)?, "debugregs")?;
-    let lapic: kvm_lapic_state = from_bytes(get(Tag::Lapic)?, "lapic")?;
-    let events: kvm_vcpu_events = from_bytes(get(Tag::Events)?, "vcpu_events")?;
     let m = get(Tag::Msrs)?;
     if m.len() % 12 != 0 {
         return Err(StateError::Blob(format!("MSR section of {} bytes", m.len())));
@@ -205,22 +214,39 @@ pub fn restore(vcpu: &VcpuFd, blob: &[u8]) -> Result<u64, StateError> {
         })
         .collect();
     let msrs = Msrs::from_entries(&entries).map_err(|e| StateError::Blob(format!("MSR list: {e:?}")))?;
-    let pacing = get(Tag::Pacing).ok().and_then(|b| b.try_into().ok()).map(u64::from_le_bytes).unwrap_or(0);
+    Ok(Parsed {
+        mp: from_bytes(get(Tag::MpState)?, "mp_state")?,
+        regs: from_bytes(get(Tag::Regs)?, "regs")?,
+        sregs: from_bytes(get(Tag::Sregs)?, "sregs")?,
+        xsave: from_bytes(get(Tag::Xsave)?, "xsave")?,
+        xcrs: from_bytes(get(Tag::Xcrs)?, "xcrs")?,
+        dregs: from_bytes(get(Tag::DebugRegs)?, "debugregs")?,
+        lapic: from_bytes(get(Tag::Lapic)?, "lapic")?,
+        events: from_bytes(get(Tag::Events)?, "vcpu_events")?,
+        msrs,
+        msr_count: entries.len(),
+        pacing: get(Tag::Pacing).ok().and_then(|b| b.try_into().ok()).map(u64::from_le_bytes).unwrap_or(0),
+    })
+}
 
-    vcpu.set_mp_state(mp).map_err(kvm("set mp_state"))?;
-    vcpu.set_regs(&regs).map_err(kvm("set regs"))?;
-    vcpu.set_sregs(&sregs).map_err(kvm("set sregs"))?;
+/// Restores a vCPU (created with CPUID set, not running) from a blob, in the order above. Returns the pacing.
+pub fn restore(vcpu: &VcpuFd, blob: &[u8]) -> Result<u64, StateError> {
+    // Parse everything before touching the vCPU: a bad blob changes nothing.
+    let p = parse(blob)?;
+    vcpu.set_mp_state(p.mp).map_err(kvm("set mp_state"))?;
+    vcpu.set_regs(&p.regs).map_err(kvm("set regs"))?;
+    vcpu.set_sregs(&p.sregs).map_err(kvm("set sregs"))?;
     // SAFETY: a legacy 4 KiB xsave area read from a vCPU of the same kind; KVM validates its contents.
-    unsafe { vcpu.set_xsave(&xsave) }.map_err(kvm("set xsave"))?;
-    vcpu.set_xcrs(&xcrs).map_err(kvm("set xcrs"))?;
-    vcpu.set_debug_regs(&dregs).map_err(kvm("set debugregs"))?;
-    vcpu.set_lapic(&lapic).map_err(kvm("set lapic"))?;
-    let n = vcpu.set_msrs(&msrs).map_err(kvm("set msrs"))?;
-    if n != entries.len() {
-        return Err(StateError::Blob(format!("KVM took {n} of {} MSRs", entries.len())));
+    unsafe { vcpu.set_xsave(&p.xsave) }.map_err(kvm("set xsave"))?;
+    vcpu.set_xcrs(&p.xcrs).map_err(kvm("set xcrs"))?;
+    vcpu.set_debug_regs(&p.dregs).map_err(kvm("set debugregs"))?;
+    vcpu.set_lapic(&p.lapic).map_err(kvm("set lapic"))?;
+    let n = vcpu.set_msrs(&p.msrs).map_err(kvm("set msrs"))?;
+    if n != p.msr_count {
+        return Err(StateError::Blob(format!("KVM took {n} of {} MSRs", p.msr_count)));
     }
-    vcpu.set_vcpu_events(&events).map_err(kvm("set vcpu_events"))?;
-    Ok(pacing)
+    vcpu.set_vcpu_events(&p.events).map_err(kvm("set vcpu_events"))?;
+    Ok(p.pacing)
 }
 
 #[cfg(test)]

@@ -560,7 +560,8 @@ impl Hello {
                 for _ in 0..count {
                     let n = r.u8("feature name length")?;
                     let f = r.take(n.into(), "feature name")?;
-                    features.insert(String::from_utf8_lossy(f).into_owned());
+                    features
+                        .insert(String::from_utf8(f.to_vec()).map_err(|_| bad("a feature name is not UTF-8".into()))?);
                 }
                 Some(CpuDescription { name, vendor, family, model, stepping, features })
             }
