@@ -1,9 +1,11 @@
 //! Bad input at the destination (and one at the source): every case gets its own typed error, never a panic, a
 //! hang or a changed guest (DESIGN.md invariant 5). Each test speaks raw bytes over a real loopback connection.
 
-use livemig::engine::dirty::Bitmap;
-use livemig::engine::encode::{page_hash, zero_page_hash, Codec, EncodedBatch, PageEntry};
-use livemig::engine::guest::{GuestMemory, MemoryLayout, SyntheticConfig, SyntheticGuest};
+mod common;
+
+use common::frames::{self, frame, raw_page};
+use livemig::engine::encode::{zero_page_hash, Codec, PageEntry};
+use livemig::engine::guest::{GuestMemory, SyntheticConfig, SyntheticGuest};
 use livemig::engine::receive::ApplyError;
 use livemig::transport::dest::{accept_migration, read_hello, receive, DestOptions, ReceiveError, HELLO_TIMEOUT};
 use livemig::transport::source::{migrate, MigrateError, SourceOptions};
@@ -16,35 +18,11 @@ use std::time::Duration;
 const PAGES: u64 = 16;
 
 fn hello(pages: u64) -> Hello {
-    Hello {
-        session: 7,
-        layout: MemoryLayout { regions: vec![(0, pages * 4096)] },
-        vcpus: 1,
-        guest_kind: "synthetic".into(),
-        chunks: Bitmap::full(pages.div_ceil(wire::CHUNK_PAGES)),
-        cpu: None,
-        macs: Vec::new(),
-    }
-}
-
-fn frame(kind: Kind, body: &[u8]) -> Vec<u8> {
-    let mut out = Vec::new();
-    wire::write_frame(&mut out, kind, 0, 0, &[body]).unwrap();
-    out
+    frames::hello(7, pages)
 }
 
 fn pages_frame(entries: Vec<PageEntry>, payload: Vec<u8>) -> Vec<u8> {
-    let batch = EncodedBatch { entries, payload, ..Default::default() };
-    let mut table = Vec::new();
-    wire::encode_entries(&batch, &mut table);
-    let mut out = Vec::new();
-    wire::write_pages(&mut out, 1, 0, &table, &[&batch.payload]).unwrap();
-    out
-}
-
-fn raw_page(page: u64, fill: u8) -> (PageEntry, Vec<u8>) {
-    let data = vec![fill; 4096];
-    (PageEntry::new(page, Codec::Raw, 4096, page_hash(&data)), data)
+    frames::pages(1, entries, payload)
 }
 
 fn opts() -> DestOptions {

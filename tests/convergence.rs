@@ -9,7 +9,7 @@ use common::{assert_running_unthrottled, Relay};
 use livemig::engine::guest::{SyntheticConfig, SyntheticGuest, Vcpus};
 use livemig::engine::precopy::{PrecopyConfig, MAX_PAUSE};
 use livemig::loopback::migrate_loopback;
-use livemig::transport::dest::{accept_migration, receive, DestOptions, ReceiveError};
+use livemig::transport::dest::{DestOptions, ReceiveError};
 use livemig::transport::link::LinkSpec;
 use livemig::transport::source::{migrate, MigrateError, SourceOptions};
 use livemig::transport::wire::WireError;
@@ -67,18 +67,7 @@ fn a_final_round_that_runs_past_the_pause_bound_is_cancelled_and_the_source_resu
         ..Default::default()
     };
     let (report, paused_for) = std::thread::scope(|s| {
-        let dest = s.spawn(|| {
-            let dopts = DestOptions::default();
-            let (stream, hello) = accept_migration(&listener, &dopts, &|_, _| {}).unwrap();
-            receive(
-                &[&listener],
-                &stream,
-                hello,
-                |h| SyntheticGuest::destination(&h.layout, h.vcpus),
-                &dopts,
-                &|_, _| {},
-            )
-        });
+        let dest = s.spawn(|| common::receive_one(&listener, &DestOptions::default()));
         let watcher = s.spawn(|| {
             // Cut the link as soon as the guest is paused: the final round cannot complete. (Bounded: a run that never
             // pauses fails the asserts below instead of hanging here.)

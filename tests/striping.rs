@@ -195,18 +195,7 @@ fn migrate_with_a_failing_link(reset_on_cut: bool) {
     let (forwarded, cut) = (proxy.forwarded.clone(), proxy.cut.clone());
     let done = std::sync::atomic::AtomicBool::new(false);
     let report = std::thread::scope(|s| {
-        let dest = s.spawn(|| {
-            let dopts = DestOptions::default();
-            let (stream, hello) = accept_migration(&listener, &dopts, &|_, _| {}).unwrap();
-            receive(
-                &[&listener],
-                &stream,
-                hello,
-                |h| SyntheticGuest::destination(&h.layout, h.vcpus),
-                &dopts,
-                &|_, _| {},
-            )
-        });
+        let dest = s.spawn(|| common::receive_one(&listener, &DestOptions::default()));
         // Cut the middle link once it has carried 1 MiB: its first few batches, early in a round 0 of about 150 MiB.
         // The watcher also stops when the migration does, so a run that never reaches the cut fails below, not hangs.
         let (done, cut_set) = (&done, cut.clone());

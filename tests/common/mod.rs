@@ -66,6 +66,17 @@ fn pump(mut from: TcpStream, mut to: TcpStream, forwarded: &AtomicU64, cut: &Ato
     }
 }
 
+/// A test destination: accepts one migration on `listener` and receives it into a synthetic guest.
+pub fn receive_one(
+    listener: &TcpListener,
+    dopts: &livemig::transport::dest::DestOptions,
+) -> Result<(SyntheticGuest, livemig::transport::dest::DestReport), livemig::transport::dest::ReceiveError> {
+    use livemig::transport::dest::{accept_migration, receive, ReceiveError};
+    let (stream, hello) = accept_migration(listener, dopts, &|_, _| {}).map_err(|e| ReceiveError::Wire(e.into()))?;
+    let make = |h: &livemig::transport::wire::Hello| SyntheticGuest::destination(&h.layout, h.vcpus);
+    receive(&[listener], &stream, hello, make, dopts, &|_, _| {})
+}
+
 /// After a failed or cancelled migration the source guest must be running, unthrottled, and writing memory.
 pub fn assert_running_unthrottled(g: &SyntheticGuest) {
     let v = g.vcpus();
