@@ -71,12 +71,20 @@ fn last_line(bytes: &[u8]) -> String {
 }
 
 #[test]
-fn receive_refuses_a_guest_over_max_memory_then_takes_the_next() {
+fn receive_refuses_a_guest_over_max_memory_and_an_alien_cpu_then_takes_the_next() {
     let mut r = Receiver::start(&["--max-memory", "64MiB"], |_| {});
     let big = send(&r.addr, &["--memory", "128MiB"]);
     assert_eq!(big.status.code(), Some(1), "{}", String::from_utf8_lossy(&big.stderr));
     let why = last_line(&big.stderr);
     assert!(why.contains("guest memory of 134217728 bytes exceeds the 67108864 bytes"), "{why}");
+    assert!(r.child.try_wait().unwrap().is_none(), "receive ended after a refusal");
+    // A VM whose CPU model this host cannot give (another vendor, or features it lacks) is refused the same way.
+    let host = livemig::engine::cpu::host();
+    let other = if host.vendor == "GenuineIntel" { "amd-epyc-milan" } else { "intel-icelake" };
+    let model = format!("{}/fixtures/cpu/{other}.json", env!("CARGO_MANIFEST_DIR"));
+    let alien = send(&r.addr, &["--memory", "32MiB", "--cpu-model", &model]);
+    assert_eq!(alien.status.code(), Some(1), "{}", String::from_utf8_lossy(&alien.stderr));
+    assert!(last_line(&alien.stderr).contains("refused"), "{}", last_line(&alien.stderr));
     assert!(r.child.try_wait().unwrap().is_none(), "receive ended after a refusal");
     let small = send(&r.addr, &["--memory", "32MiB"]);
     assert!(small.status.success(), "{}", String::from_utf8_lossy(&small.stderr));
