@@ -688,11 +688,18 @@ fn receive_cmd(a: ReceiveArgs) -> Result<()> {
     for (link, why) in &r.link_errors {
         eprintln!("data link {link} ended for bad data: {why}");
     }
+    // The guest runs here from now on: what fails below is reported, and never makes this exit as if the source
+    // still had it.
     if let Some(iface) = &a.announce {
-        let sent = announce(iface, &r.hello.macs, Schedule::default()).context("announcing the guest's MACs")?;
-        eprintln!("announced {} MAC(s) on {iface}: {sent} RARP frames", r.hello.macs.len());
+        match announce(iface, &r.hello.macs, Schedule::default()) {
+            Ok(sent) => eprintln!("announced {} MAC(s) on {iface}: {sent} RARP frames", r.hello.macs.len()),
+            Err(e) => eprintln!("livemig: the guest runs, but announcing its MACs on {iface} failed: {e}"),
+        }
     }
-    eprintln!("{}", guest.check_running(None).map_err(|e| anyhow!(e))?);
+    match guest.check_running(None) {
+        Ok(seen) => eprintln!("{seen}"),
+        Err(e) => return Err(Exit(3, format!("the source handed the guest over, but here: {e}")).into()),
+    }
     std::thread::sleep(Duration::from_millis(a.run_for_ms.saturating_sub(100)));
     let report = Report {
         status: "completed",
