@@ -1,0 +1,216 @@
+//! A migration's data links: accepting every connection on the data listeners, checking that it presents the
+//! session, and reading, checking, applying and acknowledging its Pages frames. Bad data ends the link it came on.
+
+use super::admit::{refuse, transient_accept_error, Ticket, ACCEPT_RETRY};
+use super::{Msg, ReceiveError, Shared, HELLO_TIMEOUT, MID_FRAME_TIMEOUT, WRITE_TIMEOUT};
+use crate::wire::{self, Deadline, Header, Kind, WireError, HEADER_LEN};
+use livemig_engine::encode::PageEntry;
+use livemig_engine::receive::{ApplyState, InPlaceError, Receiver};
+use std::net::{Shutdown, SocketAddr, TcpListener, TcpStream};
+use std::sync::atomic::Ordering;
+use std::time::{Duration, Instant};
+
+/// Accepts connections on every listener until the migration stops, each on its own thread.
+pub(super) fn accept_links<'s, 'e: 's>(
+    s: &'s std::thread::Scope<'s, 'e>,
+    listeners: &'e [&'e TcpListener],
+    shared: &'s Shared<'e>,
+    tx: &crossbeam::channel::Sender<Msg>,
+    refused: &'e (dyn Fn(SocketAddr, &ReceiveError) + Sync),
+) {
+    while !shared.stop.load(Ordering::SeqCst) {
+        let mut idle = true;
+        for l in listeners {
+            match l.accept() {
+                Ok((stream, peer)) => {
+                    idle = false;
+                    let admitted = shared
+                        .admission
+                        .admit(peer.ip(), shared.max_connections)
+                        .ok_or(ReceiveError::TooManyConnections("from this address waiting to present themselves"));
+                    let registered = admitted.and_then(|ticket| Ok((ticket, shared.register(&stream)?)));
+                    let (ticket, (live, owner)) = match registered {
+                        Ok(x) => x,
+                        Err(e) => {
+                            refuse(&stream, &e);
+                            refused(peer, &e);
+                            continue;
+                        }
+                    };
+                    let link_tx = tx.clone();
+                    let spawned = std::thread::Builder::new().name("lm-data".into()).spawn_scoped(s, move || {
+                        let _live = live;
+                        data_link(stream, peer, owner, ticket, shared, &link_tx, refused)
+                    });
+                    if let Err(e) = spawned {
+                        // The connection's socket and count went with the closure; the migration goes on.
+                        refused(peer, &ReceiveError::Wire(WireError::Io(e)));
+                    }
+                }
+                Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {}
+                Err(e) if transient_accept_error(&e) => std::thread::sleep(ACCEPT_RETRY),
+                Err(e) => {
+                    let _ = tx.send(Msg::Fatal(WireError::Io(e).into()));
+                    return;
+                }
+            }
+        }
+        if idle {
+            std::thread::sleep(Duration::from_millis(5));
+        }
+    }
+}
+
+/// Reads a new connection's first frame, within [`HELLO_TIMEOUT`], and returns the link index its LinkHello
+/// presents. Another source's Hello is told the destination is busy; anything else is refused for what it is.
+fn present(stream: &TcpStream, session: u64) -> Result<u32, ReceiveError> {
+    stream.set_nonblocking(false).map_err(WireError::from)?;
+    stream.set_write_timeout(Some(WRITE_TIMEOUT)).map_err(WireError::from)?;
+    let mut body = Vec::new();
+    let mut d = Deadline::new(stream, Instant::now() + HELLO_TIMEOUT, "LinkHello");
+    let h = wire::read_frame(&mut d, &mut body)?;
+    match h.kind {
+        Kind::LinkHello => {
+            let (got, link) = wire::decode_link_hello(&body)?;
+            if got != session {
+                return Err(WireError::WrongSession { got }.into());
+            }
+            Ok(link)
+        }
+        Kind::Hello => Err(ReceiveError::Busy),
+        got => Err(WireError::Unexpected { got, expected: "LinkHello" }.into()),
+    }
+}
+
+/// One connection: checks that it presents the session, then applies and acknowledges Pages frames until it closes.
+/// A link that dies just ends; bad data ends the link, with an Abort that says why, and not the migration.
+fn data_link(
+    stream: TcpStream,
+    peer: SocketAddr,
+    owner: u32,
+    ticket: Ticket,
+    shared: &Shared<'_>,
+    tx: &crossbeam::channel::Sender<Msg>,
+    refused: &(dyn Fn(SocketAddr, &ReceiveError) + Sync),
+) {
+    let presented = present(&stream, shared.session);
+    drop(ticket);
+    let link = match presented {
+        Ok(link) => link,
+        Err(e) => {
+            refuse(&stream, &e);
+            refused(peer, &e);
+            return;
+        }
+    };
+    shared.joined.store(true, Ordering::SeqCst);
+    let _ = stream.set_read_timeout(None);
+    let _ = stream.set_nodelay(true);
+    let mut st = ApplyState::default();
+    let mut frame = FrameBuffers::default();
+    let mut received = 0u64;
+    let result = loop {
+        let (raw, h) = match wire::read_header_within(&stream, MID_FRAME_TIMEOUT, "Pages frame") {
+            Ok(x) => x,
+            // The link died or was closed: the source sends its batches again elsewhere.
+            Err(WireError::Closed | WireError::Io(_) | WireError::Truncated { .. }) => break Ok(()),
+            Err(e) => break Err(ReceiveError::from(e)),
+        };
+        let len = (HEADER_LEN as u64) + u64::from(h.len);
+        received += len;
+        let total = shared.bytes.fetch_add(len, Ordering::Relaxed) + len;
+        if shared.die_after.is_some_and(|n| total >= n) {
+            break Err(ReceiveError::Killed(total));
+        }
+        if h.kind != Kind::Pages {
+            break Err(WireError::Unexpected { got: h.kind, expected: "Pages on a data link" }.into());
+        }
+        // Inside a frame the bytes are already on their way: a frame that stops arriving is a dead link, and this
+        // thread may be holding pages busy that other links wait for (see read_pages).
+        let mut r = Deadline::new(&stream, Instant::now() + MID_FRAME_TIMEOUT, "Pages frame");
+        match read_pages(&mut r, &raw, &h, owner, &shared.rx, &mut st, &mut frame) {
+            Ok(()) => {}
+            Err(None) => break Ok(()),
+            Err(Some(e)) => break Err(e),
+        }
+        let ack = wire::encode_ack(len, frame.entries.len() as u32);
+        if wire::write_frame(&mut &stream, Kind::Ack, h.epoch, h.seq, &[&ack]).is_err() {
+            break Ok(());
+        }
+    };
+    {
+        let mut t = shared.totals.lock().unwrap_or_else(|e| e.into_inner());
+        t.counts.add(&st.counts);
+        t.stale += st.stale;
+        t.torn += st.torn;
+    }
+    shared.received.lock().unwrap_or_else(|e| e.into_inner()).push((link, received));
+    match result {
+        Ok(()) => {}
+        Err(e @ ReceiveError::Killed(_)) => {
+            // Reported before the links close: the close may make the source drop the control connection, and the
+            // control loop must learn the real reason first. Then, as a killed process would, drop every connection.
+            let _ = tx.send(Msg::Fatal(e));
+            for (_, _, l) in shared.lock_conns().sockets.iter() {
+                let _ = l.shutdown(Shutdown::Both);
+            }
+        }
+        Err(e) => {
+            // Pages this link applied before were each checked; what it held unacknowledged, the source resends.
+            shared.link_error(link, &e);
+            refuse(&stream, &e);
+            refused(peer, &e);
+        }
+    }
+    // The link is done either way; its clone in `conns` must not keep the connection open.
+    let _ = stream.shutdown(Shutdown::Both);
+}
+
+/// A data link's buffers for the frame being read, kept from frame to frame.
+#[derive(Default)]
+struct FrameBuffers {
+    table: Vec<u8>,
+    entries: Vec<PageEntry>,
+}
+
+/// Reads the rest of a Pages frame whose header is `raw`/`h` and applies it. The entry table is read and checked
+/// (checksum, structure, every entry against the layout) before any payload byte; then the payload is read with
+/// vectored reads, raw pages straight into their place in guest memory and the other pages' bytes (lz4 blocks, the
+/// zstd frame) into buffers applied at the end. `Err(None)`: the link died mid-frame, which is not the migration's
+/// failure (its batches are resent).
+fn read_pages(
+    r: &mut impl std::io::Read,
+    raw: &[u8; HEADER_LEN],
+    h: &Header,
+    link: u32,
+    rx: &Receiver<'_>,
+    st: &mut ApplyState,
+    f: &mut FrameBuffers,
+) -> Result<(), Option<ReceiveError>> {
+    let fatal = |e: ReceiveError| Some(e);
+    let dead_or = |e: WireError| match e {
+        WireError::Io(_) | WireError::Truncated { .. } | WireError::Closed => None,
+        e => Some(e.into()),
+    };
+    f.table.resize(h.checked_len as usize, 0);
+    wire::read_part(r, &mut f.table, "entry table").map_err(dead_or)?;
+    wire::check_sum(raw, h, &f.table).map_err(|e| fatal(e.into()))?;
+    let zstd_len = wire::decode_table(h, &f.table, &mut f.entries).map_err(|e| fatal(e.into()))?;
+    let applied = rx.apply_frame_in_place(h.epoch, &f.entries, zstd_len as usize, link, st, |iov| {
+        let mut rest = iov;
+        while !rest.is_empty() {
+            match std::io::Read::read_vectored(r, rest) {
+                Ok(0) => return Err(std::io::ErrorKind::UnexpectedEof.into()),
+                Ok(n) => std::io::IoSliceMut::advance_slices(&mut rest, n),
+                Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+                Err(e) => return Err(e),
+            }
+        }
+        Ok(())
+    });
+    match applied {
+        Ok(()) => Ok(()),
+        Err(InPlaceError::Io(_)) => Err(None),
+        Err(InPlaceError::Apply(a)) => Err(fatal(a.into())),
+    }
+}
