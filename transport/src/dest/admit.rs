@@ -117,6 +117,27 @@ pub fn accept_migration(
     let taken = Arc::new(AtomicBool::new(false));
     let admission = Arc::new(Admission::default());
     listener.set_nonblocking(true)?;
+    // Starts a reader for a new connection, or refuses it when too many are waiting already.
+    let start_reader = |stream: TcpStream, peer: SocketAddr| {
+        let Some(ticket) = admission.admit(peer.ip(), MAX_PENDING) else {
+            let e = ReceiveError::TooManyConnections("waiting to present a Hello");
+            refuse(&stream, &e);
+            refused(peer, &e);
+            return;
+        };
+        let (tx, taken, opts) = (tx.clone(), taken.clone(), opts.clone());
+        let spawned = std::thread::Builder::new().name("lm-hello".into()).spawn(move || {
+            let _ticket = ticket;
+            let r = admit_source(&stream, &opts, &taken);
+            if let Err(e) = &r {
+                refuse(&stream, e);
+            }
+            let _ = tx.send(r.map(|h| (stream, h)).map_err(|e| (peer, e)));
+        });
+        if let Err(e) = spawned {
+            refused(peer, &ReceiveError::Wire(WireError::Io(e)));
+        }
+    };
     let found = loop {
         match rx.try_recv() {
             Ok(Ok(hit)) => break Ok(hit),
@@ -127,26 +148,7 @@ pub fn accept_migration(
             Err(_) => {}
         }
         match listener.accept() {
-            Ok((stream, peer)) => {
-                let Some(ticket) = admission.admit(peer.ip(), MAX_PENDING) else {
-                    let e = ReceiveError::TooManyConnections("waiting to present a Hello");
-                    refuse(&stream, &e);
-                    refused(peer, &e);
-                    continue;
-                };
-                let (tx, taken, opts) = (tx.clone(), taken.clone(), opts.clone());
-                let spawned = std::thread::Builder::new().name("lm-hello".into()).spawn(move || {
-                    let _ticket = ticket;
-                    let r = admit_source(&stream, &opts, &taken);
-                    if let Err(e) = &r {
-                        refuse(&stream, e);
-                    }
-                    let _ = tx.send(r.map(|h| (stream, h)).map_err(|e| (peer, e)));
-                });
-                if let Err(e) = spawned {
-                    refused(peer, &ReceiveError::Wire(WireError::Io(e)));
-                }
-            }
+            Ok((stream, peer)) => start_reader(stream, peer),
             Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
                 // Wakes as soon as a reader reports; else polls accept again in 5 ms.
                 match rx.recv_timeout(Duration::from_millis(5)) {
@@ -160,8 +162,14 @@ pub fn accept_migration(
         }
     };
     // Readers that finish later find `taken` set (by the winner) and tell their source the destination is busy; on
-    // an accept error nobody won, so close the door for them here.
+    // an accept error nobody won, so close the door for them here. Connections already waiting in the backlog get
+    // such a reader too (as many as may wait at once, so that a flood cannot keep this from returning), so that a
+    // source that arrived before this returns hears why it was not taken.
     taken.store(true, Ordering::SeqCst);
+    for _ in 0..MAX_PENDING {
+        let Ok((stream, peer)) = listener.accept() else { break };
+        start_reader(stream, peer);
+    }
     for r in rx.try_iter() {
         if let Err((peer, e)) = r {
             refused(peer, &e);
