@@ -63,7 +63,7 @@ fn decode_frame(data: &[u8]) {
                 assert_eq!(total, p.entries.len(), "the entries' lengths disagree with the payload they were given");
             }
         }
-        Kind::Ack => drop(wire::decode_ack(&body)),
+        Kind::Ack => drop(wire::Ack::decode(&body)),
         Kind::Verify => drop(wire::Verify::decode(&body)),
         Kind::Verified => drop(wire::Verified::decode(&body)),
         Kind::Abort => assert!(wire::decode_reason(&body).len() <= 3 * wire::MAX_REASON),
@@ -85,8 +85,8 @@ pub fn handshake(data: &[u8]) {
         let opts = DestOptions { max_memory: 1 << 30, host_cpu: Some(host_cpu().clone()), ..Default::default() };
         let _ = opts.check(&h);
     }
-    let _ = wire::decode_hello_ack(data);
-    let _ = wire::decode_link_hello(data);
+    let _ = wire::HelloAck::decode(data);
+    let _ = wire::LinkHello::decode(data);
 }
 
 /// A vCPU state blob: restored into a synthetic destination guest built for four vCPUs, and parsed as a KVM one.

@@ -50,7 +50,7 @@ fn exchange(control: Vec<u8>, data: Option<Vec<u8>>, dopts: DestOptions) -> (Res
         let mut answer = DataLinkAnswer::default();
         if let Some(data) = data {
             let mut d = TcpStream::connect(addr).unwrap();
-            let mut bytes = frame(Kind::LinkHello, &wire::encode_link_hello(7, 0));
+            let mut bytes = frame(Kind::LinkHello, &wire::LinkHello { session: 7, link: 0 }.encode());
             bytes.extend_from_slice(&data);
             let _ = d.write_all(&bytes);
             let _ = d.shutdown(Shutdown::Write);

@@ -138,14 +138,14 @@ fn write_corpus() {
     dest.name = "destination".into();
     let bodies = [
         ("hello", Kind::Hello, hello.encode()),
-        ("hello-ack", Kind::HelloAck, wire::encode_hello_ack(hello.session, &dest)),
-        ("link-hello", Kind::LinkHello, wire::encode_link_hello(hello.session, 3).to_vec()),
+        ("hello-ack", Kind::HelloAck, wire::HelloAck { session: hello.session, dest: dest.clone() }.encode()),
+        ("link-hello", Kind::LinkHello, wire::LinkHello { session: hello.session, link: 3 }.encode().to_vec()),
     ];
     for (name, kind, body) in &bodies {
         write("handshake", name, body);
         write("frame", name, &frame(*kind, body));
     }
-    write("frame", "ack", &frame(Kind::Ack, &wire::encode_ack(524_320, 128)));
+    write("frame", "ack", &frame(Kind::Ack, &wire::Ack { bytes: 524_320, pages: 128 }.encode()));
     let v = wire::Verify { full: true, table_root: 1, memory_root: 2 };
     write("frame", "verify", &frame(Kind::Verify, &v.encode()));
     write("frame", "abort", &frame(Kind::Abort, b"destination busy"));

@@ -106,7 +106,7 @@ fn no_page_is_written_after_verify() {
     c.write_all(&frames::frame(Kind::Hello, &frames::hello(7, PAGES).encode())).unwrap();
     expect(&c, Kind::HelloAck, Duration::from_secs(5)).unwrap();
     let mut d = TcpStream::connect(addr).unwrap();
-    d.write_all(&frames::frame(Kind::LinkHello, &wire::encode_link_hello(7, 0))).unwrap();
+    d.write_all(&frames::frame(Kind::LinkHello, &wire::LinkHello { session: 7, link: 0 }.encode())).unwrap();
     let (e, data) = raw_page(1, 0xa1);
     d.write_all(&frames::pages(0, vec![e], data.clone())).unwrap();
     expect(&d, Kind::Ack, Duration::from_secs(5)).unwrap();
@@ -144,7 +144,7 @@ fn silent_and_trickling_connections_do_not_hold_the_commit() {
             let mut t = TcpStream::connect(addr).unwrap();
             let stop = &stop;
             s.spawn(move || {
-                for b in frames::frame(Kind::LinkHello, &wire::encode_link_hello(0, 9)) {
+                for b in frames::frame(Kind::LinkHello, &wire::LinkHello { session: 0, link: 9 }.encode()) {
                     if stop.load(Ordering::SeqCst) || t.write_all(&[b]).is_err() {
                         return;
                     }
@@ -252,7 +252,7 @@ fn garbage_on_a_data_link_after_its_link_hello_ends_only_that_link() {
     let rogue_answer = Mutex::new(None);
     let r = migrate_with(&g, addr, &[], &opts, || {
         let mut rogue = TcpStream::connect(addr).unwrap();
-        let mut bytes = frames::frame(Kind::LinkHello, &wire::encode_link_hello(0x5e55_1011, 5));
+        let mut bytes = frames::frame(Kind::LinkHello, &wire::LinkHello { session: 0x5e55_1011, link: 5 }.encode());
         bytes.extend_from_slice(&[0x5a; 200]);
         rogue.write_all(&bytes).unwrap();
         *rogue_answer.lock().unwrap() =

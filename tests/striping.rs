@@ -67,7 +67,7 @@ fn strangers_on_a_data_port_are_refused_and_the_migration_completes() {
     wire::write_pages(&mut pages, 9, 0, &table, &[&batch.payload]).unwrap();
     no_session.write_all(&pages).unwrap();
     let mut wrong_session = TcpStream::connect(data_addr).unwrap();
-    wrong_session.write_all(&frame(Kind::LinkHello, &wire::encode_link_hello(0xbad, 0))).unwrap();
+    wrong_session.write_all(&frame(Kind::LinkHello, &wire::LinkHello { session: 0xbad, link: 0 }.encode())).unwrap();
     wrong_session.write_all(&pages).unwrap();
 
     let refused = Mutex::new(Vec::new());
@@ -142,7 +142,7 @@ fn a_lagging_link_cannot_overwrite_a_newer_copy() {
     assert_eq!(wire::read_frame(&mut control, &mut buf).unwrap().kind, Kind::HelloAck);
     let link = |i: u32| {
         let mut s = TcpStream::connect(addr).unwrap();
-        s.write_all(&frame(Kind::LinkHello, &wire::encode_link_hello(42, i))).unwrap();
+        s.write_all(&frame(Kind::LinkHello, &wire::LinkHello { session: 42, link: i }.encode())).unwrap();
         s
     };
     let (mut a, mut b) = (link(0), link(1));

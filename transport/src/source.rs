@@ -424,8 +424,7 @@ fn handshake(
     };
     let body = hello.encode();
     stream.set_write_timeout(Some(opts.peer_timeout)).map_err(|e| MigrateError::Handshake(e.into()))?;
-    let mut w = stream;
-    let n = wire::write_frame(&mut w, Kind::Hello, 0, 0, &[&body]).map_err(|e| MigrateError::Handshake(e.into()))?;
+    let n = wire::write_control(stream, Kind::Hello, &body).map_err(|e| MigrateError::Handshake(e.into()))?;
     written.fetch_add(n as u64, Ordering::Relaxed);
     stream.set_read_timeout(Some(opts.peer_timeout)).map_err(|e| MigrateError::Handshake(e.into()))?;
     let mut buf = Vec::new();
@@ -435,11 +434,11 @@ fn handshake(
     let rtt = crate::link::tcp_rtt(stream).map_or(sent.elapsed(), |k| k.min(sent.elapsed()));
     match h.kind {
         Kind::HelloAck => {
-            let (s, dest) = wire::decode_hello_ack(&buf).map_err(MigrateError::Handshake)?;
-            if s != opts.session {
+            let wire::HelloAck { session, dest } = wire::HelloAck::decode(&buf).map_err(MigrateError::Handshake)?;
+            if session != opts.session {
                 return Err(MigrateError::Handshake(WireError::Malformed {
                     kind: Kind::HelloAck,
-                    why: format!("session {s:#x} echoed, {:#x} sent", opts.session),
+                    why: format!("session {session:#x} echoed, {:#x} sent", opts.session),
                 }));
             }
             if let Some(vm) = &opts.manifest {
@@ -480,8 +479,8 @@ fn connect_links(
     let mut last_error = String::new();
     for (i, spec) in specs.iter().enumerate() {
         let opened = spec.connect(CONNECT_TIMEOUT).and_then(|stream| {
-            let mut w = &stream;
-            wire::write_frame(&mut w, Kind::LinkHello, 0, 0, &[&wire::encode_link_hello(opts.session, i as u32)])?;
+            let hello = wire::LinkHello { session: opts.session, link: i as u32 };
+            wire::write_control(&stream, Kind::LinkHello, &hello.encode())?;
             Ok(stream)
         });
         match opened {
@@ -736,8 +735,7 @@ impl Driver<'_> {
     }
 
     fn send_control(&mut self, kind: Kind, body: &[u8]) -> bool {
-        let mut w = self.control;
-        match wire::write_frame(&mut w, kind, 0, 0, &[body]) {
+        match wire::write_control(self.control, kind, body) {
             Ok(n) => {
                 self.control_written.fetch_add(n as u64, Ordering::Relaxed);
                 true

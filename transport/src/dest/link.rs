@@ -71,11 +71,11 @@ fn present(stream: &TcpStream, session: u64) -> Result<u32, ReceiveError> {
     let h = wire::read_frame(&mut d, &mut body)?;
     match h.kind {
         Kind::LinkHello => {
-            let (got, link) = wire::decode_link_hello(&body)?;
-            if got != session {
-                return Err(WireError::WrongSession { got }.into());
+            let l = wire::LinkHello::decode(&body)?;
+            if l.session != session {
+                return Err(WireError::WrongSession { got: l.session }.into());
             }
-            Ok(link)
+            Ok(l.link)
         }
         Kind::Hello => Err(ReceiveError::Busy),
         got => Err(WireError::Unexpected { got, expected: "LinkHello" }.into()),
@@ -113,7 +113,7 @@ fn data_link(
         let (raw, h) = match wire::read_header_within(&stream, MID_FRAME_TIMEOUT, "Pages frame") {
             Ok(x) => x,
             // The link died or was closed: the source sends its batches again elsewhere.
-            Err(WireError::Closed | WireError::Io(_) | WireError::Truncated { .. }) => break Ok(()),
+            Err(e) if e.is_link_loss() => break Ok(()),
             Err(e) => break Err(ReceiveError::from(e)),
         };
         let len = (HEADER_LEN as u64) + u64::from(h.len);
@@ -133,8 +133,8 @@ fn data_link(
             Err(None) => break Ok(()),
             Err(Some(e)) => break Err(e),
         }
-        let ack = wire::encode_ack(len, frame.entries.len() as u32);
-        if wire::write_frame(&mut &stream, Kind::Ack, h.epoch, h.seq, &[&ack]).is_err() {
+        let ack = wire::Ack { bytes: len, pages: frame.entries.len() as u32 };
+        if wire::write_frame(&mut &stream, Kind::Ack, h.epoch, h.seq, &[&ack.encode()]).is_err() {
             break Ok(());
         }
     };
@@ -188,10 +188,7 @@ fn read_pages(
     f: &mut FrameBuffers,
 ) -> Result<(), Option<ReceiveError>> {
     let fatal = |e: ReceiveError| Some(e);
-    let dead_or = |e: WireError| match e {
-        WireError::Io(_) | WireError::Truncated { .. } | WireError::Closed => None,
-        e => Some(e.into()),
-    };
+    let dead_or = |e: WireError| if e.is_link_loss() { None } else { Some(e.into()) };
     f.table.resize(h.checked_len as usize, 0);
     wire::read_part(r, &mut f.table, "entry table").map_err(dead_or)?;
     wire::check_sum(raw, h, &f.table).map_err(|e| fatal(e.into()))?;

@@ -263,9 +263,8 @@ pub fn receive<G: Guest>(
         opts.check(&hello)?;
         control.set_write_timeout(Some(WRITE_TIMEOUT)).map_err(WireError::from)?;
         let guest = make_guest(&hello)?;
-        let me = opts.describe();
-        wire::write_frame(&mut &*control, Kind::HelloAck, 0, 0, &[&wire::encode_hello_ack(hello.session, &me)])
-            .map_err(WireError::from)?;
+        let ack = wire::HelloAck { session: hello.session, dest: opts.describe() };
+        wire::write_control(control, Kind::HelloAck, &ack.encode()).map_err(WireError::from)?;
         let report = run(listeners, control, &guest, hello, opts, refused)?;
         Ok((guest, report))
     })();
@@ -503,7 +502,7 @@ fn run(
         let _ = control.shutdown(Shutdown::Write);
     }
     let committed_error =
-        wire::write_frame(&mut &*control, Kind::Committed, 0, 0, &[]).err().map(|e| format!("sending Committed: {e}"));
+        wire::write_control(control, Kind::Committed, &[]).err().map(|e| format!("sending Committed: {e}"));
     let totals = shared.totals.into_inner().unwrap_or_else(|e| e.into_inner());
     let mut links = shared.received.into_inner().unwrap_or_else(|e| e.into_inner());
     links.sort_unstable();
@@ -530,7 +529,6 @@ fn control_loop(
     msgs: &crossbeam::channel::Receiver<Msg>,
     opts: &DestOptions,
 ) -> Result<bool, ReceiveError> {
-    let mut w = control;
     let mut verified: Option<bool> = None;
     // Rounds can keep the control connection quiet for long: the source is silent only when the data links are too.
     let mut seen = shared.bytes.load(Ordering::Relaxed);
@@ -557,7 +555,7 @@ fn control_loop(
         match h.kind {
             Kind::VcpuState => {
                 guest.vcpus().restore_state(&body)?;
-                wire::write_frame(&mut w, Kind::StateAck, 0, 0, &[]).map_err(WireError::from)?;
+                wire::write_control(control, Kind::StateAck, &[]).map_err(WireError::from)?;
             }
             Kind::Verify => {
                 let want = Verify::decode(&body)?;
@@ -568,7 +566,7 @@ fn control_loop(
                 let equal = table_root == want.table_root && (!want.full || memory_root == want.memory_root);
                 verified = equal.then_some(want.full);
                 let v = Verified { equal, table_root, memory_root };
-                wire::write_frame(&mut w, Kind::Verified, 0, 0, &[&v.encode()]).map_err(WireError::from)?;
+                wire::write_control(control, Kind::Verified, &v.encode()).map_err(WireError::from)?;
             }
             Kind::Commit => return verified.ok_or(ReceiveError::CommitBeforeVerify),
             Kind::Abort => {

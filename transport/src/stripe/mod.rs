@@ -35,7 +35,7 @@ const PRIOR_BPS: u64 = 125_000_000;
 
 /// Wire bytes of a batch's Pages frame.
 pub fn frame_len(b: &EncodedBatch) -> u64 {
-    (HEADER_LEN + 8 + b.entries.len() * wire::ENTRY_LEN + b.payload_len()) as u64
+    (HEADER_LEN + wire::TABLE_HEADER_LEN + b.entries.len() * wire::ENTRY_LEN + b.payload_len()) as u64
 }
 
 /// A Pages frame in the zero-copy path's hands: header, entry table and the batch, kept until the kernel is done.
@@ -148,7 +148,7 @@ impl DataLink {
     /// (raw pages copied into the batch, or in place in guest memory), or, for the zero-copy path, the same iovecs
     /// with `MSG_ZEROCOPY`.
     pub fn write_loop(&self, index: usize, events: &(dyn Fn(LinkEvent) + Sync), kernel_copied: &(dyn Fn() + Sync)) {
-        let mut table = Vec::with_capacity(8 + BATCH_PAGES * wire::ENTRY_LEN);
+        let mut table = Vec::with_capacity(wire::TABLE_HEADER_LEN + BATCH_PAGES * wire::ENTRY_LEN);
         let mut w = &self.stream;
         let mut zc: Option<ZeroCopy> = None;
         let mut zc_tried = false;
@@ -175,7 +175,7 @@ impl DataLink {
             }
             let result = match zc.as_mut().filter(|_| zero_copy) {
                 Some(z) => {
-                    let mut own = Vec::with_capacity(8 + BATCH_PAGES * wire::ENTRY_LEN);
+                    let mut own = Vec::with_capacity(wire::TABLE_HEADER_LEN + BATCH_PAGES * wire::ENTRY_LEN);
                     wire::encode_entries(&batch, &mut own);
                     // SAFETY: the batch belongs to the running migration, which borrows the guest for its whole run.
                     let parts: Vec<&[u8]> = unsafe { batch.part_slices() }.collect();
@@ -222,7 +222,7 @@ impl DataLink {
         let mut r = &self.stream;
         loop {
             let result = wire::read_frame(&mut r, &mut buf).and_then(|h| match h.kind {
-                Kind::Ack => wire::decode_ack(&buf).map(|(bytes, pages)| (h, bytes, pages)),
+                Kind::Ack => wire::Ack::decode(&buf).map(|a| (h, a.bytes, u64::from(a.pages))),
                 Kind::Abort => Err(WireError::PeerAbort(wire::decode_reason(&buf))),
                 got => Err(WireError::Unexpected { got, expected: "an Ack on a data link" }),
             });

@@ -29,11 +29,7 @@
 //!
 //! Integers are little-endian. Lengths and counts read from the wire are bounded before use (DESIGN.md invariant 5).
 
-use livemig_engine::cpu::CpuDescription;
-use livemig_engine::dirty::Bitmap;
 use livemig_engine::encode::{Codec, EncodedBatch, PageEntry};
-use livemig_engine::guest::MemoryLayout;
-use livemig_engine::preflight::DestDescription;
 use std::hash::Hasher;
 use std::io::{IoSlice, Read, Write};
 use twox_hash::XxHash3_64;
@@ -57,6 +53,8 @@ pub const MAX_REASON: usize = 1024;
 /// Bytes per page entry in a Pages frame: page index (40 bits), payload length (16 bits), codec and flags (4 bits
 /// each), page hash (64 bits). At 16 bytes, the entries of a 2 GiB guest's 393,216 touched pages take 6 MiB.
 pub const ENTRY_LEN: usize = 16;
+/// Bytes before a Pages frame's entries: the entry count and the zstd frame's length, 4 bytes each.
+pub const TABLE_HEADER_LEN: usize = 8;
 /// Page indices are 40 bits: guests up to 4 EiB.
 pub const MAX_PAGE_INDEX: u64 = (1 << 40) - 1;
 /// Entry flag: a raw page sent in place from guest memory, which may have changed between its hash and its send.
@@ -200,6 +198,14 @@ pub enum WireError {
     /// The socket failed.
     #[error("connection error: {0}")]
     Io(#[from] std::io::Error),
+}
+
+impl WireError {
+    /// True when the connection itself is gone (closed, reset, timed out, cut inside a frame): on a data link that is a
+    /// link lost, whose batches go out again on the others, not bad data.
+    pub fn is_link_loss(&self) -> bool {
+        matches!(self, WireError::Closed | WireError::Io(_) | WireError::Truncated { .. })
+    }
 }
 
 /// A parsed frame header.
@@ -417,161 +423,6 @@ impl<'a> Body<'a> {
     }
 }
 
-/// The source's opening message.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Hello {
-    /// Identifies the migration; every later connection of it presents the same id.
-    pub session: u64,
-    /// The guest's memory layout.
-    pub layout: MemoryLayout,
-    /// vCPUs of the guest.
-    pub vcpus: u32,
-    /// The guest adapter kind ("synthetic", "kvm"), so the destination builds a matching guest.
-    pub guest_kind: String,
-    /// One bit per [`CHUNK_PAGES`] pages: set where round 0 will send data, so the destination can fault those
-    /// chunks in ahead of the pages.
-    pub chunks: Bitmap,
-    /// The VM's CPU model (vendor and the features it may use), checked by the destination before any page moves.
-    pub cpu: Option<CpuDescription>,
-    /// The VM's NIC MACs, which the destination announces after it resumes the guest.
-    pub macs: Vec<[u8; 6]>,
-}
-
-/// Pages per chunk of [`Hello::chunks`]: 2 MiB, a transparent huge page.
-pub const CHUNK_PAGES: u64 = 512;
-
-/// The chunk map of a page bitmap: a chunk is set when any of its pages is.
-pub fn chunk_map(pages: &Bitmap) -> Bitmap {
-    let mut chunks = Bitmap::new(pages.len().div_ceil(CHUNK_PAGES));
-    pages.for_each_run(|run| {
-        for c in run.first / CHUNK_PAGES..=(run.first + run.count - 1) / CHUNK_PAGES {
-            chunks.set(c);
-        }
-    });
-    chunks
-}
-
-/// The most regions a Hello may describe.
-pub const MAX_REGIONS: u32 = 1024;
-
-impl Hello {
-    /// Serializes the body.
-    pub fn encode(&self) -> Vec<u8> {
-        let mut b = Vec::new();
-        b.extend_from_slice(&self.session.to_le_bytes());
-        b.extend_from_slice(&(livemig_engine::guest::PAGE_SIZE as u32).to_le_bytes());
-        b.extend_from_slice(&self.vcpus.to_le_bytes());
-        b.push(u8::try_from(self.guest_kind.len()).expect("guest kind name over 255 bytes"));
-        b.extend_from_slice(self.guest_kind.as_bytes());
-        b.extend_from_slice(&(self.layout.regions.len() as u32).to_le_bytes());
-        for &(gpa, len) in &self.layout.regions {
-            b.extend_from_slice(&gpa.to_le_bytes());
-            b.extend_from_slice(&len.to_le_bytes());
-        }
-        b.extend_from_slice(&(self.chunks.words().len() as u32).to_le_bytes());
-        for w in self.chunks.words() {
-            b.extend_from_slice(&w.to_le_bytes());
-        }
-        let short = |b: &mut Vec<u8>, s: &str| {
-            let s = &s.as_bytes()[..s.len().min(255)];
-            b.push(s.len() as u8);
-            b.extend_from_slice(s);
-        };
-        b.push(u8::try_from(self.macs.len()).expect("at most 255 NICs"));
-        for m in &self.macs {
-            b.extend_from_slice(m);
-        }
-        match &self.cpu {
-            None => b.push(0),
-            Some(c) => {
-                b.push(1);
-                short(&mut b, &c.name);
-                short(&mut b, &c.vendor);
-                for v in [c.family, c.model, c.stepping] {
-                    b.extend_from_slice(&v.to_le_bytes());
-                }
-                b.extend_from_slice(&(c.features.len().min(u16::MAX as usize) as u16).to_le_bytes());
-                for f in c.features.iter().take(u16::MAX as usize) {
-                    short(&mut b, f);
-                }
-            }
-        }
-        b
-    }
-
-    /// Parses and checks a body: the page size must be ours, and regions whole pages.
-    pub fn decode(body: &[u8]) -> Result<Hello, WireError> {
-        let mut r = Body { kind: Kind::Hello, b: body };
-        let bad = |why: String| WireError::Malformed { kind: Kind::Hello, why };
-        let session = r.u64("session")?;
-        let page_size = r.u32("page size")?;
-        if page_size as usize != livemig_engine::guest::PAGE_SIZE {
-            return Err(bad(format!("page size {page_size}, this build moves 4096-byte pages")));
-        }
-        let vcpus = r.u32("vCPU count")?;
-        if vcpus == 0 || vcpus > MAX_VCPUS {
-            return Err(bad(format!("{vcpus} vCPUs (1..={MAX_VCPUS} allowed)")));
-        }
-        let n = r.u8("guest kind length")?;
-        let guest_kind = String::from_utf8(r.take(n.into(), "guest kind")?.to_vec())
-            .map_err(|_| bad("guest kind is not UTF-8".into()))?;
-        let count = r.u32("region count")?;
-        if count == 0 || count > MAX_REGIONS {
-            return Err(bad(format!("{count} memory regions (1..={MAX_REGIONS} allowed)")));
-        }
-        let mut regions = Vec::with_capacity(count as usize);
-        for _ in 0..count {
-            let (gpa, len) = (r.u64("region address")?, r.u64("region length")?);
-            if len == 0 || len % page_size as u64 != 0 || gpa % page_size as u64 != 0 {
-                return Err(bad(format!("region {gpa:#x}+{len:#x} is not whole pages")));
-            }
-            regions.push((gpa, len));
-        }
-        let layout = MemoryLayout { regions };
-        let chunk_bits = layout.total_pages().div_ceil(CHUNK_PAGES);
-        let words = r.u32("chunk map length")? as usize;
-        if words as u64 != chunk_bits.div_ceil(64) {
-            return Err(bad(format!("chunk map of {words} words for {chunk_bits} chunks")));
-        }
-        // take() bounds the map by the body before anything is allocated for it.
-        let raw = r.take(words * 8, "chunk map")?;
-        let chunks = Bitmap::from_words(
-            raw.chunks_exact(8).map(|w| u64::from_le_bytes(w.try_into().expect("8 bytes"))).collect(),
-            chunk_bits,
-        );
-        let nics = r.u8("NIC count")?;
-        let mut macs = Vec::with_capacity(nics.into());
-        for _ in 0..nics {
-            macs.push(<[u8; 6]>::try_from(r.take(6, "MAC")?).expect("6 bytes"));
-        }
-        let cpu = match r.u8("CPU model flag")? {
-            0 => None,
-            1 => {
-                let mut short = |what: &str| -> Result<String, WireError> {
-                    let n = r.u8(what)?;
-                    String::from_utf8(r.take(n.into(), what)?.to_vec())
-                        .map_err(|_| WireError::Malformed { kind: Kind::Hello, why: format!("{what} is not UTF-8") })
-                };
-                let name = short("CPU model name")?;
-                let vendor = short("CPU vendor")?;
-                let (family, model, stepping) = (r.u32("CPU family")?, r.u32("CPU model")?, r.u32("CPU stepping")?);
-                let count = u16::from_le_bytes(r.take(2, "feature count")?.try_into().expect("2 bytes"));
-                let mut features = std::collections::BTreeSet::new();
-                for _ in 0..count {
-                    let n = r.u8("feature name length")?;
-                    let f = r.take(n.into(), "feature name")?;
-                    features
-                        .insert(String::from_utf8(f.to_vec()).map_err(|_| bad("a feature name is not UTF-8".into()))?);
-                }
-                Some(CpuDescription { name, vendor, family, model, stepping, features })
-            }
-            v => return Err(bad(format!("CPU model flag {v}"))),
-        };
-        r.end()?;
-        Ok(Hello { session, chunks, layout, vcpus, guest_kind, cpu, macs })
-    }
-}
-
 /// Serializes a batch's entry table: a count and the zstd frame's length, then [`ENTRY_LEN`] bytes per page (index,
 /// payload length, codec, flags, hash).
 pub fn encode_entries(batch: &EncodedBatch, out: &mut Vec<u8>) {
@@ -619,14 +470,14 @@ pub fn decode_table(h: &Header, table: &[u8], entries: &mut Vec<PageEntry>) -> R
     let bad = |why: String| WireError::Malformed { kind: Kind::Pages, why };
     let count = r.u32("page count")? as usize;
     let zstd_len = r.u32("zstd frame length")?;
-    if count > (table.len() - 8) / ENTRY_LEN {
+    if count > (table.len() - TABLE_HEADER_LEN) / ENTRY_LEN {
         return Err(bad(format!("{count} entries do not fit a {}-byte table", table.len())));
     }
-    if h.checked_len as usize != 8 + count * ENTRY_LEN {
+    if h.checked_len as usize != TABLE_HEADER_LEN + count * ENTRY_LEN {
         return Err(bad(format!(
             "checksum covers {} bytes, the entry table is {}",
             h.checked_len,
-            8 + count * ENTRY_LEN
+            TABLE_HEADER_LEN + count * ENTRY_LEN
         )));
     }
     entries.clear();
@@ -656,146 +507,13 @@ pub fn decode_table(h: &Header, table: &[u8], entries: &mut Vec<PageEntry>) -> R
     Ok(zstd_len)
 }
 
-/// The Verify body: how thorough, and the source's roots.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct Verify {
-    /// Whether both sides also re-hash all of memory.
-    pub full: bool,
-    /// Root over the source's table of sent pages.
-    pub table_root: u64,
-    /// Root over the source's memory as it is (only with `full`).
-    pub memory_root: u64,
-}
-
-/// The Verified body: the destination's verdict and its roots.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct Verified {
-    /// True when every compared root matched.
-    pub equal: bool,
-    /// Root over the destination's table of applied pages.
-    pub table_root: u64,
-    /// Root over the destination's memory (only with a full verify).
-    pub memory_root: u64,
-}
-
-fn encode_roots(flag: bool, a: u64, b: u64) -> [u8; 17] {
-    let mut out = [0u8; 17];
-    out[0] = u8::from(flag);
-    out[1..9].copy_from_slice(&a.to_le_bytes());
-    out[9..17].copy_from_slice(&b.to_le_bytes());
-    out
-}
-
-fn decode_roots(kind: Kind, body: &[u8]) -> Result<(bool, u64, u64), WireError> {
-    let mut r = Body { kind, b: body };
-    let flag = match r.u8("flag")? {
-        0 => false,
-        1 => true,
-        v => return Err(WireError::Malformed { kind, why: format!("flag byte {v}") }),
-    };
-    let (a, b) = (r.u64("root")?, r.u64("root")?);
-    r.end()?;
-    Ok((flag, a, b))
-}
-
-impl Verify {
-    /// Serializes the body.
-    pub fn encode(&self) -> [u8; 17] {
-        encode_roots(self.full, self.table_root, self.memory_root)
-    }
-    /// Parses a body.
-    pub fn decode(body: &[u8]) -> Result<Verify, WireError> {
-        let (full, table_root, memory_root) = decode_roots(Kind::Verify, body)?;
-        Ok(Verify { full, table_root, memory_root })
-    }
-}
-
-impl Verified {
-    /// Serializes the body.
-    pub fn encode(&self) -> [u8; 17] {
-        encode_roots(self.equal, self.table_root, self.memory_root)
-    }
-    /// Parses a body.
-    pub fn decode(body: &[u8]) -> Result<Verified, WireError> {
-        let (equal, table_root, memory_root) = decode_roots(Kind::Verified, body)?;
-        Ok(Verified { equal, table_root, memory_root })
-    }
-}
-
-/// Serializes an Ack body: the wire bytes and the pages of the acknowledged frame.
-pub fn encode_ack(bytes: u64, pages: u32) -> [u8; 12] {
-    let mut out = [0u8; 12];
-    out[..8].copy_from_slice(&bytes.to_le_bytes());
-    out[8..].copy_from_slice(&pages.to_le_bytes());
-    out
-}
-
-/// Parses an Ack body into (wire bytes, pages) of the acknowledged frame.
-pub fn decode_ack(body: &[u8]) -> Result<(u64, u64), WireError> {
-    let mut r = Body { kind: Kind::Ack, b: body };
-    let bytes = r.u64("byte count")?;
-    let pages = r.u32("page count")?;
-    r.end()?;
-    Ok((bytes, u64::from(pages)))
-}
-
-/// Serializes a HelloAck body: the session echoed, and the destination's description of itself (JSON) for the
-/// source's preflight.
-pub fn encode_hello_ack(session: u64, dest: &DestDescription) -> Vec<u8> {
-    let json = serde_json::to_vec(dest).expect("a description serializes");
-    let mut b = Vec::with_capacity(12 + json.len());
-    b.extend_from_slice(&session.to_le_bytes());
-    b.extend_from_slice(&(json.len() as u32).to_le_bytes());
-    b.extend_from_slice(&json);
-    b
-}
-
-/// Parses a HelloAck body into the session and the destination's description.
-pub fn decode_hello_ack(body: &[u8]) -> Result<(u64, DestDescription), WireError> {
-    let mut r = Body { kind: Kind::HelloAck, b: body };
-    let session = r.u64("session")?;
-    let n = r.u32("description length")? as usize;
-    let json = r.take(n, "description")?;
-    r.end()?;
-    let dest = serde_json::from_slice(json)
-        .map_err(|e| WireError::Malformed { kind: Kind::HelloAck, why: format!("destination description: {e}") })?;
-    Ok((session, dest))
-}
-
-/// Serializes a LinkHello body.
-pub fn encode_link_hello(session: u64, link: u32) -> [u8; 12] {
-    let mut out = [0u8; 12];
-    out[..8].copy_from_slice(&session.to_le_bytes());
-    out[8..].copy_from_slice(&link.to_le_bytes());
-    out
-}
-
-/// Parses a LinkHello body into (session, link index).
-pub fn decode_link_hello(body: &[u8]) -> Result<(u64, u32), WireError> {
-    let mut r = Body { kind: Kind::LinkHello, b: body };
-    let session = r.u64("session")?;
-    let link = r.u32("link index")?;
-    r.end()?;
-    Ok((session, link))
-}
-
-/// An Abort body's reason, made printable whatever bytes arrived.
-pub fn decode_reason(body: &[u8]) -> String {
-    String::from_utf8_lossy(&body[..body.len().min(MAX_REASON)]).into_owned()
-}
-
-/// Writes an Abort frame with `reason` (cut to [`MAX_REASON`] bytes) on `w`. Best effort, for the caller to ignore
-/// or report: the peer may be gone already.
-pub fn write_abort(mut w: impl Write, reason: &str) -> std::io::Result<usize> {
-    let mut end = reason.len().min(MAX_REASON);
-    while !reason.is_char_boundary(end) {
-        end -= 1;
-    }
-    write_frame(&mut w, Kind::Abort, 0, 0, &[&reason.as_bytes()[..end]])
-}
-
 mod deadline;
+mod messages;
 pub use deadline::{read_frame_within, read_header_within, Deadline, DEADLINE_SLACK};
+pub use messages::{
+    chunk_map, decode_reason, write_abort, write_control, Ack, Hello, HelloAck, LinkHello, Verified, Verify,
+    CHUNK_PAGES, MAX_REGIONS,
+};
 
 #[cfg(test)]
 mod tests;

@@ -1,5 +1,6 @@
 use super::*;
 use livemig_engine::dirty::Bitmap;
+use livemig_engine::guest::MemoryLayout;
 
 fn frame(kind: Kind, epoch: u32, seq: u32, body: &[u8]) -> Vec<u8> {
     let mut out = Vec::new();
@@ -27,10 +28,10 @@ fn read(bytes: &[u8]) -> Result<(Header, Vec<u8>), WireError> {
 
 #[test]
 fn frame_round_trips() {
-    let f = frame(Kind::Ack, 7, 42, &encode_ack(99, 3));
+    let f = frame(Kind::Ack, 7, 42, &Ack { bytes: 99, pages: 3 }.encode());
     let (h, body) = read(&f).unwrap();
     assert_eq!((h.kind, h.epoch, h.seq, h.len, h.version), (Kind::Ack, 7, 42, 12, VERSION));
-    assert_eq!(decode_ack(&body).unwrap(), (99, 3));
+    assert_eq!(Ack::decode(&body).unwrap(), Ack { bytes: 99, pages: 3 });
 }
 
 #[test]
@@ -271,4 +272,45 @@ fn inconsistent_page_tables_are_refused() {
     assert!(err.to_string().contains("unknown entry flags 0x02"), "{err}");
     // A body too short for even the count.
     assert!(matches!(decode_pages(&pages_header(&[1, 2], 2), &[1, 2], &mut entries), Err(WireError::Malformed { .. })));
+}
+
+#[test]
+fn every_control_message_round_trips_and_refuses_a_short_or_long_body() {
+    let ack = Ack { bytes: 1 << 40, pages: 128 };
+    assert_eq!(Ack::decode(&ack.encode()).unwrap(), ack);
+    let link = LinkHello { session: 0xfeed_f00d, link: 3 };
+    assert_eq!(LinkHello::decode(&link.encode()).unwrap(), link);
+    let dest = livemig_engine::preflight::DestDescription {
+        name: "dst".into(),
+        free_memory_bytes: 1 << 30,
+        datastores: vec!["ds1".into()],
+        port_groups: Vec::new(),
+        cpu: livemig_engine::cpu::host(),
+    };
+    let hello_ack = HelloAck { session: 9, dest };
+    assert_eq!(HelloAck::decode(&hello_ack.encode()).unwrap(), hello_ack);
+    for (kind, body) in [(Kind::Ack, ack.encode().to_vec()), (Kind::LinkHello, link.encode().to_vec())] {
+        let short = match kind {
+            Kind::Ack => Ack::decode(&body[..body.len() - 1]).map(drop),
+            _ => LinkHello::decode(&body[..body.len() - 1]).map(drop),
+        };
+        assert!(short.unwrap_err().to_string().contains("body ends inside"), "{kind:?}");
+        let mut long = body.clone();
+        long.push(0);
+        let long = match kind {
+            Kind::Ack => Ack::decode(&long).map(drop),
+            _ => LinkHello::decode(&long).map(drop),
+        };
+        assert!(long.unwrap_err().to_string().contains("1 trailing bytes"), "{kind:?}");
+    }
+    assert!(HelloAck::decode(&hello_ack.encode()[..20]).is_err());
+}
+
+#[test]
+fn a_lost_connection_is_told_from_bad_data() {
+    assert!(WireError::Closed.is_link_loss());
+    assert!(WireError::Truncated { part: "body", needed: 10, got: 3 }.is_link_loss());
+    assert!(WireError::Io(std::io::ErrorKind::ConnectionReset.into()).is_link_loss());
+    assert!(!WireError::BadMagic(*b"GET ").is_link_loss());
+    assert!(!WireError::BadChecksum { expected: 1, computed: 2 }.is_link_loss());
 }
