@@ -125,7 +125,7 @@ pub struct ApplyState {
     scratch: Box<[u8; PAGE_SIZE]>,
     zbuf: Vec<u8>,
     // Buffers of apply_frame_in_place, kept from frame to frame.
-    claims: Vec<(usize, Option<usize>, u32)>,
+    claims: Vec<Claim>,
     parts: Vec<(usize, usize)>,
     payload: Vec<u8>,
     zin: Vec<u8>,
@@ -190,6 +190,72 @@ impl ApplyState {
             return Err(err(format!("decoded to {n} bytes, not {}", pages * PAGE_SIZE)));
         }
         Ok(())
+    }
+}
+
+/// One raw page of a frame read in place: its entry, its place in guest memory (None when the page holds a newer
+/// copy and the bytes go to scratch), and its slot as it was before the claim.
+#[derive(Debug, Clone, Copy)]
+struct Claim {
+    entry: usize,
+    page: u64,
+    place: Option<usize>,
+    held: u32,
+}
+
+/// A frame's claimed pages. Those not yet settled (checked and stamped) are put back as they were when this is
+/// dropped, on every way out: an error while claiming, a failed read, a page that fails its hash.
+struct Claims<'r, 'a> {
+    rx: &'r Receiver<'a>,
+    list: Vec<Claim>,
+    /// Claims before this index are settled.
+    settled: usize,
+}
+
+impl Drop for Claims<'_, '_> {
+    fn drop(&mut self) {
+        for c in &self.list[self.settled.min(self.list.len())..] {
+            if c.place.is_some() {
+                let _guard = self.rx.stripe(c.page);
+                self.rx.epochs[c.page as usize].store(c.held, Ordering::Relaxed);
+            }
+        }
+    }
+}
+
+/// The payload of a frame in wire order, as (address, length) of disjoint buffers: raw pages at their claimed place
+/// in guest memory (or in scratch when stale), lz4 blocks in `st.payload`, the zstd frame in `st.zin`. Adjacent
+/// buffers are merged, so a run of consecutive pages is one iovec.
+fn payload_parts(
+    entries: &[PageEntry],
+    claims: &[Claim],
+    zstd_len: usize,
+    st: &mut ApplyState,
+    parts: &mut Vec<(usize, usize)>,
+) {
+    parts.clear();
+    let push = |parts: &mut Vec<(usize, usize)>, addr: usize, len: usize| match parts.last_mut() {
+        Some((a, l)) if *a + *l == addr => *l += len,
+        _ => parts.push((addr, len)),
+    };
+    let (mut raw, mut other_off, mut stale_off) = (claims.iter(), 0usize, 0usize);
+    for e in entries {
+        if e.codec == Codec::Raw {
+            let c = raw.next().expect("one claim per raw entry");
+            match c.place {
+                Some(addr) => push(parts, addr, PAGE_SIZE),
+                None => {
+                    push(parts, st.stale_buf.as_mut_ptr() as usize + stale_off, PAGE_SIZE);
+                    stale_off += PAGE_SIZE;
+                }
+            }
+        } else if e.len > 0 {
+            push(parts, st.payload.as_mut_ptr() as usize + other_off, e.len as usize);
+            other_off += e.len as usize;
+        }
+    }
+    if zstd_len > 0 {
+        push(parts, st.zin.as_mut_ptr() as usize, zstd_len);
     }
 }
 
@@ -354,92 +420,21 @@ impl<'a> Receiver<'a> {
         st: &mut ApplyState,
         read: impl FnOnce(&mut [std::io::IoSliceMut<'_>]) -> std::io::Result<()>,
     ) -> Result<(), InPlaceError> {
-        let (mut others_len, mut stale_pages) = (0usize, 0usize);
+        let mut others_len = 0usize;
         for e in entries {
             self.check_entry(e)?;
             if e.codec != Codec::Raw {
                 others_len += e.len as usize;
             }
         }
-        let stamp = stamp_of(epoch);
-        let mark = (owner.min(MAX_OWNERS - 1) + 1) << OWNER_SHIFT;
-        // Claim every raw page: (entry, its place in guest memory or None when stale, its slot before the claim).
-        let mut claims = std::mem::take(&mut st.claims);
-        claims.clear();
-        let mut lock: Option<(u64, MutexGuard<'_, ()>)> = None;
-        let mut waited = std::time::Duration::ZERO;
-        for (i, e) in entries.iter().enumerate() {
-            if e.codec != Codec::Raw {
-                continue;
-            }
-            let Ok((ptr, _)) = host_pages(self.mem, e.page, 1) else {
-                // check_entry bounded the index, so only a layout that lies gets here; leave no page busy.
-                drop(lock.take());
-                self.release(entries, &claims);
-                st.claims = claims;
-                return Err(ApplyError::PageOutOfRange { page: e.page, pages: self.pages }.into());
-            };
-            let slot = &self.epochs[e.page as usize];
-            loop {
-                self.hold(&mut lock, e.page);
-                let held = slot.load(Ordering::Relaxed);
-                match owner_of(held) {
-                    None if held > stamp => {
-                        stale_pages += 1;
-                        claims.push((i, None, held));
-                    }
-                    None => {
-                        slot.store(held | mark, Ordering::Relaxed);
-                        claims.push((i, Some(ptr as usize), held));
-                    }
-                    Some(o) if o == owner.min(MAX_OWNERS - 1) => {
-                        drop(lock.take());
-                        self.release(entries, &claims);
-                        st.claims = claims;
-                        return Err(ApplyError::Duplicate { page: e.page }.into());
-                    }
-                    Some(_) => {
-                        // Its owner needs the stripe lock to finish.
-                        drop(lock.take());
-                        self.wait_busy(held, &mut waited);
-                        continue;
-                    }
-                }
-                break;
-            }
-        }
-        drop(lock.take());
+        let mut claims = Claims { rx: self, list: std::mem::take(&mut st.claims), settled: 0 };
+        claims.list.clear();
+        let stale_pages = self.claim_raw(entries, stamp_of(epoch), owner, &mut claims)?;
         st.payload.resize(others_len, 0);
         st.zin.resize(zstd_len, 0);
         st.stale_buf.resize(stale_pages * PAGE_SIZE, 0);
-        // The payload in wire order, as (address, length) of disjoint buffers.
         let mut parts = std::mem::take(&mut st.parts);
-        parts.clear();
-        let push = |parts: &mut Vec<(usize, usize)>, addr: usize, len: usize| match parts.last_mut() {
-            Some((a, l)) if *a + *l == addr => *l += len,
-            _ => parts.push((addr, len)),
-        };
-        let (mut c, mut other_off, mut stale_off) = (0usize, 0usize, 0usize);
-        for (i, e) in entries.iter().enumerate() {
-            if e.codec == Codec::Raw {
-                let (_, place, _) = claims[c];
-                c += 1;
-                debug_assert_eq!(claims[c - 1].0, i);
-                match place {
-                    Some(addr) => push(&mut parts, addr, PAGE_SIZE),
-                    None => {
-                        push(&mut parts, st.stale_buf.as_mut_ptr() as usize + stale_off, PAGE_SIZE);
-                        stale_off += PAGE_SIZE;
-                    }
-                }
-            } else if e.len > 0 {
-                push(&mut parts, st.payload.as_mut_ptr() as usize + other_off, e.len as usize);
-                other_off += e.len as usize;
-            }
-        }
-        if zstd_len > 0 {
-            push(&mut parts, st.zin.as_mut_ptr() as usize, zstd_len);
-        }
+        payload_parts(entries, &claims.list, zstd_len, st, &mut parts);
         // SAFETY: every part is a distinct range: a claimed guest page (one whole page of the live mapping, marked busy
         // so that no other apply touches it), a page of stale_buf, or a range of payload or zin, all sized above and
         // not resized until the slices are gone.
@@ -450,37 +445,11 @@ impl<'a> Receiver<'a> {
         let filled = read(&mut iov);
         drop(iov);
         st.parts = parts;
-        if let Err(err) = filled {
-            self.release(entries, &claims);
-            st.claims = claims;
-            return Err(InPlaceError::Io(err));
-        }
-        let mut result = Ok(());
-        for (k, &(i, place, held)) in claims.iter().enumerate() {
-            let e = &entries[i];
-            let Some(addr) = place else {
-                st.stale += 1;
-                continue;
-            };
-            // SAFETY: as above; the page is still marked busy by this call.
-            let computed = page_hash(unsafe { std::slice::from_raw_parts(addr as *const u8, PAGE_SIZE) });
-            let slot = &self.epochs[e.page as usize];
-            self.hold(&mut lock, e.page);
-            if computed != e.hash && !e.live {
-                slot.store(held, Ordering::Relaxed);
-                drop(lock.take());
-                self.release(entries, &claims[k + 1..]);
-                result = Err(ApplyError::BadChecksum { page: e.page, expected: e.hash, computed });
-                break;
-            }
-            st.torn += u64::from(computed != e.hash);
-            slot.store(stamp, Ordering::Relaxed);
-            self.hashes.set(e.page, computed);
-            st.counts.raw += 1;
-        }
-        drop(lock);
-        st.claims = claims;
-        result?;
+        // On a failed read the claims go back as they were (the guard), and the source resends the frame.
+        filled.map_err(InPlaceError::Io)?;
+        // On a page that fails its hash the guard puts back the claims not yet settled (the buffer goes with it).
+        self.settle(entries, stamp_of(epoch), &mut claims, st)?;
+        st.claims = std::mem::take(&mut claims.list);
         let mut others = std::mem::take(&mut st.others);
         others.clear();
         others.extend(entries.iter().filter(|e| e.codec != Codec::Raw));
@@ -490,15 +459,82 @@ impl<'a> Receiver<'a> {
         Ok(r?)
     }
 
-    /// Clears the busy marks of `claims`, restoring each page's slot as it was.
-    fn release(&self, entries: &[PageEntry], claims: &[(usize, Option<usize>, u32)]) {
-        for &(i, place, held) in claims {
-            if place.is_some() {
-                let page = entries[i].page;
-                let _guard = self.stripe(page);
-                self.epochs[page as usize].store(held, Ordering::Relaxed);
+    /// Claims every raw page of a frame for an in-place read by `owner`, in entry order: a page already holding a
+    /// newer copy is claimed stale (its bytes will go to scratch), any other is marked busy. Waits for a page another
+    /// link is reading. Returns how many were stale. On an error (a page listed twice) the guard gives back what was
+    /// claimed.
+    fn claim_raw(
+        &self,
+        entries: &[PageEntry],
+        stamp: u32,
+        owner: u32,
+        claims: &mut Claims<'_, '_>,
+    ) -> Result<usize, ApplyError> {
+        let owner = owner.min(MAX_OWNERS - 1);
+        let mark = (owner + 1) << OWNER_SHIFT;
+        let mut stale = 0;
+        let mut lock: Option<(u64, MutexGuard<'_, ()>)> = None;
+        let mut waited = std::time::Duration::ZERO;
+        for (i, e) in entries.iter().enumerate().filter(|(_, e)| e.codec == Codec::Raw) {
+            // check_entry bounded the index, so only a layout that lies fails here.
+            let (ptr, _) = host_pages(self.mem, e.page, 1)
+                .map_err(|_| ApplyError::PageOutOfRange { page: e.page, pages: self.pages })?;
+            let slot = &self.epochs[e.page as usize];
+            loop {
+                self.hold(&mut lock, e.page);
+                let held = slot.load(Ordering::Relaxed);
+                let place = match owner_of(held) {
+                    None if held > stamp => None,
+                    None => Some(ptr as usize),
+                    Some(o) if o == owner => return Err(ApplyError::Duplicate { page: e.page }),
+                    Some(_) => {
+                        // Its owner needs the stripe lock to finish.
+                        drop(lock.take());
+                        self.wait_busy(held, &mut waited);
+                        continue;
+                    }
+                };
+                match place {
+                    Some(_) => slot.store(held | mark, Ordering::Relaxed),
+                    None => stale += 1,
+                }
+                claims.list.push(Claim { entry: i, page: e.page, place, held });
+                break;
             }
         }
+        Ok(stale)
+    }
+
+    /// Checks each claimed page where it landed and records it: the stamp of this round and the hash of what arrived.
+    /// A page whose content fails its hash (and is not live) ends the frame with an error; the guard puts it and every
+    /// later claim back as they were.
+    fn settle(
+        &self,
+        entries: &[PageEntry],
+        stamp: u32,
+        claims: &mut Claims<'_, '_>,
+        st: &mut ApplyState,
+    ) -> Result<(), ApplyError> {
+        let mut lock: Option<(u64, MutexGuard<'_, ()>)> = None;
+        while let Some(&c) = claims.list.get(claims.settled) {
+            let e = &entries[c.entry];
+            if let Some(addr) = c.place {
+                // SAFETY: the page is one whole page of the live mapping, still marked busy by this call.
+                let computed = page_hash(unsafe { std::slice::from_raw_parts(addr as *const u8, PAGE_SIZE) });
+                if computed != e.hash && !e.live {
+                    return Err(ApplyError::BadChecksum { page: e.page, expected: e.hash, computed });
+                }
+                self.hold(&mut lock, e.page);
+                st.torn += u64::from(computed != e.hash);
+                self.epochs[e.page as usize].store(stamp, Ordering::Relaxed);
+                self.hashes.set(e.page, computed);
+                st.counts.raw += 1;
+            } else {
+                st.stale += 1;
+            }
+            claims.settled += 1;
+        }
+        Ok(())
     }
 
     /// Applies one page copy read in round `epoch`. `payload` is the entry's `len` bytes.
