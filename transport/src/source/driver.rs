@@ -1,0 +1,500 @@
+//! The driver: runs the pre-copy machine, carries out its actions, feeds it events, and watches the links.
+
+use super::{DowntimeParts, Event, MigrateError, Progress, RoundReport, SourceOptions, SourceReport};
+use super::{VerifyMode, DIRTY_SAMPLE};
+use crate::cpu::CpuMeter;
+use crate::stripe::{DataLink, LinkEvent, Stripe};
+use crate::wire::{self, Kind, Verify, WireError};
+use crossbeam::channel::{Receiver, RecvTimeoutError, Sender};
+use livemig_engine::dirty::{scan_parallel, Bitmap};
+use livemig_engine::encode::{memory_root, BatchEncoder, EncodeError, HashTable, PageCounts, SendPolicy};
+use livemig_engine::guest::Guest;
+use livemig_engine::precopy::{Action, Outcome, Precopy, RateEstimator, MAX_PAUSE};
+use std::net::{Shutdown, TcpStream};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::{Duration, Instant};
+
+/// The driver's state: what it borrows from [`super::migrate`], the machine it runs, and its view of the links.
+pub(super) struct Driver<'a> {
+    pub(super) guest: &'a dyn Guest,
+    pub(super) opts: &'a SourceOptions,
+    pub(super) machine: Precopy,
+    pub(super) ev_rx: &'a Receiver<Event>,
+    pub(super) ev_tx: &'a Sender<Event>,
+    pub(super) stripe: &'a Stripe,
+    pub(super) hashes: &'a HashTable,
+    pub(super) policy: &'a SendPolicy,
+    pub(super) error: Option<MigrateError>,
+    /// What each round sent, as the driver counted it.
+    pub(super) sent: Vec<RoundSent>,
+    pub(super) progress: &'a (dyn Fn(&Progress) + Sync),
+    pub(super) control: &'a TcpStream,
+    pub(super) control_written: &'a AtomicU64,
+    pub(super) cpu: CpuMeter,
+    pub(super) last_progress: Instant,
+    pub(super) link_rates: Vec<RateEstimator>,
+    /// Per link: the last ack, or the last moment it held nothing.
+    pub(super) link_progress: Vec<Instant>,
+    pub(super) link_errors: &'a mut Vec<Option<String>>,
+    /// Set while the guest is paused and nothing is committed: past it, the switchover is cancelled.
+    pub(super) pause_deadline: Option<Instant>,
+    /// Pages harvested during the current round to sample the dirty rate; they join the next reported harvest.
+    pub(super) sampled: Option<(Bitmap, Instant)>,
+    /// The migration's start, and per-link wire bytes sampled every [`TIMELINE_EVERY`] since.
+    pub(super) start: Instant,
+    pub(super) timeline: Vec<(f64, Vec<u64>)>,
+}
+
+/// One round as the driver sent it: pages by codec, the vCPU throttle, and wire bytes per link.
+pub(super) struct RoundSent {
+    counts: PageCounts,
+    throttle_pct: f64,
+    link_bytes: Vec<u64>,
+}
+
+/// When each step of the switchover ended, for the downtime's parts.
+#[derive(Default)]
+struct PauseMarks {
+    last_pages: Option<Instant>,
+    vcpu_state: Option<Instant>,
+    verification: Option<Instant>,
+    commit: Option<Instant>,
+}
+
+/// How often the per-link byte counters are sampled for the report's timeline (and `--plot`).
+const TIMELINE_EVERY: Duration = Duration::from_millis(100);
+
+impl Driver<'_> {
+    /// Runs the machine until it is done and fills `report` with the outcome, the rounds and the downtime.
+    pub(super) fn run(&mut self, report: &mut SourceReport, rtt: Duration) {
+        // The switchover's fixed cost: three round trips (state, verify, commit), the digest on both sides (timed on
+        // the table itself), and a millisecond for restoring and resuming.
+        let t = Instant::now();
+        std::hint::black_box(self.hashes.root());
+        let cost = rtt * 3 + t.elapsed() * 2 + Duration::from_millis(1);
+        self.machine.set_switchover_cost(cost);
+        let vcpus = self.guest.vcpus();
+        let mut marks = PauseMarks::default();
+        let mut commit_sent = false;
+        while let Some(action) = self.machine.poll() {
+            match action {
+                Action::SendRound { epoch, pages, last } => {
+                    let throttle_pct = vcpus.throttle();
+                    report.max_throttle_pct = report.max_throttle_pct.max(throttle_pct);
+                    let (counts, link_bytes) = self.send_round(epoch, &pages);
+                    self.sent.push(RoundSent { counts, throttle_pct, link_bytes });
+                    if last {
+                        marks.last_pages = Some(Instant::now());
+                    }
+                }
+                Action::Harvest => self.harvest(),
+                Action::SetThrottle(pct) => vcpus.set_throttle(pct),
+                Action::Pause => {
+                    report.predicted_downtime = self.machine.last_prediction();
+                    vcpus.pause();
+                    let now = Instant::now();
+                    self.pause_deadline = Some(now + MAX_PAUSE);
+                    self.machine.paused(now);
+                }
+                Action::SendState => {
+                    self.send_state();
+                    marks.vcpu_state = Some(Instant::now());
+                }
+                Action::Verify => {
+                    if let Some(ok) = self.verify() {
+                        report.verified = ok;
+                        self.machine.verified(ok);
+                    }
+                    marks.verification = Some(Instant::now());
+                }
+                Action::Commit => {
+                    // From here the destination may run the guest: the pause bound can no longer cancel.
+                    self.pause_deadline = None;
+                    commit_sent = true;
+                    if self.send_control(Kind::Commit, &[])
+                        && self.wait_for(|e| matches!(e, Event::Committed).then_some(())).is_some()
+                    {
+                        self.machine.committed();
+                    }
+                    marks.commit = Some(Instant::now());
+                }
+                Action::ResumeSource => {
+                    vcpus.set_throttle(0.0);
+                    vcpus.resume();
+                }
+                Action::Done(outcome) => {
+                    report.result = match outcome {
+                        Outcome::Completed => Ok(()),
+                        Outcome::Failed(reason) if commit_sent => Err(MigrateError::OutcomeUnknown(reason)),
+                        Outcome::Failed(reason) => Err(self.error.take().unwrap_or(MigrateError::Machine(reason))),
+                        Outcome::Cancelled(reason) => {
+                            self.tell_destination(&format!("cancelled: {reason}"));
+                            Err(MigrateError::Cancelled(reason))
+                        }
+                    };
+                    break;
+                }
+            }
+        }
+        self.fill_report(report, &marks);
+    }
+
+    /// Harvests the dirty log (joining what the round's samples already took) and hands it to the machine.
+    fn harvest(&mut self) {
+        let mut bm = match self.sampled.take() {
+            Some((bm, _)) => bm,
+            None => Bitmap::new(self.guest.memory().total_pages()),
+        };
+        match self.guest.dirty_log().harvest(&mut bm) {
+            Ok(()) => self.machine.harvested(bm, Instant::now()),
+            Err(e) => self.fail(e.into()),
+        }
+    }
+
+    /// Saves the paused vCPUs and delivers their state.
+    fn send_state(&mut self) {
+        // Every page is acknowledged: the data links have done their work, and their closing is no failure.
+        for l in &self.stripe.links {
+            l.close();
+        }
+        match self.guest.vcpus().save_state() {
+            Ok(blob) => {
+                if self.send_control(Kind::VcpuState, &blob)
+                    && self.wait_for(|e| matches!(e, Event::StateAck).then_some(())).is_some()
+                {
+                    self.machine.state_delivered();
+                }
+            }
+            Err(e) => self.fail(e.into()),
+        }
+    }
+
+    /// The rounds, pages and downtime of the finished machine into `report`.
+    fn fill_report(&self, report: &mut SourceReport, marks: &PauseMarks) {
+        let m = &self.machine;
+        let mut rounds = m.rounds().to_vec();
+        if rounds.len() < self.sent.len() {
+            rounds.push(m.unfinished_round(Instant::now()));
+        }
+        report.rounds = rounds
+            .iter()
+            .zip(&self.sent)
+            .map(|(s, r)| RoundReport {
+                stats: s.clone(),
+                counts: r.counts,
+                throttle_pct: r.throttle_pct,
+                link_bytes: r.link_bytes.clone(),
+            })
+            .collect();
+        for r in &report.rounds {
+            report.pages.add(&r.counts);
+        }
+        if let (Some(paused), Ok(())) = (m.paused_at(), &report.result) {
+            let at = |mark: Option<Instant>| mark.unwrap_or(paused);
+            let (last_pages, state, verified, committed) =
+                (at(marks.last_pages), at(marks.vcpu_state), at(marks.verification), at(marks.commit));
+            report.downtime = Some(committed.saturating_duration_since(paused));
+            report.downtime_parts = DowntimeParts {
+                last_pages: last_pages.saturating_duration_since(paused),
+                vcpu_state: state.saturating_duration_since(last_pages),
+                verification: verified.saturating_duration_since(state),
+                commit: committed.saturating_duration_since(verified),
+            };
+        }
+    }
+
+    fn fail(&mut self, e: MigrateError) {
+        let reason = e.to_string();
+        if self.error.is_none() {
+            self.tell_destination(&reason);
+            self.error = Some(e);
+        }
+        self.stripe.abort.store(true, Ordering::SeqCst);
+        // Unblocks writers stuck on a peer that stopped reading, and with them any encoder waiting on a queue.
+        for l in &self.stripe.links {
+            l.close();
+        }
+        let _ = self.control.shutdown(Shutdown::Both);
+        self.machine.fail(reason);
+    }
+
+    /// Best effort: tells the destination why the migration is off, so that it reports the reason rather than a
+    /// closed connection. Bounded, because the destination may be the thing that stopped reading.
+    fn tell_destination(&self, reason: &str) {
+        let _ = self.control.set_write_timeout(Some(Duration::from_millis(200)));
+        let _ = wire::write_abort(self.control, reason);
+    }
+
+    fn send_control(&mut self, kind: Kind, body: &[u8]) -> bool {
+        match wire::write_control(self.control, kind, body) {
+            Ok(n) => {
+                self.control_written.fetch_add(n as u64, Ordering::Relaxed);
+                true
+            }
+            Err(e) => {
+                self.fail(MigrateError::Link(e.into()));
+                false
+            }
+        }
+    }
+
+    /// Waits for the event `want` picks out, handling failures and the peer timeout. None after a failure.
+    fn wait_for<T>(&mut self, want: impl Fn(&Event) -> Option<T>) -> Option<T> {
+        self.last_progress = Instant::now();
+        loop {
+            match self.next_event() {
+                Some(e) => {
+                    if let Some(t) = want(&e) {
+                        return Some(t);
+                    }
+                    self.handle(e);
+                }
+                None if self.error.is_some() => return None,
+                None => {}
+            }
+            if self.error.is_some() {
+                return None;
+            }
+        }
+    }
+
+    /// Events every phase handles the same way: failures, and link failures that leave other links.
+    fn handle(&mut self, e: Event) {
+        match e {
+            Event::ControlFailed(e) => self.fail(e),
+            Event::Link(LinkEvent::Failed { link, error }) => self.link_failed(link, error.to_string()),
+            _ => {}
+        }
+    }
+
+    /// Fails one data link and routes its batches over the others; fails the migration when none is left.
+    fn link_failed(&mut self, i: usize, why: String) {
+        let link = &self.stripe.links[i];
+        if link.is_failed() && self.link_errors[i].is_some() {
+            return;
+        }
+        link.fail();
+        self.link_errors[i] = Some(why.clone());
+        if self.stripe.links.iter().all(DataLink::is_failed) {
+            self.fail(MigrateError::AllLinksFailed(why));
+            return;
+        }
+        self.reroute(i);
+    }
+
+    /// Routes again what the failed link `i` holds. The driver must get back to its events, so a batch that no link
+    /// takes within the link timeout (every other link full and stalled) fails the migration.
+    fn reroute(&mut self, i: usize) {
+        for item in self.stripe.links[i].take_back() {
+            let deadline = Instant::now() + self.opts.link_timeout;
+            if !self.stripe.route(item, Some(deadline)) && self.error.is_none() {
+                let why = self.link_errors[i].clone().unwrap_or_default();
+                self.fail(MigrateError::AllLinksFailed(why));
+                return;
+            }
+        }
+    }
+
+    /// Records each link's wire bytes so far, every [`TIMELINE_EVERY`] (or now, with `force`).
+    pub(super) fn sample_links(&mut self, force: bool) {
+        let t = self.start.elapsed().as_secs_f64();
+        let due = self.timeline.last().is_none_or(|(last, _)| t - last >= TIMELINE_EVERY.as_secs_f64());
+        if force || due {
+            self.timeline.push((t, self.stripe.links.iter().map(|l| l.written.load(Ordering::Relaxed)).collect()));
+        }
+    }
+
+    /// The next event, or None after 50 ms without one. Also the driver's clock: it fails links that stall, takes
+    /// back what encoders routed to failed links, and fails the migration when the peer has been silent too long.
+    fn next_event(&mut self) -> Option<Event> {
+        self.sample_links(false);
+        let now = Instant::now();
+        if self.pause_deadline.is_some_and(|d| now > d) && self.error.is_none() {
+            self.pause_deadline = None;
+            self.fail(MigrateError::PauseBound);
+            return None;
+        }
+        for i in 0..self.stripe.links.len() {
+            let l = &self.stripe.links[i];
+            if l.is_failed() {
+                if self.error.is_none() && self.link_errors[i].is_some() {
+                    self.reroute(i);
+                }
+            } else if l.held() == 0 {
+                self.link_progress[i] = now;
+            } else if now.duration_since(self.link_progress[i]) > self.opts.link_timeout {
+                let why = format!("no acknowledgement for {:?} with data outstanding", self.opts.link_timeout);
+                self.link_failed(i, why);
+            }
+        }
+        match self.ev_rx.recv_timeout(Duration::from_millis(50)) {
+            Ok(e) => {
+                if matches!(
+                    e,
+                    Event::Link(LinkEvent::Acked { .. }) | Event::StateAck | Event::Verified(_) | Event::Committed
+                ) {
+                    self.last_progress = Instant::now();
+                }
+                Some(e)
+            }
+            Err(RecvTimeoutError::Timeout) => {
+                if self.last_progress.elapsed() > self.opts.peer_timeout {
+                    self.fail(MigrateError::Stalled(self.opts.peer_timeout));
+                }
+                None
+            }
+            Err(RecvTimeoutError::Disconnected) => {
+                self.fail(MigrateError::Link(WireError::Closed));
+                None
+            }
+        }
+    }
+
+    /// Scans, encodes and sends one round, and waits until the destination has applied all of it. Returns the
+    /// round's page counts and its wire bytes per link.
+    fn send_round(&mut self, epoch: u32, pages: &Bitmap) -> (PageCounts, Vec<u64>) {
+        let total_pages = pages.count_ones();
+        self.stripe.round_batches.store(0, Ordering::SeqCst);
+        self.last_progress = Instant::now();
+        self.link_progress.fill(Instant::now());
+        let (mem, hashes, policy, stripe, workers) =
+            (self.guest.memory(), self.hashes, self.policy, self.stripe, self.opts.workers);
+        let ev_tx = self.ev_tx.clone();
+        let mut counts = PageCounts::default();
+        let mut link_bytes = vec![0u64; stripe.links.len()];
+        std::thread::scope(|s| {
+            let scan = std::thread::Builder::new().name("lm-scan".into()).spawn_scoped(s, move || {
+                let states = scan_parallel(
+                    pages,
+                    workers,
+                    |_| (BatchEncoder::new(mem, hashes, policy, stripe, epoch), None::<EncodeError>),
+                    |(enc, err), run| {
+                        if err.is_none() {
+                            *err = enc.push_run(run).err();
+                        }
+                    },
+                );
+                let mut counts = PageCounts::default();
+                let mut error = None;
+                for (mut enc, err) in states {
+                    let err = err.or_else(|| enc.flush().err());
+                    counts.add(&enc.counts);
+                    error = error.or(err);
+                }
+                let batches = stripe.round_batches.load(Ordering::SeqCst);
+                let _ = ev_tx.send(Event::ScanDone { batches, counts, error });
+            });
+            if let Err(e) = scan {
+                self.fail(MigrateError::Link(WireError::Io(e)));
+                return;
+            }
+            let mut scan_done: Option<u32> = None;
+            let (mut acked, mut pages_done, mut last_report) = (0u32, 0u64, Instant::now());
+            // Even after a failure, wait for the scan to finish: its threads borrow from this frame.
+            while scan_done.is_none() || (self.error.is_none() && acked < scan_done.unwrap_or(u32::MAX)) {
+                match self.next_event() {
+                    Some(Event::Link(LinkEvent::Acked { link, epoch: e, bytes, pages, at })) if e == epoch => {
+                        acked += 1;
+                        pages_done += pages;
+                        link_bytes[link] += bytes;
+                        self.link_progress[link] = at;
+                        self.link_rates[link].record(at, bytes);
+                        if let Some(r) = self.link_rates[link].rate() {
+                            self.stripe.links[link].set_rate(r);
+                        }
+                        self.machine.delivered(bytes, at);
+                        self.policy.observe(pages, at, crate::cpu::process_cpu_seconds());
+                        let rate = self.machine.bandwidth().unwrap_or(0.0);
+                        let spare = self.cpu.spare_cpus(Duration::from_millis(100));
+                        self.policy.set_link(rate as u64, spare);
+                        if last_report.elapsed() > Duration::from_millis(50) {
+                            last_report = Instant::now();
+                            let written = self.control_written.load(Ordering::Relaxed)
+                                + self.stripe.links.iter().map(|l| l.written.load(Ordering::Relaxed)).sum::<u64>();
+                            (self.progress)(&Progress {
+                                epoch,
+                                round_pages: total_pages,
+                                round_pages_done: pages_done,
+                                bytes_on_wire: written,
+                                rate_bps: rate,
+                            });
+                        }
+                    }
+                    Some(Event::ScanDone { batches, counts: c, error }) => {
+                        scan_done = Some(batches);
+                        counts = c;
+                        if let Some(e) = error {
+                            if self.error.is_none() {
+                                self.fail(match e {
+                                    EncodeError::Guest(g) => MigrateError::Guest(g),
+                                    EncodeError::SinkClosed => MigrateError::AllLinksFailed("no link left".into()),
+                                    EncodeError::Zstd(e) => MigrateError::Machine(format!("zstd: {e}")),
+                                });
+                            }
+                        }
+                    }
+                    Some(e) => self.handle(e),
+                    None => {}
+                }
+                self.sample_dirty_rate();
+            }
+        });
+        if self.error.is_none() {
+            self.machine.round_delivered(Instant::now());
+        }
+        (counts, link_bytes)
+    }
+
+    /// Every [`DIRTY_SAMPLE`] of a round, harvests the dirty log into the set the next harvest reports, and tells the
+    /// machine how many pages were dirtied in that span.
+    fn sample_dirty_rate(&mut self) {
+        if self.machine.paused_at().is_some() {
+            return;
+        }
+        let now = Instant::now();
+        let pages = self.guest.memory().total_pages();
+        let (mut bm, since) = self.sampled.take().unwrap_or_else(|| (Bitmap::new(pages), now));
+        if now.duration_since(since) >= DIRTY_SAMPLE {
+            // The span's own set, counted before it joins the round's: a page the guest writes again counts again,
+            // as it would in a round that short.
+            let mut span = Bitmap::new(pages);
+            if let Err(e) = self.guest.dirty_log().harvest(&mut span) {
+                self.fail(e.into());
+                return;
+            }
+            self.machine.dirty_sampled(span.count_ones(), now.duration_since(since));
+            bm.or_assign(&span);
+            self.sampled = Some((bm, now));
+        } else {
+            self.sampled = Some((bm, since));
+        }
+    }
+
+    /// Sends the source's roots and returns whether the destination's match.
+    fn verify(&mut self) -> Option<bool> {
+        let table_root = self.hashes.root();
+        let memory_root = match self.opts.verify {
+            VerifyMode::Tables => 0,
+            VerifyMode::Full => match memory_root(self.guest.memory()) {
+                Ok(r) => r,
+                Err(e) => {
+                    self.fail(e.into());
+                    return None;
+                }
+            },
+        };
+        let ours = Verify { full: self.opts.verify == VerifyMode::Full, table_root, memory_root };
+        if !self.send_control(Kind::Verify, &ours.encode()) {
+            return None;
+        }
+        let theirs = self.wait_for(|e| if let Event::Verified(v) = e { Some(*v) } else { None })?;
+        let ok = theirs.equal && theirs.table_root == table_root && (!ours.full || theirs.memory_root == memory_root);
+        if !ok {
+            self.error = Some(MigrateError::DigestMismatch {
+                ours: format!("table {table_root:#018x} memory {memory_root:#018x}"),
+                theirs: format!("table {:#018x} memory {:#018x}", theirs.table_root, theirs.memory_root),
+            });
+        }
+        Some(ok)
+    }
+}

@@ -1,0 +1,193 @@
+//! The source driver: runs the engine's pre-copy machine over a control connection and several data links.
+//!
+//! Threads, all scoped to [`migrate`]:
+//! - the driver (the caller's thread) polls the [`Precopy`] machine, carries out its actions, feeds it events, and
+//!   watches the links: one that errors, or holds data without acknowledging any for `link_timeout`, is failed and
+//!   its batches are routed again over the others;
+//! - scan workers ([`scan_parallel`]) turn each round's bitmap into encoded batches and hand them to the [`Stripe`]
+//!   scheduler, which picks a link per batch;
+//! - each data link has a writer and a reader thread (frames out, acks in); the control connection has a reader
+//!   thread, and the driver writes its few frames itself.
+//!
+//! Any failure that leaves no way forward (the control connection, every data link, a stalled peer, a digest mismatch)
+//! goes to the machine as `fail`, and before commit the machine answers with `ResumeSource`: the source's vCPUs run
+//! again, unthrottled, and the report carries the reason.
+
+mod driver;
+mod report;
+mod setup;
+
+pub use report::{
+    session_id, DowntimeParts, LinkReport, MigrateError, Progress, RoundReport, SourceOptions, SourceReport, VerifyMode,
+};
+
+use crate::cpu::CpuMeter;
+use crate::link::LinkSpec;
+use crate::stripe::{LinkEvent, Stripe};
+use crate::wire::{Verified, WireError};
+use driver::Driver;
+use livemig_engine::encode::{EncodeError, HashTable, PageCounts, SendPath, SendPolicy};
+use livemig_engine::guest::Guest;
+use livemig_engine::precopy::{Precopy, RateEstimator};
+use setup::{connect_links, control_loop, handshake, start_logging};
+use std::net::{Shutdown, TcpStream};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::time::{Duration, Instant};
+
+enum Event {
+    Link(LinkEvent),
+    StateAck,
+    Verified(Verified),
+    Committed,
+    ControlFailed(MigrateError),
+    ScanDone { batches: u32, counts: PageCounts, error: Option<EncodeError> },
+}
+
+/// How often the dirty log is sampled during a round: short enough that a hot set does not saturate in between.
+const DIRTY_SAMPLE: Duration = Duration::from_millis(250);
+
+/// How long a data link may take to connect.
+const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// Migrates `guest` to the destination at the other end of `control` (a `livemig receive`, or
+/// [`crate::dest::receive`]), striping pages over `links`; with no links, one data link goes to the control
+/// connection's peer address.
+///
+/// Returns when the destination runs the guest, or when the migration failed and the source guest runs again.
+pub fn migrate(
+    guest: &dyn Guest,
+    control: TcpStream,
+    links: &[LinkSpec],
+    opts: &SourceOptions,
+    progress: &(dyn Fn(&Progress) + Sync),
+) -> SourceReport {
+    let start = Instant::now();
+    let mut report = SourceReport {
+        result: Ok(()),
+        verified: false,
+        total_time: Duration::ZERO,
+        downtime: None,
+        downtime_parts: DowntimeParts::default(),
+        predicted_downtime: None,
+        bytes_on_wire: 0,
+        pages: PageCounts::default(),
+        rounds: Vec::new(),
+        links: Vec::new(),
+        max_throttle_pct: 0.0,
+        send_path: opts.send_path.unwrap_or(SendPath::Vectored),
+        cpu_seconds: 0.0,
+        timeline: Vec::new(),
+    };
+    let cpu_start = crate::cpu::process_cpu_seconds();
+    let control_written = AtomicU64::new(0);
+    let setup = start_logging(guest)
+        .and_then(|initial| {
+            let rtt = handshake(guest, &control, opts, &control_written, &initial)?;
+            Ok((initial, rtt))
+        })
+        .and_then(|(initial, rtt)| Ok((initial, rtt, connect_links(&control, links, opts)?)));
+    let (initial, rtt, (data, refused)) = match setup {
+        Ok(x) => x,
+        Err(e) => {
+            report.result = Err(e);
+            report.total_time = start.elapsed();
+            report.bytes_on_wire = control_written.load(Ordering::Relaxed);
+            report.cpu_seconds = crate::cpu::process_cpu_seconds() - cpu_start;
+            return report;
+        }
+    };
+    let stripe = Stripe::new(data);
+    let (ev_tx, ev_rx) = crossbeam::channel::unbounded::<Event>();
+    let done = AtomicBool::new(false);
+    let hashes = HashTable::new(guest.memory().total_pages());
+    let policy = SendPolicy::new(opts.compress, opts.send_path.map_or_else(|| SendPath::ALL.to_vec(), |p| vec![p]));
+    let mut link_errors: Vec<Option<String>> = refused;
+    std::thread::scope(|s| {
+        let (stripe, done, control) = (&stripe, &done, &control);
+        let spawn = |name: String| std::thread::Builder::new().name(name);
+        let mut spawned: std::io::Result<()> = Ok(());
+        for (i, link) in stripe.links.iter().enumerate() {
+            // Link events go straight into the driver's one event channel: an ack wakes one thread, not two.
+            let ev = ev_tx.clone();
+            let policy = &policy;
+            let copied = move || policy.note_zerocopy_copied();
+            let to_driver = move |e: LinkEvent| drop(ev.send(Event::Link(e)));
+            spawned = spawned.and(
+                spawn(format!("lm-write{i}"))
+                    .spawn_scoped(s, move || link.write_loop(i, &to_driver, &copied))
+                    .map(drop),
+            );
+            let ev = ev_tx.clone();
+            let to_driver = move |e: LinkEvent| drop(ev.send(Event::Link(e)));
+            let pool = stripe.pool().clone();
+            spawned = spawned.and(
+                spawn(format!("lm-read{i}"))
+                    .spawn_scoped(s, move || link.read_loop(i, &to_driver, &pool, done))
+                    .map(drop),
+            );
+        }
+        let ev = ev_tx.clone();
+        spawned =
+            spawned.and(spawn("lm-control".into()).spawn_scoped(s, move || control_loop(control, &ev, done)).map(drop));
+        if let Err(e) = spawned {
+            report.result = Err(MigrateError::Link(WireError::Io(e)));
+        } else {
+            let mut d = Driver {
+                guest,
+                opts,
+                machine: Precopy::new(opts.precopy.clone(), initial, start),
+                ev_rx: &ev_rx,
+                ev_tx: &ev_tx,
+                stripe,
+                hashes: &hashes,
+                policy: &policy,
+                error: None,
+                sent: Vec::new(),
+                progress,
+                control,
+                control_written: &control_written,
+                cpu: CpuMeter::new(),
+                last_progress: Instant::now(),
+                link_rates: stripe.links.iter().map(|_| RateEstimator::new(Duration::from_millis(500))).collect(),
+                link_progress: vec![Instant::now(); stripe.links.len()],
+                link_errors: &mut link_errors,
+                pause_deadline: None,
+                sampled: None,
+                start,
+                timeline: Vec::new(),
+            };
+            d.run(&mut report, rtt);
+            d.sample_links(true);
+            report.timeline = std::mem::take(&mut d.timeline);
+        }
+        done.store(true, Ordering::SeqCst);
+        stripe.abort.store(true, Ordering::SeqCst);
+        // Ends every reader and writer: by now the destination has answered all it will.
+        for l in &stripe.links {
+            l.close();
+        }
+        let _ = control.shutdown(Shutdown::Both);
+        drop(ev_tx);
+    });
+    report.total_time = start.elapsed();
+    report.cpu_seconds = crate::cpu::process_cpu_seconds() - cpu_start;
+    report.send_path = policy.path();
+    let secs = report.total_time.as_secs_f64().max(1e-9);
+    let mut total = control_written.load(Ordering::Relaxed);
+    for (i, l) in stripe.links.iter().enumerate() {
+        let bytes = l.written.load(Ordering::Relaxed);
+        total += bytes;
+        let (zerocopy, zerocopy_error) = l.zerocopy.lock().unwrap_or_else(|e| e.into_inner()).clone();
+        report.links.push(LinkReport {
+            name: l.name.clone(),
+            bytes_on_wire: bytes,
+            throughput_bps: bytes as f64 / secs,
+            failed: link_errors[i].is_some(),
+            error: link_errors[i].clone(),
+            zerocopy,
+            zerocopy_error,
+        });
+    }
+    report.bytes_on_wire = total;
+    report
+}

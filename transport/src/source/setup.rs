@@ -1,0 +1,164 @@
+//! Opening a migration: the dirty log cleared and the populated pages read, the handshake on the control
+//! connection, the data links connected and presented; and the control connection's reader.
+
+use super::{Event, MigrateError, SourceOptions, CONNECT_TIMEOUT};
+use crate::link::LinkSpec;
+use crate::stripe::DataLink;
+use crate::wire::{self, Hello, Kind, Verified, WireError};
+use crossbeam::channel::Sender;
+use livemig_engine::dirty::Bitmap;
+use livemig_engine::guest::Guest;
+use std::net::TcpStream;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::time::{Duration, Instant};
+
+/// Clears the dirty log, then reads which pages may be non-zero: every write after the clear is harvested later, and
+/// a page outside the result was never populated, so reads as zero.
+pub(super) fn start_logging(guest: &dyn Guest) -> Result<Bitmap, MigrateError> {
+    let mem = guest.memory();
+    let mut scratch = Bitmap::new(mem.total_pages());
+    guest.dirty_log().harvest(&mut scratch)?;
+    Ok(mem.maybe_nonzero()?)
+}
+
+/// Opens the migration on the control connection; returns the Hello's round-trip time.
+pub(super) fn handshake(
+    guest: &dyn Guest,
+    stream: &TcpStream,
+    opts: &SourceOptions,
+    written: &AtomicU64,
+    initial: &Bitmap,
+) -> Result<Duration, MigrateError> {
+    let sent = Instant::now();
+    let hello = Hello {
+        session: opts.session,
+        layout: guest.memory().layout(),
+        vcpus: guest.vcpu_count(),
+        guest_kind: guest.kind().to_string(),
+        chunks: wire::chunk_map(initial),
+        cpu: opts.vm_cpu.clone(),
+        macs: opts.macs.clone(),
+    };
+    let body = hello.encode();
+    stream.set_write_timeout(Some(opts.peer_timeout)).map_err(|e| MigrateError::Handshake(e.into()))?;
+    let n = wire::write_control(stream, Kind::Hello, &body).map_err(|e| MigrateError::Handshake(e.into()))?;
+    written.fetch_add(n as u64, Ordering::Relaxed);
+    stream.set_read_timeout(Some(opts.peer_timeout)).map_err(|e| MigrateError::Handshake(e.into()))?;
+    let mut buf = Vec::new();
+    let h = wire::read_frame(&mut &*stream, &mut buf).map_err(MigrateError::Handshake)?;
+    // The Hello's answer also waited for the destination to admit the connection and build its guest; the
+    // switchover's round trips are the network's.
+    let rtt = crate::link::tcp_rtt(stream).map_or(sent.elapsed(), |k| k.min(sent.elapsed()));
+    match h.kind {
+        Kind::HelloAck => {
+            let wire::HelloAck { session, dest } = wire::HelloAck::decode(&buf).map_err(MigrateError::Handshake)?;
+            if session != opts.session {
+                return Err(MigrateError::Handshake(WireError::Malformed {
+                    kind: Kind::HelloAck,
+                    why: format!("session {session:#x} echoed, {:#x} sent", opts.session),
+                }));
+            }
+            if let Some(vm) = &opts.manifest {
+                let failures = livemig_engine::preflight::check(vm, &dest);
+                if !failures.is_empty() {
+                    let e = MigrateError::Preflight(failures);
+                    let _ = wire::write_abort(stream, &e.to_string());
+                    return Err(e);
+                }
+            }
+        }
+        Kind::Abort => return Err(MigrateError::Handshake(WireError::PeerAbort(wire::decode_reason(&buf)))),
+        got => return Err(MigrateError::Handshake(WireError::Unexpected { got, expected: "HelloAck" })),
+    }
+    // From here the control reader blocks on the socket; stalls are detected by the driver's clock instead.
+    stream.set_read_timeout(None).map_err(|e| MigrateError::Handshake(e.into()))?;
+    let _ = stream.set_nodelay(true);
+    Ok(rtt)
+}
+
+/// Connects the data links and presents the session on each. A link that cannot connect is kept, failed, so the
+/// report shows it; the migration needs at least one.
+pub(super) fn connect_links(
+    control: &TcpStream,
+    specs: &[LinkSpec],
+    opts: &SourceOptions,
+) -> Result<(Vec<DataLink>, Vec<Option<String>>), MigrateError> {
+    let default;
+    let specs = if specs.is_empty() {
+        let peer = control.peer_addr().map_err(|e| MigrateError::Handshake(e.into()))?;
+        default = [LinkSpec::to(peer)];
+        &default[..]
+    } else {
+        specs
+    };
+    let mut links = Vec::new();
+    let mut errors = Vec::new();
+    let mut last_error = String::new();
+    for (i, spec) in specs.iter().enumerate() {
+        let opened = spec.connect(CONNECT_TIMEOUT).and_then(|stream| {
+            let hello = wire::LinkHello { session: opts.session, link: i as u32 };
+            wire::write_control(&stream, Kind::LinkHello, &hello.encode())?;
+            Ok(stream)
+        });
+        match opened {
+            Ok(stream) => {
+                links.push(DataLink::new(spec.name(), stream));
+                errors.push(None);
+            }
+            Err(e) => {
+                last_error = e.to_string();
+                // A placeholder that is failed from the start keeps link indices and report rows in --link order.
+                let (a, _b) = local_pair()?;
+                let l = DataLink::new(spec.name(), a);
+                l.fail();
+                links.push(l);
+                errors.push(Some(last_error.clone()));
+            }
+        }
+    }
+    if errors.iter().all(Option::is_some) {
+        return Err(MigrateError::AllLinksFailed(last_error));
+    }
+    Ok((links, errors))
+}
+
+/// A connected loopback pair, to stand in for a link that never connected.
+fn local_pair() -> Result<(TcpStream, TcpStream), MigrateError> {
+    let io = |e: std::io::Error| MigrateError::Link(e.into());
+    let l = std::net::TcpListener::bind("127.0.0.1:0").map_err(io)?;
+    let a = TcpStream::connect(l.local_addr().map_err(io)?).map_err(io)?;
+    let (b, _) = l.accept().map_err(io)?;
+    Ok((a, b))
+}
+
+pub(super) fn control_loop(r: &TcpStream, ev: &Sender<Event>, done: &AtomicBool) {
+    let mut buf = Vec::new();
+    let mut r = r;
+    loop {
+        let h = match wire::read_frame(&mut r, &mut buf) {
+            Ok(h) => h,
+            Err(e) => {
+                if !done.load(Ordering::SeqCst) {
+                    let _ = ev.send(Event::ControlFailed(MigrateError::Link(e)));
+                }
+                return;
+            }
+        };
+        let event = match h.kind {
+            Kind::StateAck => Event::StateAck,
+            Kind::Verified => match Verified::decode(&buf) {
+                Ok(v) => Event::Verified(v),
+                Err(e) => Event::ControlFailed(MigrateError::Link(e)),
+            },
+            Kind::Committed => Event::Committed,
+            Kind::Abort => Event::ControlFailed(MigrateError::Link(WireError::PeerAbort(wire::decode_reason(&buf)))),
+            got => {
+                Event::ControlFailed(MigrateError::Link(WireError::Unexpected { got, expected: "a control answer" }))
+            }
+        };
+        let stop = matches!(event, Event::ControlFailed(_) | Event::Committed);
+        if ev.send(event).is_err() || stop {
+            return;
+        }
+    }
+}
