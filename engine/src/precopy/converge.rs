@@ -1,6 +1,7 @@
 //! Convergence control: after each pre-copy round, whether to go on (and at what vCPU throttle), stop and copy, or
 //! give up. A trait, so that embedders can bring their own policy, as quinn does with congestion control.
 
+use super::PrecopyConfig;
 use std::time::Duration;
 
 /// The hard bound on the pause: no policy may switch over with more predicted, and the driver cancels a final round
@@ -54,25 +55,10 @@ pub enum Decision {
     Cancel(String),
 }
 
-/// The limits a policy works within (from the command line).
-#[derive(Debug, Clone, PartialEq)]
-pub struct Limits {
-    /// The pause to aim for.
-    pub downtime_target: Duration,
-    /// Pre-copy rounds before the timeout rule applies.
-    pub max_rounds: u32,
-    /// Pre-copy time before the timeout rule applies.
-    pub max_time: Option<Duration>,
-    /// What the timeout rule does.
-    pub on_timeout: OnTimeout,
-    /// Whether the vCPUs may be throttled.
-    pub throttle: bool,
-}
-
 /// A convergence policy.
 pub trait Convergence: Send + std::fmt::Debug {
     /// Decides after a pre-copy harvest.
-    fn decide(&mut self, o: &Observation, limits: &Limits) -> Decision;
+    fn decide(&mut self, o: &Observation, limits: &PrecopyConfig) -> Decision;
 }
 
 /// The default policy.
@@ -95,7 +81,7 @@ pub const AIM: f64 = 0.25;
 pub const MAX_THROTTLE: f64 = 99.0;
 
 impl Convergence for DefaultConvergence {
-    fn decide(&mut self, o: &Observation, l: &Limits) -> Decision {
+    fn decide(&mut self, o: &Observation, l: &PrecopyConfig) -> Decision {
         if o.predicted_pause <= l.downtime_target {
             return Decision::StopAndCopy;
         }
@@ -164,14 +150,8 @@ mod tests {
         }
     }
 
-    fn limits() -> Limits {
-        Limits {
-            downtime_target: Duration::from_millis(300),
-            max_rounds: 30,
-            max_time: None,
-            on_timeout: OnTimeout::Cancel,
-            throttle: true,
-        }
+    fn limits() -> PrecopyConfig {
+        PrecopyConfig::default()
     }
 
     #[test]
@@ -201,11 +181,11 @@ mod tests {
         let mut o = obs(60_000.0, 90.0);
         o.rounds_done = 30;
         assert!(matches!(DefaultConvergence.decide(&o, &limits()), Decision::Cancel(r) if r.contains("30 rounds")));
-        let force = Limits { on_timeout: OnTimeout::Force, ..limits() };
+        let force = PrecopyConfig { on_timeout: OnTimeout::Force, ..limits() };
         assert_eq!(DefaultConvergence.decide(&o, &force), Decision::StopAndCopy);
         o.predicted_pause = Duration::from_millis(2500);
         assert!(matches!(DefaultConvergence.decide(&o, &force), Decision::Cancel(r) if r.contains("2000 ms bound")));
-        let timed = Limits { max_time: Some(Duration::from_secs(2)), ..limits() };
+        let timed = PrecopyConfig { max_time: Some(Duration::from_secs(2)), ..limits() };
         let mut o = obs(60_000.0, 90.0);
         o.elapsed = Duration::from_secs(3);
         assert!(matches!(DefaultConvergence.decide(&o, &timed), Decision::Cancel(r) if r.contains("3.0 s")));
@@ -213,7 +193,7 @@ mod tests {
 
     #[test]
     fn no_throttle_means_none() {
-        let l = Limits { throttle: false, ..limits() };
+        let l = PrecopyConfig { throttle: false, ..limits() };
         assert_eq!(DefaultConvergence.decide(&obs(60_000.0, 0.0), &l), Decision::Continue { throttle_pct: 0.0 });
     }
 }

@@ -23,8 +23,8 @@ mod converge;
 mod estimate;
 
 pub use converge::{
-    needed_throttle, Convergence, Decision, DefaultConvergence, Limits, Observation, OnTimeout, AIM, MAX_PAUSE,
-    MAX_THROTTLE, OUTRUN,
+    needed_throttle, Convergence, Decision, DefaultConvergence, Observation, OnTimeout, AIM, MAX_PAUSE, MAX_THROTTLE,
+    OUTRUN,
 };
 pub use estimate::RateEstimator;
 
@@ -59,18 +59,6 @@ impl Default for PrecopyConfig {
             on_timeout: OnTimeout::Cancel,
             throttle: true,
             switchover_cost: Duration::from_millis(5),
-        }
-    }
-}
-
-impl PrecopyConfig {
-    fn limits(&self) -> Limits {
-        Limits {
-            downtime_target: self.downtime_target,
-            max_rounds: self.max_rounds,
-            max_time: self.max_time,
-            on_timeout: self.on_timeout,
-            throttle: self.throttle,
         }
     }
 }
@@ -259,7 +247,7 @@ impl Precopy {
                     elapsed: now.saturating_duration_since(self.start),
                     throttle_pct: self.throttle,
                 };
-                match self.policy.decide(&o, &self.cfg.limits()) {
+                match self.policy.decide(&o, &self.cfg) {
                     Decision::StopAndCopy => {
                         // The harvest is not lost: the final harvest after the pause ORs it back in.
                         self.pending_final = Some(dirty);

@@ -4,7 +4,7 @@
 //! - the driver (the caller's thread) polls the [`Precopy`] machine, carries out its actions, feeds it events, and
 //!   watches the links: one that errors, or holds data without acknowledging any for `link_timeout`, is failed and
 //!   its batches are routed again over the others;
-//! - scan workers ([`scan_parallel`]) turn each round's bitmap into encoded batches and hand them to the [`Stripe`]
+//! - scan workers ([`scan_parallel`](livemig_engine::dirty::scan_parallel)) turn each round's bitmap into encoded batches and hand them to the [`Stripe`]
 //!   scheduler, which picks a link per batch;
 //! - each data link has a writer and a reader thread (frames out, acks in); the control connection has a reader
 //!   thread, and the driver writes its few frames itself.
