@@ -1,13 +1,15 @@
 //! The source driver: runs the engine's pre-copy machine over a control connection and several data links.
 //!
 //! Threads, all scoped to [`migrate`]:
-//! - the driver (the caller's thread) polls the [`Precopy`] machine, carries out its actions, feeds it events, and
-//!   watches the links: one that errors, or holds data without acknowledging any for `link_timeout`, is failed and
-//!   its batches are routed again over the others;
-//! - scan workers ([`scan_parallel`](livemig_engine::dirty::scan_parallel)) turn each round's bitmap into encoded batches and hand them to the [`Stripe`]
-//!   scheduler, which picks a link per batch;
+//! - the driver (`driver`, on the caller's thread) polls the [`Precopy`] machine, carries out its actions, feeds it
+//!   events, and watches the links: one that errors, or holds data without acknowledging any for `link_timeout`, is
+//!   failed and its batches are routed again over the others;
+//! - scan workers ([`scan_parallel`](livemig_engine::dirty::scan_parallel)) turn each round's bitmap into encoded
+//!   batches and hand them to the [`Stripe`] scheduler, which picks a link per batch;
 //! - each data link has a writer and a reader thread (frames out, acks in); the control connection has a reader
 //!   thread, and the driver writes its few frames itself.
+//!
+//! Set-up (`setup`: the handshake and the links) comes first; `report` holds the options, errors and report types.
 //!
 //! Any failure that leaves no way forward (the control connection, every data link, a stalled peer, a digest mismatch)
 //! goes to the machine as `fail`, and before commit the machine answers with `ResumeSource`: the source's vCPUs run
