@@ -6,7 +6,7 @@
 //! from the first write to the last count. Each side reports its process CPU seconds over the transfer, as the
 //! migration's reports do.
 
-use livemig_transport::cpu::process_cpu_seconds;
+use livemig_transport::cpu_usage::process_cpu_seconds;
 use livemig_transport::link::LinkSpec;
 use serde::{Deserialize, Serialize};
 use std::io::{Read, Write};

@@ -656,7 +656,7 @@ fn receive_cmd(a: ReceiveArgs) -> Result<()> {
     let (guest, r, start, cpu_start) = loop {
         let (stream, hello) = accept_migration(&listener, &opts, &refused)?;
         let start = Instant::now();
-        let cpu_start = livemig::transport::cpu::process_cpu_seconds();
+        let cpu_start = livemig::transport::cpu_usage::process_cpu_seconds();
         let peer = stream.peer_addr()?;
         let make = |h: &Hello| match ready.take() {
             Some(g) if g.layout() == h.layout && h.guest_kind == "synthetic" => {
@@ -679,7 +679,7 @@ fn receive_cmd(a: ReceiveArgs) -> Result<()> {
             Err(e) => return Err(anyhow::Error::new(e).context("receiving the migration")),
         }
     };
-    let cpu_seconds = livemig::transport::cpu::process_cpu_seconds() - cpu_start;
+    let cpu_seconds = livemig::transport::cpu_usage::process_cpu_seconds() - cpu_start;
     eprintln!("guest resumed {:.3} s after the handshake", r.resumed_at.duration_since(start).as_secs_f64());
     if let Some(e) = &r.committed_error {
         // The guest runs here and stays running; the source did not hear so and stays paused.

@@ -10,6 +10,7 @@
 //! for a 10 Gbit/s link at 1.6 ms RTT. The receive buffer is [`RECV_BUFFER`], so the destination's apply thread can
 //! fall a few milliseconds behind without closing the window. Linux caps both at `net.core.{w,r}mem_max`.
 
+pub mod data;
 pub mod zerocopy;
 
 use socket2::{Domain, Protocol, SockAddr, Socket, Type};

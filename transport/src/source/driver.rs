@@ -2,8 +2,9 @@
 
 use super::{DowntimeParts, Event, MigrateError, Progress, RoundReport, SourceOptions, SourceReport};
 use super::{VerifyMode, DIRTY_SAMPLE};
-use crate::cpu::CpuMeter;
-use crate::stripe::{DataLink, LinkEvent, Stripe};
+use crate::cpu_usage::CpuMeter;
+use crate::link::data::{DataLink, LinkEvent};
+use crate::stripe::Stripe;
 use crate::wire::{self, Kind, Verify, WireError};
 use crossbeam::channel::{Receiver, RecvTimeoutError, Sender};
 use livemig_engine::dirty::{scan_parallel, Bitmap};
@@ -300,7 +301,7 @@ impl Driver<'_> {
         let t = self.start.elapsed().as_secs_f64();
         let due = self.timeline.last().is_none_or(|(last, _)| t - last >= TIMELINE_EVERY.as_secs_f64());
         if force || due {
-            self.timeline.push((t, self.stripe.links.iter().map(|l| l.written.load(Ordering::Relaxed)).collect()));
+            self.timeline.push((t, self.stripe.links.iter().map(|l| l.written()).collect()));
         }
     }
 
@@ -403,14 +404,14 @@ impl Driver<'_> {
                             self.stripe.links[link].set_rate(r);
                         }
                         self.machine.delivered(bytes, at);
-                        self.policy.observe(pages, at, crate::cpu::process_cpu_seconds());
+                        self.policy.observe(pages, at, crate::cpu_usage::process_cpu_seconds());
                         let rate = self.machine.bandwidth().unwrap_or(0.0);
                         let spare = self.cpu.spare_cpus(Duration::from_millis(100));
                         self.policy.set_link(rate as u64, spare);
                         if last_report.elapsed() > Duration::from_millis(50) {
                             last_report = Instant::now();
                             let written = self.control_written.load(Ordering::Relaxed)
-                                + self.stripe.links.iter().map(|l| l.written.load(Ordering::Relaxed)).sum::<u64>();
+                                + self.stripe.links.iter().map(|l| l.written()).sum::<u64>();
                             (self.progress)(&Progress {
                                 epoch,
                                 round_pages: total_pages,

@@ -23,9 +23,10 @@ pub use report::{
     session_id, DowntimeParts, LinkReport, MigrateError, Progress, RoundReport, SourceOptions, SourceReport, VerifyMode,
 };
 
-use crate::cpu::CpuMeter;
+use crate::cpu_usage::CpuMeter;
+use crate::link::data::LinkEvent;
 use crate::link::LinkSpec;
-use crate::stripe::{LinkEvent, Stripe};
+use crate::stripe::Stripe;
 use crate::wire::{Verified, WireError};
 use driver::Driver;
 use livemig_engine::encode::{EncodeError, HashTable, PageCounts, SendPath, SendPolicy};
@@ -80,7 +81,7 @@ pub fn migrate(
         cpu_seconds: 0.0,
         timeline: Vec::new(),
     };
-    let cpu_start = crate::cpu::process_cpu_seconds();
+    let cpu_start = crate::cpu_usage::process_cpu_seconds();
     let control_written = AtomicU64::new(0);
     let setup = start_logging(guest)
         .and_then(|initial| {
@@ -94,7 +95,7 @@ pub fn migrate(
             report.result = Err(e);
             report.total_time = start.elapsed();
             report.bytes_on_wire = control_written.load(Ordering::Relaxed);
-            report.cpu_seconds = crate::cpu::process_cpu_seconds() - cpu_start;
+            report.cpu_seconds = crate::cpu_usage::process_cpu_seconds() - cpu_start;
             return report;
         }
     };
@@ -172,16 +173,16 @@ pub fn migrate(
         drop(ev_tx);
     });
     report.total_time = start.elapsed();
-    report.cpu_seconds = crate::cpu::process_cpu_seconds() - cpu_start;
+    report.cpu_seconds = crate::cpu_usage::process_cpu_seconds() - cpu_start;
     report.send_path = policy.path();
     let secs = report.total_time.as_secs_f64().max(1e-9);
     let mut total = control_written.load(Ordering::Relaxed);
     for (i, l) in stripe.links.iter().enumerate() {
-        let bytes = l.written.load(Ordering::Relaxed);
+        let bytes = l.written();
         total += bytes;
-        let (zerocopy, zerocopy_error) = l.zerocopy.lock().unwrap_or_else(|e| e.into_inner()).clone();
+        let (zerocopy, zerocopy_error) = l.zerocopy();
         report.links.push(LinkReport {
-            name: l.name.clone(),
+            name: l.name().to_string(),
             bytes_on_wire: bytes,
             throughput_bps: bytes as f64 / secs,
             failed: link_errors[i].is_some(),

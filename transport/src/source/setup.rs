@@ -2,8 +2,8 @@
 //! connection, the data links connected and presented; and the control connection's reader.
 
 use super::{Event, MigrateError, SourceOptions, CONNECT_TIMEOUT};
+use crate::link::data::DataLink;
 use crate::link::LinkSpec;
-use crate::stripe::DataLink;
 use crate::wire::{self, Hello, Kind, Verified, WireError};
 use crossbeam::channel::Sender;
 use livemig_engine::dirty::Bitmap;

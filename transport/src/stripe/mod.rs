@@ -1,282 +1,37 @@
 //! The stripe scheduler: spreads batches over the data links by the capacity each has shown, and takes a dead link's
 //! batches back so that they can go out on the others.
 //!
-//! Each [`DataLink`] has a bounded queue to its writer thread, a list of batches written but not yet acknowledged,
-//! and two figures the scheduler weighs: the frame bytes it holds (queued or unacknowledged) and its measured goodput.
-//! A batch goes to the link that would finish it soonest, `(held + batch) / goodput`; a link that has not been
-//! measured yet counts as fast as the measured ones (or 1 Gbit/s before any is measured). So a 100 Mbit link beside
-//! 1 Gbit links gets about a tenth of the batches, and never holds a round back by much more than one batch.
-//!
-//! Batches are shared (`Arc`) between a link's queue, its writer and its unacknowledged list, so a batch is never
-//! copied: when a link fails, the driver collects its queue and its unacknowledged list and routes those same batches
-//! again. Acks come back in order on each link, so the unacknowledged list is a FIFO.
+//! Each [`DataLink`] shows the scheduler two figures: the frame bytes it holds (queued or unacknowledged) and its
+//! measured goodput. A batch goes to the link that would finish it soonest, `(held + batch) / goodput` ([`pick`]); a
+//! link that has not been measured yet counts as fast as the measured ones (or 1 Gbit/s before any is measured). So a
+//! 100 Mbit link beside 1 Gbit links gets about a tenth of the batches, and never holds a round back by much more than
+//! one batch.
 
-use crate::link::zerocopy::{Buffers, ZeroCopy, ZeroCopyStats};
-use crate::wire::{self, Kind, WireError, HEADER_LEN};
-use crossbeam::channel::{bounded, Receiver, SendTimeoutError, Sender};
-use livemig_engine::encode::{BatchSink, EncodedBatch, SendPath, BATCH_PAGES};
-use std::collections::VecDeque;
-use std::io::IoSlice;
-use std::net::{Shutdown, TcpStream};
-use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
-use std::sync::{Arc, Mutex};
+use crate::link::data::{frame_len, DataLink, LinkLoad, Queued, QUEUE_BATCHES};
+use crossbeam::channel::{bounded, Receiver, Sender};
+use livemig_engine::encode::{BatchSink, EncodedBatch, BATCH_PAGES};
+use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
-
-/// A batch on its way: its sequence number and the shared batch.
-pub type Queued = (u32, Arc<EncodedBatch>);
-
-/// Batches queued ahead of each link's writer: enough to keep a socket busy while the encoders stall for a moment,
-/// few enough (4 MiB of 512 KiB batches) that a batch does not wait long behind its predecessors or strand much on a
-/// link that dies.
-pub const QUEUE_BATCHES: usize = 8;
 
 /// Goodput assumed for a link before any link has been measured: 1 Gbit/s.
 const PRIOR_BPS: u64 = 125_000_000;
 
-/// Wire bytes of a batch's Pages frame.
-pub fn frame_len(b: &EncodedBatch) -> u64 {
-    (HEADER_LEN + wire::TABLE_HEADER_LEN + b.entries.len() * wire::ENTRY_LEN + b.payload_len()) as u64
-}
-
-/// A Pages frame in the zero-copy path's hands: header, entry table and the batch, kept until the kernel is done.
-struct ZcFrame {
-    header: [u8; HEADER_LEN],
-    table: Vec<u8>,
-    batch: Arc<EncodedBatch>,
-}
-
-impl Buffers for ZcFrame {
-    fn slices(&self) -> Vec<IoSlice<'_>> {
-        let mut v = Vec::with_capacity(self.batch.parts.len() + 2);
-        v.push(IoSlice::new(&self.header));
-        v.push(IoSlice::new(&self.table));
-        // SAFETY: a ZcFrame is made by a link's writer for a batch of the running migration, which borrows the guest
-        // (and so its mapping) for its whole run, and ZeroCopy::send slices it only then; afterwards it is kept until
-        // the kernel is done, or leaked, but never sliced again.
-        v.extend(unsafe { self.batch.part_slices() }.map(IoSlice::new));
-        v
-    }
-}
-
-/// What a link's reader and writer tell the driver.
-#[derive(Debug)]
-pub enum LinkEvent {
-    /// A batch was applied by the destination.
-    Acked {
-        /// Link index.
-        link: usize,
-        /// The batch's round.
-        epoch: u32,
-        /// Its wire bytes.
-        bytes: u64,
-        /// Its pages.
-        pages: u64,
-        /// When the ack arrived.
-        at: Instant,
-    },
-    /// The link failed.
-    Failed {
-        /// Link index.
-        link: usize,
-        /// Why.
-        error: WireError,
-    },
-}
-
-/// One data link as the scheduler and the driver see it.
-pub struct DataLink {
-    /// For reports.
-    pub name: String,
-    tx: Sender<Queued>,
-    rx: Receiver<Queued>,
-    stream: TcpStream,
-    unacked: Mutex<VecDeque<Queued>>,
-    /// Frame bytes handed to the link and not yet acknowledged.
-    held: AtomicU64,
-    rate_bps: AtomicU64,
-    /// Bytes written to the socket.
-    pub written: AtomicU64,
-    failed: AtomicBool,
-    stop: AtomicBool,
-    writer_done: AtomicBool,
-    /// Zero-copy counters, and why zero-copy could not be used (then the link sends vectored).
-    pub zerocopy: Mutex<(ZeroCopyStats, Option<String>)>,
-}
-
-impl DataLink {
-    /// Wraps a connected data socket.
-    pub fn new(name: String, stream: TcpStream) -> Self {
-        let (tx, rx) = bounded(QUEUE_BATCHES);
-        DataLink {
-            name,
-            tx,
-            rx,
-            stream,
-            unacked: Mutex::new(VecDeque::new()),
-            held: AtomicU64::new(0),
-            rate_bps: AtomicU64::new(0),
-            written: AtomicU64::new(0),
-            failed: AtomicBool::new(false),
-            stop: AtomicBool::new(false),
-            writer_done: AtomicBool::new(false),
-            zerocopy: Mutex::new((ZeroCopyStats::default(), None)),
-        }
-    }
-
-    /// Whether the link has been declared failed.
-    pub fn is_failed(&self) -> bool {
-        self.failed.load(Ordering::SeqCst)
-    }
-
-    /// Frame bytes the link holds.
-    pub fn held(&self) -> u64 {
-        self.held.load(Ordering::Relaxed)
-    }
-
-    /// The driver's measurement of the link's goodput.
-    pub fn set_rate(&self, bps: f64) {
-        self.rate_bps.store(bps as u64, Ordering::Relaxed);
-    }
-
-    fn unacked(&self) -> std::sync::MutexGuard<'_, VecDeque<Queued>> {
-        self.unacked.lock().unwrap_or_else(|e| e.into_inner())
-    }
-
-    /// Writes queued batches to the socket until the link fails or the queue closes. Runs on the link's writer thread.
-    ///
-    /// Each batch goes out the way it was encoded for: one vectored write of header, entry table and payload parts
-    /// (raw pages copied into the batch, or in place in guest memory), or, for the zero-copy path, the same iovecs
-    /// with `MSG_ZEROCOPY`.
-    pub fn write_loop(&self, index: usize, events: &(dyn Fn(LinkEvent) + Sync), kernel_copied: &(dyn Fn() + Sync)) {
-        let mut table = Vec::with_capacity(wire::TABLE_HEADER_LEN + BATCH_PAGES * wire::ENTRY_LEN);
-        let mut w = &self.stream;
-        let mut zc: Option<ZeroCopy> = None;
-        let mut zc_tried = false;
-        while !self.is_failed() && !self.stop.load(Ordering::SeqCst) {
-            let Ok((seq, batch)) = self.rx.recv_timeout(Duration::from_millis(50)) else {
-                if let Some(z) = zc.as_mut() {
-                    let _ = z.reap();
-                    self.zerocopy.lock().unwrap_or_else(|e| e.into_inner()).0 = z.stats;
-                }
-                continue;
-            };
-            // Listed before it is written, so that a failure mid-write leaves it where the driver will look.
-            self.unacked().push_back((seq, batch.clone()));
-            let zero_copy = batch.path == Some(SendPath::ZeroCopy) && batch.has_guest_parts();
-            if zero_copy && !zc_tried {
-                zc_tried = true;
-                match ZeroCopy::new(&self.stream) {
-                    Ok(z) => zc = Some(z),
-                    Err(e) => {
-                        self.zerocopy.lock().unwrap_or_else(|e| e.into_inner()).1 =
-                            Some(format!("SO_ZEROCOPY refused ({e}); sending vectored"))
-                    }
-                }
-            }
-            let result = match zc.as_mut().filter(|_| zero_copy) {
-                Some(z) => {
-                    let mut own = Vec::with_capacity(wire::TABLE_HEADER_LEN + BATCH_PAGES * wire::ENTRY_LEN);
-                    wire::encode_entries(&batch, &mut own);
-                    // SAFETY: the batch belongs to the running migration, which borrows the guest for its whole run.
-                    let parts: Vec<&[u8]> = unsafe { batch.part_slices() }.collect();
-                    let header = wire::pages_header(batch.epoch, seq, &own, &parts);
-                    z.send(Box::new(ZcFrame { header, table: own, batch: batch.clone() }))
-                }
-                None => {
-                    wire::encode_entries(&batch, &mut table);
-                    // SAFETY: the batch belongs to the running migration, which borrows the guest for its whole run.
-                    let parts: Vec<&[u8]> = unsafe { batch.part_slices() }.collect();
-                    wire::write_pages(&mut w, batch.epoch, seq, &table, &parts)
-                }
-            };
-            if zc.as_ref().is_some_and(|z| z.stats.copied > 0) {
-                kernel_copied();
-            }
-            match result {
-                Ok(n) => {
-                    self.written.fetch_add(n as u64, Ordering::Relaxed);
-                }
-                Err(e) => {
-                    events(LinkEvent::Failed { link: index, error: e.into() });
-                    break;
-                }
-            }
-        }
-        if let Some(mut z) = zc {
-            z.drain();
-            self.zerocopy.lock().unwrap_or_else(|e| e.into_inner()).0 = z.stats;
-        }
-        self.writer_done.store(true, Ordering::SeqCst);
-    }
-
-    /// Reads the destination's acks until the link fails or closes. Runs on the link's reader thread; returns emptied
-    /// batch buffers to `pool`.
-    pub fn read_loop(
-        &self,
-        index: usize,
-        events: &(dyn Fn(LinkEvent) + Sync),
-        pool: &Sender<EncodedBatch>,
-        done: &AtomicBool,
-    ) {
-        let mut buf = Vec::new();
-        let mut r = &self.stream;
-        loop {
-            let result = wire::read_frame(&mut r, &mut buf).and_then(|h| match h.kind {
-                Kind::Ack => wire::Ack::decode(&buf).map(|a| (h, a.bytes, u64::from(a.pages))),
-                Kind::Abort => Err(WireError::PeerAbort(wire::decode_reason(&buf))),
-                got => Err(WireError::Unexpected { got, expected: "an Ack on a data link" }),
-            });
-            let (h, bytes, pages) = match result {
-                Ok(x) => x,
-                Err(error) => {
-                    if !done.load(Ordering::SeqCst) && !self.is_failed() && !self.stop.load(Ordering::SeqCst) {
-                        events(LinkEvent::Failed { link: index, error });
-                    }
-                    return;
-                }
-            };
-            let batch = {
-                let mut list = self.unacked();
-                match list.iter().position(|(s, _)| *s == h.seq) {
-                    // Acks come in order: anything before it was acknowledged already or never will be on this link.
-                    Some(i) => list.remove(i).map(|(_, b)| b),
-                    None => None,
-                }
-            };
-            // An ack for a batch not on the list (a duplicate) changes nothing.
-            let Some(batch) = batch else { continue };
-            self.held.fetch_sub(frame_len(&batch).min(self.held()), Ordering::Relaxed);
-            events(LinkEvent::Acked { link: index, epoch: h.epoch, bytes, pages, at: Instant::now() });
-            if let Ok(b) = Arc::try_unwrap(batch) {
-                let _ = pool.try_send(b);
-            }
-        }
-    }
-
-    /// Declares the link failed and closes its socket, which ends its reader and writer.
-    pub fn fail(&self) {
-        self.failed.store(true, Ordering::SeqCst);
-        let _ = self.stream.shutdown(Shutdown::Both);
-    }
-
-    /// Stops the writer and closes the socket at the end of a migration.
-    pub fn close(&self) {
-        self.stop.store(true, Ordering::SeqCst);
-        let _ = self.stream.shutdown(Shutdown::Both);
-    }
-
-    /// Takes back every batch the failed link holds, queued or unacknowledged, once its writer has stopped (so that
-    /// none is in its hands). Batches routed to it later are taken by later calls.
-    pub fn take_back(&self) -> Vec<Queued> {
-        let deadline = Instant::now() + Duration::from_secs(2);
-        while !self.writer_done.load(Ordering::SeqCst) && Instant::now() < deadline {
-            std::thread::sleep(Duration::from_millis(1));
-        }
-        let mut out: Vec<Queued> = self.unacked().drain(..).collect();
-        out.extend(self.rx.try_iter());
-        self.held.store(0, Ordering::Relaxed);
-        out
-    }
+/// The open link that would finish `bytes` more soonest, by what each holds and its goodput. An unmeasured link
+/// counts as fast as the measured ones on average (or 1 Gbit/s before any is measured).
+pub fn pick(links: &[LinkLoad], bytes: u64) -> Option<usize> {
+    let measured: Vec<u64> = links.iter().map(|l| l.rate_bps).filter(|&r| r > 0).collect();
+    let default = if measured.is_empty() { PRIOR_BPS } else { measured.iter().sum::<u64>() / measured.len() as u64 };
+    links
+        .iter()
+        .enumerate()
+        .filter(|(_, l)| l.open)
+        .map(|(i, l)| {
+            let rate = if l.rate_bps == 0 { default } else { l.rate_bps };
+            (i, (l.held + bytes) as f64 / rate as f64)
+        })
+        .min_by(|a, b| a.1.total_cmp(&b.1))
+        .map(|(i, _)| i)
 }
 
 /// The scheduler, and the encoders' sink: routes each batch to the link that would finish it soonest.
@@ -311,26 +66,10 @@ impl Stripe {
         &self.pool_tx
     }
 
-    /// The live link that would finish `bytes` more soonest.
+    /// The open link that would finish `bytes` more soonest.
     fn pick(&self, bytes: u64) -> Option<usize> {
-        let measured: Vec<u64> =
-            self.links.iter().map(|l| l.rate_bps.load(Ordering::Relaxed)).filter(|&r| r > 0).collect();
-        let default =
-            if measured.is_empty() { PRIOR_BPS } else { measured.iter().sum::<u64>() / measured.len() as u64 };
-        self.links
-            .iter()
-            .enumerate()
-            // A link whose writer has stopped is failed or about to be: its queue would never drain.
-            .filter(|(_, l)| !l.is_failed() && !l.writer_done.load(Ordering::SeqCst))
-            .map(|(i, l)| {
-                let rate = match l.rate_bps.load(Ordering::Relaxed) {
-                    0 => default,
-                    r => r,
-                };
-                (i, (l.held() + bytes) as f64 / rate as f64)
-            })
-            .min_by(|a, b| a.1.total_cmp(&b.1))
-            .map(|(i, _)| i)
+        let loads: Vec<LinkLoad> = self.links.iter().map(DataLink::load).collect();
+        pick(&loads, bytes)
     }
 
     /// Routes a batch (new, or taken back from a failed link) to a live link. False when every link has failed, the
@@ -343,15 +82,10 @@ impl Stripe {
                 return false;
             }
             let Some(i) = self.pick(bytes) else { return false };
-            let link = &self.links[i];
-            link.held.fetch_add(bytes, Ordering::Relaxed);
             // A short wait, then a new choice: the chosen link may fill up, fail, or be overtaken meanwhile.
-            match link.tx.send_timeout(item, Duration::from_millis(20)) {
+            match self.links[i].offer(item, bytes, Duration::from_millis(20)) {
                 Ok(()) => return true,
-                Err(SendTimeoutError::Timeout(back) | SendTimeoutError::Disconnected(back)) => {
-                    link.held.fetch_sub(bytes.min(link.held()), Ordering::Relaxed);
-                    item = back;
-                }
+                Err(back) => item = back,
             }
         }
     }
@@ -369,5 +103,45 @@ impl BatchSink for Stripe {
 
     fn take_buffer(&self) -> EncodedBatch {
         self.pool.try_recv().unwrap_or_else(|_| EncodedBatch::with_capacity(BATCH_PAGES))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn link(open: bool, held: u64, rate_bps: u64) -> LinkLoad {
+        LinkLoad { open, held, rate_bps }
+    }
+
+    #[test]
+    fn a_batch_goes_to_the_link_that_would_finish_it_soonest() {
+        // 4.5 MiB at 125 MB/s takes 38 ms, 0.5 MiB at 12.5 MB/s 42 ms: the busy fast link is sooner.
+        let mib = 1 << 20;
+        let links = [link(true, 4 * mib, 125_000_000), link(true, 0, 12_500_000)];
+        assert_eq!(pick(&links, mib / 2), Some(0));
+        // Holding 5 MiB it would take 46 ms: the slow idle link is now sooner.
+        let links = [link(true, 5 * mib, 125_000_000), link(true, 0, 12_500_000)];
+        assert_eq!(pick(&links, mib / 2), Some(1));
+    }
+
+    #[test]
+    fn closed_links_are_skipped_and_none_is_left_when_all_are() {
+        let links = [link(false, 0, 125_000_000), link(true, 1 << 30, 1)];
+        assert_eq!(pick(&links, 1), Some(1));
+        assert_eq!(pick(&[link(false, 0, 1), link(false, 0, 1)], 1), None);
+        assert_eq!(pick(&[], 1), None);
+    }
+
+    #[test]
+    fn an_unmeasured_link_counts_as_fast_as_the_measured_ones() {
+        // The measured ones average 100 MB/s (50 and 150), so the unmeasured one holding 1 MiB takes 10.5 ms, against
+        // 12.6 ms for 0.6 MiB at 50 MB/s and 12.6 ms for 1.8 MiB at 150 MB/s.
+        let mib = 1 << 20;
+        let links = [link(true, 6 * mib / 10, 50_000_000), link(true, mib, 0), link(true, 18 * mib / 10, 150_000_000)];
+        assert_eq!(pick(&links, 0), Some(1));
+        // Before any measurement every link counts as 1 Gbit/s: the one holding least wins.
+        let links = [link(true, 3, 0), link(true, 2, 0), link(true, 5, 0)];
+        assert_eq!(pick(&links, 100), Some(1));
     }
 }
