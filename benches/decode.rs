@@ -1,5 +1,5 @@
 //! The receiving side on one core: frame parsing (header, checksum, entry table) and page apply (decode, hash check,
-//! copy into guest memory) for batches of the SPEC.md page mix, raw, lz4 and zstd. README "Performance" quotes
+//! copy into guest memory) for batches of the reference page mix, raw, lz4 and zstd. docs/benchmarks.md quotes
 //! `cargo bench --bench decode`.
 
 use criterion::{criterion_group, criterion_main, BenchmarkId, Criterion, Throughput};

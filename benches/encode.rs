@@ -1,5 +1,5 @@
-//! Page encoding on one core: GB/s of guest memory turned into batches, on the SPEC.md page mix. README
-//! "Performance" quotes `cargo bench --bench encode`.
+//! Page encoding on one core: GB/s of guest memory turned into batches, on the reference page mix
+//! (docs/interfaces.md). docs/benchmarks.md quotes `cargo bench --bench encode`.
 
 use criterion::{criterion_group, criterion_main, BenchmarkId, Criterion, Throughput};
 use livemig::engine::dirty::PageRun;

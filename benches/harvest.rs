@@ -1,6 +1,6 @@
 //! Harvest cost of each KVM dirty-log method on a 2 GiB guest (75 % filled) whose vCPU writes 20000 pages/s over
 //! 10 % of its RAM.
-//! README "Performance" quotes `cargo bench --bench harvest`. Prints a skip where /dev/kvm is missing.
+//! docs/benchmarks.md quotes `cargo bench --bench harvest`. Prints a skip where /dev/kvm is missing.
 
 use criterion::{criterion_group, criterion_main, Criterion};
 use livemig::engine::dirty::Bitmap;

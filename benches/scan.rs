@@ -1,4 +1,4 @@
-//! Bitmap scan: GB/s of guest memory covered, for the dirty-bitmap shapes a migration meets. README "Performance"
+//! Bitmap scan: GB/s of guest memory covered, for the dirty-bitmap shapes a migration meets. docs/benchmarks.md
 //! quotes `cargo bench --bench scan`.
 
 use criterion::{criterion_group, criterion_main, BenchmarkId, Criterion, Throughput};

@@ -1,4 +1,4 @@
-//! The livemig command line: `demo`, `send` and `receive` (SPEC.md "CLI").
+//! The livemig command line: `demo`, `send` and `receive` (docs/interfaces.md).
 
 use anyhow::{anyhow, bail, Context, Result};
 use clap::{Args, Parser, Subcommand, ValueEnum};
@@ -283,7 +283,7 @@ struct GuestOpts {
     /// of its features. Defaults to this host's CPU. A KVM guest's CPUID is masked to it.
     #[arg(long)]
     cpu_model: Option<PathBuf>,
-    /// How a KVM guest's dirty log is harvested (clear: measured faster, see README).
+    /// How a KVM guest's dirty log is harvested (clear: measured faster, docs/architecture.md).
     #[arg(long, value_enum, default_value = "clear")]
     dirty_log: DirtyLogArg,
 }
@@ -338,7 +338,7 @@ struct RunOpts {
     /// How raw pages leave guest memory: copied into the batch, written in place with iovecs, in place with
     /// MSG_ZEROCOPY, or auto: try each for 200 ms and keep the one that delivers fastest (the cheapest in CPU among
     /// near ties). The default is vectored: on every link `livemig bench` measured here it was fastest or tied, and
-    /// auto's trials cost a migration that lasts a second a tenth of its time (README "Benchmarks").
+    /// auto's trials cost a migration that lasts a second a tenth of its time (docs/benchmarks.md).
     #[arg(long, value_enum, default_value = "vectored")]
     send_path: SendPathArg,
     /// Fault injection (demo only): the destination drops its connection after this many MiB, as if killed.

@@ -27,7 +27,7 @@ pub struct PlotError {
 }
 
 impl PlotData {
-    /// Reads the plot's data from a report (the JSON of SPEC.md with livemig's additions).
+    /// Reads the plot's data from a report (the JSON of docs/interfaces.md).
     pub fn from_report(r: &serde_json::Value) -> PlotData {
         let links: Vec<String> = r
             .get("links")

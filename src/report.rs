@@ -1,4 +1,4 @@
-//! The JSON report of SPEC.md, built from the drivers' reports, and the terminal table.
+//! The JSON report (docs/interfaces.md), built from the drivers' reports, and the terminal table.
 
 use livemig_engine::encode::PageCounts;
 use livemig_transport::source::{MigrateError, SourceReport, VerifyMode};
@@ -53,7 +53,7 @@ pub struct Round {
     pub duration_s: f64,
     /// vCPU throttle during the round.
     pub throttle_pct: f64,
-    /// Pages by codec (an addition to SPEC.md's fields).
+    /// Pages by codec (an addition).
     pub pages: Pages,
     /// True for the stop-and-copy round (an addition).
     pub last: bool,
@@ -82,7 +82,7 @@ pub struct Link {
     pub zerocopy_error: Option<String>,
 }
 
-/// Where the pause went, in milliseconds (an addition to SPEC.md's fields).
+/// Where the pause went, in milliseconds (an addition).
 #[derive(Debug, Clone, Serialize)]
 pub struct Downtime {
     /// Final harvest and last dirty pages.
@@ -97,7 +97,7 @@ pub struct Downtime {
     pub predicted_ms: Option<f64>,
 }
 
-/// The report of SPEC.md.
+/// The report (docs/interfaces.md).
 #[derive(Debug, Clone, Serialize)]
 pub struct Report {
     /// "completed", "failed" or "cancelled".

@@ -1,5 +1,5 @@
 //! Bad input at the destination (and one at the source): every case gets its own typed error, never a panic, a
-//! hang or a changed guest (DESIGN.md invariant 5). Each test speaks raw bytes over a real loopback connection.
+//! hang or a changed guest (invariant 5, docs/architecture.md). Each test speaks raw bytes over a real loopback connection.
 
 mod common;
 

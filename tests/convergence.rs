@@ -1,5 +1,5 @@
 //! Convergence end to end: a target that cannot be met cancels cleanly, and a pause that runs past the 2 s bound
-//! before commit is cancelled with the source resumed (DESIGN.md invariant 4). In both, the source's vCPUs end running
+//! before commit is cancelled with the source resumed (invariant 4, docs/architecture.md). In both, the source's vCPUs end running
 //! and unthrottled.
 
 mod common;

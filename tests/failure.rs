@@ -1,6 +1,6 @@
-//! A destination that dies mid-migration: the source keeps the guest, running and unthrottled (DESIGN.md invariant
-//! 2), and the CLI exits non-zero with a one-line reason. The destinations here are real `livemig receive`
-//! processes, killed with SIGKILL.
+//! A destination that dies mid-migration: the source keeps the guest, running and unthrottled (invariant 2 of
+//! docs/architecture.md), and the CLI exits non-zero with a one-line reason. The destinations here are real
+//! `livemig receive` processes, killed with SIGKILL.
 
 mod common;
 

@@ -1,4 +1,4 @@
-//! The synthetic reference guest of SPEC.md: anonymous memory filled with a fixed page mix, and vCPU threads that
+//! The synthetic reference guest (docs/interfaces.md): anonymous memory filled with a fixed page mix, and vCPU threads that
 //! rewrite pages of a hot set at a set rate while the migration copies them.
 
 use super::{host_pages, GuestError, GuestMemory, HostRegion, MemoryLayout, MmapRegion, Vcpus, PAGE_SIZE};
@@ -9,7 +9,7 @@ use std::sync::{Arc, Condvar, Mutex, MutexGuard};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
-/// The 64 words text pages are made of (SPEC.md).
+/// The 64 words text pages are made of.
 pub const TEXT_WORDS: [&str; 64] = [
     "the", "of", "and", "to", "in", "is", "was", "for", "on", "that", "with", "as", "by", "at", "from", "his", "her",
     "it", "an", "are", "were", "be", "this", "which", "or", "had", "not", "but", "have", "they", "their", "one", "all",
@@ -44,7 +44,7 @@ impl PageKind {
     }
 }
 
-/// The synthetic guest's parameters (SPEC.md "The reference guest").
+/// The synthetic guest's parameters (docs/interfaces.md, "The reference guest").
 #[derive(Debug, Clone, PartialEq)]
 pub struct SyntheticConfig {
     /// Guest RAM in bytes.
@@ -243,13 +243,13 @@ impl DirtyLog for SyntheticGuest {
     }
 }
 
-/// Writes pages `0..touched` of `map` with the SPEC.md mix.
+/// Writes pages `0..touched` of `map` with the reference page mix.
 fn populate(map: &MmapRegion, touched: u64, seed: u64) {
     // SAFETY: the map was just created and nothing else has seen it yet.
     unsafe { fill_mix(map.region(), 0..touched, seed) };
 }
 
-/// Writes pages `pages` of `region` with the SPEC.md mix (the kind by page index), on all cores. Page `i`'s content
+/// Writes pages `pages` of `region` with the reference page mix (the kind by page index), on all cores. Page `i`'s content
 /// depends only on the seed and `i`, so the result does not depend on how the work was split. Pages past the region's
 /// end are ignored.
 ///

@@ -27,7 +27,7 @@
 //!    │◀─────── Abort {reason} ───────▶ (either side, any time before Commit)
 //! ```
 //!
-//! Integers are little-endian. Lengths and counts read from the wire are bounded before use (DESIGN.md invariant 5).
+//! Integers are little-endian. Lengths and counts read from the wire are bounded before use (invariant 5 of docs/architecture.md).
 
 use livemig_engine::encode::{Codec, EncodedBatch, PageEntry};
 use std::hash::Hasher;
