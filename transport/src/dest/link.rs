@@ -107,37 +107,8 @@ fn data_link(
     let _ = stream.set_read_timeout(None);
     let _ = stream.set_nodelay(true);
     let mut st = ApplyState::default();
-    let mut frame = FrameBuffers::default();
     let mut received = 0u64;
-    let result = loop {
-        let (raw, h) = match wire::read_header_within(&stream, MID_FRAME_TIMEOUT, "Pages frame") {
-            Ok(x) => x,
-            // The link died or was closed: the source sends its batches again elsewhere.
-            Err(e) if e.is_link_loss() => break Ok(()),
-            Err(e) => break Err(ReceiveError::from(e)),
-        };
-        let len = (HEADER_LEN as u64) + u64::from(h.len);
-        received += len;
-        let total = shared.bytes.fetch_add(len, Ordering::Relaxed) + len;
-        if shared.die_after.is_some_and(|n| total >= n) {
-            break Err(ReceiveError::Killed(total));
-        }
-        if h.kind != Kind::Pages {
-            break Err(WireError::Unexpected { got: h.kind, expected: "Pages on a data link" }.into());
-        }
-        // Inside a frame the bytes are already on their way: a frame that stops arriving is a dead link, and this
-        // thread may be holding pages busy that other links wait for (see read_pages).
-        let mut r = Deadline::new(&stream, Instant::now() + MID_FRAME_TIMEOUT, "Pages frame");
-        match read_pages(&mut r, &raw, &h, owner, &shared.rx, &mut st, &mut frame) {
-            Ok(()) => {}
-            Err(None) => break Ok(()),
-            Err(Some(e)) => break Err(e),
-        }
-        let ack = wire::Ack { bytes: len, pages: frame.entries.len() as u32 };
-        if wire::write_frame(&mut &stream, Kind::Ack, h.epoch, h.seq, &[&ack.encode()]).is_err() {
-            break Ok(());
-        }
-    };
+    let result = serve_frames(&stream, owner, shared, &mut st, &mut received);
     {
         let mut t = shared.totals.lock().unwrap_or_else(|e| e.into_inner());
         t.counts.add(&st.counts);
@@ -164,6 +135,47 @@ fn data_link(
     }
     // The link is done either way; its clone in `conns` must not keep the connection open.
     let _ = stream.shutdown(Shutdown::Both);
+}
+
+/// Reads, applies and acknowledges a presented link's Pages frames until it closes (Ok) or brings bad data (Err),
+/// adding its bytes to `received`.
+fn serve_frames(
+    stream: &TcpStream,
+    owner: u32,
+    shared: &Shared<'_>,
+    st: &mut ApplyState,
+    received: &mut u64,
+) -> Result<(), ReceiveError> {
+    let mut frame = FrameBuffers::default();
+    loop {
+        let (raw, h) = match wire::read_header_within(stream, MID_FRAME_TIMEOUT, "Pages frame") {
+            Ok(x) => x,
+            // The link died or was closed: the source sends its batches again elsewhere.
+            Err(e) if e.is_link_loss() => return Ok(()),
+            Err(e) => return Err(ReceiveError::from(e)),
+        };
+        let len = (HEADER_LEN as u64) + u64::from(h.len);
+        *received += len;
+        let total = shared.bytes.fetch_add(len, Ordering::Relaxed) + len;
+        if shared.die_after.is_some_and(|n| total >= n) {
+            return Err(ReceiveError::Killed(total));
+        }
+        if h.kind != Kind::Pages {
+            return Err(WireError::Unexpected { got: h.kind, expected: "Pages on a data link" }.into());
+        }
+        // Inside a frame the bytes are already on their way: a frame that stops arriving is a dead link, and this
+        // thread may be holding pages busy that other links wait for (see read_pages).
+        let mut r = Deadline::new(stream, Instant::now() + MID_FRAME_TIMEOUT, "Pages frame");
+        match read_pages(&mut r, &raw, &h, owner, &shared.rx, st, &mut frame) {
+            Ok(()) => {}
+            Err(None) => return Ok(()),
+            Err(Some(e)) => return Err(e),
+        }
+        let ack = wire::Ack { bytes: len, pages: frame.entries.len() as u32 };
+        if wire::write_frame(&mut &*stream, Kind::Ack, h.epoch, h.seq, &[&ack.encode()]).is_err() {
+            return Ok(());
+        }
+    }
 }
 
 /// A data link's buffers for the frame being read, kept from frame to frame.

@@ -331,6 +331,59 @@ impl Drop for Live<'_, '_> {
 }
 
 impl<'a> Shared<'a> {
+    fn new(guest: &'a dyn Guest, session: u64, opts: &DestOptions) -> Self {
+        let conns: Arc<Mutex<Conns>> = Default::default();
+        let evict_from = conns.clone();
+        // A page still busy when its resend arrives is held by a link the source has given up on: drop that link.
+        let evict = move |owner: u32| {
+            for (_, o, s) in evict_from.lock().unwrap_or_else(|e| e.into_inner()).sockets.iter() {
+                if *o == owner {
+                    let _ = s.shutdown(Shutdown::Both);
+                }
+            }
+        };
+        Shared {
+            rx: Receiver::new(guest.memory()).with_evict(evict),
+            session,
+            stop: AtomicBool::new(false),
+            conns,
+            ended: Condvar::new(),
+            received: Mutex::new(Vec::new()),
+            link_errors: Mutex::new(Vec::new()),
+            joined: AtomicBool::new(false),
+            totals: Mutex::new(ApplyState::default()),
+            die_after: opts.die_after_bytes,
+            bytes: AtomicU64::new(0),
+            max_connections: opts.max_connections.max(1),
+            admission: Arc::new(Admission::default()),
+        }
+    }
+
+    /// What the destination saw, once every thread has ended.
+    fn report(
+        self,
+        hello: Hello,
+        resumed_at: Instant,
+        full_verify: bool,
+        committed_error: Option<String>,
+    ) -> DestReport {
+        let totals = self.totals.into_inner().unwrap_or_else(|e| e.into_inner());
+        let mut links = self.received.into_inner().unwrap_or_else(|e| e.into_inner());
+        links.sort_unstable();
+        DestReport {
+            hello,
+            pages: totals.counts,
+            stale: totals.stale,
+            torn: totals.torn,
+            bytes_received: self.bytes.load(Ordering::Relaxed),
+            links,
+            link_errors: self.link_errors.into_inner().unwrap_or_else(|e| e.into_inner()),
+            resumed_at,
+            full_verify,
+            committed_error,
+        }
+    }
+
     fn lock_conns(&self) -> MutexGuard<'_, Conns> {
         self.conns.lock().unwrap_or_else(|e| e.into_inner())
     }
@@ -404,60 +457,20 @@ fn run(
     opts: &DestOptions,
     refused: &(dyn Fn(SocketAddr, &ReceiveError) + Sync),
 ) -> Result<DestReport, ReceiveError> {
-    let conns: Arc<Mutex<Conns>> = Default::default();
-    let evict_from = conns.clone();
-    // A page still busy when its resend arrives is held by a link the source has given up on: drop that link.
-    let evict = move |owner: u32| {
-        for (_, o, s) in evict_from.lock().unwrap_or_else(|e| e.into_inner()).sockets.iter() {
-            if *o == owner {
-                let _ = s.shutdown(Shutdown::Both);
-            }
-        }
-    };
-    let shared = Shared {
-        rx: Receiver::new(guest.memory()).with_evict(evict),
-        session: hello.session,
-        stop: AtomicBool::new(false),
-        conns,
-        ended: Condvar::new(),
-        received: Mutex::new(Vec::new()),
-        link_errors: Mutex::new(Vec::new()),
-        joined: AtomicBool::new(false),
-        totals: Mutex::new(ApplyState::default()),
-        die_after: opts.die_after_bytes,
-        bytes: AtomicU64::new(0),
-        max_connections: opts.max_connections.max(1),
-        admission: Arc::new(Admission::default()),
-    };
+    let shared = Shared::new(guest, hello.session, opts);
     let (tx, msgs) = crossbeam::channel::unbounded::<Msg>();
     // The Hello was read under a deadline; from here silence is judged by the control loop, which counts data.
     control.set_read_timeout(None).map_err(WireError::from)?;
     for l in listeners {
         l.set_nonblocking(true).map_err(WireError::from)?;
     }
-    // Faulting fresh memory in (the kernel zeroes each page) costs more than copying data into it, and would
-    // otherwise stall the apply threads; a helper faults the chunks round 0 will fill, ahead of the pages, as far as
-    // the host has memory to spare.
-    let prefault_chunks =
-        available_memory().unwrap_or(0).saturating_sub(PREFAULT_RESERVE) / (PAGE_SIZE as u64) / wire::CHUNK_PAGES;
     let outcome = std::thread::scope(|s| {
-        let (shared, chunks) = (&shared, &hello.chunks);
+        let shared = &shared;
         let spawn = |name: &str| std::thread::Builder::new().name(name.to_string());
         if let Some(live) = shared.enter() {
+            let chunks = &hello.chunks;
             spawn("lm-prefault")
-                .spawn_scoped(s, move || {
-                    let _live = live;
-                    let mut budget = prefault_chunks;
-                    chunks.for_each_run(|run| {
-                        for c in run.first..run.first + run.count {
-                            if shared.stop.load(Ordering::Relaxed) || budget == 0 {
-                                return;
-                            }
-                            budget -= 1;
-                            guest.memory().prefault(c * wire::CHUNK_PAGES, wire::CHUNK_PAGES);
-                        }
-                    });
-                })
+                .spawn_scoped(s, move || prefault(guest, chunks, shared, live))
                 .map_err(WireError::from)?;
         }
         if let Some(live) = shared.enter() {
@@ -470,19 +483,7 @@ fn run(
                 .map_err(WireError::from)?;
         }
         let t = tx.clone();
-        spawn("lm-control")
-            .spawn_scoped(s, move || {
-                let mut buf = Vec::new();
-                loop {
-                    let r = wire::read_frame_within(control, &mut buf, MID_FRAME_TIMEOUT, "control frame")
-                        .map(|h| (h, std::mem::take(&mut buf)));
-                    let end = r.is_err();
-                    if t.send(Msg::Control(r)).is_err() || end {
-                        return;
-                    }
-                }
-            })
-            .map_err(WireError::from)?;
+        spawn("lm-control").spawn_scoped(s, move || read_control(control, &t)).map_err(WireError::from)?;
         let result = control_loop(control, guest, shared, &msgs, opts);
         // However the loop ended, every data thread and helper stops before the guest may run (it already has, after
         // a successful Verify) and before this scope joins them.
@@ -503,21 +504,39 @@ fn run(
     }
     let committed_error =
         wire::write_control(control, Kind::Committed, &[]).err().map(|e| format!("sending Committed: {e}"));
-    let totals = shared.totals.into_inner().unwrap_or_else(|e| e.into_inner());
-    let mut links = shared.received.into_inner().unwrap_or_else(|e| e.into_inner());
-    links.sort_unstable();
-    Ok(DestReport {
-        hello,
-        pages: totals.counts,
-        stale: totals.stale,
-        torn: totals.torn,
-        bytes_received: shared.bytes.load(Ordering::Relaxed),
-        links,
-        link_errors: shared.link_errors.into_inner().unwrap_or_else(|e| e.into_inner()),
-        resumed_at,
-        full_verify,
-        committed_error,
-    })
+    Ok(shared.report(hello, resumed_at, full_verify, committed_error))
+}
+
+/// Faulting fresh memory in (the kernel zeroes each page) costs more than copying data into it, and would otherwise
+/// stall the apply threads: this helper faults the chunks round 0 will fill, ahead of the pages, as far as the host
+/// has memory to spare, and stops when the migration does.
+fn prefault(guest: &dyn Guest, chunks: &livemig_engine::dirty::Bitmap, shared: &Shared<'_>, live: Live<'_, '_>) {
+    let _live = live;
+    let mut budget =
+        available_memory().unwrap_or(0).saturating_sub(PREFAULT_RESERVE) / (PAGE_SIZE as u64) / wire::CHUNK_PAGES;
+    chunks.for_each_run(|run| {
+        for c in run.first..run.first + run.count {
+            if shared.stop.load(Ordering::Relaxed) || budget == 0 {
+                return;
+            }
+            budget -= 1;
+            guest.memory().prefault(c * wire::CHUNK_PAGES, wire::CHUNK_PAGES);
+        }
+    });
+}
+
+/// Reads control frames (each complete within [`MID_FRAME_TIMEOUT`] once begun) and hands them to the control loop,
+/// until the connection fails or closes.
+fn read_control(control: &TcpStream, to: &crossbeam::channel::Sender<Msg>) {
+    let mut buf = Vec::new();
+    loop {
+        let r = wire::read_frame_within(control, &mut buf, MID_FRAME_TIMEOUT, "control frame")
+            .map(|h| (h, std::mem::take(&mut buf)));
+        let end = r.is_err();
+        if to.send(Msg::Control(r)).is_err() || end {
+            return;
+        }
+    }
 }
 
 /// The control connection's side of the migration: vCPU state, verification, commit. Returns whether the

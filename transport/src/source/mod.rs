@@ -107,31 +107,7 @@ pub fn migrate(
     let mut link_errors: Vec<Option<String>> = refused;
     std::thread::scope(|s| {
         let (stripe, done, control) = (&stripe, &done, &control);
-        let spawn = |name: String| std::thread::Builder::new().name(name);
-        let mut spawned: std::io::Result<()> = Ok(());
-        for (i, link) in stripe.links.iter().enumerate() {
-            // Link events go straight into the driver's one event channel: an ack wakes one thread, not two.
-            let ev = ev_tx.clone();
-            let policy = &policy;
-            let copied = move || policy.note_zerocopy_copied();
-            let to_driver = move |e: LinkEvent| drop(ev.send(Event::Link(e)));
-            spawned = spawned.and(
-                spawn(format!("lm-write{i}"))
-                    .spawn_scoped(s, move || link.write_loop(i, &to_driver, &copied))
-                    .map(drop),
-            );
-            let ev = ev_tx.clone();
-            let to_driver = move |e: LinkEvent| drop(ev.send(Event::Link(e)));
-            let pool = stripe.pool().clone();
-            spawned = spawned.and(
-                spawn(format!("lm-read{i}"))
-                    .spawn_scoped(s, move || link.read_loop(i, &to_driver, &pool, done))
-                    .map(drop),
-            );
-        }
-        let ev = ev_tx.clone();
-        spawned =
-            spawned.and(spawn("lm-control".into()).spawn_scoped(s, move || control_loop(control, &ev, done)).map(drop));
+        let spawned = spawn_link_threads(s, stripe, &policy, &ev_tx, done, control);
         if let Err(e) = spawned {
             report.result = Err(MigrateError::Link(WireError::Io(e)));
         } else {
@@ -175,8 +151,40 @@ pub fn migrate(
     report.total_time = start.elapsed();
     report.cpu_seconds = crate::cpu_usage::process_cpu_seconds() - cpu_start;
     report.send_path = policy.path();
+    report_links(&mut report, &stripe, &link_errors, control_written.load(Ordering::Relaxed));
+    report
+}
+
+/// Starts each data link's writer and reader, and the control connection's reader; their events go straight into
+/// the driver's one channel (an ack wakes one thread, not two).
+fn spawn_link_threads<'s, 'e: 's>(
+    s: &'s std::thread::Scope<'s, 'e>,
+    stripe: &'e Stripe,
+    policy: &'e SendPolicy,
+    ev_tx: &crossbeam::channel::Sender<Event>,
+    done: &'e AtomicBool,
+    control: &'e TcpStream,
+) -> std::io::Result<()> {
+    let spawn = |name: String| std::thread::Builder::new().name(name);
+    for (i, link) in stripe.links.iter().enumerate() {
+        let ev = ev_tx.clone();
+        let copied = move || policy.note_zerocopy_copied();
+        let to_driver = move |e: LinkEvent| drop(ev.send(Event::Link(e)));
+        spawn(format!("lm-write{i}")).spawn_scoped(s, move || link.write_loop(i, &to_driver, &copied))?;
+        let ev = ev_tx.clone();
+        let to_driver = move |e: LinkEvent| drop(ev.send(Event::Link(e)));
+        let pool = stripe.pool().clone();
+        spawn(format!("lm-read{i}")).spawn_scoped(s, move || link.read_loop(i, &to_driver, &pool, done))?;
+    }
+    let ev = ev_tx.clone();
+    spawn("lm-control".into()).spawn_scoped(s, move || control_loop(control, &ev, done))?;
+    Ok(())
+}
+
+/// Each link's figures into the report, and the wire bytes of all links and the control connection together.
+fn report_links(report: &mut SourceReport, stripe: &Stripe, link_errors: &[Option<String>], control_bytes: u64) {
     let secs = report.total_time.as_secs_f64().max(1e-9);
-    let mut total = control_written.load(Ordering::Relaxed);
+    let mut total = control_bytes;
     for (i, l) in stripe.links.iter().enumerate() {
         let bytes = l.written();
         total += bytes;
@@ -192,5 +200,4 @@ pub fn migrate(
         });
     }
     report.bytes_on_wire = total;
-    report
 }

@@ -1,0 +1,207 @@
+use super::*;
+use crate::guest::{read_page, MemoryLayout, SyntheticGuest};
+
+fn dest(pages: u64) -> SyntheticGuest {
+    SyntheticGuest::destination(&MemoryLayout { regions: vec![(0, pages * PAGE_SIZE as u64)] }, 1).unwrap()
+}
+
+fn raw(page: u64, content: &[u8]) -> PageEntry {
+    PageEntry::new(page, Codec::Raw, PAGE_SIZE as u32, page_hash(content))
+}
+
+fn zero(page: u64) -> PageEntry {
+    PageEntry::new(page, Codec::Zero, 0, zero_page_hash())
+}
+
+#[test]
+fn newest_epoch_wins_in_any_arrival_order() {
+    let g = dest(4);
+    let r = Receiver::new(&g);
+    let mut st = ApplyState::default();
+    let (old, new) = (vec![1u8; PAGE_SIZE], vec![2u8; PAGE_SIZE]);
+    assert_eq!(r.apply(3, &raw(1, &new), &new, &mut st).unwrap(), Applied::Written);
+    assert_eq!(r.apply(2, &raw(1, &old), &old, &mut st).unwrap(), Applied::Stale);
+    let mut out = vec![0u8; PAGE_SIZE];
+    read_page(&g, 1, &mut out).unwrap();
+    assert_eq!(out, new);
+    assert_eq!(r.hashes().get(1), Some(page_hash(&new)));
+    // A zero page from a later round overwrites data.
+    r.apply(4, &zero(1), &[], &mut st).unwrap();
+    read_page(&g, 1, &mut out).unwrap();
+    assert!(out.iter().all(|&b| b == 0));
+    assert_eq!(r.hashes().get(1), Some(zero_page_hash()));
+}
+
+#[test]
+fn bad_entries_get_their_own_errors() {
+    let g = dest(4);
+    let r = Receiver::new(&g);
+    let mut st = ApplyState::default();
+    let page = vec![7u8; PAGE_SIZE];
+    assert_eq!(r.apply(0, &raw(4, &page), &page, &mut st), Err(ApplyError::PageOutOfRange { page: 4, pages: 4 }));
+    let short = PageEntry { len: 100, ..raw(0, &page) };
+    assert!(matches!(r.apply(0, &short, &page[..100], &mut st), Err(ApplyError::BadLength { len: 100, .. })));
+    let zero_with_data = PageEntry { len: 5, ..zero(0) };
+    assert!(matches!(r.apply(0, &zero_with_data, &page[..5], &mut st), Err(ApplyError::BadLength { .. })));
+    let garbage = PageEntry::new(0, Codec::Lz4, 16, 0);
+    assert!(matches!(r.apply(0, &garbage, &[0xff; 16], &mut st), Err(ApplyError::Decompress { .. })));
+    // A valid lz4 block of the wrong size.
+    let small = lz4_flex::block::compress(&[1u8; 100]);
+    let e = PageEntry::new(0, Codec::Lz4, small.len() as u32, 0);
+    assert!(matches!(r.apply(0, &e, &small, &mut st), Err(ApplyError::Decompress { .. })));
+}
+
+#[test]
+fn corrupt_payloads_never_reach_memory() {
+    let g = dest(2);
+    let r = Receiver::new(&g);
+    let mut st = ApplyState::default();
+    let good = vec![9u8; PAGE_SIZE];
+    let mut bad = good.clone();
+    bad[100] ^= 1;
+    let err = r.apply(0, &raw(1, &good), &bad, &mut st).unwrap_err();
+    assert!(matches!(err, ApplyError::BadChecksum { page: 1, .. }), "{err}");
+    let mut out = vec![1u8; PAGE_SIZE];
+    read_page(&g, 1, &mut out).unwrap();
+    assert!(out.iter().all(|&b| b == 0), "corrupt page was written");
+    assert_eq!(r.hashes().get(1), Some(zero_page_hash()));
+    // The same page, intact and from the same round, is still accepted afterwards.
+    assert_eq!(r.apply(0, &raw(1, &good), &good, &mut st).unwrap(), Applied::Written);
+}
+
+#[test]
+fn a_zstd_frame_decodes_to_exactly_its_pages() {
+    let g = dest(4);
+    let r = Receiver::new(&g);
+    let mut st = ApplyState::default();
+    let (a, b) = (vec![3u8; PAGE_SIZE], vec![4u8; PAGE_SIZE]);
+    let frame = zstd::bulk::compress(&[a.clone(), b.clone()].concat(), 3).unwrap();
+    let entries = [
+        PageEntry::new(0, Codec::Zstd, 0, page_hash(&a)),
+        raw(1, &a),
+        PageEntry::new(2, Codec::Zstd, 0, page_hash(&b)),
+    ];
+    r.apply_frame(0, &entries, &a, &frame, &mut st).unwrap();
+    let mut out = vec![0u8; PAGE_SIZE];
+    read_page(&g, 2, &mut out).unwrap();
+    assert_eq!(out, b);
+    assert_eq!((st.counts.zstd, st.counts.raw), (2, 1));
+    // One zstd page too many or too few for the frame, a corrupt frame, or a frame without zstd pages.
+    let one = [entries[0]];
+    assert!(matches!(r.apply_frame(0, &one, &[], &frame, &mut st), Err(ApplyError::Zstd { pages: 1, .. })));
+    let three = [entries[0], entries[2], PageEntry::new(3, Codec::Zstd, 0, 0)];
+    assert!(matches!(r.apply_frame(0, &three, &[], &frame, &mut st), Err(ApplyError::Zstd { pages: 3, .. })));
+    let mut bad = frame.clone();
+    let mid = bad.len() / 2;
+    bad[mid] ^= 0x55;
+    let two = [entries[0], entries[2]];
+    let res = r.apply_frame(1, &two, &[], &bad, &mut st);
+    assert!(matches!(res, Err(ApplyError::Zstd { .. } | ApplyError::BadChecksum { .. })), "{res:?}");
+    assert!(matches!(r.apply_frame(0, &[raw(1, &a)], &a, &frame, &mut st), Err(ApplyError::Zstd { pages: 0, .. })));
+    let many: Vec<PageEntry> = (0..MAX_ZSTD_PAGES as u64 + 1).map(|_| PageEntry::new(0, Codec::Zstd, 0, 0)).collect();
+    let res = r.apply_frame(0, &many, &[], &frame, &mut st);
+    assert!(matches!(res, Err(ApplyError::Zstd { .. })), "{res:?}");
+}
+
+#[test]
+fn a_live_page_that_changed_in_flight_is_applied_with_the_hash_of_what_arrived() {
+    let g = dest(2);
+    let r = Receiver::new(&g);
+    let mut st = ApplyState::default();
+    let (hashed, sent) = (vec![5u8; PAGE_SIZE], vec![6u8; PAGE_SIZE]);
+    let live = PageEntry { live: true, ..raw(0, &hashed) };
+    assert_eq!(r.apply(0, &live, &sent, &mut st).unwrap(), Applied::Written);
+    assert_eq!((st.torn, r.hashes().get(0)), (1, Some(page_hash(&sent))));
+    // The same bytes on a page that was copied before hashing are corruption.
+    let copied = raw(1, &hashed);
+    assert!(matches!(r.apply(0, &copied, &sent, &mut st), Err(ApplyError::BadChecksum { page: 1, .. })));
+}
+
+/// A reader that fills the frame's buffers from `bytes`, in order.
+fn from(bytes: Vec<u8>) -> impl FnOnce(&mut [std::io::IoSliceMut<'_>]) -> std::io::Result<()> {
+    move |iov| {
+        let mut off = 0;
+        for b in iov.iter_mut() {
+            let n = b.len();
+            b.copy_from_slice(&bytes[off..off + n]);
+            off += n;
+        }
+        assert_eq!(off, bytes.len(), "the buffers cover the payload exactly");
+        Ok(())
+    }
+}
+
+#[test]
+fn a_frame_read_in_place_lands_in_guest_memory_and_stale_copies_are_dropped() {
+    let g = dest(4);
+    let r = Receiver::new(&g);
+    let mut st = ApplyState::default();
+    let (a, b, c) = (vec![1u8; PAGE_SIZE], vec![2u8; PAGE_SIZE], vec![3u8; PAGE_SIZE]);
+    let lz = lz4_flex::block::compress(&c);
+    let z = zstd::bulk::compress(&a, 3).unwrap();
+    let entries = [
+        raw(0, &a),
+        PageEntry::new(1, Codec::Lz4, lz.len() as u32, page_hash(&c)),
+        zero(2),
+        raw(3, &b),
+        PageEntry::new(2, Codec::Zstd, 0, page_hash(&a)),
+    ];
+    let payload = [a.clone(), lz.clone(), b.clone(), z.clone()].concat();
+    r.apply_frame_in_place(1, &entries, z.len(), 0, &mut st, from(payload)).unwrap();
+    let mut out = vec![0u8; PAGE_SIZE];
+    for (page, want) in [(0, &a), (1, &c), (2, &a), (3, &b)] {
+        read_page(&g, page, &mut out).unwrap();
+        assert_eq!(&out, want, "page {page}");
+    }
+    assert_eq!((st.counts.raw, st.counts.lz4, st.counts.zero, st.counts.zstd), (2, 1, 1, 1));
+    // An older copy of page 0 read in place goes to scratch.
+    r.apply_frame_in_place(0, &[raw(0, &b)], 0, 0, &mut st, from(b.clone())).unwrap();
+    read_page(&g, 0, &mut out).unwrap();
+    assert_eq!((out, st.stale), (a.clone(), 1));
+    // Content that does not match a copied page's hash is refused; a live page's is recorded as it arrived.
+    let err = r.apply_frame_in_place(2, &[raw(3, &a)], 0, 0, &mut st, from(c.clone())).unwrap_err();
+    assert!(matches!(err, InPlaceError::Apply(ApplyError::BadChecksum { page: 3, .. })), "{err}");
+    let live = PageEntry { live: true, ..raw(3, &a) };
+    r.apply_frame_in_place(2, &[live], 0, 0, &mut st, from(c.clone())).unwrap();
+    assert_eq!((st.torn, r.hashes().get(3)), (1, Some(page_hash(&c))));
+    // A page listed twice is refused, and leaves no page busy.
+    let err = r.apply_frame_in_place(3, &[raw(1, &a), raw(1, &a)], 0, 0, &mut st, from(vec![])).unwrap_err();
+    assert!(matches!(err, InPlaceError::Apply(ApplyError::Duplicate { page: 1 })), "{err}");
+    assert!(owner_of(r.epochs[1].load(Ordering::SeqCst)).is_none());
+}
+
+#[test]
+fn a_page_read_in_place_stays_busy_until_its_stalled_owner_is_evicted() {
+    let g = dest(2);
+    let (tx, rx) = std::sync::mpsc::channel::<()>();
+    let evicted = AtomicU32::new(u32::MAX);
+    let r = Receiver::new(&g).with_evict(|link| {
+        evicted.store(link, Ordering::SeqCst);
+        let _ = tx.send(());
+    });
+    let page = vec![7u8; PAGE_SIZE];
+    let (r, page_ref) = (&r, &page);
+    std::thread::scope(|s| {
+        // Link 3 starts reading page 1 in place and stalls until it is dropped.
+        s.spawn(move || {
+            let mut st = ApplyState::default();
+            let res = r.apply_frame_in_place(0, &[raw(1, page_ref)], 0, 3, &mut st, |iov| {
+                iov[0][..100].fill(0xee);
+                rx.recv().unwrap();
+                Err(std::io::Error::other("link dropped"))
+            });
+            assert!(matches!(res, Err(InPlaceError::Io(_))), "{res:?}");
+        });
+        while owner_of(r.epochs[1].load(Ordering::SeqCst)).is_none() {
+            std::thread::yield_now();
+        }
+        // The resend on another link waits, has link 3 dropped, and then applies the whole page.
+        let mut st = ApplyState::default();
+        assert_eq!(r.apply(0, &raw(1, page_ref), page_ref, &mut st).unwrap(), Applied::Written);
+        assert_eq!(evicted.load(Ordering::SeqCst), 3);
+    });
+    let mut out = vec![0u8; PAGE_SIZE];
+    read_page(&g, 1, &mut out).unwrap();
+    assert_eq!(out, page);
+    assert_eq!(r.hashes().get(1), Some(page_hash(&page)));
+}

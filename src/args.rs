@@ -1,0 +1,334 @@
+//! The command line's arguments, as clap parses them: the commands, and the guest and run options they share.
+
+use clap::{Args, Parser, Subcommand, ValueEnum};
+use livemig::report::parse_size;
+use livemig::transport::link::LinkSpec;
+use std::path::PathBuf;
+
+#[derive(Parser)]
+#[command(name = "livemig", version, about = "Live-migration memory transfer engine")]
+pub(crate) struct Cli {
+    #[command(subcommand)]
+    pub(crate) cmd: Cmd,
+}
+
+#[derive(Subcommand)]
+pub(crate) enum Cmd {
+    /// Migrate a synthetic guest inside this process, source to destination over loopback.
+    Demo {
+        /// Data links over loopback.
+        #[arg(long, default_value_t = 1)]
+        links: usize,
+        #[command(flatten)]
+        guest: GuestOpts,
+        #[command(flatten)]
+        run: RunOpts,
+    },
+    /// Be the source host: migrate a guest to a `livemig receive` at ADDR:PORT.
+    Send {
+        /// The destination's control address.
+        #[arg(long)]
+        to: String,
+        /// A data link, `[IFACE=]LOCAL>REMOTE:PORT`; one per NIC. Without any, one link goes to the --to address.
+        #[arg(long = "link")]
+        links: Vec<LinkSpec>,
+        #[command(flatten)]
+        guest: GuestOpts,
+        #[command(flatten)]
+        run: RunOpts,
+    },
+    /// Check a VM manifest against a destination's description: every failure, with its reason and fix.
+    Preflight {
+        /// The VM manifest (TOML).
+        #[arg(long)]
+        vm: PathBuf,
+        /// The destination's description (JSON).
+        #[arg(long)]
+        dest: PathBuf,
+    },
+    /// CPU descriptions: this host's, a cluster's baseline, and whether a VM's CPU model fits a host.
+    Cpu {
+        #[command(subcommand)]
+        cmd: CpuCmd,
+    },
+    /// The two-host lab on one machine (network namespaces, veth, tbf); needs root.
+    Lab {
+        #[command(subcommand)]
+        cmd: LabCmd,
+    },
+    /// Benchmark matrix: scenarios × link counts × send paths, each migrated between two processes and set beside a
+    /// raw-TCP baseline over the same links. Prints a table and writes a JSON file.
+    Bench(BenchArgs),
+    /// The raw-TCP baseline's receiving end (for `bench`).
+    #[command(hide = true)]
+    XSink {
+        #[arg(long)]
+        listen: String,
+        #[arg(long, default_value_t = 1)]
+        links: usize,
+    },
+    /// The raw-TCP baseline's sending end (for `bench`).
+    #[command(hide = true)]
+    XBlast {
+        #[arg(long = "link")]
+        links: Vec<LinkSpec>,
+        #[arg(long)]
+        bytes: u64,
+    },
+    /// Be the destination host: wait for one migration and run the guest it brings.
+    Receive(ReceiveArgs),
+}
+
+#[derive(Args)]
+pub(crate) struct ReceiveArgs {
+    /// Address to listen on, for the control connection and data links.
+    #[arg(long)]
+    pub(crate) listen: String,
+    /// More addresses to accept data links on (one per NIC).
+    #[arg(long = "data")]
+    pub(crate) data: Vec<String>,
+    /// This destination's name in its description.
+    #[arg(long)]
+    pub(crate) name: Option<String>,
+    /// A datastore this destination can see (repeat for each).
+    #[arg(long = "datastore")]
+    pub(crate) datastores: Vec<String>,
+    /// A port group of this destination, NAME:UPLINKS (repeat for each).
+    #[arg(long = "port-group")]
+    pub(crate) port_groups: Vec<String>,
+    /// After resuming the guest, announce its NICs' MACs (from the source's manifest) on this interface (RARP).
+    #[arg(long)]
+    pub(crate) announce: Option<String>,
+    /// The largest guest accepted (e.g. 8GiB). Default: this host's available memory. A larger guest is refused at
+    /// the handshake, before anything is allocated, and receive goes on waiting. More than is available may be
+    /// allowed for a sparse guest on an overcommitted host; pre-faulting still stops at what is available.
+    #[arg(long, value_parser = parse_size)]
+    pub(crate) max_memory: Option<u64>,
+    /// Create and fault in the destination guest's RAM (this size, one region) before any source connects, as a
+    /// destination VM started with its memory preallocated would be. Used when the source's layout matches. May not
+    /// exceed the host's available memory.
+    #[arg(long, value_parser = parse_size)]
+    pub(crate) prealloc: Option<u64>,
+    /// How long to let the resumed guest run before exiting, in milliseconds.
+    #[arg(long, default_value_t = 500)]
+    pub(crate) run_for_ms: u64,
+    /// Write the JSON report here.
+    #[arg(long)]
+    pub(crate) report: Option<PathBuf>,
+    /// Print the JSON report on stdout instead of the summary.
+    #[arg(long)]
+    pub(crate) json: bool,
+    /// Fault injection (tests): the control connection fails just before Committed is sent.
+    #[arg(long, hide = true)]
+    pub(crate) x_fail_committed: bool,
+}
+
+#[derive(Args)]
+pub(crate) struct BenchArgs {
+    /// Scenarios, comma-separated: reference, dirty.
+    #[arg(long, default_value = "reference")]
+    pub(crate) scenarios: String,
+    /// Link counts, comma-separated.
+    #[arg(long, default_value = "1")]
+    pub(crate) links: String,
+    /// Send paths, comma-separated: copy, vectored, zerocopy, auto.
+    #[arg(long, default_value = "copy,vectored,zerocopy,auto")]
+    pub(crate) paths: String,
+    /// Guest memory.
+    #[arg(long, default_value = "2GiB", value_parser = parse_size)]
+    pub(crate) memory: u64,
+    /// Run in the lab (`lab up` first) instead of over loopback.
+    #[arg(long)]
+    pub(crate) lab: bool,
+    /// The lab's namespace prefix.
+    #[arg(long, default_value = "lm")]
+    pub(crate) prefix: String,
+    /// The JSON file of rows.
+    #[arg(long, default_value = "bench.json")]
+    pub(crate) output: PathBuf,
+    /// Also draw each row's migration: FILE.svg becomes FILE-<scenario>-<links>l-<path>.svg.
+    #[arg(long)]
+    pub(crate) plot: Option<PathBuf>,
+    /// Never compress (to compare the send paths' own CPU cost).
+    #[arg(long)]
+    pub(crate) no_compress: bool,
+    /// Migrations per row, each followed by a baseline run; the row shows the medians.
+    #[arg(long, default_value_t = 3, value_parser = clap::value_parser!(u16).range(1..))]
+    pub(crate) repeat: u16,
+}
+
+#[derive(Subcommand)]
+pub(crate) enum CpuCmd {
+    /// Print this host's CPU (vendor, family/model/stepping, features) as JSON, read with CPUID.
+    Show,
+    /// The features every listed host supports (the model a cluster's VMs must use to move anywhere), and what each
+    /// host costs the cluster.
+    Baseline {
+        /// Host descriptions (from `cpu show`).
+        hosts: Vec<PathBuf>,
+        /// Write the baseline model here as JSON.
+        #[arg(long)]
+        output: Option<PathBuf>,
+    },
+    /// Can a VM with this CPU model run on this host? Exit 0 for yes, 1 for no with the reasons.
+    Check {
+        /// The VM's CPU model (a description, or a baseline).
+        #[arg(long)]
+        vm: PathBuf,
+        /// The host's description.
+        #[arg(long)]
+        host: PathBuf,
+    },
+}
+
+#[derive(Subcommand)]
+pub(crate) enum LabCmd {
+    /// Create the namespaces PREFIX-src and PREFIX-dst joined by shaped veth links vmnic1..N.
+    Up {
+        /// Number of links.
+        #[arg(long, default_value_t = 1)]
+        links: usize,
+        /// Link rate for tc, one for all or a comma list, one per link (1gbit,1gbit,500mbit,100mbit).
+        #[arg(long, default_value = "1gbit")]
+        rate: String,
+        /// Namespace prefix.
+        #[arg(long, default_value = "lm")]
+        prefix: String,
+    },
+    /// Remove the lab's namespaces.
+    Down {
+        /// Namespace prefix.
+        #[arg(long, default_value = "lm")]
+        prefix: String,
+    },
+    /// Run `receive` in PREFIX-dst and `send` in PREFIX-src, one --link per vmnic; the rest are send options.
+    Run {
+        /// Namespace prefix (before any send option).
+        #[arg(long, default_value = "lm")]
+        prefix: String,
+        /// Do not have the destination preallocate the guest's memory. By default the lab's destination host creates the
+        /// guest's memory before the migration starts (receive --prealloc), as a hypervisor that has created the VM
+        /// for an incoming migration would; with this, it faults memory in as pages arrive.
+        #[arg(long)]
+        no_prealloc: bool,
+        /// Options for `livemig send` (guest and run options; --report FILE keeps the source's report).
+        #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
+        send_args: Vec<String>,
+    },
+}
+
+#[derive(Clone, Copy, ValueEnum, PartialEq)]
+pub(crate) enum GuestKind {
+    /// The synthetic reference guest (threads writing anonymous memory).
+    Synthetic,
+    /// A KVM VM running livemig's test guest (needs /dev/kvm).
+    Kvm,
+}
+
+#[derive(Clone, Copy, ValueEnum)]
+pub(crate) enum DirtyLogArg {
+    /// KVM_GET_DIRTY_LOG.
+    Get,
+    /// KVM_GET_DIRTY_LOG then KVM_CLEAR_DIRTY_LOG (manual protect).
+    Clear,
+}
+
+#[derive(Args)]
+pub(crate) struct GuestOpts {
+    /// The guest to migrate.
+    #[arg(long, value_enum, default_value = "synthetic")]
+    pub(crate) guest: GuestKind,
+    /// Guest RAM, e.g. 512MiB or 2GiB.
+    #[arg(long, default_value = "2GiB", value_parser = parse_size)]
+    pub(crate) memory: u64,
+    /// Percent of RAM written before migration starts.
+    #[arg(long, default_value_t = 75.0)]
+    pub(crate) touched: f64,
+    /// Pages per second the vCPUs dirty during migration.
+    #[arg(long, default_value_t = 0)]
+    pub(crate) dirty_rate: u64,
+    /// Dirtied pages are drawn from the first PCT percent of RAM.
+    #[arg(long, default_value_t = 10.0)]
+    pub(crate) hot_set: f64,
+    /// vCPU threads.
+    #[arg(long, default_value_t = 1)]
+    pub(crate) vcpus: u32,
+    /// The VM's manifest (TOML): its memory, CPU model, affinity, devices, NICs and disks. The destination's own
+    /// description is checked against it in the handshake, and the migration refused on any failure.
+    #[arg(long)]
+    pub(crate) vm: Option<PathBuf>,
+    /// The VM's CPU model (a `cpu show` or `cpu baseline` JSON); the destination refuses the migration if it lacks any
+    /// of its features. Defaults to this host's CPU. A KVM guest's CPUID is masked to it.
+    #[arg(long)]
+    pub(crate) cpu_model: Option<PathBuf>,
+    /// How a KVM guest's dirty log is harvested (clear: measured faster, docs/architecture.md).
+    #[arg(long, value_enum, default_value = "clear")]
+    pub(crate) dirty_log: DirtyLogArg,
+}
+
+#[derive(Clone, Copy, ValueEnum)]
+pub(crate) enum OnTimeoutArg {
+    Cancel,
+    Force,
+}
+
+#[derive(Clone, Copy, ValueEnum)]
+pub(crate) enum VerifyArg {
+    Tables,
+    Full,
+}
+
+#[derive(Clone, Copy, ValueEnum)]
+pub(crate) enum SendPathArg {
+    Copy,
+    Vectored,
+    Zerocopy,
+    Auto,
+}
+
+#[derive(Args)]
+pub(crate) struct RunOpts {
+    /// Downtime target in milliseconds.
+    #[arg(long, default_value_t = 300)]
+    pub(crate) downtime_target: u64,
+    /// Pre-copy rounds (round 0 included) after which --on-timeout decides.
+    #[arg(long, default_value_t = 30)]
+    pub(crate) max_rounds: u32,
+    /// Seconds of pre-copy after which --on-timeout decides.
+    #[arg(long)]
+    pub(crate) max_time: Option<f64>,
+    /// When the target cannot be met by then: cancel (the source keeps the guest), or force the switchover if the
+    /// predicted pause is within 2 s.
+    #[arg(long, value_enum, default_value = "cancel")]
+    pub(crate) on_timeout: OnTimeoutArg,
+    /// Never throttle the vCPUs.
+    #[arg(long)]
+    pub(crate) no_throttle: bool,
+    /// How the switchover verifies destination memory.
+    #[arg(long, value_enum, default_value = "tables")]
+    pub(crate) verify: VerifyArg,
+    /// Never compress.
+    #[arg(long)]
+    pub(crate) no_compress: bool,
+    /// Scan and encode worker threads (default: one per CPU).
+    #[arg(long)]
+    pub(crate) workers: Option<usize>,
+    /// How raw pages leave guest memory: copied into the batch, written in place with iovecs, in place with
+    /// MSG_ZEROCOPY, or auto: try each for 200 ms and keep the one that delivers fastest (the cheapest in CPU among
+    /// near ties). The default is vectored: on every link `livemig bench` measured here it was fastest or tied, and
+    /// auto's trials cost a migration that lasts a second a tenth of its time (docs/benchmarks.md).
+    #[arg(long, value_enum, default_value = "vectored")]
+    pub(crate) send_path: SendPathArg,
+    /// Fault injection (demo only): the destination drops its connection after this many MiB, as if killed.
+    #[arg(long, hide = true)]
+    pub(crate) x_kill_destination_after_mib: Option<u64>,
+    /// Write the JSON report here.
+    #[arg(long)]
+    pub(crate) report: Option<PathBuf>,
+    /// Draw the migration into this SVG file: throughput per link over time, pages and throttle per round.
+    #[arg(long)]
+    pub(crate) plot: Option<PathBuf>,
+    /// Print the JSON report on stdout instead of the table.
+    #[arg(long)]
+    pub(crate) json: bool,
+}
