@@ -225,49 +225,8 @@ impl Report {
     /// The per-round table and the summary, for a terminal.
     pub fn table(&self) -> String {
         use std::fmt::Write;
-        let mut s = String::new();
+        let mut s = self.rounds_table();
         let mib = |b: u64| b as f64 / (1u64 << 20) as f64;
-        let per_link = self.links.len() > 1;
-        let _ = writeln!(
-            s,
-            "{:>5} {:>9} {:>9} {:>9} {:>9} {:>9} {:>10} {:>8} {:>10} {:>8}{}",
-            "round",
-            "pages",
-            "zero",
-            "lz4",
-            "zstd",
-            "raw",
-            "wire MiB",
-            "secs",
-            "MiB/s",
-            "throttle",
-            if per_link { "  MiB per link" } else { "" }
-        );
-        for r in &self.rounds {
-            let rate = if r.duration_s > 0.0 { mib(r.bytes_on_wire) / r.duration_s } else { 0.0 };
-            let links = if per_link {
-                let each: Vec<String> = r.link_bytes.iter().map(|&b| format!("{:.0}", mib(b))).collect();
-                format!("  {}", each.join("/"))
-            } else {
-                String::new()
-            };
-            let _ = writeln!(
-                s,
-                "{:>5} {:>9} {:>9} {:>9} {:>9} {:>9} {:>10.1} {:>8.3} {:>10.0} {:>7.0}%{}{}",
-                r.index,
-                r.dirty_pages,
-                r.pages.zero,
-                r.pages.lz4,
-                r.pages.zstd,
-                r.pages.raw,
-                mib(r.bytes_on_wire),
-                r.duration_s,
-                rate,
-                r.throttle_pct,
-                links,
-                if r.last { "  (paused)" } else { "" }
-            );
-        }
         let _ = writeln!(s);
         let _ = writeln!(
             s,
@@ -330,6 +289,55 @@ impl Report {
                 l.throughput_bps / 1e9,
                 zc,
                 l.error.as_ref().map_or(String::new(), |e| format!(" FAILED: {e}"))
+            );
+        }
+        s
+    }
+
+    /// The per-round part of [`Report::table`]: pages by codec, wire bytes, time and throttle of each round.
+    fn rounds_table(&self) -> String {
+        use std::fmt::Write;
+        let mut s = String::new();
+        let mib = |b: u64| b as f64 / (1u64 << 20) as f64;
+        let per_link = self.links.len() > 1;
+        let _ = writeln!(
+            s,
+            "{:>5} {:>9} {:>9} {:>9} {:>9} {:>9} {:>10} {:>8} {:>10} {:>8}{}",
+            "round",
+            "pages",
+            "zero",
+            "lz4",
+            "zstd",
+            "raw",
+            "wire MiB",
+            "secs",
+            "MiB/s",
+            "throttle",
+            if per_link { "  MiB per link" } else { "" }
+        );
+        for r in &self.rounds {
+            let rate = if r.duration_s > 0.0 { mib(r.bytes_on_wire) / r.duration_s } else { 0.0 };
+            let links = if per_link {
+                let each: Vec<String> = r.link_bytes.iter().map(|&b| format!("{:.0}", mib(b))).collect();
+                format!("  {}", each.join("/"))
+            } else {
+                String::new()
+            };
+            let _ = writeln!(
+                s,
+                "{:>5} {:>9} {:>9} {:>9} {:>9} {:>9} {:>10.1} {:>8.3} {:>10.0} {:>7.0}%{}{}",
+                r.index,
+                r.dirty_pages,
+                r.pages.zero,
+                r.pages.lz4,
+                r.pages.zstd,
+                r.pages.raw,
+                mib(r.bytes_on_wire),
+                r.duration_s,
+                rate,
+                r.throttle_pct,
+                links,
+                if r.last { "  (paused)" } else { "" }
             );
         }
         s

@@ -398,27 +398,20 @@ impl Driver<'_> {
                         acked += 1;
                         pages_done += pages;
                         link_bytes[link] += bytes;
-                        self.link_progress[link] = at;
-                        self.link_rates[link].record(at, bytes);
-                        if let Some(r) = self.link_rates[link].rate() {
-                            self.stripe.links[link].set_rate(r);
-                        }
-                        self.machine.delivered(bytes, at);
-                        self.policy.observe(pages, at, crate::cpu_usage::process_cpu_seconds());
-                        let rate = self.machine.bandwidth().unwrap_or(0.0);
-                        let spare = self.cpu.spare_cpus(Duration::from_millis(100));
-                        self.policy.set_link(rate as u64, spare);
+                        let rate = self.acked(link, bytes, pages, at);
                         if last_report.elapsed() > Duration::from_millis(50) {
                             last_report = Instant::now();
                             let written = self.control_written.load(Ordering::Relaxed)
                                 + self.stripe.links.iter().map(|l| l.written()).sum::<u64>();
-                            (self.progress)(&Progress {
+                            let (round_pages, round_pages_done) = (total_pages, pages_done);
+                            let p = Progress {
                                 epoch,
-                                round_pages: total_pages,
-                                round_pages_done: pages_done,
+                                round_pages,
+                                round_pages_done,
                                 bytes_on_wire: written,
                                 rate_bps: rate,
-                            });
+                            };
+                            (self.progress)(&p);
                         }
                     }
                     Some(Event::ScanDone { batches, counts: c, error }) => {
@@ -444,6 +437,22 @@ impl Driver<'_> {
             self.machine.round_delivered(Instant::now());
         }
         (counts, link_bytes)
+    }
+
+    /// An ack of `bytes` (`pages` guest pages) on `link` at `at`: the link's rate for the scheduler, the machine's
+    /// bandwidth, the codec policy's figures. Returns the machine's bandwidth estimate.
+    fn acked(&mut self, link: usize, bytes: u64, pages: u64, at: Instant) -> f64 {
+        self.link_progress[link] = at;
+        self.link_rates[link].record(at, bytes);
+        if let Some(r) = self.link_rates[link].rate() {
+            self.stripe.links[link].set_rate(r);
+        }
+        self.machine.delivered(bytes, at);
+        self.policy.observe(pages, at, crate::cpu_usage::process_cpu_seconds());
+        let rate = self.machine.bandwidth().unwrap_or(0.0);
+        let spare = self.cpu.spare_cpus(Duration::from_millis(100));
+        self.policy.set_link(rate as u64, spare);
+        rate
     }
 
     /// Every [`DIRTY_SAMPLE`] of a round, harvests the dirty log into the set the next harvest reports, and tells the

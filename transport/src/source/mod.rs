@@ -65,22 +65,7 @@ pub fn migrate(
     progress: &(dyn Fn(&Progress) + Sync),
 ) -> SourceReport {
     let start = Instant::now();
-    let mut report = SourceReport {
-        result: Ok(()),
-        verified: false,
-        total_time: Duration::ZERO,
-        downtime: None,
-        downtime_parts: DowntimeParts::default(),
-        predicted_downtime: None,
-        bytes_on_wire: 0,
-        pages: PageCounts::default(),
-        rounds: Vec::new(),
-        links: Vec::new(),
-        max_throttle_pct: 0.0,
-        send_path: opts.send_path.unwrap_or(SendPath::Vectored),
-        cpu_seconds: 0.0,
-        timeline: Vec::new(),
-    };
+    let mut report = SourceReport::new(opts.send_path.unwrap_or(SendPath::Vectored));
     let cpu_start = crate::cpu_usage::process_cpu_seconds();
     let control_written = AtomicU64::new(0);
     let setup = start_logging(guest)

@@ -216,3 +216,25 @@ pub struct SourceReport {
     /// Wire bytes per link, sampled about every 100 ms: (seconds since the start, cumulative bytes per link).
     pub timeline: Vec<(f64, Vec<u64>)>,
 }
+
+impl SourceReport {
+    /// A report of nothing done yet, for a migration that will send raw pages by `send_path`.
+    pub fn new(send_path: SendPath) -> Self {
+        SourceReport {
+            result: Ok(()),
+            verified: false,
+            total_time: Duration::ZERO,
+            downtime: None,
+            downtime_parts: DowntimeParts::default(),
+            predicted_downtime: None,
+            bytes_on_wire: 0,
+            pages: PageCounts::default(),
+            rounds: Vec::new(),
+            links: Vec::new(),
+            max_throttle_pct: 0.0,
+            send_path,
+            cpu_seconds: 0.0,
+            timeline: Vec::new(),
+        }
+    }
+}
