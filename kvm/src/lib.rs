@@ -438,6 +438,19 @@ impl KvmGuest {
 }
 
 /// The vCPU thread: parks while paused, else runs the guest, pacing it at the progress exits.
+/// Parks the vCPU thread while it is paused, not yet restored, or has no pacing; returns the pacing once it may run,
+/// or None when the VM is stopping.
+fn park_until_runnable(s: &Shared) -> Option<u64> {
+    let mut ctl = s.ctl.lock().expect("vcpu control poisoned");
+    while (ctl.paused || !ctl.ready || ctl.rate == 0) && !ctl.stop {
+        ctl.parked = true;
+        s.cv.notify_all();
+        ctl = s.cv.wait(ctl).expect("vcpu control poisoned");
+    }
+    ctl.parked = false;
+    (!ctl.stop).then_some(ctl.rate)
+}
+
 fn vcpu_loop(vcpu: &Mutex<VcpuFd>, s: &Shared) {
     {
         let mut v = vcpu.lock().unwrap_or_else(|e| e.into_inner());
@@ -447,19 +460,7 @@ fn vcpu_loop(vcpu: &Mutex<VcpuFd>, s: &Shared) {
     let mut slice_start = Instant::now();
     let mut done_in_slice = 0u64;
     loop {
-        let rate = {
-            let mut ctl = s.ctl.lock().expect("vcpu control poisoned");
-            while (ctl.paused || !ctl.ready || ctl.rate == 0) && !ctl.stop {
-                ctl.parked = true;
-                s.cv.notify_all();
-                ctl = s.cv.wait(ctl).expect("vcpu control poisoned");
-            }
-            ctl.parked = false;
-            if ctl.stop {
-                return;
-            }
-            ctl.rate
-        };
+        let Some(rate) = park_until_runnable(s) else { return };
         // Pacing: one burst of program::BURST pages is due every BURST / rate seconds of running time; throttling
         // sleeps its share of each THROTTLE_SLICE.
         let throttle = f64::from(s.throttle_milli.load(Ordering::Relaxed)) / 100_000.0;
@@ -681,20 +682,4 @@ impl Guest for KvmGuest {
 }
 
 #[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn masking_clears_exactly_the_features_the_model_lacks() {
-        let Ok(kvm) = Kvm::new() else {
-            let _ = std::io::Write::write_all(&mut std::io::stderr(), b"SKIP cpuid mask: /dev/kvm is not available\n");
-            return;
-        };
-        let mut cpuid = kvm.get_supported_cpuid(KVM_MAX_CPUID_ENTRIES).unwrap();
-        let before = features_in(cpuid.as_slice());
-        let mut model = livemig_engine::cpu::host();
-        model.features = before.iter().take(before.len() / 2).cloned().collect();
-        mask_cpuid(cpuid.as_mut_slice(), &model);
-        assert_eq!(features_in(cpuid.as_slice()), model.features);
-    }
-}
+mod tests;
