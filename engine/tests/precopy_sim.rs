@@ -256,3 +256,92 @@ fn failure_after_commit_is_sent_keeps_the_source_paused() {
     }
     assert!(saw_commit);
 }
+
+/// Drives a machine on an idle 64-page guest up to `stop` (the action at which the simulated destination goes silent),
+/// then lets time pass in 100 ms steps, telling the machine each time as a driver does through `poll_timeout` and
+/// `handle_timeout`. Returns the actions seen from then on and the outcome, with the time it came at.
+fn silent_from(stop: &str) -> (Vec<String>, Outcome, Duration) {
+    let t0 = Instant::now();
+    let mut now = t0;
+    let mut m = Precopy::new(cfg(300, 30), Bitmap::new(64), now);
+    let mut paused_at = None;
+    let mut silent = false;
+    let mut after = Vec::new();
+    loop {
+        let a = match m.poll() {
+            Some(a) => a,
+            None => {
+                assert!(silent, "the machine stalled before the destination went silent");
+                now += Duration::from_millis(100);
+                if let Some(t) = m.poll_timeout() {
+                    if now >= t {
+                        m.handle_timeout(now);
+                    }
+                }
+                assert!(now < t0 + Duration::from_secs(60), "no outcome after a minute of silence");
+                continue;
+            }
+        };
+        let name = format!("{a:?}").split([' ', '{', '(']).next().unwrap().to_string();
+        if silent {
+            after.push(name.clone());
+        }
+        if name == stop {
+            silent = true;
+        }
+        match a {
+            Action::SendRound { .. } if !silent => m.round_delivered(now),
+            Action::Harvest => m.harvested(Bitmap::new(64), now),
+            Action::Pause => {
+                paused_at = Some(now);
+                m.paused(now);
+            }
+            Action::SendState if !silent => m.state_delivered(),
+            Action::Verify if !silent => m.verified(true),
+            Action::Commit if !silent => m.committed(),
+            Action::Done(o) => return (after, o, now - paused_at.unwrap_or(now)),
+            _ => {}
+        }
+    }
+}
+
+#[test]
+fn the_machine_keeps_the_pause_bound_in_every_phase_before_commit() {
+    for stop in ["SendRound", "SendState", "Verify"] {
+        // The first SendRound is round 0 (the guest runs); stop on the final one, sent with the guest paused.
+        let stop_at = if stop == "SendRound" { "Pause" } else { stop };
+        let (after, o, paused_for) = silent_from(stop_at);
+        assert_eq!(o, Outcome::PauseExceeded, "silent from {stop}");
+        assert!(after.contains(&"ResumeSource".to_string()), "silent from {stop}: {after:?}");
+        assert!(!after.contains(&"Commit".to_string()), "silent from {stop}: {after:?}");
+        assert!(paused_for >= MAX_PAUSE && paused_for < MAX_PAUSE + Duration::from_millis(200), "{paused_for:?}");
+    }
+}
+
+#[test]
+fn once_commit_is_sent_the_pause_bound_no_longer_cancels() {
+    let now = Instant::now();
+    let mut m = Precopy::new(cfg(300, 30), Bitmap::new(64), now);
+    let mut deadline_while_paused = None;
+    while let Some(a) = m.poll() {
+        match a {
+            Action::SendRound { .. } => m.round_delivered(now),
+            Action::Harvest => m.harvested(Bitmap::new(64), now),
+            Action::Pause => {
+                m.paused(now);
+                deadline_while_paused = m.poll_timeout();
+            }
+            Action::SendState => m.state_delivered(),
+            Action::Verify => m.verified(true),
+            Action::Commit => break,
+            other => panic!("unexpected {other:?}"),
+        }
+    }
+    assert_eq!(deadline_while_paused, Some(now + MAX_PAUSE));
+    // Commit is out: the destination may be running the guest, so no deadline may resume the source now.
+    assert_eq!(m.poll_timeout(), None);
+    m.handle_timeout(now + Duration::from_secs(60));
+    assert_eq!(m.poll(), None, "a timeout after Commit acted");
+    m.committed();
+    assert_eq!(m.poll(), Some(Action::Done(Outcome::Completed)));
+}

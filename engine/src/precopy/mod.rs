@@ -103,6 +103,8 @@ pub enum Outcome {
     Failed(String),
     /// The policy gave up before switching over (the target could not be met); the source keeps running the guest.
     Cancelled(String),
+    /// The pause ran past [`MAX_PAUSE`] before the commit: the switchover was called off and the source resumes.
+    PauseExceeded,
 }
 
 /// One round's figures.
@@ -352,6 +354,29 @@ impl Precopy {
     /// The vCPU throttle the machine has asked for, percent.
     pub fn throttle(&self) -> f64 {
         self.throttle
+    }
+
+    /// The next moment at which the machine must be told the time ([`Precopy::handle_timeout`]), if any: while the
+    /// guest is paused and nothing is committed, the end of the pause bound ([`MAX_PAUSE`] after the pause). The driver
+    /// waits for its events no later than this, as quinn's connection asks its driver to.
+    pub fn poll_timeout(&self) -> Option<Instant> {
+        match self.phase {
+            Phase::FinalHarvest | Phase::FinalRound | Phase::State | Phase::Verifying => {
+                self.paused_at.map(|p| p + MAX_PAUSE)
+            }
+            _ => None,
+        }
+    }
+
+    /// Time has reached `now`. Past the pause bound and before the commit, the switchover is called off: the source
+    /// resumes, unthrottled, and the outcome is [`Outcome::PauseExceeded`]. Once Commit is sent it can no longer be.
+    pub fn handle_timeout(&mut self, now: Instant) {
+        if self.poll_timeout().is_some_and(|t| now >= t) {
+            self.phase = Phase::Done;
+            self.actions.clear();
+            self.actions.push_back(Action::ResumeSource);
+            self.actions.push_back(Action::Done(Outcome::PauseExceeded));
+        }
     }
 
     /// Something failed. Before the commit was sent, the source resumes and keeps the guest. Once it was sent, the

@@ -10,7 +10,7 @@ use crossbeam::channel::{Receiver, RecvTimeoutError, Sender};
 use livemig_engine::dirty::{scan_parallel, Bitmap};
 use livemig_engine::encode::{memory_root, BatchEncoder, EncodeError, HashTable, PageCounts, SendPolicy};
 use livemig_engine::guest::Guest;
-use livemig_engine::precopy::{Action, Outcome, Precopy, RateEstimator, MAX_PAUSE};
+use livemig_engine::precopy::{Action, Outcome, Precopy, RateEstimator};
 use std::net::{Shutdown, TcpStream};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
@@ -37,8 +37,6 @@ pub(super) struct Driver<'a> {
     /// Per link: the last ack, or the last moment it held nothing.
     pub(super) link_progress: Vec<Instant>,
     pub(super) link_errors: &'a mut Vec<Option<String>>,
-    /// Set while the guest is paused and nothing is committed: past it, the switchover is cancelled.
-    pub(super) pause_deadline: Option<Instant>,
     /// Pages harvested during the current round to sample the dirty rate; they join the next reported harvest.
     pub(super) sampled: Option<(Bitmap, Instant)>,
     /// The migration's start, and per-link wire bytes sampled every [`TIMELINE_EVERY`] since.
@@ -93,9 +91,7 @@ impl Driver<'_> {
                 Action::Pause => {
                     report.predicted_downtime = self.machine.last_prediction();
                     vcpus.pause();
-                    let now = Instant::now();
-                    self.pause_deadline = Some(now + MAX_PAUSE);
-                    self.machine.paused(now);
+                    self.machine.paused(Instant::now());
                 }
                 Action::SendState => {
                     self.send_state();
@@ -109,8 +105,7 @@ impl Driver<'_> {
                     marks.verification = Some(Instant::now());
                 }
                 Action::Commit => {
-                    // From here the destination may run the guest: the pause bound can no longer cancel.
-                    self.pause_deadline = None;
+                    // From here the destination may run the guest: the machine's pause bound no longer applies.
                     commit_sent = true;
                     if self.send_control(Kind::Commit, &[])
                         && self.wait_for(|e| matches!(e, Event::Committed).then_some(())).is_some()
@@ -128,6 +123,7 @@ impl Driver<'_> {
                         Outcome::Completed => Ok(()),
                         Outcome::Failed(reason) if commit_sent => Err(MigrateError::OutcomeUnknown(reason)),
                         Outcome::Failed(reason) => Err(self.error.take().unwrap_or(MigrateError::Machine(reason))),
+                        Outcome::PauseExceeded => Err(self.error.take().unwrap_or(MigrateError::PauseBound)),
                         Outcome::Cancelled(reason) => {
                             self.tell_destination(&format!("cancelled: {reason}"));
                             Err(MigrateError::Cancelled(reason))
@@ -310,8 +306,9 @@ impl Driver<'_> {
     fn next_event(&mut self) -> Option<Event> {
         self.sample_links(false);
         let now = Instant::now();
-        if self.pause_deadline.is_some_and(|d| now > d) && self.error.is_none() {
-            self.pause_deadline = None;
+        if self.machine.poll_timeout().is_some_and(|t| now >= t) && self.error.is_none() {
+            // The machine calls the switchover off; the driver stops the I/O and tells the destination why.
+            self.machine.handle_timeout(now);
             self.fail(MigrateError::PauseBound);
             return None;
         }
@@ -328,7 +325,12 @@ impl Driver<'_> {
                 self.link_failed(i, why);
             }
         }
-        match self.ev_rx.recv_timeout(Duration::from_millis(50)) {
+        // No later than the machine's next deadline, so that the pause bound is kept to the millisecond.
+        let wait = self
+            .machine
+            .poll_timeout()
+            .map_or(Duration::from_millis(50), |t| t.saturating_duration_since(now).min(Duration::from_millis(50)));
+        match self.ev_rx.recv_timeout(wait) {
             Ok(e) => {
                 if matches!(
                     e,

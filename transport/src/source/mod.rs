@@ -115,7 +115,6 @@ pub fn migrate(
                 link_rates: stripe.links.iter().map(|_| RateEstimator::new(Duration::from_millis(500))).collect(),
                 link_progress: vec![Instant::now(); stripe.links.len()],
                 link_errors: &mut link_errors,
-                pause_deadline: None,
                 sampled: None,
                 start,
                 timeline: Vec::new(),
