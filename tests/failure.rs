@@ -6,6 +6,7 @@ mod common;
 
 use common::assert_running_unthrottled;
 use livemig::engine::guest::{SyntheticConfig, SyntheticGuest, Vcpus};
+use livemig::engine::precopy::PrecopyConfig;
 use livemig::transport::source::{migrate, MigrateError, SourceOptions};
 use std::io::{BufRead, BufReader};
 use std::net::TcpStream;
@@ -61,7 +62,8 @@ fn killed_destination_leaves_the_source_running_unthrottled() {
             c.wait().unwrap();
         }
     };
-    let opts = SourceOptions { peer_timeout: Duration::from_secs(5), ..Default::default() };
+    let precopy = PrecopyConfig { peer_timeout: Duration::from_secs(5), ..Default::default() };
+    let opts = SourceOptions { precopy, ..Default::default() };
     let stream = TcpStream::connect(&addr).unwrap();
     // The first progress report comes with the first acknowledged batches: the middle of round 0.
     let r = migrate(&guest, stream, &[], &opts, &|p| {

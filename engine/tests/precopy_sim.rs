@@ -338,10 +338,27 @@ fn once_commit_is_sent_the_pause_bound_no_longer_cancels() {
         }
     }
     assert_eq!(deadline_while_paused, Some(now + MAX_PAUSE));
-    // Commit is out: the destination may be running the guest, so no deadline may resume the source now.
-    assert_eq!(m.poll_timeout(), None);
-    m.handle_timeout(now + Duration::from_secs(60));
-    assert_eq!(m.poll(), None, "a timeout after Commit acted");
+    // Commit is out: the destination may be running the guest, so the pause bound may not resume the source now.
+    // What is left is the peer's silence, later.
+    let silence = now + PrecopyConfig::default().peer_timeout;
+    assert_eq!(m.poll_timeout(), Some(silence));
+    assert_eq!(m.handle_timeout(now + MAX_PAUSE + Duration::from_millis(1)), None);
+    assert_eq!(m.poll(), None, "the pause bound acted after Commit");
     m.committed();
     assert_eq!(m.poll(), Some(Action::Done(Outcome::Completed)));
+    assert_eq!(m.poll_timeout(), None, "a finished machine has no deadline");
+}
+
+#[test]
+fn a_silent_destination_fails_the_migration_and_the_source_resumes_only_before_commit() {
+    let timeout = PrecopyConfig::default().peer_timeout;
+    // Silent in round 0: no ack arrives; after the peer timeout the source resumes.
+    let (after, o, _) = silent_from("SendRound");
+    assert!(matches!(o, Outcome::Failed(ref r) if r.contains("no progress")), "{o:?}");
+    assert!(after.contains(&"ResumeSource".to_string()), "{after:?}");
+    // Silent after Commit: the guest may run there, so the source stays paused and says so.
+    let (after, o, paused_for) = silent_from("Commit");
+    assert!(matches!(o, Outcome::Failed(ref r) if r.contains("stays paused")), "{o:?}");
+    assert!(!after.contains(&"ResumeSource".to_string()), "{after:?}");
+    assert!(paused_for >= timeout && paused_for < timeout + Duration::from_millis(200), "{paused_for:?}");
 }

@@ -48,6 +48,8 @@ pub struct PrecopyConfig {
     /// The switchover's fixed cost (vCPU state, verification, commit round trip), added to every prediction until
     /// the driver measures it ([`Precopy::set_switchover_cost`]).
     pub switchover_cost: Duration,
+    /// A destination that shows no progress for this long, while the driver waits on it, is declared gone.
+    pub peer_timeout: Duration,
 }
 
 impl Default for PrecopyConfig {
@@ -59,6 +61,7 @@ impl Default for PrecopyConfig {
             on_timeout: OnTimeout::Cancel,
             throttle: true,
             switchover_cost: Duration::from_millis(5),
+            peer_timeout: Duration::from_secs(10),
         }
     }
 }
@@ -157,6 +160,17 @@ pub struct Precopy {
     throttle: f64,
     /// Dirty rate from the samples taken during the current round, pages per second (smoothed).
     sampled_rate: Option<f64>,
+    /// The last sign of progress from the destination (or the start of the current wait for it).
+    heard: Instant,
+}
+
+/// Which of the machine's deadlines passed ([`Precopy::handle_timeout`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Timeout {
+    /// The pause ran past [`MAX_PAUSE`] before the commit: the switchover is called off.
+    PauseBound,
+    /// The destination showed no progress for [`PrecopyConfig::peer_timeout`]: the migration has failed.
+    PeerSilent(Duration),
 }
 
 impl Precopy {
@@ -187,6 +201,7 @@ impl Precopy {
             last_harvest: now,
             throttle: 0.0,
             sampled_rate: None,
+            heard: now,
         };
         m.actions.push_back(Action::SendRound { epoch: 0, pages: initial, last: false });
         m
@@ -197,8 +212,15 @@ impl Precopy {
         self.actions.pop_front()
     }
 
+    /// The destination showed progress at `now` (an answer on the control connection), or the driver starts waiting
+    /// on it: the peer-silence deadline runs from here.
+    pub fn heard(&mut self, now: Instant) {
+        self.heard = self.heard.max(now);
+    }
+
     /// `bytes` of the current round's wire data were delivered at `at`.
     pub fn delivered(&mut self, bytes: u64, at: Instant) {
+        self.heard(at);
         self.round_bytes += bytes;
         self.rate.record(at, bytes);
     }
@@ -360,6 +382,15 @@ impl Precopy {
     /// guest is paused and nothing is committed, the end of the pause bound ([`MAX_PAUSE`] after the pause). The driver
     /// waits for its events no later than this, as quinn's connection asks its driver to.
     pub fn poll_timeout(&self) -> Option<Instant> {
+        let silence = (self.phase != Phase::Done).then(|| self.heard + self.cfg.peer_timeout);
+        let pause = self.pause_deadline();
+        match (pause, silence) {
+            (Some(p), Some(s)) => Some(p.min(s)),
+            (p, s) => p.or(s),
+        }
+    }
+
+    fn pause_deadline(&self) -> Option<Instant> {
         match self.phase {
             Phase::FinalHarvest | Phase::FinalRound | Phase::State | Phase::Verifying => {
                 self.paused_at.map(|p| p + MAX_PAUSE)
@@ -368,15 +399,26 @@ impl Precopy {
         }
     }
 
-    /// Time has reached `now`. Past the pause bound and before the commit, the switchover is called off: the source
-    /// resumes, unthrottled, and the outcome is [`Outcome::PauseExceeded`]. Once Commit is sent it can no longer be.
-    pub fn handle_timeout(&mut self, now: Instant) {
-        if self.poll_timeout().is_some_and(|t| now >= t) {
+    /// Time has reached `now`; returns the deadline that passed, if one did.
+    ///
+    /// Past the pause bound and before the commit, the switchover is called off: the source resumes, unthrottled, and
+    /// the outcome is [`Outcome::PauseExceeded`]. Once Commit is sent that can no longer happen. A destination silent
+    /// past the peer timeout fails the migration as [`Precopy::fail`] does (before Commit the source resumes; after
+    /// it, the source stays paused).
+    pub fn handle_timeout(&mut self, now: Instant) -> Option<Timeout> {
+        if self.pause_deadline().is_some_and(|t| now >= t) {
             self.phase = Phase::Done;
             self.actions.clear();
             self.actions.push_back(Action::ResumeSource);
             self.actions.push_back(Action::Done(Outcome::PauseExceeded));
+            return Some(Timeout::PauseBound);
         }
+        if self.phase != Phase::Done && now >= self.heard + self.cfg.peer_timeout {
+            let t = self.cfg.peer_timeout;
+            self.fail(format!("destination made no progress for {t:?}"));
+            return Some(Timeout::PeerSilent(t));
+        }
+        None
     }
 
     /// Something failed. Before the commit was sent, the source resumes and keeps the guest. Once it was sent, the

@@ -10,7 +10,7 @@ use crossbeam::channel::{Receiver, RecvTimeoutError, Sender};
 use livemig_engine::dirty::{scan_parallel, Bitmap};
 use livemig_engine::encode::{memory_root, BatchEncoder, EncodeError, HashTable, PageCounts, SendPolicy};
 use livemig_engine::guest::Guest;
-use livemig_engine::precopy::{Action, Outcome, Precopy, RateEstimator};
+use livemig_engine::precopy::{Action, Outcome, Precopy, RateEstimator, Timeout};
 use std::net::{Shutdown, TcpStream};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
@@ -32,7 +32,6 @@ pub(super) struct Driver<'a> {
     pub(super) control: &'a TcpStream,
     pub(super) control_written: &'a AtomicU64,
     pub(super) cpu: CpuMeter,
-    pub(super) last_progress: Instant,
     pub(super) link_rates: Vec<RateEstimator>,
     /// Per link: the last ack, or the last moment it held nothing.
     pub(super) link_progress: Vec<Instant>,
@@ -237,7 +236,7 @@ impl Driver<'_> {
 
     /// Waits for the event `want` picks out, handling failures and the peer timeout. None after a failure.
     fn wait_for<T>(&mut self, want: impl Fn(&Event) -> Option<T>) -> Option<T> {
-        self.last_progress = Instant::now();
+        self.machine.heard(Instant::now());
         loop {
             match self.next_event() {
                 Some(e) => {
@@ -307,10 +306,16 @@ impl Driver<'_> {
         self.sample_links(false);
         let now = Instant::now();
         if self.machine.poll_timeout().is_some_and(|t| now >= t) && self.error.is_none() {
-            // The machine calls the switchover off; the driver stops the I/O and tells the destination why.
-            self.machine.handle_timeout(now);
-            self.fail(MigrateError::PauseBound);
-            return None;
+            // The machine decides what the deadline means; the driver stops the I/O and tells the destination why.
+            let e = match self.machine.handle_timeout(now) {
+                Some(Timeout::PauseBound) => Some(MigrateError::PauseBound),
+                Some(Timeout::PeerSilent(t)) => Some(MigrateError::Stalled(t)),
+                None => None,
+            };
+            if let Some(e) = e {
+                self.fail(e);
+                return None;
+            }
         }
         for i in 0..self.stripe.links.len() {
             let l = &self.stripe.links[i];
@@ -336,16 +341,11 @@ impl Driver<'_> {
                     e,
                     Event::Link(LinkEvent::Acked { .. }) | Event::StateAck | Event::Verified(_) | Event::Committed
                 ) {
-                    self.last_progress = Instant::now();
+                    self.machine.heard(Instant::now());
                 }
                 Some(e)
             }
-            Err(RecvTimeoutError::Timeout) => {
-                if self.last_progress.elapsed() > self.opts.peer_timeout {
-                    self.fail(MigrateError::Stalled(self.opts.peer_timeout));
-                }
-                None
-            }
+            Err(RecvTimeoutError::Timeout) => None,
             Err(RecvTimeoutError::Disconnected) => {
                 self.fail(MigrateError::Link(WireError::Closed));
                 None
@@ -358,7 +358,7 @@ impl Driver<'_> {
     fn send_round(&mut self, epoch: u32, pages: &Bitmap) -> (PageCounts, Vec<u64>) {
         let total_pages = pages.count_ones();
         self.stripe.round_batches.store(0, Ordering::SeqCst);
-        self.last_progress = Instant::now();
+        self.machine.heard(Instant::now());
         self.link_progress.fill(Instant::now());
         let (mem, hashes, policy, stripe, workers) =
             (self.guest.memory(), self.hashes, self.policy, self.stripe, self.opts.workers);

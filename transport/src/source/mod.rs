@@ -111,7 +111,6 @@ pub fn migrate(
                 control,
                 control_written: &control_written,
                 cpu: CpuMeter::new(),
-                last_progress: Instant::now(),
                 link_rates: stripe.links.iter().map(|_| RateEstimator::new(Duration::from_millis(500))).collect(),
                 link_progress: vec![Instant::now(); stripe.links.len()],
                 link_errors: &mut link_errors,

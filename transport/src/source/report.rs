@@ -29,8 +29,6 @@ pub struct SourceOptions {
     /// How raw pages leave guest memory; `None` tries each path and keeps the best (`--send-path auto`). Vectored by
     /// default.
     pub send_path: Option<SendPath>,
-    /// A destination that acknowledges nothing for this long is declared failed.
-    pub peer_timeout: Duration,
     /// A data link that holds unacknowledged data and acknowledges none of it for this long is declared failed, and
     /// its batches go out on the other links.
     pub link_timeout: Duration,
@@ -54,7 +52,6 @@ impl Default for SourceOptions {
             workers: std::thread::available_parallelism().map_or(2, |n| n.get()),
             compress: true,
             send_path: Some(SendPath::Vectored),
-            peer_timeout: Duration::from_secs(10),
             link_timeout: Duration::from_secs(3),
             session: session_id(),
             vm_cpu: None,

@@ -40,10 +40,10 @@ pub(super) fn handshake(
         macs: opts.macs.clone(),
     };
     let body = hello.encode();
-    stream.set_write_timeout(Some(opts.peer_timeout)).map_err(|e| MigrateError::Handshake(e.into()))?;
+    stream.set_write_timeout(Some(opts.precopy.peer_timeout)).map_err(|e| MigrateError::Handshake(e.into()))?;
     let n = wire::write_control(stream, Kind::Hello, &body).map_err(|e| MigrateError::Handshake(e.into()))?;
     written.fetch_add(n as u64, Ordering::Relaxed);
-    stream.set_read_timeout(Some(opts.peer_timeout)).map_err(|e| MigrateError::Handshake(e.into()))?;
+    stream.set_read_timeout(Some(opts.precopy.peer_timeout)).map_err(|e| MigrateError::Handshake(e.into()))?;
     let mut buf = Vec::new();
     let h = wire::read_frame(&mut &*stream, &mut buf).map_err(MigrateError::Handshake)?;
     // The Hello's answer also waited for the destination to admit the connection and build its guest; the
