@@ -210,10 +210,10 @@ impl SendPolicy {
         self.mode.load().path
     }
 
-    /// The driver's latest measurements: link goodput in bytes per second, and idle cores on this machine.
-    pub fn set_link(&self, rate_bps: u64, spare_cpus: f64) {
+    /// The driver's latest measurements at `now` (an ack's time): link goodput in bytes per second, and idle cores on
+    /// this machine.
+    pub fn set_link(&self, rate_bps: u64, spare_cpus: f64, now: Instant) {
         self.link_rate_bps.store(rate_bps, Ordering::Relaxed);
-        let now = Instant::now();
         let total = self.compress_nanos.load(Ordering::Relaxed);
         let mut seen = self.compress_seen.lock().unwrap_or_else(|e| e.into_inner());
         match *seen {
@@ -376,18 +376,19 @@ mod tests {
     #[test]
     fn the_model_picks_the_codec_that_finishes_first() {
         let p = SendPolicy::new(true, vec![SendPath::Copy]);
+        let t0 = Instant::now();
         let b = 1 << 18;
         assert_eq!(p.best(b, true), BatchCodec::None, "no link measurement yet");
         // 1 Gbit/s and an idle core: zstd's extra CPU hides behind the wire, and its smaller output wins.
-        p.set_link(125_000_000, 1.0);
+        p.set_link(125_000_000, 1.0, t0);
         assert_eq!(p.best(b, true), BatchCodec::Zstd);
         // 2.5 GB/s and a busy machine: the wire is faster than either codec.
-        p.set_link(2_500_000_000, 0.2);
+        p.set_link(2_500_000_000, 0.2, t0 + Duration::from_millis(100));
         assert_eq!(p.best(b, true), BatchCodec::None);
         // Forced on, the better codec is used anyway; on the fast busy link that is the cheaper one, lz4.
         assert_eq!(p.best(b, false), BatchCodec::Lz4);
         // Pages that do not shrink turn both codecs off.
-        p.set_link(125_000_000, 1.0);
+        p.set_link(125_000_000, 1.0, t0);
         for _ in 0..40 {
             p.record(BatchCodec::Lz4, 4096, 4090, 3000, 1, 1);
             p.record(BatchCodec::Zstd, 4096, 4095, 9000, 1, 1);
