@@ -1,7 +1,7 @@
 //! Deadlines per frame rather than per read: a reader that gives a whole frame one deadline, so that a peer that
 //! trickles a byte now and then cannot hold a thread for ever, and the frame readers built on it.
 
-use super::{check_sum, read_full, read_part, Header, WireError, HEADER_LEN};
+use super::{check_sum, read_body, read_full, Header, WireError, HEADER_LEN};
 use std::io::Read;
 
 /// A reader that gives a whole frame (or any sequence of reads) one deadline, rather than each read its own timeout:
@@ -72,9 +72,8 @@ pub fn read_frame_within(
     what: &'static str,
 ) -> Result<Header, WireError> {
     let (raw, header) = read_header_within(stream, within, what)?;
-    body.resize(header.len as usize, 0);
     let mut d = Deadline::new(stream, std::time::Instant::now() + within, what);
-    read_part(&mut d, body, "body")?;
+    read_body(&mut d, body, header.len as usize)?;
     check_sum(&raw, &header, &body[..header.checked_len as usize])?;
     Ok(header)
 }

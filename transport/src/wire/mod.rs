@@ -310,10 +310,27 @@ fn read_full(r: &mut impl Read, buf: &mut [u8]) -> Result<usize, std::io::Error>
 /// Reads one frame: the header, checked, then the body into `body` (resized to fit), checked against the checksum.
 pub fn read_frame(r: &mut impl Read, body: &mut Vec<u8>) -> Result<Header, WireError> {
     let (raw, header) = read_header(r)?;
-    body.resize(header.len as usize, 0);
-    read_part(r, body, "body")?;
+    read_body(r, body, header.len as usize)?;
     check_sum(&raw, &header, &body[..header.checked_len as usize])?;
     Ok(header)
+}
+
+/// Bytes a body buffer grows by as its bytes arrive.
+const BODY_STEP: usize = 64 << 10;
+
+/// Reads a body of `len` bytes into `body`, growing it as the bytes arrive rather than to the length the header
+/// claims: a peer that announces a large frame and sends little makes the receiver hold only what it sent.
+pub(crate) fn read_body(r: &mut impl Read, body: &mut Vec<u8>, len: usize) -> Result<(), WireError> {
+    body.clear();
+    while body.len() < len {
+        let start = body.len();
+        body.resize(start + BODY_STEP.min(len - start), 0);
+        let got = read_full(r, &mut body[start..])?;
+        if start + got < body.len() {
+            return Err(WireError::Truncated { part: "body", needed: len, got: start + got });
+        }
+    }
+    Ok(())
 }
 
 /// Reads and checks a frame header; returns its bytes (for [`check_sum`]) and the parsed header. The body is left

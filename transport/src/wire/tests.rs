@@ -314,3 +314,22 @@ fn a_lost_connection_is_told_from_bad_data() {
     assert!(!WireError::BadMagic(*b"GET ").is_link_loss());
     assert!(!WireError::BadChecksum { expected: 1, computed: 2 }.is_link_loss());
 }
+
+#[test]
+fn a_body_buffer_grows_only_as_its_bytes_arrive() {
+    // A Hello header that claims 4 MiB, followed by 100 bytes and the end of the stream.
+    let mut f = frame(Kind::Hello, 0, 0, &[]);
+    f[16..20].copy_from_slice(&MAX_BODY.to_le_bytes());
+    f[20..24].copy_from_slice(&MAX_BODY.to_le_bytes());
+    f.extend_from_slice(&[7u8; 100]);
+    let mut body = Vec::new();
+    let err = read_frame(&mut &f[..], &mut body).unwrap_err();
+    assert!(
+        matches!(err, WireError::Truncated { part: "body", needed, got: 100 } if needed == MAX_BODY as usize),
+        "{err}"
+    );
+    assert!(body.capacity() <= 2 * BODY_STEP, "{} bytes held for 100 received", body.capacity());
+    // A whole body still arrives whole.
+    let f = frame(Kind::Abort, 0, 0, b"why");
+    assert_eq!(read(&f).unwrap().1, b"why");
+}
