@@ -18,7 +18,7 @@ use livemig::kvm::{DirtyLogMethod, KvmConfig, KvmGuest};
 use livemig::lab::{parse_rates, Lab};
 use livemig::loopback::migrate_loopback;
 use livemig::manifest;
-use livemig::report::{parse_size, GuestInfo, Pages, Report, VcpuState};
+use livemig::report::{parse_size, GuestInfo, Pages, Report, Status, VcpuState};
 use livemig::transport::announce::{announce, Schedule};
 use livemig::transport::dest::{accept_migration, receive, DestOptions, DestReport};
 use livemig::transport::link::LinkSpec;
@@ -229,8 +229,8 @@ fn finish(report: &Report, run_report: &Option<PathBuf>, json: bool, plot: Optio
     }
     match (&report.error, report.status) {
         (Some(e), _) if report.outcome_unknown => Err(Exit(3, format!("migration outcome unknown: {e}")).into()),
-        (_, "completed") => Ok(()),
-        (Some(e), _) => Err(anyhow!("migration {}: {e}", report.status)),
+        (_, Status::Completed) => Ok(()),
+        (Some(e), s) => Err(anyhow!("migration {s}: {e}")),
         (None, s) => Err(anyhow!("migration {s}")),
     }
 }
@@ -322,7 +322,7 @@ fn receive_options(a: &ReceiveArgs) -> Result<DestOptions> {
 /// The destination's report: what it received and applied (the rounds, links and pause are the source's to tell).
 fn destination_report(guest: &AnyGuest, r: &DestReport, start: Instant, cpu_seconds: f64) -> Report {
     Report {
-        status: "completed",
+        status: Status::Completed,
         error: r.committed_error.clone(),
         outcome_unknown: r.committed_error.is_some(),
         // receive() only returns after a Commit, and refuses a Commit that did not follow equal digests.

@@ -97,11 +97,33 @@ pub struct Downtime {
     pub predicted_ms: Option<f64>,
 }
 
+/// How a migration ended, as the report names it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Status {
+    /// The destination runs the guest, verified.
+    Completed,
+    /// It failed: before Commit the source runs on; see `outcome_unknown` for after.
+    Failed,
+    /// It was called off (the target could not be met, or the pause bound passed); the source runs on.
+    Cancelled,
+}
+
+impl std::fmt::Display for Status {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            Status::Completed => "completed",
+            Status::Failed => "failed",
+            Status::Cancelled => "cancelled",
+        })
+    }
+}
+
 /// The report (docs/interfaces.md).
 #[derive(Debug, Clone, Serialize)]
 pub struct Report {
-    /// "completed", "failed" or "cancelled".
-    pub status: &'static str,
+    /// How it ended.
+    pub status: Status,
     /// The one-line reason when not completed (or, on a destination that runs the guest, why the source may not know).
     pub error: Option<String>,
     /// True when the commit's outcome is unknown (an addition): the source sent Commit and heard nothing back, or the
@@ -162,9 +184,9 @@ impl Report {
     pub fn from_source(r: &SourceReport, guest: GuestInfo, target_ms: f64, verify: VerifyMode) -> Report {
         Report {
             status: match &r.result {
-                Ok(()) => "completed",
-                Err(MigrateError::Cancelled(_) | MigrateError::PauseBound) => "cancelled",
-                Err(_) => "failed",
+                Ok(()) => Status::Completed,
+                Err(MigrateError::Cancelled(_) | MigrateError::PauseBound) => Status::Cancelled,
+                Err(_) => Status::Failed,
             },
             error: r.result.as_ref().err().map(|e| e.to_string()),
             outcome_unknown: matches!(r.result, Err(MigrateError::OutcomeUnknown(_))),
