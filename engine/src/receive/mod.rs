@@ -203,8 +203,11 @@ struct Claim {
     held: u32,
 }
 
-/// A frame's claimed pages. Those not yet settled (checked and stamped) are put back as they were when this is
-/// dropped, on every way out: an error while claiming, a failed read, a page that fails its hash.
+/// A frame's claimed pages. Those not yet settled (checked and stamped) are put back when this is dropped, on every
+/// way out: an error while claiming, a failed read, a page that fails its hash. Each keeps its old epoch, so that a
+/// resend of the frame applies, but its table entry becomes the hash of what the page holds now: some of the frame's
+/// bytes may have landed, and if nothing resends the page (the bytes came from a rogue link, or Verify stopped the
+/// link), the roots must differ rather than describe memory the page no longer holds.
 struct Claims<'r, 'a> {
     rx: &'r Receiver<'a>,
     list: Vec<Claim>,
@@ -215,8 +218,12 @@ struct Claims<'r, 'a> {
 impl Drop for Claims<'_, '_> {
     fn drop(&mut self) {
         for c in &self.list[self.settled.min(self.list.len())..] {
-            if c.place.is_some() {
+            if let Some(addr) = c.place {
                 let _guard = self.rx.stripe(c.page);
+                // SAFETY: one whole page of the live mapping, still marked busy by this claim, so no other apply
+                // writes it; the destination's vCPUs are paused until the migration commits.
+                let now = page_hash(unsafe { std::slice::from_raw_parts(addr as *const u8, PAGE_SIZE) });
+                self.rx.hashes.set(c.page, now);
                 self.rx.epochs[c.page as usize].store(c.held, Ordering::Relaxed);
             }
         }
@@ -406,11 +413,10 @@ impl<'a> Receiver<'a> {
     /// reading link's index, below [`MAX_OWNERS`]) instead, and any other apply of it (only a resend racing its original
     /// after a link failure) waits until the mark is cleared, asking after 20 ms for the owner to be dropped.
     /// The caller must bound `read`, so that a link dying mid-frame cannot keep pages busy for good. If `read` fails,
-    /// the pages keep their old epochs and hashes but some of their bytes may be new: the frame was not acknowledged, so
-    /// the source sends it again and the pages are rewritten whole.
-    ///
-    /// A page that fails its hash (and is not live) has then already been written: the error abandons the migration,
-    /// and the destination guest never runs.
+    /// or a page (not live) fails its hash after landing, the frame's unsettled pages keep their old epochs, and their
+    /// table entries become the hashes of what they hold now: the frame was not acknowledged, so the source sends it
+    /// again and the pages are rewritten whole; and where nothing resends them, the roots differ at switchover and the
+    /// source keeps its guest.
     pub fn apply_frame_in_place(
         &self,
         epoch: u32,

@@ -205,3 +205,30 @@ fn a_page_read_in_place_stays_busy_until_its_stalled_owner_is_evicted() {
     assert_eq!(out, page);
     assert_eq!(r.hashes().get(1), Some(page_hash(&page)));
 }
+
+#[test]
+fn a_page_cut_off_mid_read_or_failing_its_hash_is_recorded_as_it_now_is() {
+    let g = dest(2);
+    let r = Receiver::new(&g);
+    let mut st = ApplyState::default();
+    let (a, b) = (vec![1u8; PAGE_SIZE], vec![2u8; PAGE_SIZE]);
+    r.apply(0, &raw(1, &a), &a, &mut st).unwrap();
+    // A newer copy whose read dies after 100 bytes landed: nobody may resend it (a rogue link, or Verify stopped the
+    // link), so the table must describe what the page holds now, or equal roots would hide a changed page.
+    let res = r.apply_frame_in_place(1, &[raw(1, &b)], 0, 0, &mut st, |iov| {
+        iov[0][..100].fill(0xee);
+        Err(std::io::Error::other("link died"))
+    });
+    assert!(matches!(res, Err(InPlaceError::Io(_))), "{res:?}");
+    let mut held = vec![0u8; PAGE_SIZE];
+    read_page(&g, 1, &mut held).unwrap();
+    assert_eq!(&held[..100], &[0xee; 100][..]);
+    assert_eq!(r.hashes().get(1), Some(page_hash(&held)), "the table hides bytes that landed");
+    // A copy that fails its hash after landing in place: the same.
+    let res = r.apply_frame_in_place(1, &[raw(0, &a)], 0, 0, &mut st, from(b.clone()));
+    assert!(matches!(res, Err(InPlaceError::Apply(ApplyError::BadChecksum { page: 0, .. }))), "{res:?}");
+    assert_eq!(r.hashes().get(0), Some(page_hash(&b)), "the table hides a corrupt page that landed");
+    // A resend of the whole page still applies and is recorded as usual.
+    r.apply(1, &raw(1, &b), &b, &mut st).unwrap();
+    assert_eq!(r.hashes().get(1), Some(page_hash(&b)));
+}

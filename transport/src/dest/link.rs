@@ -127,7 +127,8 @@ fn data_link(
             }
         }
         Err(e) => {
-            // Pages this link applied before were each checked; what it held unacknowledged, the source resends.
+            // Pages this link applied before were each checked; any whose bytes landed unchecked is recorded as it is
+            // now (the receiver's claims), and what the link held unacknowledged, the source resends.
             shared.link_error(link, &e);
             refuse(&stream, &e);
             refused(peer, &e);

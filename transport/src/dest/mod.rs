@@ -20,8 +20,9 @@
 //!
 //! **One bad link is that link's problem.** Bad data on a data link (a checksum, a malformed table, a page that fails
 //! its hash) ends that link with an Abort naming the problem; pages it applied before were checked, and the source
-//! sends what it held again on the other links. The migration ends only on the control connection's failure, a
-//! source that goes silent, or the source's own Abort.
+//! sends what it held again on the other links. A page whose bytes landed before the problem showed is recorded as it
+//! now is, so that if nothing rewrites it the roots differ at switchover. The migration ends only on the control
+//! connection's failure, a source that goes silent, the source's own Abort, or that root mismatch.
 //!
 //! **Switchover.** At `Verify` the destination stops accepting, shuts every data socket down and joins every data and
 //! helper thread (within [`MAX_PAUSE`]) before it computes its roots: from then until the guest resumes nothing can
