@@ -4,7 +4,7 @@
 
 use livemig_engine::encode::{page_hash, zero_page_hash, Codec, PageEntry};
 use livemig_engine::guest::{read_page, MemoryLayout, SyntheticGuest, PAGE_SIZE};
-use livemig_engine::receive::{ApplyState, Receiver};
+use livemig_engine::receive::{ApplyError, ApplyState, InPlaceError, Receiver};
 use proptest::prelude::*;
 
 const PAGES: u64 = 4;
@@ -18,29 +18,35 @@ fn content(page: u64, epoch: u32) -> Vec<u8> {
     (0..PAGE_SIZE).map(|i| seed.wrapping_mul(i as u8 | 1).wrapping_add((i / 64) as u8)).collect()
 }
 
-/// Applies one copy as a data link would: raw pages read in place, lz4 and zero pages decoded from a buffer.
+/// Applies one copy as a data link would: raw pages read in place, lz4 and zero pages decoded from a buffer. A page
+/// another link is reading in place is busy: like the destination's links, try the same frame again until it is not.
 fn apply_copy(rx: &Receiver<'_>, link: u32, page: u64, epoch: u32, lz4: bool, st: &mut ApplyState) {
     let data = content(page, epoch);
     let hash = page_hash(&data);
-    if data.iter().all(|&b| b == 0) {
-        let e = PageEntry::new(page, Codec::Zero, 0, zero_page_hash());
-        rx.apply_frame(epoch, &[e], &[], &[], st).unwrap();
-    } else if lz4 {
-        let block = lz4_flex::block::compress(&data);
-        let e = PageEntry::new(page, Codec::Lz4, block.len() as u32, hash);
-        rx.apply_frame(epoch, &[e], &block, &[], st).unwrap();
-    } else {
-        let e = PageEntry::new(page, Codec::Raw, PAGE_SIZE as u32, hash);
-        rx.apply_frame_in_place(epoch, &[e], 0, link, st, |iov| {
-            let mut off = 0;
-            for b in iov.iter_mut() {
-                let n = b.len();
-                b.copy_from_slice(&data[off..off + n]);
-                off += n;
-            }
-            Ok(())
-        })
-        .unwrap();
+    loop {
+        let r = if data.iter().all(|&b| b == 0) {
+            let e = PageEntry::new(page, Codec::Zero, 0, zero_page_hash());
+            rx.apply_frame(epoch, &[e], &[], &[], st).map_err(InPlaceError::Apply)
+        } else if lz4 {
+            let block = lz4_flex::block::compress(&data);
+            let e = PageEntry::new(page, Codec::Lz4, u32::try_from(block.len()).unwrap(), hash);
+            rx.apply_frame(epoch, &[e], &block, &[], st).map_err(InPlaceError::Apply)
+        } else {
+            let e = PageEntry::new(page, Codec::Raw, PAGE_SIZE as u32, hash);
+            rx.apply_frame_in_place(epoch, &[e], 0, link, st, |iov| {
+                let mut off = 0;
+                for b in iov.iter_mut() {
+                    let n = b.len();
+                    b.copy_from_slice(&data[off..off + n]);
+                    off += n;
+                }
+                Ok(())
+            })
+        };
+        match r {
+            Err(InPlaceError::Apply(ApplyError::Busy { .. })) => std::thread::yield_now(),
+            r => return r.unwrap(),
+        }
     }
 }
 

@@ -21,11 +21,10 @@ mod hash;
 pub mod policy;
 
 pub use hash::{memory_root, page_hash, zero_page_hash, HashTable};
-pub use policy::{BatchCodec, SendPath, SendPolicy, PROBE_EVERY, ZSTD_LEVEL};
+pub use policy::{monotonic_nanos, BatchCodec, SendPath, SendPolicy, Stopwatch, PROBE_EVERY, ZSTD_LEVEL};
 
 use crate::dirty::PageRun;
 use crate::guest::{host_pages, GuestError, GuestMemory, PAGE_SIZE};
-use std::time::Instant;
 
 /// How a page travels.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -514,9 +513,9 @@ impl<'a, S: BatchSink> BatchEncoder<'a, S> {
                 true
             }
             BatchCodec::Lz4 => {
-                let t = Instant::now();
+                let t = self.policy.stopwatch();
                 let n = lz4_flex::block::compress_into(&self.page[..], &mut self.lz).unwrap_or(PAGE_SIZE);
-                self.c_nanos += t.elapsed().as_nanos() as u64;
+                self.c_nanos += self.policy.stopwatch().saturating_sub(t);
                 self.c_in += PAGE_SIZE as u64;
                 self.c_out += n.min(PAGE_SIZE) as u64;
                 // Keep the compressed form only when it saves at least an eighth: below that, the receiver's decode
@@ -539,7 +538,7 @@ impl<'a, S: BatchSink> BatchEncoder<'a, S> {
         if self.zin.is_empty() {
             return Ok(());
         }
-        let t = Instant::now();
+        let t = self.policy.stopwatch();
         let z = match &mut self.zstd {
             Some(z) => z,
             None => self.zstd.insert(zstd::bulk::Compressor::new(ZSTD_LEVEL).map_err(EncodeError::Zstd)?),
@@ -551,7 +550,7 @@ impl<'a, S: BatchSink> BatchEncoder<'a, S> {
         b.payload.truncate(start + n);
         b.push_owned(n);
         b.zstd_len = n as u32;
-        self.c_nanos += t.elapsed().as_nanos() as u64;
+        self.c_nanos += self.policy.stopwatch().saturating_sub(t);
         self.c_in += self.zin.len() as u64;
         self.c_out += n as u64;
         Ok(())
@@ -620,6 +619,48 @@ mod tests {
             })
             .collect();
         assert!(!looks_compressible(&random));
+    }
+
+    /// A clock that moves 1 µs per reading.
+    fn ticking() -> u64 {
+        static NOW: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+        NOW.fetch_add(1000, std::sync::atomic::Ordering::Relaxed)
+    }
+
+    struct Keep(std::sync::Mutex<Vec<EncodedBatch>>);
+
+    impl BatchSink for Keep {
+        fn submit(&self, batch: EncodedBatch) -> bool {
+            self.0.lock().unwrap().push(batch);
+            true
+        }
+        fn take_buffer(&self) -> EncodedBatch {
+            EncodedBatch::with_capacity(BATCH_PAGES)
+        }
+    }
+
+    #[test]
+    fn compression_is_timed_on_the_policy_s_clock() {
+        use crate::guest::{SyntheticConfig, SyntheticGuest};
+        let cfg = SyntheticConfig { memory_bytes: 8 << 20, touched_pct: 100.0, ..Default::default() };
+        let guest = SyntheticGuest::new(&cfg).unwrap();
+        let hashes = HashTable::new(guest.total_pages());
+        let sink = Keep(std::sync::Mutex::new(Vec::new()));
+        // lz4 reads the clock around each page it tries; zstd around each batch's one frame.
+        let lz4 = SendPolicy::pinned(BatchCodec::Lz4, SendPath::Copy).with_stopwatch(ticking);
+        let mut enc = BatchEncoder::new(&guest, &hashes, &lz4, &sink, 0);
+        enc.push_run(PageRun { first: 0, count: guest.total_pages() }).unwrap();
+        enc.flush().unwrap();
+        // The mix's random pages fail the probe and are not tried; its text pages are, and all of them shrink.
+        assert!(enc.counts.lz4 > 0 && enc.counts.raw > 0, "{:?}", enc.counts);
+        assert_eq!(lz4.compress_nanos(), 1000 * enc.counts.lz4);
+        let zstd = SendPolicy::pinned(BatchCodec::Zstd, SendPath::Copy).with_stopwatch(ticking);
+        let mut enc = BatchEncoder::new(&guest, &hashes, &zstd, &sink, 0);
+        enc.push_run(PageRun { first: 0, count: guest.total_pages() }).unwrap();
+        enc.flush().unwrap();
+        let frames = sink.0.lock().unwrap().iter().filter(|b| b.zstd_len > 0).count() as u64;
+        assert!(frames > 0);
+        assert_eq!(zstd.compress_nanos(), 1000 * frames);
     }
 
     #[test]

@@ -173,6 +173,19 @@ pub struct SendPolicy {
     zstd: CodecStats,
     /// Share of non-zero pages that look compressible, in thousandths, smoothed.
     compressible_milli: AtomicU64,
+    /// The clock the encoders time their compression with.
+    stopwatch: Stopwatch,
+}
+
+/// Nanoseconds on a monotonic clock: what an encoder reads before and after it compresses, to tell the policy what
+/// each codec costs. The process's clock by default; a test gives its own, so that what the model learns is exact.
+pub type Stopwatch = fn() -> u64;
+
+/// Nanoseconds since the first call, on the monotonic clock.
+pub fn monotonic_nanos() -> u64 {
+    static START: std::sync::OnceLock<Instant> = std::sync::OnceLock::new();
+    let start = *START.get_or_init(Instant::now);
+    u64::try_from(start.elapsed().as_nanos()).unwrap_or(u64::MAX)
 }
 
 impl SendPolicy {
@@ -197,7 +210,23 @@ impl SendPolicy {
             lz4: CodecStats::new(4000, 630),
             zstd: CodecStats::new(8000, 300),
             compressible_milli: AtomicU64::new(500),
+            stopwatch: monotonic_nanos,
         }
+    }
+
+    /// The same policy with the encoders timing their compression on `stopwatch`.
+    pub fn with_stopwatch(self, stopwatch: Stopwatch) -> Self {
+        SendPolicy { stopwatch, ..self }
+    }
+
+    /// Nanoseconds on the encoders' clock.
+    pub(crate) fn stopwatch(&self) -> u64 {
+        (self.stopwatch)()
+    }
+
+    /// Nanoseconds the encoders have spent compressing, all together.
+    pub fn compress_nanos(&self) -> u64 {
+        self.compress_nanos.load(Ordering::Relaxed)
     }
 
     /// A policy that always uses `codec` and `path`: no model, no probes, no trials.

@@ -18,7 +18,7 @@ use std::sync::atomic::{AtomicU32, Ordering};
 use std::sync::{Mutex, MutexGuard};
 
 /// A page entry the receiver cannot apply.
-#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+#[derive(Debug, Clone, thiserror::Error, PartialEq, Eq)]
 pub enum ApplyError {
     /// The page index is past the end of guest memory.
     #[error("page index {page} out of range: the guest has {pages} pages")]
@@ -70,6 +70,17 @@ pub enum ApplyError {
         /// What went wrong.
         reason: String,
     },
+    /// Another link is reading the page in place. Not a fault in the frame: only a resend racing its original after
+    /// a link failure meets it. The receiver does not wait: the caller waits a moment (and, if the page stays busy,
+    /// drops the owning link, which the source has given up on), then calls again with the same frame, and the call
+    /// resumes where it stopped.
+    #[error("page {page} is busy: link {owner} is reading it in place")]
+    Busy {
+        /// The page.
+        page: u64,
+        /// The link reading it.
+        owner: u32,
+    },
 }
 
 /// Why a page read in place could not be applied.
@@ -101,11 +112,6 @@ const OWNER_SHIFT: u32 = 24;
 const STAMP_MASK: u32 = (1 << OWNER_SHIFT) - 1;
 /// The most links a receiver tells apart as owners of busy pages.
 pub const MAX_OWNERS: u32 = 255;
-/// How long an apply that finds its page busy waits before it looks again.
-const BUSY_WAIT: std::time::Duration = std::time::Duration::from_micros(200);
-/// How long an apply waits for a busy page before it asks for the owning link to be dropped. Only a resend racing its
-/// original finds a page busy, and the source resends only what a link it has given up on held.
-const BUSY_PATIENCE: std::time::Duration = std::time::Duration::from_millis(20);
 
 fn stamp_of(epoch: u32) -> u32 {
     epoch.saturating_add(1).min(STAMP_MASK)
@@ -132,6 +138,10 @@ pub struct ApplyState {
     stale_buf: Vec<u8>,
     others: Vec<PageEntry>,
     zstd: Option<zstd::bulk::Decompressor<'static>>,
+    /// Where a frame that met a busy page stopped, so that the same call again goes on from there.
+    resume: Option<Resume>,
+    /// An in-place frame whose bytes were read, settled, but whose other pages met a busy page: (its key, entries).
+    rest_pending: Option<FrameKey>,
     /// Pages applied, by codec.
     pub counts: PageCounts,
     /// Copies dropped because the page held a newer one.
@@ -158,6 +168,8 @@ impl Default for ApplyState {
             stale_buf: Vec::new(),
             others: Vec::new(),
             zstd: None,
+            resume: None,
+            rest_pending: None,
             counts: PageCounts::default(),
             stale: 0,
             torn: 0,
@@ -191,6 +203,31 @@ impl ApplyState {
         }
         Ok(())
     }
+}
+
+/// What tells a frame apart when a call resumes it: a caller that met [`ApplyError::Busy`] must call again with the
+/// same frame, and a different one (which should not happen) starts afresh instead of skipping checks.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct FrameKey {
+    epoch: u32,
+    entries: usize,
+    first: Option<u64>,
+    bytes: usize,
+}
+
+impl FrameKey {
+    fn of(epoch: u32, entries: &[PageEntry], bytes: usize) -> Self {
+        FrameKey { epoch, entries: entries.len(), first: entries.first().map(|e| e.page), bytes }
+    }
+}
+
+/// How far a frame's apply got before a busy page stopped it.
+#[derive(Debug, Clone, Copy)]
+struct Resume {
+    key: FrameKey,
+    index: usize,
+    off: usize,
+    zoff: usize,
 }
 
 /// One raw page of a frame read in place: its entry, its place in guest memory (None when the page holds a newer
@@ -279,8 +316,6 @@ pub struct Receiver<'a> {
     epochs: Vec<AtomicU32>,
     stripes: Vec<Mutex<()>>,
     hashes: HashTable,
-    /// Drops a link (by index) that has kept a page busy past [`BUSY_PATIENCE`].
-    evict: Option<Box<dyn Fn(u32) + Send + Sync + 'a>>,
 }
 
 impl<'a> Receiver<'a> {
@@ -293,26 +328,6 @@ impl<'a> Receiver<'a> {
             epochs: (0..pages).map(|_| AtomicU32::new(0)).collect(),
             stripes: (0..STRIPES).map(|_| Mutex::new(())).collect(),
             hashes: HashTable::new(pages),
-            evict: None,
-        }
-    }
-
-    /// Sets how to drop a link that keeps a page busy: a resend of a page found busy means the source gave up on the
-    /// link reading it, which may be stalled mid-page; dropping it ends that read so that the resend can go on.
-    pub fn with_evict(mut self, evict: impl Fn(u32) + Send + Sync + 'a) -> Self {
-        self.evict = Some(Box::new(evict));
-        self
-    }
-
-    /// Waits a moment for a busy page; past [`BUSY_PATIENCE`], asks for its owner to be dropped.
-    fn wait_busy(&self, slot: u32, waited: &mut std::time::Duration) {
-        std::thread::sleep(BUSY_WAIT);
-        *waited += BUSY_WAIT;
-        if *waited >= BUSY_PATIENCE {
-            if let (Some(evict), Some(owner)) = (&self.evict, owner_of(slot)) {
-                evict(owner);
-            }
-            *waited = std::time::Duration::ZERO;
         }
     }
 
@@ -353,10 +368,54 @@ impl<'a> Receiver<'a> {
     /// Applies one frame's pages, read in round `epoch`: `payload` holds the entries' payloads back to back, and
     /// `zstd` the frame's zstd frame. Every entry is checked, and the zstd frame decoded, before any page is applied; a
     /// page whose content fails its hash ends the frame with an error (the migration is then abandoned, so pages
-    /// applied before it do not matter).
+    /// applied before it do not matter). On [`ApplyError::Busy`] the pages before the busy one are applied; calling
+    /// again with the same frame goes on from the busy page.
     pub fn apply_frame(
         &self,
         epoch: u32,
+        entries: &[PageEntry],
+        payload: &[u8],
+        zstd: &[u8],
+        st: &mut ApplyState,
+    ) -> Result<(), ApplyError> {
+        let key = FrameKey::of(epoch, entries, payload.len() + zstd.len());
+        let mut at = match st.resume.take() {
+            Some(r) if r.key == key => r,
+            _ => {
+                self.check_frame(entries, payload, zstd, st)?;
+                Resume { key, index: 0, off: 0, zoff: 0 }
+            }
+        };
+        let mut held: Option<(u64, MutexGuard<'_, ()>)> = None;
+        while let Some(e) = entries.get(at.index) {
+            self.hold(&mut held, e.page);
+            let r = if e.codec == Codec::Zstd {
+                // Moved out for the call, which needs the state mutably; the page is copied before it comes back.
+                let zbuf = std::mem::take(&mut st.zbuf);
+                let r = self.apply_locked(epoch, e, &zbuf[at.zoff..at.zoff + PAGE_SIZE], st);
+                st.zbuf = zbuf;
+                r
+            } else {
+                self.apply_locked(epoch, e, &payload[at.off..at.off + e.len as usize], st)
+            };
+            if let Err(busy @ ApplyError::Busy { .. }) = r {
+                st.resume = Some(at);
+                return Err(busy);
+            }
+            r?;
+            if e.codec == Codec::Zstd {
+                at.zoff += PAGE_SIZE;
+            } else {
+                at.off += e.len as usize;
+            }
+            at.index += 1;
+        }
+        Ok(())
+    }
+
+    /// Checks every entry of a frame and its payload's length, and decodes its zstd frame into `st`.
+    fn check_frame(
+        &self,
         entries: &[PageEntry],
         payload: &[u8],
         zstd: &[u8],
@@ -370,38 +429,10 @@ impl<'a> Receiver<'a> {
         }
         if total != payload.len() {
             let e = entries.first().copied().unwrap_or(PageEntry::new(0, Codec::Zero, 0, 0));
-            return Err(ApplyError::BadLength { page: e.page, codec: e.codec, len: payload.len() as u32 });
+            let len = u32::try_from(payload.len()).unwrap_or(u32::MAX);
+            return Err(ApplyError::BadLength { page: e.page, codec: e.codec, len });
         }
-        st.unzstd(zstd, zpages)?;
-        let (mut off, mut zoff) = (0, 0);
-        let mut held: Option<(u64, MutexGuard<'_, ()>)> = None;
-        let mut waited = std::time::Duration::ZERO;
-        for e in entries {
-            loop {
-                self.hold(&mut held, e.page);
-                let done = if e.codec == Codec::Zstd {
-                    // Moved out for the call, which needs the state mutably; the page is copied before it comes back.
-                    let zbuf = std::mem::take(&mut st.zbuf);
-                    let r = self.apply_locked(epoch, e, &zbuf[zoff..zoff + PAGE_SIZE], st);
-                    st.zbuf = zbuf;
-                    r?
-                } else {
-                    self.apply_locked(epoch, e, &payload[off..off + e.len as usize], st)?
-                };
-                if done.is_some() {
-                    break;
-                }
-                // Another link is reading this page in place; it needs the stripe lock to finish.
-                drop(held.take());
-                self.wait_busy(self.epochs[e.page as usize].load(Ordering::Relaxed), &mut waited);
-            }
-            if e.codec == Codec::Zstd {
-                zoff += PAGE_SIZE;
-            } else {
-                off += e.len as usize;
-            }
-        }
-        Ok(())
+        st.unzstd(zstd, zpages)
     }
 
     /// Applies a frame whose payload is still on the wire: `read` gets one set of buffers covering the whole payload
@@ -411,7 +442,9 @@ impl<'a> Receiver<'a> {
     ///
     /// The stripe locks are not held while `read` waits on the network: each raw page is marked busy by `owner` (the
     /// reading link's index, below [`MAX_OWNERS`]) instead, and any other apply of it (only a resend racing its original
-    /// after a link failure) waits until the mark is cleared, asking after 20 ms for the owner to be dropped.
+    /// after a link failure) gets [`ApplyError::Busy`] until the mark is cleared. When this call meets a busy page, it
+    /// returns that error too, and calling again with the same frame goes on: before `read` (the frame's claims are
+    /// given back, nothing was read) or after it (the bytes stay, and `read` is not called again).
     /// The caller must bound `read`, so that a link dying mid-frame cannot keep pages busy for good. If `read` fails,
     /// or a page (not live) fails its hash after landing, the frame's unsettled pages keep their old epochs, and their
     /// table entries become the hashes of what they hold now: the frame was not acknowledged, so the source sends it
@@ -426,6 +459,10 @@ impl<'a> Receiver<'a> {
         st: &mut ApplyState,
         read: impl FnOnce(&mut [std::io::IoSliceMut<'_>]) -> std::io::Result<()>,
     ) -> Result<(), InPlaceError> {
+        let key = FrameKey::of(epoch, entries, zstd_len);
+        if st.rest_pending.take() == Some(key) {
+            return self.apply_rest(key, st);
+        }
         let mut others_len = 0usize;
         for e in entries {
             self.check_entry(e)?;
@@ -456,12 +493,20 @@ impl<'a> Receiver<'a> {
         // On a page that fails its hash the guard puts back the claims not yet settled (the buffer goes with it).
         self.settle(entries, stamp_of(epoch), &mut claims, st)?;
         st.claims = std::mem::take(&mut claims.list);
-        let mut others = std::mem::take(&mut st.others);
-        others.clear();
-        others.extend(entries.iter().filter(|e| e.codec != Codec::Raw));
-        let (payload, zin) = (std::mem::take(&mut st.payload), std::mem::take(&mut st.zin));
-        let r = self.apply_frame(epoch, &others, &payload, &zin, st);
+        st.others.clear();
+        st.others.extend(entries.iter().filter(|e| e.codec != Codec::Raw));
+        self.apply_rest(key, st)
+    }
+
+    /// Applies the pages of an in-place frame that were not raw, from the buffers its read filled.
+    fn apply_rest(&self, key: FrameKey, st: &mut ApplyState) -> Result<(), InPlaceError> {
+        let (others, payload, zin) =
+            (std::mem::take(&mut st.others), std::mem::take(&mut st.payload), std::mem::take(&mut st.zin));
+        let r = self.apply_frame(key.epoch, &others, &payload, &zin, st);
         (st.payload, st.zin, st.others) = (payload, zin, others);
+        if matches!(r, Err(ApplyError::Busy { .. })) {
+            st.rest_pending = Some(key);
+        }
         Ok(r?)
     }
 
@@ -480,33 +525,24 @@ impl<'a> Receiver<'a> {
         let mark = (owner + 1) << OWNER_SHIFT;
         let mut stale = 0;
         let mut lock: Option<(u64, MutexGuard<'_, ()>)> = None;
-        let mut waited = std::time::Duration::ZERO;
         for (i, e) in entries.iter().enumerate().filter(|(_, e)| e.codec == Codec::Raw) {
             // check_entry bounded the index, so only a layout that lies fails here.
             let (ptr, _) = host_pages(self.mem, e.page, 1)
                 .map_err(|_| ApplyError::PageOutOfRange { page: e.page, pages: self.pages })?;
             let slot = &self.epochs[e.page as usize];
-            loop {
-                self.hold(&mut lock, e.page);
-                let held = slot.load(Ordering::Relaxed);
-                let place = match owner_of(held) {
-                    None if held > stamp => None,
-                    None => Some(ptr as usize),
-                    Some(o) if o == owner => return Err(ApplyError::Duplicate { page: e.page }),
-                    Some(_) => {
-                        // Its owner needs the stripe lock to finish.
-                        drop(lock.take());
-                        self.wait_busy(held, &mut waited);
-                        continue;
-                    }
-                };
-                match place {
-                    Some(_) => slot.store(held | mark, Ordering::Relaxed),
-                    None => stale += 1,
-                }
-                claims.list.push(Claim { entry: i, page: e.page, place, held });
-                break;
+            self.hold(&mut lock, e.page);
+            let held = slot.load(Ordering::Relaxed);
+            let place = match owner_of(held) {
+                None if held > stamp => None,
+                None => Some(ptr as usize),
+                Some(o) if o == owner => return Err(ApplyError::Duplicate { page: e.page }),
+                Some(o) => return Err(ApplyError::Busy { page: e.page, owner: o }),
+            };
+            match place {
+                Some(_) => slot.store(held | mark, Ordering::Relaxed),
+                None => stale += 1,
             }
+            claims.list.push(Claim { entry: i, page: e.page, place, held });
         }
         Ok(stale)
     }
@@ -543,41 +579,36 @@ impl<'a> Receiver<'a> {
         Ok(())
     }
 
-    /// Applies one page copy read in round `epoch`. `payload` is the entry's `len` bytes.
+    /// Applies one page copy read in round `epoch`. `payload` is the entry's `len` bytes. On [`ApplyError::Busy`]
+    /// nothing was applied.
     pub fn apply(&self, epoch: u32, e: &PageEntry, payload: &[u8], st: &mut ApplyState) -> Result<Applied, ApplyError> {
         self.check_entry(e)?;
         if payload.len() != e.len as usize || e.codec == Codec::Zstd {
-            return Err(ApplyError::BadLength { page: e.page, codec: e.codec, len: payload.len() as u32 });
+            let len = u32::try_from(payload.len()).unwrap_or(u32::MAX);
+            return Err(ApplyError::BadLength { page: e.page, codec: e.codec, len });
         }
-        let mut waited = std::time::Duration::ZERO;
-        loop {
-            let guard = self.stripe(e.page);
-            if let Some(a) = self.apply_locked(epoch, e, payload, st)? {
-                return Ok(a);
-            }
-            drop(guard);
-            self.wait_busy(self.epochs[e.page as usize].load(Ordering::Relaxed), &mut waited);
-        }
+        let _guard = self.stripe(e.page);
+        self.apply_locked(epoch, e, payload, st)
     }
 
-    /// The apply proper; the caller checked the entry and holds the page's stripe lock. `None` when another link is
-    /// reading the page in place: the caller releases the lock, waits, and tries again.
+    /// The apply proper; the caller checked the entry and holds the page's stripe lock. [`ApplyError::Busy`] when
+    /// another link is reading the page in place: that link needs the lock to finish, so the caller lets it go.
     fn apply_locked(
         &self,
         epoch: u32,
         e: &PageEntry,
         payload: &[u8],
         st: &mut ApplyState,
-    ) -> Result<Option<Applied>, ApplyError> {
+    ) -> Result<Applied, ApplyError> {
         let stamp = stamp_of(epoch);
         let slot = &self.epochs[e.page as usize];
         let held = slot.load(Ordering::Relaxed);
-        if owner_of(held).is_some() {
-            return Ok(None);
+        if let Some(owner) = owner_of(held) {
+            return Err(ApplyError::Busy { page: e.page, owner });
         }
         if held > stamp {
             st.stale += 1;
-            return Ok(Some(Applied::Stale));
+            return Ok(Applied::Stale);
         }
         let data: &[u8] = match e.codec {
             Codec::Zero => {
@@ -610,14 +641,14 @@ impl<'a> Receiver<'a> {
         st.counts.count(e.codec);
         // Fresh destination memory is already zero: writing a zero page there would only fault it in.
         if e.codec == Codec::Zero && held == 0 {
-            return Ok(Some(Applied::Written));
+            return Ok(Applied::Written);
         }
         let (ptr, _) = host_pages(self.mem, e.page, 1)
             .map_err(|_| ApplyError::PageOutOfRange { page: e.page, pages: self.pages })?;
         // SAFETY: host_pages points at one whole page of the destination's live mapping. Its vCPUs are paused until
         // the migration commits, and the stripe lock held by the caller excludes every other apply of this page.
         unsafe { std::ptr::copy_nonoverlapping(data.as_ptr(), ptr, PAGE_SIZE) };
-        Ok(Some(Applied::Written))
+        Ok(Applied::Written)
     }
 
     /// The receiver's hash table.

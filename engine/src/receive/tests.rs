@@ -171,14 +171,10 @@ fn a_frame_read_in_place_lands_in_guest_memory_and_stale_copies_are_dropped() {
 }
 
 #[test]
-fn a_page_read_in_place_stays_busy_until_its_stalled_owner_is_evicted() {
+fn a_page_read_in_place_is_busy_to_others_until_its_owner_lets_go() {
     let g = dest(2);
+    let r = Receiver::new(&g);
     let (tx, rx) = std::sync::mpsc::channel::<()>();
-    let evicted = AtomicU32::new(u32::MAX);
-    let r = Receiver::new(&g).with_evict(|link| {
-        evicted.store(link, Ordering::SeqCst);
-        let _ = tx.send(());
-    });
     let page = vec![7u8; PAGE_SIZE];
     let (r, page_ref) = (&r, &page);
     std::thread::scope(|s| {
@@ -195,15 +191,71 @@ fn a_page_read_in_place_stays_busy_until_its_stalled_owner_is_evicted() {
         while owner_of(r.epochs[1].load(Ordering::SeqCst)).is_none() {
             std::thread::yield_now();
         }
-        // The resend on another link waits, has link 3 dropped, and then applies the whole page.
+        // The resend on another link is told who holds the page, and neither waits nor writes.
         let mut st = ApplyState::default();
+        let busy = ApplyError::Busy { page: 1, owner: 3 };
+        assert_eq!(r.apply(0, &raw(1, page_ref), page_ref, &mut st), Err(busy.clone()));
+        let res = r.apply_frame_in_place(0, &[raw(1, page_ref)], 0, 5, &mut st, |_| panic!("read while busy"));
+        assert!(matches!(&res, Err(InPlaceError::Apply(b)) if *b == busy), "{res:?}");
+        assert_eq!(st.counts, PageCounts::default());
+        // What the caller does about it: drop link 3. Then the resend applies the whole page.
+        tx.send(()).unwrap();
+        while owner_of(r.epochs[1].load(Ordering::SeqCst)).is_some() {
+            std::thread::yield_now();
+        }
         assert_eq!(r.apply(0, &raw(1, page_ref), page_ref, &mut st).unwrap(), Applied::Written);
-        assert_eq!(evicted.load(Ordering::SeqCst), 3);
     });
     let mut out = vec![0u8; PAGE_SIZE];
     read_page(&g, 1, &mut out).unwrap();
     assert_eq!(out, page);
     assert_eq!(r.hashes().get(1), Some(page_hash(&page)));
+}
+
+#[test]
+fn a_frame_stopped_by_a_busy_page_resumes_where_it_stopped() {
+    let g = dest(4);
+    let r = Receiver::new(&g);
+    let (a, b) = (vec![1u8; PAGE_SIZE], vec![2u8; PAGE_SIZE]);
+    let lz = lz4_flex::block::compress(&b);
+    let (tx, rx) = std::sync::mpsc::channel::<()>();
+    let (r, a_ref) = (&r, &a);
+    std::thread::scope(|s| {
+        // Link 2 holds page 1 busy until told to let go, then completes its read.
+        s.spawn(move || {
+            let mut st = ApplyState::default();
+            r.apply_frame_in_place(0, &[raw(1, a_ref)], 0, 2, &mut st, |iov| {
+                rx.recv().unwrap();
+                iov[0].copy_from_slice(a_ref);
+                Ok(())
+            })
+            .unwrap();
+        });
+        while owner_of(r.epochs[1].load(Ordering::SeqCst)).is_none() {
+            std::thread::yield_now();
+        }
+        // An in-place frame: a raw page 3, then page 0 (zero) and page 1 (lz4) from its buffers. The raw page lands
+        // and page 0 applies; page 1 is busy.
+        let entries = [raw(3, &b), zero(0), PageEntry::new(1, Codec::Lz4, lz.len() as u32, page_hash(&b))];
+        let mut st = ApplyState::default();
+        let payload = [b.clone(), lz.clone()].concat();
+        let res = r.apply_frame_in_place(1, &entries, 0, 0, &mut st, from(payload));
+        assert!(matches!(res, Err(InPlaceError::Apply(ApplyError::Busy { page: 1, owner: 2 }))), "{res:?}");
+        assert_eq!((st.counts.raw, st.counts.zero, st.counts.lz4), (1, 1, 0));
+        tx.send(()).unwrap();
+        // The same frame again: its bytes are not read twice, and only page 1 is left to apply.
+        loop {
+            match r.apply_frame_in_place(1, &entries, 0, 0, &mut st, |_| panic!("read twice")) {
+                Err(InPlaceError::Apply(ApplyError::Busy { .. })) => std::thread::yield_now(),
+                res => break res.unwrap(),
+            }
+        }
+        assert_eq!((st.counts.raw, st.counts.zero, st.counts.lz4), (1, 1, 1));
+    });
+    let mut out = vec![0u8; PAGE_SIZE];
+    read_page(&g, 1, &mut out).unwrap();
+    assert_eq!(out, b, "the newer copy (round 1) wins over link 2's (round 0), whichever applied last");
+    read_page(&g, 3, &mut out).unwrap();
+    assert_eq!(out, b);
 }
 
 #[test]

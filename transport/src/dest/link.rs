@@ -5,7 +5,7 @@ use super::admit::{refuse, transient_accept_error, Ticket, ACCEPT_RETRY};
 use super::{Msg, ReceiveError, Shared, HELLO_TIMEOUT, MID_FRAME_TIMEOUT, WRITE_TIMEOUT};
 use crate::wire::{self, Deadline, Header, Kind, WireError, HEADER_LEN};
 use livemig_engine::encode::PageEntry;
-use livemig_engine::receive::{ApplyState, InPlaceError, Receiver};
+use livemig_engine::receive::{ApplyError, ApplyState, InPlaceError};
 use std::net::{Shutdown, SocketAddr, TcpListener, TcpStream};
 use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
@@ -167,7 +167,7 @@ fn serve_frames(
         // Inside a frame the bytes are already on their way: a frame that stops arriving is a dead link, and this
         // thread may be holding pages busy that other links wait for (see read_pages).
         let mut r = Deadline::new(stream, Instant::now() + MID_FRAME_TIMEOUT, "Pages frame");
-        match read_pages(&mut r, &raw, &h, owner, &shared.rx, st, &mut frame) {
+        match read_pages(&mut r, &raw, &h, owner, shared, st, &mut frame) {
             Ok(()) => {}
             Err(None) => return Ok(()),
             Err(Some(e)) => return Err(e),
@@ -196,7 +196,7 @@ fn read_pages(
     raw: &[u8; HEADER_LEN],
     h: &Header,
     link: u32,
-    rx: &Receiver<'_>,
+    shared: &Shared<'_>,
     st: &mut ApplyState,
     f: &mut FrameBuffers,
 ) -> Result<(), Option<ReceiveError>> {
@@ -206,21 +206,41 @@ fn read_pages(
     wire::read_part(r, &mut f.table, "entry table").map_err(dead_or)?;
     wire::check_sum(raw, h, &f.table).map_err(|e| fatal(e.into()))?;
     let zstd_len = wire::decode_table(h, &f.table, &mut f.entries).map_err(|e| fatal(e.into()))?;
-    let applied = rx.apply_frame_in_place(h.epoch, &f.entries, zstd_len as usize, link, st, |iov| {
-        let mut rest = iov;
-        while !rest.is_empty() {
-            match std::io::Read::read_vectored(r, rest) {
-                Ok(0) => return Err(std::io::ErrorKind::UnexpectedEof.into()),
-                Ok(n) => std::io::IoSliceMut::advance_slices(&mut rest, n),
-                Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
-                Err(e) => return Err(e),
+    let mut waited = Duration::ZERO;
+    loop {
+        let applied = shared.rx.apply_frame_in_place(h.epoch, &f.entries, zstd_len as usize, link, st, |iov| {
+            let mut rest = iov;
+            while !rest.is_empty() {
+                match std::io::Read::read_vectored(r, rest) {
+                    Ok(0) => return Err(std::io::ErrorKind::UnexpectedEof.into()),
+                    Ok(n) => std::io::IoSliceMut::advance_slices(&mut rest, n),
+                    Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+                    Err(e) => return Err(e),
+                }
             }
-        }
-        Ok(())
-    });
-    match applied {
-        Ok(()) => Ok(()),
-        Err(InPlaceError::Io(_)) => Err(None),
-        Err(InPlaceError::Apply(a)) => Err(fatal(a.into())),
+            Ok(())
+        });
+        return match applied {
+            Ok(()) => Ok(()),
+            Err(InPlaceError::Io(_)) => Err(None),
+            Err(InPlaceError::Apply(ApplyError::Busy { owner, .. })) => {
+                // A resend racing its original: the link reading the page needs a moment, or, if it stays busy, is
+                // one the source has given up on (stalled mid-page) and is dropped, which clears its marks.
+                std::thread::sleep(BUSY_WAIT);
+                waited += BUSY_WAIT;
+                if waited >= BUSY_PATIENCE {
+                    shared.drop_link(owner);
+                    waited = Duration::ZERO;
+                }
+                continue;
+            }
+            Err(InPlaceError::Apply(a)) => Err(fatal(a.into())),
+        };
     }
 }
+
+/// How long a frame that finds a page busy waits before it tries again.
+const BUSY_WAIT: Duration = Duration::from_micros(200);
+/// How long a frame waits for a busy page before it has the owning link dropped. Only a resend racing its original
+/// finds a page busy, and the source resends only what a link it has given up on held.
+const BUSY_PATIENCE: Duration = Duration::from_millis(20);

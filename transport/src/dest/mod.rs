@@ -234,7 +234,7 @@ pub const HELLO_TIMEOUT: Duration = Duration::from_secs(5);
 /// are read into guest memory with the pages marked busy, so a link that stalls mid-frame would otherwise keep them
 /// busy; past this the link is dropped, the marks cleared, and the source sends the frame again on another link. A
 /// resend that finds a page busy does not wait for this: it has the stalled link dropped at once (see
-/// `Receiver::with_evict`). So this only needs to be longer than any stall the source itself tolerates (its link
+/// `read_pages` in `link.rs`). So this only needs to be longer than any stall the source itself tolerates (its link
 /// timeout, 3 s by default, and the 2 s pause bound).
 pub const MID_FRAME_TIMEOUT: Duration = Duration::from_secs(10);
 
@@ -332,19 +332,19 @@ impl Drop for Live<'_, '_> {
 }
 
 impl<'a> Shared<'a> {
+    /// Ends the connection whose busy marks carry `owner`: its thread's read fails, and its claims are given back.
+    fn drop_link(&self, owner: u32) {
+        for (_, o, s) in self.conns.lock().unwrap_or_else(|e| e.into_inner()).sockets.iter() {
+            if *o == owner {
+                let _ = s.shutdown(Shutdown::Both);
+            }
+        }
+    }
+
     fn new(guest: &'a dyn Guest, session: u64, opts: &DestOptions) -> Self {
         let conns: Arc<Mutex<Conns>> = Default::default();
-        let evict_from = conns.clone();
-        // A page still busy when its resend arrives is held by a link the source has given up on: drop that link.
-        let evict = move |owner: u32| {
-            for (_, o, s) in evict_from.lock().unwrap_or_else(|e| e.into_inner()).sockets.iter() {
-                if *o == owner {
-                    let _ = s.shutdown(Shutdown::Both);
-                }
-            }
-        };
         Shared {
-            rx: Receiver::new(guest.memory()).with_evict(evict),
+            rx: Receiver::new(guest.memory()),
             session,
             stop: AtomicBool::new(false),
             conns,
