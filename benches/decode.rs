@@ -46,7 +46,7 @@ fn frames(guest: &SyntheticGuest, codec: BatchCodec) -> Vec<Vec<u8>> {
             // SAFETY: `guest` outlives every batch made here.
             let parts: Vec<&[u8]> = unsafe { b.part_slices() }.collect();
             let mut out = Vec::new();
-            wire::write_pages(&mut out, 0, seq as u32, &table, &parts).unwrap();
+            wire::write_pages(&mut out, 0, livemig::engine::num::u32_len(seq), &table, &parts).unwrap();
             out
         })
         .collect()

@@ -4,6 +4,7 @@
 //! end the two memories are compared page by page and the destination's vCPU carries on from the source's counter.
 
 use livemig::engine::guest::{GuestError, GuestMemory as _, MemoryLayout, Vcpus};
+use livemig::engine::num::{u64_saturating, usize_from};
 use livemig::kvm::vm_memory::VmMemoryGuest;
 use livemig::transport::dest::{accept_migration, receive, DestOptions};
 use livemig::transport::link::LinkSpec;
@@ -49,7 +50,7 @@ impl ToyVcpu {
                     st.1 = false;
                 }
                 let n = c.fetch_add(1, Ordering::SeqCst) + 1;
-                let page = pages[(n.wrapping_mul(0x9E37_79B9_7F4A_7C15) % pages.len() as u64) as usize];
+                let page = pages[usize_from(n.wrapping_mul(0x9E37_79B9_7F4A_7C15) % pages.len() as u64)];
                 // The write marks the page dirty in the region's AtomicBitmap, after the write.
                 mem.write_obj(n, GuestAddress(page)).unwrap();
                 std::thread::sleep(Duration::from_micros(200));
@@ -71,7 +72,7 @@ impl Drop for ToyVcpu {
 
 impl Vcpus for ToyVcpu {
     fn set_throttle(&self, pct: f64) {
-        self.throttle.store(pct as u64, Ordering::Relaxed);
+        self.throttle.store(u64_saturating(pct), Ordering::Relaxed);
     }
     fn throttle(&self) -> f64 {
         self.throttle.load(Ordering::Relaxed) as f64
@@ -104,7 +105,7 @@ impl Vcpus for ToyVcpu {
 
 fn memory(layout: &MemoryLayout) -> Result<Mem, GuestError> {
     let ranges: Vec<(GuestAddress, usize)> =
-        layout.regions.iter().map(|&(a, l)| (GuestAddress(a), l as usize)).collect();
+        layout.regions.iter().map(|&(a, l)| (GuestAddress(a), usize_from(l))).collect();
     Mem::from_ranges(&ranges).map_err(|e| GuestError::BadState(format!("vm-memory: {e}")))
 }
 

@@ -118,10 +118,10 @@ pub fn blast(links: &[LinkSpec], bytes: u64) -> Result<Transfer, BaselineError> 
     on_each(conns, |i, c| {
         let share = bytes / n + u64::from((i as u64) < bytes % n);
         // Not zeros: nothing on the way may take a shortcut for them.
-        let buf: Vec<u8> = (0..CHUNK).map(|j| (j * 131 + 7) as u8).collect();
+        let buf: Vec<u8> = (0..CHUNK).map(|j| (j * 131 + 7).to_le_bytes()[0]).collect();
         let mut left = share;
         while left > 0 {
-            let k = left.min(CHUNK as u64) as usize;
+            let k = crate::engine::num::usize_from(left.min(CHUNK as u64));
             (&c).write_all(&buf[..k]).map_err(io("write"))?;
             left -= k as u64;
         }

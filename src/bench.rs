@@ -13,6 +13,7 @@
 //! lucky or unlucky run from deciding the ratio. Every run's figures are in the row's `runs`.
 
 use crate::baseline::Transfer;
+use crate::engine::num::u64_saturating;
 use crate::lab::Lab;
 use serde::Serialize;
 use std::io::BufRead;
@@ -345,12 +346,14 @@ fn migrate_once(cfg: &BenchConfig, scenario: Scenario, links: usize, path: &str,
     let src = read_json(&src_report)?;
     let dst = if received_ok { read_json(&dst_report).ok() } else { None };
     let num = |v: &serde_json::Value, k: &str| v.get(k).and_then(serde_json::Value::as_f64).unwrap_or(0.0);
-    let bytes = num(&src, "bytes_on_wire") as u64;
+    let bytes = u64_saturating(num(&src, "bytes_on_wire"));
     let total = num(&src, "total_time_s");
     let gb = bytes as f64 / 1e9;
     let pages = src.get("pages").cloned().unwrap_or_default();
     let zc = src.get("links").and_then(|l| l.as_array()).map_or((0, 0), |ls| {
-        ls.iter().fold((0, 0), |(s, c), l| (s + num(l, "zerocopy_sends") as u64, c + num(l, "zerocopy_copied") as u64))
+        ls.iter().fold((0, 0), |(s, c), l| {
+            (s + u64_saturating(num(l, "zerocopy_sends")), c + u64_saturating(num(l, "zerocopy_copied")))
+        })
     });
     let moving: f64 =
         src.get("rounds").and_then(|r| r.as_array()).map_or(total, |rs| rs.iter().map(|r| num(r, "duration_s")).sum());
@@ -369,7 +372,7 @@ fn migrate_once(cfg: &BenchConfig, scenario: Scenario, links: usize, path: &str,
         baseline_bps: f64::NAN,
         baseline_cpu_s_per_gb: (f64::NAN, f64::NAN),
         ratio: f64::NAN,
-        codecs: ["zero", "lz4", "zstd", "raw"].map(|k| num(&pages, k) as u64),
+        codecs: ["zero", "lz4", "zstd", "raw"].map(|k| u64_saturating(num(&pages, k))),
         zerocopy: zc,
         source_report: src_report,
         runs: Vec::new(),

@@ -166,7 +166,7 @@ impl Rng {
 
     /// A number below `n` (which must not be 0).
     pub fn below(&mut self, n: usize) -> usize {
-        (self.bits() % n as u64) as usize
+        crate::engine::num::usize_from(self.bits() % n as u64)
     }
 }
 
@@ -203,7 +203,7 @@ pub fn mutate(rng: &mut Rng, base: &[u8], other: &[u8]) -> Vec<u8> {
             5 => {
                 let i = rng.below(d.len() + 1);
                 let n = 1 + rng.below(16);
-                let fill = rng.bits() as u8;
+                let fill = rng.bits().to_le_bytes()[0];
                 d.splice(i..i, std::iter::repeat_n(fill, n));
             }
             6 if !d.is_empty() => {

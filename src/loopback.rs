@@ -28,7 +28,11 @@ pub fn migrate_loopback(
     let listener = TcpListener::bind("127.0.0.1:0")?;
     let addr = listener.local_addr()?;
     let specs: Vec<LinkSpec> = (0..links.max(1))
-        .map(|k| LinkSpec { iface: None, local: Some(IpAddr::V4(Ipv4Addr::new(127, 0, 0, k as u8 + 1))), remote: addr })
+        .map(|k| LinkSpec {
+            iface: None,
+            local: Some(IpAddr::V4(Ipv4Addr::new(127, 0, 0, u8::try_from(k + 1).unwrap_or(u8::MAX)))),
+            remote: addr,
+        })
         .collect();
     std::thread::scope(|s| {
         let dest = std::thread::Builder::new().name("lm-dest".into()).spawn_scoped(s, move || {

@@ -4,6 +4,7 @@
 //! The data comes from the JSON report ([`PlotData::from_report`]), so `demo`, `send`, `lab run` and `bench` draw the
 //! same picture from the same file format. SVG only (plotters' SVG backend): no font files, no bitmap libraries.
 
+use crate::engine::num::{u32_saturating, u64_saturating};
 use plotters::prelude::*;
 use std::path::Path;
 
@@ -60,7 +61,7 @@ impl PlotData {
                 rs.iter()
                     .map(|x| {
                         let f = |k: &str| x.get(k).and_then(|v| v.as_f64()).unwrap_or(0.0);
-                        (f("index") as u32, f("dirty_pages") as u64, f("throttle_pct"))
+                        (u32_saturating(f("index")), u64_saturating(f("dirty_pages")), f("throttle_pct"))
                     })
                     .collect()
             })

@@ -36,21 +36,23 @@ fn capture(iface: &str, want: usize, limit: Duration) -> Vec<Vec<u8>> {
     let index = unsafe { libc::if_nametoindex(name.as_ptr()) };
     assert!(index > 0, "no {iface}");
     // SAFETY: socket(2); owned below.
-    let raw = unsafe { libc::socket(libc::AF_PACKET, libc::SOCK_RAW, i32::from((libc::ETH_P_ALL as u16).to_be())) };
+    let raw = unsafe {
+        libc::socket(libc::AF_PACKET, libc::SOCK_RAW, i32::from((u16::try_from(libc::ETH_P_ALL).unwrap()).to_be()))
+    };
     assert!(raw >= 0, "packet socket: {}", std::io::Error::last_os_error());
     // SAFETY: a fresh descriptor.
     let fd = unsafe { OwnedFd::from_raw_fd(raw) };
     // SAFETY: zeroed sockaddr_ll is valid to fill in.
     let mut addr: libc::sockaddr_ll = unsafe { std::mem::zeroed() };
-    addr.sll_family = libc::AF_PACKET as u16;
-    addr.sll_protocol = (libc::ETH_P_ALL as u16).to_be();
+    addr.sll_family = u16::try_from(libc::AF_PACKET).unwrap();
+    addr.sll_protocol = u16::try_from(libc::ETH_P_ALL).unwrap().to_be();
     addr.sll_ifindex = index as i32;
     // SAFETY: binds to a sockaddr_ll of the right size.
     let rc = unsafe {
         libc::bind(
             fd.as_raw_fd(),
             (&addr as *const libc::sockaddr_ll).cast(),
-            std::mem::size_of::<libc::sockaddr_ll>() as u32,
+            u32::try_from(std::mem::size_of::<libc::sockaddr_ll>()).unwrap(),
         )
     };
     assert_eq!(rc, 0);
@@ -62,7 +64,7 @@ fn capture(iface: &str, want: usize, limit: Duration) -> Vec<Vec<u8>> {
             libc::SOL_SOCKET,
             libc::SO_RCVTIMEO,
             (&tv as *const libc::timeval).cast(),
-            std::mem::size_of::<libc::timeval>() as u32,
+            u32::try_from(std::mem::size_of::<libc::timeval>()).unwrap(),
         )
     };
     let (mut frames, t) = (Vec::new(), Instant::now());

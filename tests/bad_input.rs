@@ -210,11 +210,11 @@ fn garbage_never_panics_or_hangs() {
     for i in 0..200 {
         let bytes = if i % 2 == 0 {
             let n = (next() % 600) as usize;
-            (0..n).map(|_| next() as u8).collect()
+            (0..n).map(|_| next().to_le_bytes()[0]).collect()
         } else {
             let mut b = valid.clone();
             for _ in 0..1 + next() % 4 {
-                let at = (next() % b.len() as u64) as usize;
+                let at = livemig::engine::num::usize_from(next() % b.len() as u64);
                 b[at] ^= 1 << (next() % 8);
             }
             b

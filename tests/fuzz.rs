@@ -152,19 +152,19 @@ fn write_corpus() {
     write("frame", "commit", &frame(Kind::Commit, &[]));
     // Pages: a zero page, a raw page, an lz4 page and two zstd pages, as a data link carries them.
     let text: Vec<u8> = TEXT_WORDS.iter().cycle().flat_map(|w| [w.as_bytes(), b" "].concat()).take(4096).collect();
-    let raw: Vec<u8> = (0..4096u32).map(|i| (i.wrapping_mul(2_654_435_761) >> 13) as u8).collect();
+    let raw: Vec<u8> = (0..4096u32).map(|i| (i.wrapping_mul(2_654_435_761) >> 13).to_le_bytes()[0]).collect();
     let lz = lz4_flex::block::compress(&text);
     let z = zstd::bulk::compress(&[text.clone(), raw.clone()].concat(), 3).unwrap();
     let entries = vec![
         PageEntry::new(0, Codec::Zero, 0, zero_page_hash()),
         PageEntry::new(1, Codec::Raw, 4096, page_hash(&raw)),
         PageEntry { live: true, ..PageEntry::new(2, Codec::Raw, 4096, page_hash(&raw)) },
-        PageEntry::new(3, Codec::Lz4, lz.len() as u32, page_hash(&text)),
+        PageEntry::new(3, Codec::Lz4, livemig::engine::num::u32_len(lz.len()), page_hash(&text)),
         PageEntry::new(4, Codec::Zstd, 0, page_hash(&text)),
         PageEntry::new(5, Codec::Zstd, 0, page_hash(&raw)),
     ];
     let payload = [raw.clone(), raw.clone(), lz.clone(), z.clone()].concat();
-    let batch = EncodedBatch::owned(1, entries, payload, z.len() as u32);
+    let batch = EncodedBatch::owned(1, entries, payload, livemig::engine::num::u32_len(z.len()));
     let mut table = Vec::new();
     wire::encode_entries(&batch, &mut table);
     let mut pages_frame = Vec::new();

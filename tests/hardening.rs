@@ -345,7 +345,14 @@ fn a_flipped_byte_in_a_live_page_ends_in_a_root_mismatch_and_a_running_source() 
 /// Defect 7: a session id must not be derivable from the clock and the process id.
 #[test]
 fn session_ids_are_not_derived_from_the_clock() {
-    let clock = || std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_nanos() as u64;
+    let clock = || {
+        std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap()
+            .as_nanos()
+            .try_into()
+            .unwrap_or(u64::MAX)
+    };
     let pid = u64::from(std::process::id());
     for _ in 0..20 {
         let before = clock();

@@ -17,6 +17,7 @@ pub mod cpu;
 pub mod dirty;
 pub mod encode;
 pub mod guest;
+pub mod num;
 pub mod precopy;
 pub mod preflight;
 pub mod receive;

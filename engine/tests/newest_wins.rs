@@ -4,6 +4,7 @@
 
 use livemig_engine::encode::{page_hash, zero_page_hash, Codec, PageEntry};
 use livemig_engine::guest::{read_page, MemoryLayout, SyntheticGuest, PAGE_SIZE};
+use livemig_engine::num::{u32_len, usize_from};
 use livemig_engine::receive::{ApplyError, ApplyState, InPlaceError, Receiver};
 use proptest::prelude::*;
 
@@ -14,8 +15,8 @@ fn content(page: u64, epoch: u32) -> Vec<u8> {
     if epoch % 3 == 2 {
         return vec![0; PAGE_SIZE];
     }
-    let seed = (page * 31 + u64::from(epoch) * 7 + 1) as u8;
-    (0..PAGE_SIZE).map(|i| seed.wrapping_mul(i as u8 | 1).wrapping_add((i / 64) as u8)).collect()
+    let seed = (page * 31 + u64::from(epoch) * 7 + 1).to_le_bytes()[0];
+    (0..PAGE_SIZE).map(|i| seed.wrapping_mul(i.to_le_bytes()[0] | 1).wrapping_add((i / 64).to_le_bytes()[0])).collect()
 }
 
 /// Applies one copy as a data link would: raw pages read in place, lz4 and zero pages decoded from a buffer. A page
@@ -32,7 +33,7 @@ fn apply_copy(rx: &Receiver<'_>, link: u32, page: u64, epoch: u32, lz4: bool, st
             let e = PageEntry::new(page, Codec::Lz4, u32::try_from(block.len()).unwrap(), hash);
             rx.apply_frame(epoch, &[e], &block, &[], st).map_err(InPlaceError::Apply)
         } else {
-            let e = PageEntry::new(page, Codec::Raw, PAGE_SIZE as u32, hash);
+            let e = PageEntry::new(page, Codec::Raw, livemig_engine::guest::PAGE_LEN, hash);
             rx.apply_frame_in_place(epoch, &[e], 0, link, st, |iov| {
                 let mut off = 0;
                 for b in iov.iter_mut() {
@@ -65,7 +66,7 @@ proptest! {
         // Deal the copies to the links; each link applies its share in the order given, all links at once.
         let mut shares: Vec<Vec<(u64, u32, bool)>> = vec![Vec::new(); links];
         for (i, c) in copies.iter().enumerate() {
-            shares[((deal >> (i % 32 * 2)) as usize + i) % links].push(*c);
+            shares[(usize_from(deal >> (i % 32 * 2)) + i) % links].push(*c);
         }
         std::thread::scope(|s| {
             for (link, share) in shares.iter().enumerate() {
@@ -73,7 +74,7 @@ proptest! {
                 s.spawn(move || {
                     let mut st = ApplyState::default();
                     for &(page, epoch, lz4) in share {
-                        apply_copy(rx, link as u32, page, epoch, lz4, &mut st);
+                        apply_copy(rx, u32_len(link), page, epoch, lz4, &mut st);
                     }
                 });
             }

@@ -25,6 +25,7 @@ use livemig_engine::dirty::Bitmap;
 use livemig_engine::guest::{
     host_pages, DirtyLog, Guest, GuestError, GuestMemory, HostRegion, MemoryLayout, MmapRegion, Vcpus, PAGE_SIZE,
 };
+use livemig_engine::num::{u32_saturating, u64_saturating, usize_from};
 use std::os::unix::thread::JoinHandleExt;
 use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Condvar, Mutex, MutexGuard};
@@ -182,8 +183,8 @@ impl KvmGuest {
         let code = program::assemble().map_err(|e| KvmError::Assemble(e.to_string()))?;
         let first = program::DATA / PAGE_SIZE as u64;
         let data_pages = cfg.memory_bytes / PAGE_SIZE as u64 - first;
-        let touched = (data_pages as f64 * cfg.touched_pct.clamp(0.0, 100.0) / 100.0) as u64;
-        let hot = ((data_pages as f64 * cfg.hot_set_pct.clamp(0.0, 100.0) / 100.0) as u64).clamp(1, data_pages);
+        let touched = u64_saturating(data_pages as f64 * cfg.touched_pct.clamp(0.0, 100.0) / 100.0);
+        let hot = u64_saturating(data_pages as f64 * cfg.hot_set_pct.clamp(0.0, 100.0) / 100.0).clamp(1, data_pages);
         // SAFETY: the VM's vCPU has not started, and nothing else reads its memory yet.
         unsafe { livemig_engine::guest::fill_mix(g.map.region(), first..first + touched, 0x6b76_6d21) };
         // The check value starts as the sum of the hot pages' first words, as the guest will recompute it.
@@ -196,7 +197,9 @@ impl KvmGuest {
         let mut mailbox = [0u8; 24];
         mailbox[8..12].copy_from_slice(&check.to_le_bytes());
         mailbox[12..16].copy_from_slice(&program::BURST.to_le_bytes());
-        mailbox[16..20].copy_from_slice(&(hot as u32).to_le_bytes());
+        // At most 4 GiB of RAM (checked above): a million pages.
+        let hot32 = u32::try_from(hot).expect("a 4 GiB guest has fewer than 2^32 pages");
+        mailbox[16..20].copy_from_slice(&hot32.to_le_bytes());
         mailbox[20..24].copy_from_slice(&program::verify_every(hot).to_le_bytes());
         g.write_bytes(program::CODE, &code)?;
         g.write_bytes(program::MAILBOX, &mailbox)?;
@@ -342,7 +345,7 @@ impl KvmGuest {
         }
         // SAFETY: in bounds (checked above) of the live guest mapping; the vCPU is parked, not running.
         unsafe {
-            std::ptr::copy_nonoverlapping(data.as_ptr(), self.map.region().as_ptr().add(gpa as usize), data.len())
+            std::ptr::copy_nonoverlapping(data.as_ptr(), self.map.region().as_ptr().add(usize_from(gpa)), data.len())
         };
         Ok(())
     }
@@ -475,7 +478,7 @@ fn vcpu_loop(vcpu: &Mutex<VcpuFd>, s: &Shared) {
             wait_unless_paused(s, slice - elapsed);
             continue;
         }
-        let due = (rate as f64 * elapsed.as_secs_f64()) as u64 + u64::from(program::BURST);
+        let due = u64_saturating(rate as f64 * elapsed.as_secs_f64()) + u64::from(program::BURST);
         if done_in_slice + u64::from(program::BURST) > due {
             wait_unless_paused(s, Duration::from_micros(200));
             continue;
@@ -611,7 +614,7 @@ impl DirtyLog for KvmGuest {
 
 impl Vcpus for KvmGuest {
     fn set_throttle(&self, pct: f64) {
-        self.shared.throttle_milli.store((pct.clamp(0.0, 99.0) * 1000.0) as u32, Ordering::Relaxed);
+        self.shared.throttle_milli.store(u32_saturating(pct.clamp(0.0, 99.0) * 1000.0), Ordering::Relaxed);
     }
 
     fn throttle(&self) -> f64 {

@@ -52,20 +52,21 @@ pub fn assemble() -> Result<Vec<u8>, IcedError> {
     let mut main_loop = a.create_label();
     let mut burst = a.create_label();
     let mut sum_loop = a.create_label();
-    let mb = MAILBOX as u32;
-    let data = DATA as u32;
+    // Both sit in the guest's first megabytes, where 32-bit code addresses them.
+    let mb = u32::try_from(MAILBOX).expect("the mailbox is below 4 GiB");
+    let data = u32::try_from(DATA).expect("the data pages start below 4 GiB");
     // What CPUID says, so the host can see the CPU model the guest was given (clobbers eax, ebx, ecx, edx).
     let report_cpuid = |a: &mut CodeAssembler| -> Result<(), IcedError> {
         a.mov(eax, 1u32)?;
         a.xor(ecx, ecx)?;
         a.cpuid()?;
         a.mov(eax, ecx)?;
-        a.out(PORT_CPUID1_ECX as u8 as i32, eax)?;
+        a.out(i32::from(PORT_CPUID1_ECX), eax)?;
         a.mov(eax, 7u32)?;
         a.xor(ecx, ecx)?;
         a.cpuid()?;
         a.mov(eax, ebx)?;
-        a.out(PORT_CPUID7_EBX as u8 as i32, eax)
+        a.out(i32::from(PORT_CPUID7_EBX), eax)
     };
 
     report_cpuid(&mut a)?;
@@ -91,7 +92,7 @@ pub fn assemble() -> Result<Vec<u8>, IcedError> {
     a.dec(ecx)?;
     a.jnz(burst)?;
     a.mov(eax, dword_ptr(esi))?;
-    a.out(PORT_PROGRESS as u8 as i32, eax)?;
+    a.out(i32::from(PORT_PROGRESS), eax)?;
     a.inc(edi)?;
     a.cmp(edi, dword_ptr(esi + 20))?;
     a.jb(main_loop)?;
@@ -105,9 +106,9 @@ pub fn assemble() -> Result<Vec<u8>, IcedError> {
     a.add(edx, 4096)?;
     a.dec(ecx)?;
     a.jnz(sum_loop)?;
-    a.out(PORT_SUM as u8 as i32, eax)?;
+    a.out(i32::from(PORT_SUM), eax)?;
     a.mov(eax, dword_ptr(esi + 8))?;
-    a.out(PORT_CHECK as u8 as i32, eax)?;
+    a.out(i32::from(PORT_CHECK), eax)?;
     report_cpuid(&mut a)?;
     a.jmp(main_loop)?;
     a.assemble(CODE)

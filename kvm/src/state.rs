@@ -101,7 +101,7 @@ fn from_bytes<T>(b: &[u8], what: &str) -> Result<T, StateError> {
 
 fn section(out: &mut Vec<u8>, tag: Tag, body: &[u8]) {
     out.extend_from_slice(&(tag as u16).to_le_bytes());
-    out.extend_from_slice(&(body.len() as u32).to_le_bytes());
+    out.extend_from_slice(&livemig_engine::num::u32_len(body.len()).to_le_bytes());
     out.extend_from_slice(body);
 }
 

@@ -32,7 +32,7 @@ impl<V: Vcpus> VmMemoryGuest<V> {
     pub fn new(mem: GuestMemoryMmap<AtomicBitmap>, vcpus: V, kind: &'static str) -> Result<Self, GuestError> {
         let mut regions = Vec::new();
         for r in mem.iter() {
-            let len = r.len() as usize;
+            let len = livemig_engine::num::usize_from(r.len());
             if !len.is_multiple_of(PAGE_SIZE) {
                 return Err(GuestError::BadSize(len as u64));
             }

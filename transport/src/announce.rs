@@ -7,6 +7,7 @@
 //! ([`Schedule`]), because a switch or a link may still be settling when the first one leaves. Frames go out through
 //! an `AF_PACKET` socket bound to the interface.
 
+use crate::link::socklen_of;
 use std::time::Duration;
 
 /// The RARP ethertype.
@@ -100,7 +101,7 @@ pub fn announce(iface: &str, macs: &[[u8; 6]], schedule: Schedule) -> Result<usi
     let fd = unsafe { <std::os::fd::OwnedFd as std::os::fd::FromRawFd>::from_raw_fd(raw) };
     // SAFETY: an all-zero sockaddr_ll is a valid value to fill in.
     let mut addr: libc::sockaddr_ll = unsafe { std::mem::zeroed() };
-    addr.sll_family = libc::AF_PACKET as u16;
+    addr.sll_family = libc::sa_family_t::try_from(libc::AF_PACKET).expect("AF_PACKET is a small constant");
     addr.sll_protocol = ETH_P_RARP.to_be();
     addr.sll_ifindex = index as i32;
     addr.sll_halen = 6;
@@ -117,7 +118,7 @@ pub fn announce(iface: &str, macs: &[[u8; 6]], schedule: Schedule) -> Result<usi
                     frame.len(),
                     0,
                     (&addr as *const libc::sockaddr_ll).cast(),
-                    std::mem::size_of::<libc::sockaddr_ll>() as u32,
+                    socklen_of::<libc::sockaddr_ll>(),
                 )
             };
             if n < 0 {

@@ -353,7 +353,7 @@ mod tests {
         for i in 0..1000u64 {
             let warm = (5 * i).min(450) as f64 / 450.0;
             cpu_s += if mode.codec == CodecMode::Off { 0.001 } else { 0.002 };
-            if let Some(m) = ex.observe((40.0 + 80.0 * warm) as u64, at(t0, 5 * i), cpu_s) {
+            if let Some(m) = ex.observe(crate::num::u64_saturating(40.0 + 80.0 * warm), at(t0, 5 * i), cpu_s) {
                 trials.push(m.codec);
                 mode = m;
             }

@@ -35,14 +35,14 @@ impl HashTable {
     /// Records page `page`'s hash. Each page is set by one worker at a time (a round sends a page once), so a relaxed
     /// store is enough; the round barrier orders rounds.
     pub fn set(&self, page: u64, hash: u64) {
-        if let Some(h) = self.hashes.get(page as usize) {
+        if let Some(h) = self.hashes.get(crate::num::usize_from(page)) {
             h.store(hash, Ordering::Relaxed);
         }
     }
 
     /// Page `page`'s recorded hash.
     pub fn get(&self, page: u64) -> Option<u64> {
-        self.hashes.get(page as usize).map(|h| h.load(Ordering::Relaxed))
+        self.hashes.get(crate::num::usize_from(page)).map(|h| h.load(Ordering::Relaxed))
     }
 
     /// Number of pages.

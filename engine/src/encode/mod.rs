@@ -24,7 +24,7 @@ pub use hash::{memory_root, page_hash, zero_page_hash, HashTable};
 pub use policy::{monotonic_nanos, BatchCodec, SendPath, SendPolicy, Stopwatch, PROBE_EVERY, ZSTD_LEVEL};
 
 use crate::dirty::PageRun;
-use crate::guest::{host_pages, GuestError, GuestMemory, PAGE_SIZE};
+use crate::guest::{host_pages, GuestError, GuestMemory, PAGE_LEN, PAGE_SIZE};
 
 /// How a page travels.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -421,7 +421,7 @@ impl<'a, S: BatchSink> BatchEncoder<'a, S> {
         let end = run.first + run.count;
         while page < end {
             let (ptr, n) = host_pages(self.mem, page, end - page)?;
-            for i in 0..n as usize {
+            for i in 0..crate::num::usize_from(n) {
                 // SAFETY: host_pages vouches for `n` contiguous pages at `ptr` in a live mapping.
                 let src = unsafe { ptr.add(i * PAGE_SIZE) };
                 self.encode_page(page + i as u64, src);
@@ -481,7 +481,7 @@ impl<'a, S: BatchSink> BatchEncoder<'a, S> {
     fn push_copied(&mut self, index: u64, hash: u64) {
         let b = &mut self.batch;
         b.push_owned(PAGE_SIZE);
-        b.entries.push(PageEntry::new(index, Codec::Raw, PAGE_SIZE as u32, hash));
+        b.entries.push(PageEntry::new(index, Codec::Raw, PAGE_LEN, hash));
         b.counts.raw += 1;
     }
 
@@ -490,7 +490,7 @@ impl<'a, S: BatchSink> BatchEncoder<'a, S> {
     fn push_in_place(&mut self, index: u64, src: *const u8, hash: u64) {
         let b = &mut self.batch;
         b.push_guest(src as usize);
-        b.entries.push(PageEntry { page: index, codec: Codec::Raw, len: PAGE_SIZE as u32, hash, live: true });
+        b.entries.push(PageEntry { page: index, codec: Codec::Raw, len: PAGE_LEN, hash, live: true });
         b.counts.raw += 1;
     }
 
@@ -525,7 +525,7 @@ impl<'a, S: BatchSink> BatchEncoder<'a, S> {
                 }
                 b.payload.extend_from_slice(&self.lz[..n]);
                 b.push_owned(n);
-                b.entries.push(PageEntry::new(index, Codec::Lz4, n as u32, hash));
+                b.entries.push(PageEntry::new(index, Codec::Lz4, crate::num::u32_len(n), hash));
                 b.counts.lz4 += 1;
                 true
             }
@@ -549,7 +549,7 @@ impl<'a, S: BatchSink> BatchEncoder<'a, S> {
         let n = z.compress_to_buffer(&self.zin, &mut b.payload[start..]).map_err(EncodeError::Zstd)?;
         b.payload.truncate(start + n);
         b.push_owned(n);
-        b.zstd_len = n as u32;
+        b.zstd_len = crate::num::u32_len(n);
         self.c_nanos += self.policy.stopwatch().saturating_sub(t);
         self.c_in += self.zin.len() as u64;
         self.c_out += n as u64;
@@ -589,7 +589,7 @@ mod tests {
     fn page_hash_is_xxh3_64() {
         assert_eq!(page_hash(&[]), 0x2d06_8005_38d3_94c2);
         assert_eq!(zero_page_hash(), 0x93d7_6fe1_48c6_89ba);
-        let pattern: Vec<u8> = (0..PAGE_SIZE as u32).map(|i| (i * 31 % 251) as u8).collect();
+        let pattern: Vec<u8> = (0..PAGE_LEN).map(|i| (i * 31 % 251).to_le_bytes()[0]).collect();
         assert_eq!(page_hash(&pattern), 0xf250_6e94_c3d1_2d24);
     }
 
@@ -615,7 +615,7 @@ mod tests {
                 x ^= x << 13;
                 x ^= x >> 7;
                 x ^= x << 17;
-                x as u8
+                x.to_le_bytes()[0]
             })
             .collect();
         assert!(!looks_compressible(&random));

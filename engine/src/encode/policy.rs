@@ -249,7 +249,8 @@ impl SendPolicy {
             // Spans under 50 ms are too short to measure: the last figure stands.
             Some((at, before)) if now.saturating_duration_since(at) >= Duration::from_millis(50) => {
                 let span = now.saturating_duration_since(at).as_nanos() as f64;
-                self.compressing_milli.store(((total - before) as f64 / span * 1000.0) as u64, Ordering::Relaxed);
+                self.compressing_milli
+                    .store(crate::num::u64_saturating((total - before) as f64 / span * 1000.0), Ordering::Relaxed);
                 *seen = Some((now, total));
             }
             Some(_) => {}
@@ -257,7 +258,7 @@ impl SendPolicy {
         }
         let compressing = self.compressing_milli.load(Ordering::Relaxed) as f64 / 1000.0;
         let free = spare_cpus.max(0.0) + compressing;
-        self.spare_milli_cpus.store((free * 1000.0) as u64, Ordering::Relaxed);
+        self.spare_milli_cpus.store(crate::num::u64_saturating(free * 1000.0), Ordering::Relaxed);
     }
 
     /// The codec for the next batch of about `batch_bytes` raw bytes, and the `n`th batch of its worker (for probes).

@@ -72,7 +72,7 @@ impl Drop for MmapRegion {
 pub fn prefault_host(ptr: *mut u8, pages: u64) {
     // SAFETY: the advice only populates page tables of an existing mapping; it reads and writes no data, and a range
     // that is not mapped makes it fail with an error that is ignored.
-    unsafe { libc::madvise(ptr.cast(), pages as usize * PAGE_SIZE, libc::MADV_POPULATE_WRITE) };
+    unsafe { libc::madvise(ptr.cast(), crate::num::usize_from(pages) * PAGE_SIZE, libc::MADV_POPULATE_WRITE) };
 }
 
 /// Pages of a private anonymous mapping that the kernel has populated (present in RAM or in swap).

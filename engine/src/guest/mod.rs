@@ -18,6 +18,9 @@ use std::ptr::NonNull;
 
 /// The page size the engine moves. Guests with larger pages present them as runs of 4 KiB pages.
 pub const PAGE_SIZE: usize = 4096;
+/// [`PAGE_SIZE`] as the wire's 32-bit length fields carry it.
+pub const PAGE_LEN: u32 = 4096;
+const _: () = assert!(PAGE_LEN as usize == PAGE_SIZE);
 
 /// Errors from guest adapters.
 #[derive(Debug, thiserror::Error)]
@@ -175,7 +178,7 @@ pub fn host_pages(mem: &dyn GuestMemory, first: u64, count: u64) -> Result<(*mut
     for r in mem.regions() {
         let pages = r.pages();
         if first < base + pages {
-            let off = (first - base) as usize * PAGE_SIZE;
+            let off = crate::num::usize_from(first - base) * PAGE_SIZE;
             // SAFETY: off < r.len, inside the mapping HostRegion::new vouched for.
             let ptr = unsafe { r.as_ptr().add(off) };
             return Ok((ptr, count.min(base + pages - first)));

@@ -179,9 +179,10 @@ impl SyntheticGuest {
         // 4 KiB pages on the source, so that the untouched pages really stay unpopulated.
         let mem = Arc::new(Memory::new(&layout, false)?);
         let pages = mem.total_pages();
-        let touched = ((pages as f64 * cfg.touched_pct.clamp(0.0, 100.0) / 100.0) as u64).min(pages);
+        let touched = crate::num::u64_saturating(pages as f64 * cfg.touched_pct.clamp(0.0, 100.0) / 100.0).min(pages);
         populate(&mem.maps[0], touched, cfg.seed);
-        let hot_pages = ((pages as f64 * cfg.hot_set_pct.clamp(0.0, 100.0) / 100.0) as u64).clamp(1, pages);
+        let hot_pages =
+            crate::num::u64_saturating(pages as f64 * cfg.hot_set_pct.clamp(0.0, 100.0) / 100.0).clamp(1, pages);
         let vcpus = SyntheticVcpus::start(mem.clone(), cfg.vcpus.max(1), cfg.dirty_rate, hot_pages, cfg.seed, false)?;
         Ok(SyntheticGuest { mem, vcpus })
     }
@@ -279,7 +280,10 @@ pub unsafe fn fill_mix(region: &HostRegion, pages: std::ops::Range<u64>, seed: u
                     // SAFETY: pages start..end of the region (clamped to it above), disjoint between workers, and by
                     // this function's contract nobody else reads or writes them meanwhile.
                     let slice = unsafe {
-                        std::slice::from_raw_parts_mut((base + page as usize * PAGE_SIZE) as *mut u8, PAGE_SIZE)
+                        std::slice::from_raw_parts_mut(
+                            (base + crate::num::usize_from(page) * PAGE_SIZE) as *mut u8,
+                            PAGE_SIZE,
+                        )
                     };
                     let mut rng = Rng(seed ^ page.wrapping_mul(0x2545_f491_4f6c_dd1d));
                     fill_page(PageKind::of(page), slice, &mut rng);
@@ -380,7 +384,7 @@ impl SyntheticVcpus {
 
 impl Vcpus for SyntheticVcpus {
     fn set_throttle(&self, pct: f64) {
-        let milli = (pct.clamp(0.0, 99.0) * 1000.0) as u32;
+        let milli = crate::num::u32_saturating(pct.clamp(0.0, 99.0) * 1000.0);
         self.control.throttle_milli.store(milli, Ordering::Relaxed);
     }
 
@@ -415,7 +419,7 @@ impl Vcpus for SyntheticVcpus {
         let mut out = Vec::with_capacity(28 + ctl.states.len() * 16);
         out.extend_from_slice(STATE_MAGIC);
         out.extend_from_slice(&STATE_VERSION.to_le_bytes());
-        out.extend_from_slice(&(ctl.states.len() as u32).to_le_bytes());
+        out.extend_from_slice(&crate::num::u32_len(ctl.states.len()).to_le_bytes());
         out.extend_from_slice(&ctl.rate.to_le_bytes());
         out.extend_from_slice(&ctl.hot_pages.to_le_bytes());
         for &(rng, written) in &ctl.states {
@@ -537,7 +541,7 @@ fn vcpu_loop(id: usize, mem: &Memory, control: &Control) {
                 break;
             }
             // Pages due by now in this slice; the first is due at its start.
-            let due = (rate as f64 * elapsed.as_secs_f64()) as u64 + 1;
+            let due = crate::num::u64_saturating(rate as f64 * elapsed.as_secs_f64()) + 1;
             if due <= done_in_slice {
                 std::thread::sleep(Duration::from_micros(200).min(run_for - elapsed));
                 continue;
@@ -575,6 +579,6 @@ impl super::Guest for SyntheticGuest {
         "synthetic"
     }
     fn vcpu_count(&self) -> u32 {
-        self.vcpus.count() as u32
+        crate::num::u32_len(self.vcpus.count())
     }
 }

@@ -261,7 +261,7 @@ impl Drop for Claims<'_, '_> {
                 // writes it; the destination's vCPUs are paused until the migration commits.
                 let now = page_hash(unsafe { std::slice::from_raw_parts(addr as *const u8, PAGE_SIZE) });
                 self.rx.hashes.set(c.page, now);
-                self.rx.epochs[c.page as usize].store(c.held, Ordering::Relaxed);
+                self.rx.epochs[crate::num::usize_from(c.page)].store(c.held, Ordering::Relaxed);
             }
         }
     }
@@ -529,7 +529,7 @@ impl<'a> Receiver<'a> {
             // check_entry bounded the index, so only a layout that lies fails here.
             let (ptr, _) = host_pages(self.mem, e.page, 1)
                 .map_err(|_| ApplyError::PageOutOfRange { page: e.page, pages: self.pages })?;
-            let slot = &self.epochs[e.page as usize];
+            let slot = &self.epochs[crate::num::usize_from(e.page)];
             self.hold(&mut lock, e.page);
             let held = slot.load(Ordering::Relaxed);
             let place = match owner_of(held) {
@@ -568,7 +568,7 @@ impl<'a> Receiver<'a> {
                 }
                 self.hold(&mut lock, e.page);
                 st.torn += u64::from(computed != e.hash);
-                self.epochs[e.page as usize].store(stamp, Ordering::Relaxed);
+                self.epochs[crate::num::usize_from(e.page)].store(stamp, Ordering::Relaxed);
                 self.hashes.set(e.page, computed);
                 st.counts.raw += 1;
             } else {
@@ -601,7 +601,7 @@ impl<'a> Receiver<'a> {
         st: &mut ApplyState,
     ) -> Result<Applied, ApplyError> {
         let stamp = stamp_of(epoch);
-        let slot = &self.epochs[e.page as usize];
+        let slot = &self.epochs[crate::num::usize_from(e.page)];
         let held = slot.load(Ordering::Relaxed);
         if let Some(owner) = owner_of(held) {
             return Err(ApplyError::Busy { page: e.page, owner });

@@ -6,7 +6,7 @@ fn dest(pages: u64) -> SyntheticGuest {
 }
 
 fn raw(page: u64, content: &[u8]) -> PageEntry {
-    PageEntry::new(page, Codec::Raw, PAGE_SIZE as u32, page_hash(content))
+    PageEntry::new(page, Codec::Raw, crate::guest::PAGE_LEN, page_hash(content))
 }
 
 fn zero(page: u64) -> PageEntry {
@@ -47,7 +47,7 @@ fn bad_entries_get_their_own_errors() {
     assert!(matches!(r.apply(0, &garbage, &[0xff; 16], &mut st), Err(ApplyError::Decompress { .. })));
     // A valid lz4 block of the wrong size.
     let small = lz4_flex::block::compress(&[1u8; 100]);
-    let e = PageEntry::new(0, Codec::Lz4, small.len() as u32, 0);
+    let e = PageEntry::new(0, Codec::Lz4, crate::num::u32_len(small.len()), 0);
     assert!(matches!(r.apply(0, &e, &small, &mut st), Err(ApplyError::Decompress { .. })));
 }
 
@@ -141,7 +141,7 @@ fn a_frame_read_in_place_lands_in_guest_memory_and_stale_copies_are_dropped() {
     let z = zstd::bulk::compress(&a, 3).unwrap();
     let entries = [
         raw(0, &a),
-        PageEntry::new(1, Codec::Lz4, lz.len() as u32, page_hash(&c)),
+        PageEntry::new(1, Codec::Lz4, crate::num::u32_len(lz.len()), page_hash(&c)),
         zero(2),
         raw(3, &b),
         PageEntry::new(2, Codec::Zstd, 0, page_hash(&a)),
@@ -235,7 +235,8 @@ fn a_frame_stopped_by_a_busy_page_resumes_where_it_stopped() {
         }
         // An in-place frame: a raw page 3, then page 0 (zero) and page 1 (lz4) from its buffers. The raw page lands
         // and page 0 applies; page 1 is busy.
-        let entries = [raw(3, &b), zero(0), PageEntry::new(1, Codec::Lz4, lz.len() as u32, page_hash(&b))];
+        let entries =
+            [raw(3, &b), zero(0), PageEntry::new(1, Codec::Lz4, crate::num::u32_len(lz.len()), page_hash(&b))];
         let mut st = ApplyState::default();
         let payload = [b.clone(), lz.clone()].concat();
         let res = r.apply_frame_in_place(1, &entries, 0, 0, &mut st, from(payload));

@@ -5,6 +5,7 @@ use super::admit::{refuse, transient_accept_error, Ticket, ACCEPT_RETRY};
 use super::{Msg, ReceiveError, Shared, HELLO_TIMEOUT, MID_FRAME_TIMEOUT, WRITE_TIMEOUT};
 use crate::wire::{self, Deadline, Header, Kind, WireError, HEADER_LEN};
 use livemig_engine::encode::PageEntry;
+use livemig_engine::num::u32_len;
 use livemig_engine::receive::{ApplyError, ApplyState, InPlaceError};
 use std::net::{Shutdown, SocketAddr, TcpListener, TcpStream};
 use std::sync::atomic::Ordering;
@@ -172,7 +173,7 @@ fn serve_frames(
             Err(None) => return Ok(()),
             Err(Some(e)) => return Err(e),
         }
-        let ack = wire::Ack { bytes: len, pages: frame.entries.len() as u32 };
+        let ack = wire::Ack { bytes: len, pages: u32_len(frame.entries.len()) };
         if wire::write_frame(&mut &*stream, Kind::Ack, h.epoch, h.seq, &[&ack.encode()]).is_err() {
             return Ok(());
         }

@@ -127,7 +127,7 @@ impl DataLink {
 
     /// The driver's measurement of the link's goodput.
     pub fn set_rate(&self, bps: f64) {
-        self.rate_bps.store(bps as u64, Ordering::Relaxed);
+        self.rate_bps.store(livemig_engine::num::u64_saturating(bps), Ordering::Relaxed);
     }
 
     /// The link's name, for reports: `IFACE LOCAL>REMOTE`.

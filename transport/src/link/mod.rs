@@ -71,6 +71,11 @@ impl LinkSpec {
     }
 }
 
+/// The size of `T` as a socket call's length argument.
+pub(crate) fn socklen_of<T>() -> libc::socklen_t {
+    libc::socklen_t::try_from(std::mem::size_of::<T>()).expect("a socket option or address is far below 4 GiB")
+}
+
 /// The kernel's smoothed round-trip time of a TCP connection (`TCP_INFO`), if it has measured one.
 ///
 /// A round trip timed by the application includes whatever the peer did before answering (accepting the
@@ -79,7 +84,7 @@ pub fn tcp_rtt(stream: &TcpStream) -> Option<Duration> {
     use std::os::fd::AsRawFd;
     // SAFETY: tcp_info is plain data, so all zeros is a valid value.
     let mut info: libc::tcp_info = unsafe { std::mem::zeroed() };
-    let mut len = std::mem::size_of::<libc::tcp_info>() as libc::socklen_t;
+    let mut len = socklen_of::<libc::tcp_info>();
     // SAFETY: getsockopt writes at most `len` bytes into `info`, which is that large and lives across the call.
     let rc = unsafe {
         libc::getsockopt(

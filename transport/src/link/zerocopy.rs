@@ -71,7 +71,7 @@ impl ZeroCopy {
                 libc::SOL_SOCKET,
                 SO_ZEROCOPY,
                 (&one as *const libc::c_int).cast(),
-                std::mem::size_of::<libc::c_int>() as libc::socklen_t,
+                super::socklen_of::<libc::c_int>(),
             )
         };
         if rc != 0 {

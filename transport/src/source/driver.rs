@@ -453,7 +453,7 @@ impl Driver<'_> {
         self.policy.observe(pages, at, crate::cpu_usage::process_cpu_seconds());
         let rate = self.machine.bandwidth().unwrap_or(0.0);
         let spare = self.cpu.spare_cpus(Duration::from_millis(100));
-        self.policy.set_link(rate as u64, spare, at);
+        self.policy.set_link(livemig_engine::num::u64_saturating(rate), spare, at);
         rate
     }
 

@@ -96,7 +96,7 @@ pub(super) fn connect_links(
     let mut last_error = String::new();
     for (i, spec) in specs.iter().enumerate() {
         let opened = spec.connect(CONNECT_TIMEOUT).and_then(|stream| {
-            let hello = wire::LinkHello { session: opts.session, link: i as u32 };
+            let hello = wire::LinkHello { session: opts.session, link: livemig_engine::num::u32_len(i) };
             wire::write_control(&stream, Kind::LinkHello, &hello.encode())?;
             Ok(stream)
         });

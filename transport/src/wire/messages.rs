@@ -6,6 +6,7 @@ use super::{write_frame, Body, Kind, WireError, MAX_REASON, MAX_VCPUS};
 use livemig_engine::cpu::CpuDescription;
 use livemig_engine::dirty::Bitmap;
 use livemig_engine::guest::MemoryLayout;
+use livemig_engine::num::u32_len;
 use livemig_engine::preflight::DestDescription;
 use std::io::Write;
 
@@ -51,16 +52,16 @@ impl Hello {
     pub fn encode(&self) -> Vec<u8> {
         let mut b = Vec::new();
         b.extend_from_slice(&self.session.to_le_bytes());
-        b.extend_from_slice(&(livemig_engine::guest::PAGE_SIZE as u32).to_le_bytes());
+        b.extend_from_slice(&livemig_engine::guest::PAGE_LEN.to_le_bytes());
         b.extend_from_slice(&self.vcpus.to_le_bytes());
         b.push(u8::try_from(self.guest_kind.len()).expect("guest kind name over 255 bytes"));
         b.extend_from_slice(self.guest_kind.as_bytes());
-        b.extend_from_slice(&(self.layout.regions.len() as u32).to_le_bytes());
+        b.extend_from_slice(&u32_len(self.layout.regions.len()).to_le_bytes());
         for &(gpa, len) in &self.layout.regions {
             b.extend_from_slice(&gpa.to_le_bytes());
             b.extend_from_slice(&len.to_le_bytes());
         }
-        b.extend_from_slice(&(self.chunks.words().len() as u32).to_le_bytes());
+        b.extend_from_slice(&u32_len(self.chunks.words().len()).to_le_bytes());
         for w in self.chunks.words() {
             b.extend_from_slice(&w.to_le_bytes());
         }
@@ -128,7 +129,7 @@ impl Hello {
 fn encode_cpu(b: &mut Vec<u8>, cpu: Option<&CpuDescription>) {
     let short = |b: &mut Vec<u8>, s: &str| {
         let s = &s.as_bytes()[..s.len().min(255)];
-        b.push(s.len() as u8);
+        b.push(u8::try_from(s.len()).unwrap_or(u8::MAX));
         b.extend_from_slice(s);
     };
     match cpu {
@@ -140,7 +141,7 @@ fn encode_cpu(b: &mut Vec<u8>, cpu: Option<&CpuDescription>) {
             for v in [c.family, c.model, c.stepping] {
                 b.extend_from_slice(&v.to_le_bytes());
             }
-            b.extend_from_slice(&(c.features.len().min(u16::MAX as usize) as u16).to_le_bytes());
+            b.extend_from_slice(&u16::try_from(c.features.len()).unwrap_or(u16::MAX).to_le_bytes());
             for f in c.features.iter().take(u16::MAX as usize) {
                 short(b, f);
             }
@@ -284,7 +285,7 @@ impl HelloAck {
         let json = serde_json::to_vec(&self.dest).expect("a description serializes");
         let mut b = Vec::with_capacity(12 + json.len());
         b.extend_from_slice(&self.session.to_le_bytes());
-        b.extend_from_slice(&(json.len() as u32).to_le_bytes());
+        b.extend_from_slice(&u32_len(json.len()).to_le_bytes());
         b.extend_from_slice(&json);
         b
     }

@@ -30,6 +30,7 @@
 //! Integers are little-endian. Lengths and counts read from the wire are bounded before use (invariant 5 of docs/architecture.md).
 
 use livemig_engine::encode::{Codec, EncodedBatch, PageEntry};
+use livemig_engine::num::u32_len;
 use std::hash::Hasher;
 use std::io::{IoSlice, Read, Write};
 use twox_hash::XxHash3_64;
@@ -50,6 +51,8 @@ pub const MAX_BODY: u32 = 4 << 20;
 pub const MAX_VCPUS: u32 = 4096;
 /// The longest Abort reason kept; a longer one is cut.
 pub const MAX_REASON: usize = 1024;
+const MAX_REASON_LEN: u32 = 1024;
+const _: () = assert!(MAX_REASON_LEN as usize == MAX_REASON);
 /// Bytes per page entry in a Pages frame: page index (40 bits), payload length (16 bits), codec and flags (4 bits
 /// each), page hash (64 bits). At 16 bytes, the entries of a 2 GiB guest's 393,216 touched pages take 6 MiB.
 pub const ENTRY_LEN: usize = 16;
@@ -99,7 +102,7 @@ impl Kind {
             Hello | Pages | VcpuState => MAX_BODY,
             // The session and the destination's description (JSON: its name, datastores, port groups, CPU).
             HelloAck => 256 << 10,
-            Abort => MAX_REASON as u32,
+            Abort => MAX_REASON_LEN,
             Ack | LinkHello => 12,
             Verify | Verified => 17,
             StateAck | Commit | Committed => 0,
@@ -444,12 +447,12 @@ impl<'a> Body<'a> {
 /// payload length, codec, flags, hash).
 pub fn encode_entries(batch: &EncodedBatch, out: &mut Vec<u8>) {
     out.clear();
-    out.extend_from_slice(&(batch.entries.len() as u32).to_le_bytes());
+    out.extend_from_slice(&u32_len(batch.entries.len()).to_le_bytes());
     out.extend_from_slice(&batch.zstd_len.to_le_bytes());
     for e in &batch.entries {
         assert!(e.page <= MAX_PAGE_INDEX && e.len <= u32::from(u16::MAX), "entry {e:?} does not fit the wire format");
         out.extend_from_slice(&e.page.to_le_bytes()[..5]);
-        out.extend_from_slice(&(e.len as u16).to_le_bytes());
+        out.extend_from_slice(&u16::try_from(e.len).unwrap_or(u16::MAX).to_le_bytes());
         out.push(e.codec as u8 | if e.live { ENTRY_LIVE << 4 } else { 0 });
         out.extend_from_slice(&e.hash.to_le_bytes());
     }
@@ -472,7 +475,7 @@ pub fn decode_pages<'a>(
 ) -> Result<PagesPayload<'a>, WireError> {
     let split = (h.checked_len as usize).min(body.len());
     let (table, payload) = body.split_at(split);
-    let header = Header { len: body.len() as u32, ..*h };
+    let header = Header { len: u32_len(body.len()), ..*h };
     let zstd_len = decode_table(&header, table, entries)? as usize;
     let (entries_part, zstd) = payload.split_at(payload.len() - zstd_len);
     Ok(PagesPayload { entries: entries_part, zstd })

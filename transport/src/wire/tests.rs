@@ -239,8 +239,8 @@ fn pages_header(body: &[u8], table_len: usize) -> Header {
         kind: Kind::Pages,
         epoch: 0,
         seq: 0,
-        len: body.len() as u32,
-        checked_len: table_len as u32,
+        len: u32_len(body.len()),
+        checked_len: u32_len(table_len),
         checksum: 0,
     }
 }
