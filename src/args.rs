@@ -1,8 +1,12 @@
 //! The command line's arguments, as clap parses them: the commands, and the guest and run options they share.
 
 use clap::{Args, Parser, Subcommand, ValueEnum};
+use livemig::engine::encode::SendPath;
+use livemig::engine::precopy::OnTimeout;
+use livemig::kvm::DirtyLogMethod;
 use livemig::report::parse_size;
 use livemig::transport::link::LinkSpec;
+use livemig::transport::source::VerifyMode;
 use std::path::PathBuf;
 
 #[derive(Parser)]
@@ -225,14 +229,6 @@ pub(crate) enum GuestKind {
     Kvm,
 }
 
-#[derive(Clone, Copy, ValueEnum)]
-pub(crate) enum DirtyLogArg {
-    /// KVM_GET_DIRTY_LOG.
-    Get,
-    /// KVM_GET_DIRTY_LOG then KVM_CLEAR_DIRTY_LOG (manual protect).
-    Clear,
-}
-
 #[derive(Args)]
 pub(crate) struct GuestOpts {
     /// The guest to migrate.
@@ -263,27 +259,15 @@ pub(crate) struct GuestOpts {
     pub(crate) cpu_model: Option<PathBuf>,
     /// How a KVM guest's dirty log is harvested (clear: measured faster, docs/architecture.md).
     #[arg(long, value_enum, default_value = "clear")]
-    pub(crate) dirty_log: DirtyLogArg,
+    pub(crate) dirty_log: DirtyLogMethod,
 }
 
-#[derive(Clone, Copy, ValueEnum)]
-pub(crate) enum OnTimeoutArg {
-    Cancel,
-    Force,
-}
-
-#[derive(Clone, Copy, ValueEnum)]
-pub(crate) enum VerifyArg {
-    Tables,
-    Full,
-}
-
-#[derive(Clone, Copy, ValueEnum)]
-pub(crate) enum SendPathArg {
-    Copy,
-    Vectored,
-    Zerocopy,
-    Auto,
+/// `--send-path`: one of the library's paths, or `auto` (None: the explorer picks).
+fn parse_send_path(s: &str) -> Result<Option<SendPath>, String> {
+    if s.eq_ignore_ascii_case("auto") {
+        return Ok(None);
+    }
+    SendPath::from_str(s, true).map(Some).map_err(|_| format!("{s:?} is not one of copy, vectored, zerocopy, auto"))
 }
 
 #[derive(Args)]
@@ -300,13 +284,13 @@ pub(crate) struct RunOpts {
     /// When the target cannot be met by then: cancel (the source keeps the guest), or force the switchover if the
     /// predicted pause is within 2 s.
     #[arg(long, value_enum, default_value = "cancel")]
-    pub(crate) on_timeout: OnTimeoutArg,
+    pub(crate) on_timeout: OnTimeout,
     /// Never throttle the vCPUs.
     #[arg(long)]
     pub(crate) no_throttle: bool,
     /// How the switchover verifies destination memory.
     #[arg(long, value_enum, default_value = "tables")]
-    pub(crate) verify: VerifyArg,
+    pub(crate) verify: VerifyMode,
     /// Never compress.
     #[arg(long)]
     pub(crate) no_compress: bool,
@@ -317,8 +301,9 @@ pub(crate) struct RunOpts {
     /// MSG_ZEROCOPY, or auto: try each for 200 ms and keep the one that delivers fastest (the cheapest in CPU among
     /// near ties). The default is vectored: on every link `livemig bench` measured here it was fastest or tied, and
     /// auto's trials cost a migration that lasts a second a tenth of its time (docs/benchmarks.md).
-    #[arg(long, value_enum, default_value = "vectored")]
-    pub(crate) send_path: SendPathArg,
+    // Spelled out so that clap parses the value into an Option (None for auto) instead of making the flag optional.
+    #[arg(long, value_parser = parse_send_path, default_value = "vectored")]
+    pub(crate) send_path: std::option::Option<SendPath>,
     /// Fault injection (demo only): the destination drops its connection after this many MiB, as if killed.
     #[arg(long, hide = true)]
     pub(crate) x_kill_destination_after_mib: Option<u64>,

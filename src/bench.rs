@@ -13,8 +13,8 @@
 //! lucky or unlucky run from deciding the ratio. Every run's figures are in the row's `runs`.
 
 use crate::baseline::Transfer;
-use crate::engine::num::u64_saturating;
 use crate::lab::Lab;
+use crate::report::Report;
 use serde::Serialize;
 use std::io::BufRead;
 use std::path::{Path, PathBuf};
@@ -262,7 +262,8 @@ impl Hosts {
     }
 }
 
-fn read_json(path: &Path) -> Result<serde_json::Value, BenchError> {
+/// Reads a migration's JSON report.
+pub fn read_report(path: &Path) -> Result<Report, BenchError> {
     let bad = |why: String| BenchError::Report { path: path.to_path_buf(), why };
     let text = std::fs::read_to_string(path).map_err(|e| bad(e.to_string()))?;
     serde_json::from_str(&text).map_err(|e| bad(e.to_string()))
@@ -343,36 +344,30 @@ fn migrate_once(cfg: &BenchConfig, scenario: Scenario, links: usize, path: &str,
     let sent = send.stderr(Stdio::null()).stdout(Stdio::null()).status();
     let (_, received_ok) = receiver.finish(Duration::from_secs(10))?;
     let sent = sent.map_err(|e| BenchError::Process(format!("running send: {e}")))?;
-    let src = read_json(&src_report)?;
-    let dst = if received_ok { read_json(&dst_report).ok() } else { None };
-    let num = |v: &serde_json::Value, k: &str| v.get(k).and_then(serde_json::Value::as_f64).unwrap_or(0.0);
-    let bytes = u64_saturating(num(&src, "bytes_on_wire"));
-    let total = num(&src, "total_time_s");
+    let src = read_report(&src_report)?;
+    let dst = if received_ok { read_report(&dst_report).ok() } else { None };
+    let bytes = src.bytes_on_wire;
     let gb = bytes as f64 / 1e9;
-    let pages = src.get("pages").cloned().unwrap_or_default();
-    let zc = src.get("links").and_then(|l| l.as_array()).map_or((0, 0), |ls| {
-        ls.iter().fold((0, 0), |(s, c), l| {
-            (s + u64_saturating(num(l, "zerocopy_sends")), c + u64_saturating(num(l, "zerocopy_copied")))
-        })
-    });
+    let zc = src.links.iter().fold((0, 0), |(s, c), l| (s + l.zerocopy_sends, c + l.zerocopy_copied));
     let moving: f64 =
-        src.get("rounds").and_then(|r| r.as_array()).map_or(total, |rs| rs.iter().map(|r| num(r, "duration_s")).sum());
+        if src.rounds.is_empty() { src.total_time_s } else { src.rounds.iter().map(|r| r.duration_s).sum() };
+    let p = src.pages;
     Ok(Row {
         scenario,
         links,
         send_path: path.to_string(),
-        used_path: src.get("send_path").and_then(|v| v.as_str()).unwrap_or("-").to_string(),
-        verified: sent.success() && src.get("verified").and_then(|v| v.as_bool()).unwrap_or(false),
-        total_time_s: total,
-        downtime_ms: src.get("downtime_ms").and_then(|v| v.as_f64()),
+        used_path: src.send_path.clone(),
+        verified: sent.success() && src.verified,
+        total_time_s: src.total_time_s,
+        downtime_ms: src.downtime_ms,
         bytes_on_wire: bytes,
         wire_bps: bytes as f64 * 8.0 / moving.max(1e-9),
-        source_cpu_s_per_gb: num(&src, "cpu_seconds") / gb.max(1e-9),
-        dest_cpu_s_per_gb: dst.as_ref().map_or(f64::NAN, |d| num(d, "cpu_seconds") / gb.max(1e-9)),
+        source_cpu_s_per_gb: src.cpu_seconds / gb.max(1e-9),
+        dest_cpu_s_per_gb: dst.as_ref().map_or(f64::NAN, |d| d.cpu_seconds / gb.max(1e-9)),
         baseline_bps: f64::NAN,
         baseline_cpu_s_per_gb: (f64::NAN, f64::NAN),
         ratio: f64::NAN,
-        codecs: ["zero", "lz4", "zstd", "raw"].map(|k| u64_saturating(num(&pages, k))),
+        codecs: [p.zero, p.lz4, p.zstd, p.raw],
         zerocopy: zc,
         source_report: src_report,
         runs: Vec::new(),

@@ -20,12 +20,19 @@ pub use livemig_engine as engine;
 pub use livemig_kvm as kvm;
 pub use livemig_transport as transport;
 
+// The CLI's tools, behind the default `cli` feature: an embedder that turns it off gets the libraries without
+// clap, plotters, toml or indicatif.
+#[cfg(feature = "cli")]
 pub mod baseline;
+#[cfg(feature = "cli")]
 pub mod bench;
 pub mod fuzz;
 pub mod guests;
+#[cfg(feature = "cli")]
 pub mod lab;
 pub mod loopback;
+#[cfg(feature = "cli")]
 pub mod manifest;
+#[cfg(feature = "cli")]
 pub mod plot;
 pub mod report;

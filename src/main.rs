@@ -9,9 +9,8 @@ use indicatif::{ProgressBar, ProgressStyle};
 use livemig::baseline;
 use livemig::bench::{self, BenchConfig, Hosts, Scenario};
 use livemig::engine::cpu::{self, CpuDescription};
-use livemig::engine::encode::SendPath;
 use livemig::engine::guest::{Guest, GuestMemory, MemoryLayout, SyntheticConfig, SyntheticGuest};
-use livemig::engine::precopy::{OnTimeout, PrecopyConfig};
+use livemig::engine::precopy::PrecopyConfig;
 use livemig::engine::preflight::{self, DestDescription, PortGroup};
 use livemig::guests::AnyGuest;
 use livemig::kvm::{DirtyLogMethod, KvmConfig, KvmGuest};
@@ -22,7 +21,7 @@ use livemig::report::{parse_size, GuestInfo, Pages, Report, Status, VcpuState};
 use livemig::transport::announce::{announce, Schedule};
 use livemig::transport::dest::{accept_migration, receive, DestOptions, DestReport};
 use livemig::transport::link::LinkSpec;
-use livemig::transport::source::{migrate, Progress, SourceOptions, SourceReport, VerifyMode};
+use livemig::transport::source::{migrate, Progress, SourceOptions, SourceReport};
 use livemig::transport::wire::Hello;
 use std::io::IsTerminal;
 use std::net::{TcpListener, TcpStream};
@@ -99,10 +98,7 @@ fn make_guest(g: &GuestOpts) -> Result<AnyGuest> {
             if g.vcpus != 1 {
                 return Err(usage("the KVM test guest runs one vCPU (--vcpus 1)"));
             }
-            let dirty_log = match g.dirty_log {
-                DirtyLogArg::Get => DirtyLogMethod::GetLog,
-                DirtyLogArg::Clear => DirtyLogMethod::ManualClear,
-            };
+            let dirty_log = g.dirty_log;
             AnyGuest::Kvm(
                 KvmGuest::new(&KvmConfig {
                     memory_bytes: memory,
@@ -133,8 +129,8 @@ fn make_guest(g: &GuestOpts) -> Result<AnyGuest> {
             g.dirty_rate,
             g.hot_set,
             match g.dirty_log {
-                DirtyLogArg::Get => "KVM_GET_DIRTY_LOG",
-                DirtyLogArg::Clear => "KVM_CLEAR_DIRTY_LOG",
+                DirtyLogMethod::GetLog => "KVM_GET_DIRTY_LOG",
+                DirtyLogMethod::ManualClear => "KVM_CLEAR_DIRTY_LOG",
             }
         ),
     }
@@ -159,25 +155,14 @@ fn source_options(run: &RunOpts, g: &GuestOpts) -> Result<SourceOptions> {
             downtime_target: Duration::from_millis(run.downtime_target),
             max_rounds: run.max_rounds.max(1),
             max_time: run.max_time.map(Duration::from_secs_f64),
-            on_timeout: match run.on_timeout {
-                OnTimeoutArg::Cancel => OnTimeout::Cancel,
-                OnTimeoutArg::Force => OnTimeout::Force,
-            },
+            on_timeout: run.on_timeout,
             throttle: !run.no_throttle,
             ..Default::default()
         },
-        verify: match run.verify {
-            VerifyArg::Tables => VerifyMode::Tables,
-            VerifyArg::Full => VerifyMode::Full,
-        },
+        verify: run.verify,
         compress: !run.no_compress,
         workers: run.workers.unwrap_or_else(|| SourceOptions::default().workers).max(1),
-        send_path: match run.send_path {
-            SendPathArg::Copy => Some(SendPath::Copy),
-            SendPathArg::Vectored => Some(SendPath::Vectored),
-            SendPathArg::Zerocopy => Some(SendPath::ZeroCopy),
-            SendPathArg::Auto => None,
-        },
+        send_path: run.send_path,
         ..Default::default()
     })
 }
@@ -219,7 +204,7 @@ fn finish(report: &Report, run_report: &Option<PathBuf>, json: bool, plot: Optio
         std::fs::write(path, &text).with_context(|| format!("writing {}", path.display()))?;
     }
     if let Some(path) = plot {
-        livemig::plot::draw(&livemig::plot::PlotData::from_report(&serde_json::to_value(report)?), path)?;
+        livemig::plot::draw(&livemig::plot::PlotData::from_report(report), path)?;
         eprintln!("plot: {}", path.display());
     }
     if json {
@@ -327,7 +312,7 @@ fn destination_report(guest: &AnyGuest, r: &DestReport, start: Instant, cpu_seco
         outcome_unknown: r.committed_error.is_some(),
         // receive() only returns after a Commit, and refuses a Commit that did not follow equal digests.
         verified: true,
-        verify_mode: if r.full_verify { "full" } else { "tables" },
+        verify_mode: if r.full_verify { "full" } else { "tables" }.to_string(),
         guest: guest_info(guest),
         total_time_s: r.resumed_at.duration_since(start).as_secs_f64(),
         downtime_ms: None,
@@ -339,7 +324,7 @@ fn destination_report(guest: &AnyGuest, r: &DestReport, start: Instant, cpu_seco
         links: Vec::new(),
         max_throttle_pct: 0.0,
         source_vcpus_after: None,
-        send_path: "-",
+        send_path: "-".to_string(),
         cpu_seconds,
         timeline: Vec::new(),
     }
@@ -554,7 +539,7 @@ fn bench_cmd(a: &BenchArgs) -> Result<()> {
                 r.links,
                 r.send_path
             ));
-            let report: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(&r.source_report)?)?;
+            let report = bench::read_report(&r.source_report)?;
             livemig::plot::draw(&livemig::plot::PlotData::from_report(&report), &file)?;
             println!("plot: {}", file.display());
         }

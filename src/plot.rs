@@ -1,10 +1,10 @@
 //! `--plot FILE.svg`: one migration drawn from its report: wire throughput per link over time (one line per link),
 //! and the pages sent and the vCPU throttle per round.
 //!
-//! The data comes from the JSON report ([`PlotData::from_report`]), so `demo`, `send`, `lab run` and `bench` draw the
+//! The data comes from the report ([`PlotData::from_report`], read back from its JSON where another process wrote it), so `demo`, `send`, `lab run` and `bench` draw the
 //! same picture from the same file format. SVG only (plotters' SVG backend): no font files, no bitmap libraries.
 
-use crate::engine::num::{u32_saturating, u64_saturating};
+use crate::report::Report;
 use plotters::prelude::*;
 use std::path::Path;
 
@@ -28,21 +28,11 @@ pub struct PlotError {
 }
 
 impl PlotData {
-    /// Reads the plot's data from a report (the JSON of docs/interfaces.md).
-    pub fn from_report(r: &serde_json::Value) -> PlotData {
-        let links: Vec<String> = r
-            .get("links")
-            .and_then(|l| l.as_array())
-            .map(|ls| ls.iter().map(|l| l.get("name").and_then(|n| n.as_str()).unwrap_or("?").to_string()).collect())
-            .unwrap_or_default();
-        let mut samples: Vec<(f64, Vec<f64>)> = Vec::new();
-        for s in r.get("timeline").and_then(|t| t.as_array()).into_iter().flatten() {
-            let t = s.get(0).and_then(|t| t.as_f64()).unwrap_or(0.0);
-            let b = s.get(1).and_then(|b| b.as_array()).map(|b| b.iter().filter_map(|x| x.as_f64()).collect());
-            samples.push((t, b.unwrap_or_default()));
-        }
+    /// Reads the plot's data from a report.
+    pub fn from_report(r: &Report) -> PlotData {
+        let links: Vec<String> = r.links.iter().map(|l| l.name.clone()).collect();
         let mut throughput = vec![Vec::new(); links.len()];
-        for w in samples.windows(2) {
+        for w in r.timeline.windows(2) {
             let ((t0, b0), (t1, b1)) = (&w[0], &w[1]);
             let dt = t1 - t0;
             // The closing sample can follow the last by a few milliseconds: too short a span to be a rate.
@@ -50,22 +40,11 @@ impl PlotData {
                 continue;
             }
             for (k, series) in throughput.iter_mut().enumerate() {
-                let d = b1.get(k).unwrap_or(&0.0) - b0.get(k).unwrap_or(&0.0);
-                series.push((*t1, d * 8.0 / dt / 1e9));
+                let d = b1.get(k).copied().unwrap_or(0).saturating_sub(b0.get(k).copied().unwrap_or(0));
+                series.push((*t1, d as f64 * 8.0 / dt / 1e9));
             }
         }
-        let rounds = r
-            .get("rounds")
-            .and_then(|r| r.as_array())
-            .map(|rs| {
-                rs.iter()
-                    .map(|x| {
-                        let f = |k: &str| x.get(k).and_then(|v| v.as_f64()).unwrap_or(0.0);
-                        (u32_saturating(f("index")), u64_saturating(f("dirty_pages")), f("throttle_pct"))
-                    })
-                    .collect()
-            })
-            .unwrap_or_default();
+        let rounds = r.rounds.iter().map(|x| (x.index, x.dirty_pages, x.throttle_pct)).collect();
         PlotData { links, throughput, rounds }
     }
 }

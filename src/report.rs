@@ -2,10 +2,10 @@
 
 use livemig_engine::encode::PageCounts;
 use livemig_transport::source::{MigrateError, SourceReport, VerifyMode};
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 
 /// The guest part of the report.
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct GuestInfo {
     /// "synthetic" or "kvm".
     pub kind: String,
@@ -18,7 +18,7 @@ pub struct GuestInfo {
 }
 
 /// Pages by kind.
-#[derive(Debug, Clone, Copy, Serialize)]
+#[derive(Debug, Clone, Copy, Serialize, Deserialize)]
 pub struct Pages {
     /// All pages sent, zero markers included.
     pub sent: u64,
@@ -41,7 +41,7 @@ impl From<PageCounts> for Pages {
 }
 
 /// One round.
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct Round {
     /// Round number.
     pub index: u32,
@@ -62,7 +62,7 @@ pub struct Round {
 }
 
 /// One link.
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct Link {
     /// Local > remote.
     pub name: String,
@@ -83,7 +83,7 @@ pub struct Link {
 }
 
 /// Where the pause went, in milliseconds (an addition).
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct Downtime {
     /// Final harvest and last dirty pages.
     pub last_pages_ms: f64,
@@ -98,7 +98,7 @@ pub struct Downtime {
 }
 
 /// How a migration ended, as the report names it.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
 pub enum Status {
     /// The destination runs the guest, verified.
@@ -120,7 +120,7 @@ impl std::fmt::Display for Status {
 }
 
 /// The report (docs/interfaces.md).
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct Report {
     /// How it ended.
     pub status: Status,
@@ -132,7 +132,7 @@ pub struct Report {
     /// Destination memory digest equals the source's at switchover.
     pub verified: bool,
     /// "tables" or "full" (an addition).
-    pub verify_mode: &'static str,
+    pub verify_mode: String,
     /// The guest.
     pub guest: GuestInfo,
     /// Seconds from migration start to the destination resumed.
@@ -158,7 +158,7 @@ pub struct Report {
     /// running and unthrottled after a failure or cancel.
     pub source_vcpus_after: Option<VcpuState>,
     /// The send path in use at the end: "copy", "vectored" or "zerocopy" (an addition).
-    pub send_path: &'static str,
+    pub send_path: String,
     /// CPU seconds (user and system) of the reporting process during the migration (an addition).
     pub cpu_seconds: f64,
     /// Per-link wire bytes over time: seconds since the start, cumulative bytes per link (an addition; `--plot`
@@ -167,7 +167,7 @@ pub struct Report {
 }
 
 /// vCPU state read back from a guest.
-#[derive(Debug, Clone, Copy, Serialize)]
+#[derive(Debug, Clone, Copy, Serialize, Deserialize)]
 pub struct VcpuState {
     /// Whether they are paused.
     pub paused: bool,
@@ -194,7 +194,8 @@ impl Report {
             verify_mode: match verify {
                 VerifyMode::Tables => "tables",
                 VerifyMode::Full => "full",
-            },
+            }
+            .to_string(),
             guest,
             total_time_s: r.total_time.as_secs_f64(),
             downtime_ms: r.downtime.map(ms),
@@ -238,7 +239,7 @@ impl Report {
                 .collect(),
             max_throttle_pct: r.max_throttle_pct,
             source_vcpus_after: None,
-            send_path: r.send_path.name(),
+            send_path: r.send_path.name().to_string(),
             cpu_seconds: r.cpu_seconds,
             timeline: r.timeline.clone(),
         }

@@ -69,12 +69,15 @@ impl From<KvmError> for GuestError {
 
 /// How the dirty log is harvested.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+#[cfg_attr(feature = "clap", derive(clap::ValueEnum))]
 pub enum DirtyLogMethod {
     /// `KVM_GET_DIRTY_LOG`: one ioctl returns the bitmap and write-protects every dirty page again.
     #[default]
+    #[cfg_attr(feature = "clap", value(name = "get"))]
     GetLog,
     /// `KVM_GET_DIRTY_LOG` without re-protection, then `KVM_CLEAR_DIRTY_LOG` for exactly the pages fetched
     /// (`KVM_CAP_MANUAL_DIRTY_LOG_PROTECT2`).
+    #[cfg_attr(feature = "clap", value(name = "clear"))]
     ManualClear,
 }
 

@@ -22,12 +22,14 @@ use std::time::{Duration, Instant};
 
 /// How raw pages get from guest memory to the socket.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+#[cfg_attr(feature = "clap", derive(clap::ValueEnum))]
 pub enum SendPath {
     /// Each raw page is copied into the batch buffer, and the buffer is written.
     Copy,
     /// Raw pages stay in guest memory; the frame is written with `sendmsg` iovecs that point at them.
     Vectored,
     /// As `Vectored`, with `MSG_ZEROCOPY`: the kernel sends from the guest's pages and reports completion later.
+    #[cfg_attr(feature = "clap", value(name = "zerocopy"))]
     ZeroCopy,
 }
 

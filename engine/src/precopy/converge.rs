@@ -10,11 +10,12 @@ pub const MAX_PAUSE: Duration = Duration::from_secs(2);
 
 /// What a timed-out pre-copy does when the target cannot be met (`--on-timeout`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+#[cfg_attr(feature = "clap", derive(clap::ValueEnum))]
 pub enum OnTimeout {
     /// Cancel cleanly: the source resumes and keeps the guest.
     #[default]
     Cancel,
-    /// Switch over anyway, but only if the predicted pause is within [`MAX_PAUSE`].
+    /// Switch over anyway, but only if the predicted pause is within the 2 s pause bound (`MAX_PAUSE`).
     Force,
 }
 

@@ -8,6 +8,7 @@ use std::time::Duration;
 
 /// How the switchover checks that the destination's memory equals the source's.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[cfg_attr(feature = "clap", derive(clap::ValueEnum))]
 pub enum VerifyMode {
     /// Compare roots over the per-page hash tables kept while sending and applying (adds well under 10 ms).
     Tables,
