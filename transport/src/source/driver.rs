@@ -403,30 +403,18 @@ impl Driver<'_> {
                         let rate = self.acked(link, bytes, pages, at);
                         if last_report.elapsed() > Duration::from_millis(50) {
                             last_report = Instant::now();
-                            let written = self.control_written.load(Ordering::Relaxed)
-                                + self.stripe.links.iter().map(|l| l.written()).sum::<u64>();
-                            let (round_pages, round_pages_done) = (total_pages, pages_done);
-                            let p = Progress {
-                                epoch,
-                                round_pages,
-                                round_pages_done,
-                                bytes_on_wire: written,
-                                rate_bps: rate,
-                            };
-                            (self.progress)(&p);
+                            self.report_progress(epoch, total_pages, pages_done, rate);
                         }
                     }
                     Some(Event::ScanDone { batches, counts: c, error }) => {
                         scan_done = Some(batches);
                         counts = c;
-                        if let Some(e) = error {
-                            if self.error.is_none() {
-                                self.fail(match e {
-                                    EncodeError::Guest(g) => MigrateError::Guest(g),
-                                    EncodeError::SinkClosed => MigrateError::AllLinksFailed("no link left".into()),
-                                    EncodeError::Zstd(e) => MigrateError::Machine(format!("zstd: {e}")),
-                                });
-                            }
+                        if let (Some(e), None) = (error, &self.error) {
+                            self.fail(match e {
+                                EncodeError::Guest(g) => MigrateError::Guest(g),
+                                EncodeError::SinkClosed => MigrateError::AllLinksFailed("no link left".into()),
+                                EncodeError::Zstd(e) => MigrateError::Machine(format!("zstd: {e}")),
+                            });
                         }
                     }
                     Some(e) => self.handle(e),
@@ -439,6 +427,13 @@ impl Driver<'_> {
             self.machine.round_delivered(Instant::now());
         }
         (counts, link_bytes)
+    }
+
+    /// Tells the embedder how far round `epoch` has got.
+    fn report_progress(&self, epoch: u32, round_pages: u64, round_pages_done: u64, rate_bps: f64) {
+        let bytes_on_wire =
+            self.control_written.load(Ordering::Relaxed) + self.stripe.links.iter().map(|l| l.written()).sum::<u64>();
+        (self.progress)(&Progress { epoch, round_pages, round_pages_done, bytes_on_wire, rate_bps });
     }
 
     /// An ack of `bytes` (`pages` guest pages) on `link` at `at`: the link's rate for the scheduler, the machine's
