@@ -4,26 +4,11 @@
 
 use criterion::{criterion_group, criterion_main, BenchmarkId, Criterion, Throughput};
 use livemig::engine::dirty::PageRun;
-use livemig::engine::encode::{
-    BatchCodec, BatchEncoder, BatchSink, EncodedBatch, HashTable, SendPath, SendPolicy, BATCH_PAGES,
-};
+use livemig::engine::encode::{BatchCodec, BatchEncoder, HashTable, SendPath, SendPolicy};
 use livemig::engine::guest::{GuestMemory, MemoryLayout, SyntheticConfig, SyntheticGuest};
 use livemig::engine::receive::{ApplyState, Receiver};
 use livemig::transport::wire;
 use std::sync::Mutex;
-
-/// Keeps every batch.
-struct Keep(Mutex<Vec<EncodedBatch>>);
-
-impl BatchSink for Keep {
-    fn submit(&self, batch: EncodedBatch) -> bool {
-        self.0.lock().unwrap().push(batch);
-        true
-    }
-    fn take_buffer(&self) -> EncodedBatch {
-        EncodedBatch::with_capacity(BATCH_PAGES)
-    }
-}
 
 /// 64 MiB of the page mix, all touched, encoded with `codec` (pages copied, so payloads are self-contained), as
 /// serialized Pages frames.
@@ -31,13 +16,12 @@ fn frames(guest: &SyntheticGuest, codec: BatchCodec) -> Vec<Vec<u8>> {
     let pages = guest.total_pages();
     let hashes = HashTable::new(pages);
     let policy = SendPolicy::pinned(codec, SendPath::Copy);
-    let sink = Keep(Mutex::new(Vec::new()));
+    let sink = Mutex::new(Vec::new());
     let mut enc = BatchEncoder::new(guest, &hashes, &policy, &sink, 0);
     enc.push_run(PageRun { first: 0, count: pages }).unwrap();
     enc.flush().unwrap();
     let mut table = Vec::new();
-    sink.0
-        .into_inner()
+    sink.into_inner()
         .unwrap()
         .iter()
         .enumerate()
