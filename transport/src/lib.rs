@@ -18,4 +18,5 @@ pub mod dest;
 pub mod link;
 pub mod source;
 pub mod stripe;
+pub mod tls;
 pub mod wire;
