@@ -6,20 +6,27 @@ use livemig::engine::guest::{SyntheticConfig, SyntheticGuest, Vcpus};
 use livemig::transport::dest::{accept_migration, receive, DestOptions};
 use livemig::transport::link::LinkSpec;
 use livemig::transport::source::{migrate, SourceOptions};
+use livemig::transport::tls::SecurityPair;
 use livemig::transport::wire::Hello;
 use std::net::{TcpListener, TcpStream};
 
 pub fn main() -> Result<(), Box<dyn std::error::Error>> {
+    // Mutual TLS. A hypervisor brings its own PKI: `SourceSecurity::Mtls { config, server_name }` and
+    // `DestSecurity::Mtls(config)` take rustls configurations, and `tls::Credentials::load` reads `tls init` files.
+    // Here both ends share throwaway credentials.
+    let security = SecurityPair::throwaway()?;
+    let dest_security = security.dest.clone();
+
     // Destination host: wait for a source, build an empty guest of its layout, apply, resume on commit.
     let listener = TcpListener::bind("127.0.0.1:0")?;
     let addr = listener.local_addr()?;
     let destination = std::thread::spawn(move || {
         let opts = DestOptions::default();
         let refused = |peer, e: &_| eprintln!("refused {peer}: {e}");
-        let (control, hello) = accept_migration(&listener, &opts, &refused)?;
+        let (control, hello) = accept_migration(&listener, &opts, &dest_security, &refused)?;
         // Data links arrive on the same listener here; a host with several NICs passes one listener per NIC.
         let make = |h: &Hello| SyntheticGuest::destination(&h.layout, h.vcpus);
-        let (guest, report) = receive(&[&listener], &control, hello, make, &opts, &refused)?;
+        let (guest, report) = receive(&[&listener], &control, hello, make, &opts, &dest_security, &refused)?;
         Ok::<_, Box<dyn std::error::Error + Send + Sync>>((guest, report))
     });
 
@@ -28,7 +35,8 @@ pub fn main() -> Result<(), Box<dyn std::error::Error>> {
     let guest = SyntheticGuest::new(&cfg)?;
     // One data link to the destination's address; a host with several NICs passes one LinkSpec per NIC.
     let links = [LinkSpec::to(addr)];
-    let report = migrate(&guest, TcpStream::connect(addr)?, &links, &SourceOptions::default(), &|_| {});
+    let report =
+        migrate(&guest, TcpStream::connect(addr)?, &links, &SourceOptions::default(), &security.source, &|_| {});
     report.result?;
 
     let (moved, dest_report) = destination.join().expect("destination thread").map_err(|e| e.to_string())?;

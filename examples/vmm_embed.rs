@@ -115,19 +115,23 @@ pub fn main() -> Result<(), Box<dyn std::error::Error>> {
     let source = VmMemoryGuest::new(mem.clone(), ToyVcpu::start(mem, false), "toy-vmm")?;
     std::thread::sleep(Duration::from_millis(100)); // let the vCPU write something first
 
+    let security = livemig::transport::tls::SecurityPair::throwaway()?;
+    let dest_security = security.dest.clone();
     let listener = TcpListener::bind("127.0.0.1:0")?;
     let addr = listener.local_addr()?;
     let destination = std::thread::spawn(move || {
         let opts = DestOptions::default();
-        let (control, hello) = accept_migration(&listener, &opts, &|_, _| {})?;
+        let (control, hello) = accept_migration(&listener, &opts, &dest_security, &|_, _| {})?;
         let make = |h: &livemig::transport::wire::Hello| {
             let mem = memory(&h.layout)?;
             VmMemoryGuest::new(mem.clone(), ToyVcpu::start(mem, true), "toy-vmm")
         };
-        let (guest, _) = receive(&[&listener], &control, hello, make, &opts, &|_, _| {})?;
+        let (guest, _) = receive(&[&listener], &control, hello, make, &opts, &dest_security, &|_, _| {})?;
         Ok::<_, Box<dyn std::error::Error + Send + Sync>>(guest)
     });
-    let report = migrate(&source, TcpStream::connect(addr)?, &[LinkSpec::to(addr)], &SourceOptions::default(), &|_| {});
+    let links = [LinkSpec::to(addr)];
+    let report =
+        migrate(&source, TcpStream::connect(addr)?, &links, &SourceOptions::default(), &security.source, &|_| {});
     report.result?;
     let dest = destination.join().expect("destination thread").map_err(|e| e.to_string())?;
 

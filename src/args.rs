@@ -23,6 +23,9 @@ pub(crate) enum Cmd {
         /// Data links over loopback.
         #[arg(long, default_value_t = 1)]
         links: usize,
+        /// Send in clear. By default both ends use mutual TLS with throwaway credentials made for the run.
+        #[arg(long)]
+        insecure: bool,
         #[command(flatten)]
         guest: GuestOpts,
         #[command(flatten)]
@@ -36,6 +39,11 @@ pub(crate) enum Cmd {
         /// A data link, `[IFACE=]LOCAL>REMOTE:PORT`; one per NIC. Without any, one link goes to the --to address.
         #[arg(long = "link")]
         links: Vec<LinkSpec>,
+        #[command(flatten)]
+        tls: TlsOpts,
+        /// The name the destination's certificate must carry. Default: the one other host in the --tls directory.
+        #[arg(long)]
+        tls_peer: Option<String>,
         #[command(flatten)]
         guest: GuestOpts,
         #[command(flatten)]
@@ -81,6 +89,24 @@ pub(crate) enum Cmd {
     },
     /// Be the destination host: wait for one migration and run the guest it brings.
     Receive(ReceiveArgs),
+    /// Credentials for mutual TLS.
+    Tls {
+        #[command(subcommand)]
+        cmd: TlsCmd,
+    },
+}
+
+#[derive(Subcommand)]
+pub(crate) enum TlsCmd {
+    /// Write a private CA (DIR/ca.pem, its key DIR/ca-key.pem) and a certificate and key for each host
+    /// (DIR/NAME/cert.pem, DIR/NAME/key.pem, keys mode 0600). Copy DIR/NAME and DIR/ca.pem to host NAME.
+    Init {
+        /// Where to write them.
+        dir: PathBuf,
+        /// The hosts, comma-separated (each certificate carries its host's name).
+        #[arg(long, value_delimiter = ',', required = true)]
+        hosts: Vec<String>,
+    },
 }
 
 #[derive(Args)]
@@ -88,6 +114,8 @@ pub(crate) struct ReceiveArgs {
     /// Address to listen on, for the control connection and data links.
     #[arg(long)]
     pub(crate) listen: String,
+    #[command(flatten)]
+    pub(crate) tls: TlsOpts,
     /// More addresses to accept data links on (one per NIC).
     #[arg(long = "data")]
     pub(crate) data: Vec<String>,
@@ -138,6 +166,9 @@ pub(crate) struct BenchArgs {
     /// Send paths, comma-separated: copy, vectored, zerocopy, auto.
     #[arg(long, default_value = "copy,vectored,zerocopy,auto")]
     pub(crate) paths: String,
+    /// Security modes, comma-separated: mtls (mutual TLS with throwaway credentials), insecure (plaintext).
+    #[arg(long, default_value = "mtls,insecure")]
+    pub(crate) security: String,
     /// Guest memory.
     #[arg(long, default_value = "2GiB", value_parser = parse_size)]
     pub(crate) memory: u64,
@@ -219,6 +250,21 @@ pub(crate) enum LabCmd {
         #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
         send_args: Vec<String>,
     },
+}
+
+/// How `send` and `receive` secure their connections: mutual TLS with `--tls`, or, named explicitly, nothing.
+#[derive(Args, Clone)]
+pub(crate) struct TlsOpts {
+    /// This host's credentials: a directory holding cert.pem and key.pem (mode 0600), as `livemig tls init` writes
+    /// them; the CA is DIR/../ca.pem unless --tls-ca names it.
+    #[arg(long, value_name = "DIR/NAME")]
+    pub(crate) tls: Option<PathBuf>,
+    /// The CA both hosts' certificates chain to (PEM).
+    #[arg(long, value_name = "FILE")]
+    pub(crate) tls_ca: Option<PathBuf>,
+    /// Run without TLS: guest memory crosses the network in clear, and nothing authenticates the peer.
+    #[arg(long, conflicts_with_all = ["tls", "tls_ca"])]
+    pub(crate) insecure: bool,
 }
 
 #[derive(Clone, Copy, ValueEnum, PartialEq)]

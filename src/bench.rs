@@ -85,6 +85,8 @@ pub struct BenchConfig {
     pub dir: PathBuf,
     /// More `send` options for every row (such as `--no-compress`).
     pub send_args: Vec<String>,
+    /// The security modes to run each row in: "mtls" (throwaway credentials) and/or "insecure".
+    pub security: Vec<String>,
     /// Migration and baseline pairs per row.
     pub repeat: usize,
 }
@@ -103,6 +105,8 @@ pub struct Run {
 /// One row of the matrix.
 #[derive(Debug, Clone, Serialize)]
 pub struct Row {
+    /// "mtls" or "insecure".
+    pub security: String,
     /// Scenario name.
     pub scenario: Scenario,
     /// Data links.
@@ -262,6 +266,29 @@ impl Hosts {
     }
 }
 
+/// The security arguments the harness gives a `receive` and a `send`: `--insecure` on both when `insecure`, else
+/// mutual TLS with throwaway credentials written under `dir/tls` (as `livemig tls init` would).
+pub fn security_args(dir: &Path, insecure: bool) -> Result<(Vec<String>, Vec<String>), BenchError> {
+    if insecure {
+        return Ok((vec!["--insecure".into()], vec!["--insecure".into()]));
+    }
+    let creds = dir.join("tls");
+    livemig_transport::tls::init(&creds, &["source", "destination"])
+        .map_err(|e| BenchError::Process(format!("making throwaway TLS credentials: {e}")))?;
+    let at = |host: &str| creds.join(host).display().to_string();
+    Ok((
+        vec!["--tls".into(), at("destination")],
+        vec!["--tls".into(), at("source"), "--tls-peer".into(), "destination".into()],
+    ))
+}
+
+/// Takes `--insecure` out of `args`, saying whether it was there.
+pub fn take_insecure(args: &mut Vec<String>) -> bool {
+    let before = args.len();
+    args.retain(|a| a != "--insecure");
+    args.len() != before
+}
+
 /// Reads a migration's JSON report.
 pub fn read_report(path: &Path) -> Result<Report, BenchError> {
     let bad = |why: String| BenchError::Report { path: path.to_path_buf(), why };
@@ -278,13 +305,19 @@ pub fn run(cfg: &BenchConfig, row_done: &mut dyn FnMut(&Row)) -> Result<Vec<Row>
         }
     }
     std::fs::create_dir_all(&cfg.dir).map_err(|e| BenchError::Process(format!("{}: {e}", cfg.dir.display())))?;
+    let mtls = security_args(&cfg.dir, false)?;
+    let insecure = security_args(&cfg.dir, true)?;
     let mut rows = Vec::new();
     for &scenario in &cfg.scenarios {
         for &links in &cfg.links {
             for path in &cfg.paths {
-                let row = run_row(cfg, scenario, links, path)?;
-                row_done(&row);
-                rows.push(row);
+                for sec in &cfg.security {
+                    let args = if sec == "insecure" { &insecure } else { &mtls };
+                    let mut row = run_row(cfg, scenario, links, path, args)?;
+                    row.security = sec.clone();
+                    row_done(&row);
+                    rows.push(row);
+                }
             }
         }
     }
@@ -292,11 +325,17 @@ pub fn run(cfg: &BenchConfig, row_done: &mut dyn FnMut(&Row)) -> Result<Vec<Row>
 }
 
 /// The row's figures from the median migration (by wire throughput) and the median baseline.
-fn run_row(cfg: &BenchConfig, scenario: Scenario, links: usize, path: &str) -> Result<Row, BenchError> {
+fn run_row(
+    cfg: &BenchConfig,
+    scenario: Scenario,
+    links: usize,
+    path: &str,
+    security: &(Vec<String>, Vec<String>),
+) -> Result<Row, BenchError> {
     let mut rows = Vec::with_capacity(cfg.repeat);
     let mut baselines = Vec::with_capacity(cfg.repeat);
     for i in 0..cfg.repeat.max(1) {
-        let row = migrate_once(cfg, scenario, links, path, i)?;
+        let row = migrate_once(cfg, scenario, links, path, i, security)?;
         baselines.push(baseline_once(cfg, links, row.bytes_on_wire)?);
         rows.push(row);
     }
@@ -322,8 +361,16 @@ fn bps(t: &Transfer) -> f64 {
 }
 
 /// One migration of a row (run `n`), its baseline fields left empty.
-fn migrate_once(cfg: &BenchConfig, scenario: Scenario, links: usize, path: &str, n: usize) -> Result<Row, BenchError> {
-    let tag = format!("{}-{links}l-{path}-{n}", scenario.name());
+fn migrate_once(
+    cfg: &BenchConfig,
+    scenario: Scenario,
+    links: usize,
+    path: &str,
+    n: usize,
+    security: &(Vec<String>, Vec<String>),
+) -> Result<Row, BenchError> {
+    let sec = if security.0.iter().any(|a| a == "--insecure") { "insecure" } else { "mtls" };
+    let tag = format!("{}-{links}l-{path}-{sec}-{n}", scenario.name());
     let (src_report, dst_report) =
         (cfg.dir.join(format!("{tag}-source.json")), cfg.dir.join(format!("{tag}-destination.json")));
     let port = cfg.hosts.port(0)?;
@@ -331,7 +378,8 @@ fn migrate_once(cfg: &BenchConfig, scenario: Scenario, links: usize, path: &str,
     let memory = cfg.memory.to_string();
     let mut recv = cfg.hosts.wrap(&cfg.exe, true);
     recv.args(["receive", "--listen", &listen, "--prealloc", &memory, "--run-for-ms", "100", "--report"])
-        .arg(&dst_report);
+        .arg(&dst_report)
+        .args(&security.0);
     let prefix = format!("[{tag} destination] ");
     let receiver = spawn_ready(&mut recv, "waiting for a migration", move |l| eprintln!("{prefix}{l}"))?;
     let mut send = cfg.hosts.wrap(&cfg.exe, false);
@@ -339,7 +387,7 @@ fn migrate_once(cfg: &BenchConfig, scenario: Scenario, links: usize, path: &str,
     for s in &specs {
         send.args(["--link", s]);
     }
-    send.args(["--memory", &memory, "--send-path", path]).args(scenario.args()).args(&cfg.send_args);
+    send.args(["--memory", &memory, "--send-path", path]).args(scenario.args()).args(&cfg.send_args).args(&security.1);
     send.arg("--report").arg(&src_report);
     let sent = send.stderr(Stdio::null()).stdout(Stdio::null()).status();
     let (_, received_ok) = receiver.finish(Duration::from_secs(10))?;
@@ -353,6 +401,7 @@ fn migrate_once(cfg: &BenchConfig, scenario: Scenario, links: usize, path: &str,
         if src.rounds.is_empty() { src.total_time_s } else { src.rounds.iter().map(|r| r.duration_s).sum() };
     let p = src.pages;
     Ok(Row {
+        security: sec.to_string(),
         scenario,
         links,
         send_path: path.to_string(),
@@ -404,9 +453,10 @@ pub fn table(rows: &[Row]) -> String {
     let mut s = String::new();
     let _ = writeln!(
         s,
-        "{:<9} {:>5} {:<8} {:<8} {:>7} {:>8} {:>8} {:>7} {:>7} {:>6} {:>9} {:>9} {:>11}  codecs zero/lz4/zstd/raw",
+        "{:<9} {:>5} {:<8} {:<8} {:<8} {:>7} {:>8} {:>8} {:>7} {:>7} {:>6} {:>9} {:>9} {:>11}  codecs zero/lz4/zstd/raw",
         "scenario",
         "links",
+        "security",
         "path",
         "used",
         "time s",
@@ -422,9 +472,10 @@ pub fn table(rows: &[Row]) -> String {
     for r in rows {
         let _ = writeln!(
             s,
-            "{:<9} {:>5} {:<8} {:<8} {:>7.3} {:>8} {:>8.1} {:>7.2} {:>7.2} {:>6.2} {:>9.2} {:>9.2} {:>5.2}/{:<5.2}  {}{}",
+            "{:<9} {:>5} {:<8} {:<8} {:<8} {:>7.3} {:>8} {:>8.1} {:>7.2} {:>7.2} {:>6.2} {:>9.2} {:>9.2} {:>5.2}/{:<5.2}  {}{}",
             r.scenario.name(),
             r.links,
+            r.security,
             r.send_path,
             r.used_path,
             r.total_time_s,

@@ -192,19 +192,21 @@ impl Lab {
     }
 
     /// The commands `lab run` starts: `receive` in the destination namespace (preallocating `prealloc` bytes of guest
-    /// memory, if given) and `send` in the source namespace with one `--link` per vmnic and `send_args` after them.
+    /// memory, if given) and `send` in the source namespace with one `--link` per vmnic and `send_args` after them;
+    /// `security` holds each side's TLS arguments ([`crate::bench::security_args`]).
     pub fn commands(
         &self,
         exe: &Path,
         send_args: &[String],
         prealloc: Option<u64>,
         reports: (&Path, &Path),
+        security: &(Vec<String>, Vec<String>),
     ) -> Result<(Command, Command), LabError> {
         let n = self.links()?;
         let to = format!("198.18.1.2:{PORT}");
         let mut recv = Command::new("ip");
         recv.args(["netns", "exec", &self.dst()]).arg(exe).args(["receive", "--listen", &format!("0.0.0.0:{PORT}")]);
-        recv.arg("--report").arg(reports.0);
+        recv.arg("--report").arg(reports.0).args(&security.0);
         if let Some(bytes) = prealloc {
             recv.args(["--prealloc", &bytes.to_string()]);
         }
@@ -213,7 +215,7 @@ impl Lab {
         for k in 1..=n {
             send.args(["--link", &format!("vmnic{k}=198.18.{k}.1>198.18.{k}.2:{PORT}")]);
         }
-        send.args(send_args).arg("--report").arg(reports.1);
+        send.args(send_args).args(&security.1).arg("--report").arg(reports.1);
         Ok((recv, send))
     }
 }

@@ -7,10 +7,13 @@
 //! ```no_run
 //! use livemig::engine::guest::{SyntheticConfig, SyntheticGuest};
 //! use livemig::transport::source::{migrate, SourceOptions};
+//! use livemig::transport::tls::SourceSecurity;
 //!
 //! let guest = SyntheticGuest::new(&SyntheticConfig { memory_bytes: 64 << 20, ..Default::default() })?;
 //! let stream = std::net::TcpStream::connect("127.0.0.1:7000")?;
-//! let report = migrate(&guest, stream, &[], &SourceOptions::default(), &|_| {});
+//! // A hypervisor passes its own rustls configuration; plaintext must be named.
+//! let security = SourceSecurity::Insecure;
+//! let report = migrate(&guest, stream, &[], &SourceOptions::default(), &security, &|_| {});
 //! println!("{:?}", report.result);
 //! # Ok::<(), Box<dyn std::error::Error>>(())
 //! ```

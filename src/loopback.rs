@@ -6,6 +6,7 @@ use livemig_engine::guest::Guest;
 use livemig_transport::dest::{admit, receive, DestOptions, DestReport, ReceiveError};
 use livemig_transport::link::LinkSpec;
 use livemig_transport::source::{migrate, Progress, SourceOptions, SourceReport};
+use livemig_transport::tls::SecurityPair;
 use std::net::{IpAddr, Ipv4Addr, TcpListener, TcpStream};
 
 /// Both sides' results.
@@ -23,6 +24,7 @@ pub fn migrate_loopback(
     links: usize,
     opts: &SourceOptions,
     dopts: &DestOptions,
+    security: &SecurityPair,
     progress: &(dyn Fn(&Progress) + Sync),
 ) -> std::io::Result<LoopbackRun> {
     let listener = TcpListener::bind("127.0.0.1:0")?;
@@ -39,11 +41,11 @@ pub fn migrate_loopback(
             let refused = |peer, e: &_| eprintln!("refused connection from {peer}: {e}");
             // One known source: its control connection comes first, and a refusal ends the run.
             let (stream, _) = listener.accept().map_err(|e| ReceiveError::Wire(e.into()))?;
-            let hello = admit(&stream, dopts)?;
-            receive(&[&listener], &stream, hello, AnyGuest::destination, dopts, &refused)
+            let (control, hello) = admit(stream, dopts, &security.dest)?;
+            receive(&[&listener], &control, hello, AnyGuest::destination, dopts, &security.dest, &refused)
         })?;
         let control = TcpStream::connect(addr)?;
-        let source = migrate(guest, control, &specs, opts, progress);
+        let source = migrate(guest, control, &specs, opts, &security.source, progress);
         let dest = dest.join().expect("destination thread panicked");
         if source.result.is_ok() {
             // The source has handed the guest over: its vCPUs stay paused for good.

@@ -22,10 +22,11 @@ use livemig::transport::announce::{announce, Schedule};
 use livemig::transport::dest::{accept_migration, receive, DestOptions, DestReport};
 use livemig::transport::link::LinkSpec;
 use livemig::transport::source::{migrate, Progress, SourceOptions, SourceReport};
+use livemig::transport::tls::{self, Credentials, DestSecurity, SecurityPair, ServerName, SourceSecurity};
 use livemig::transport::wire::Hello;
 use std::io::IsTerminal;
 use std::net::{TcpListener, TcpStream};
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::process::Stdio;
 use std::time::{Duration, Instant};
 
@@ -50,8 +51,9 @@ fn usage(msg: impl Into<String>) -> anyhow::Error {
 fn main() {
     let cli = Cli::parse();
     let result = match cli.cmd {
-        Cmd::Demo { links, guest, run } => demo(links, &guest, &run),
-        Cmd::Send { to, links, guest, run } => send(&to, &links, &guest, &run),
+        Cmd::Demo { links, insecure, guest, run } => demo(links, insecure, &guest, &run),
+        Cmd::Send { to, links, tls, tls_peer, guest, run } => send(&to, &links, &tls, tls_peer, &guest, &run),
+        Cmd::Tls { cmd: TlsCmd::Init { dir, hosts } } => tls_init(&dir, &hosts),
         Cmd::Receive(args) => receive_cmd(args),
         Cmd::Preflight { vm, dest } => preflight_cmd(&vm, &dest),
         Cmd::Lab { cmd } => lab_cmd(cmd),
@@ -227,16 +229,23 @@ fn source_report(guest: &AnyGuest, r: &SourceReport, run: &RunOpts, opts: &Sourc
     report
 }
 
-fn demo(links: usize, g: &GuestOpts, run: &RunOpts) -> Result<()> {
+fn demo(links: usize, insecure: bool, g: &GuestOpts, run: &RunOpts) -> Result<()> {
     if links == 0 {
         return Err(usage("--links must be at least 1"));
     }
+    let security = if insecure {
+        eprintln!("{INSECURE_WARNING}");
+        SecurityPair::insecure()
+    } else {
+        SecurityPair::throwaway().context("making throwaway TLS credentials")?
+    };
     let guest = make_guest(g)?;
     let opts = source_options(run, g)?;
     let (bar, update) = progress_bar();
     let dopts =
         DestOptions { die_after_bytes: run.x_kill_destination_after_mib.map(|m| m << 20), ..Default::default() };
-    let out = migrate_loopback(&guest, links, &opts, &dopts, &update).context("setting up the loopback connection")?;
+    let out = migrate_loopback(&guest, links, &opts, &dopts, &security, &update)
+        .context("setting up the loopback connection")?;
     bar.finish_and_clear();
     let report = source_report(&guest, &out.source, run, &opts);
     if let Ok((dest, _)) = &out.dest {
@@ -253,12 +262,57 @@ fn demo(links: usize, g: &GuestOpts, run: &RunOpts) -> Result<()> {
     finish(&report, &run.report, run.json, run.plot.as_deref())
 }
 
-fn send(to: &str, links: &[LinkSpec], g: &GuestOpts, run: &RunOpts) -> Result<()> {
+/// One line, printed when a command runs in clear.
+const INSECURE_WARNING: &str =
+    "livemig: warning: --insecure: guest memory crosses the network in clear and no peer is authenticated";
+
+/// This host's credentials from `--tls`, or plaintext when `--insecure` names it; neither is a usage error.
+fn credentials(t: &TlsOpts, cmd: &str) -> Result<Option<Credentials>> {
+    match &t.tls {
+        Some(dir) => Ok(Some(Credentials::load(dir, t.tls_ca.as_deref()).map_err(|e| Exit(2, e.to_string()))?)),
+        None if t.insecure => {
+            eprintln!("{INSECURE_WARNING}");
+            Ok(None)
+        }
+        None => Err(usage(format!(
+            "{cmd} needs --tls DIR/NAME (mutual TLS; `livemig tls init` makes credentials), or --insecure to run in clear"
+        ))),
+    }
+}
+
+fn tls_init(dir: &Path, hosts: &[String]) -> Result<()> {
+    let names: Vec<&str> = hosts.iter().map(String::as_str).collect();
+    if names.iter().any(|h| h.is_empty() || h.contains('/') || *h == "." || *h == "..") {
+        return Err(usage("--hosts: each name must be a plain host name"));
+    }
+    tls::init(dir, &names)?;
+    for h in &names {
+        println!("{}", dir.join(h).display());
+    }
+    println!(
+        "CA: {} (copy it, and DIR/NAME, to host NAME; keep ca-key.pem off the hosts)",
+        dir.join("ca.pem").display()
+    );
+    Ok(())
+}
+
+fn send(to: &str, links: &[LinkSpec], t: &TlsOpts, peer: Option<String>, g: &GuestOpts, run: &RunOpts) -> Result<()> {
+    let security = match credentials(t, "send")? {
+        None => SourceSecurity::Insecure,
+        Some(c) => {
+            let name = peer.or_else(|| c.sole_peer_name()).ok_or_else(|| {
+                usage("--tls-peer NAME: the name the destination's certificate carries (no single other host beside --tls)")
+            })?;
+            let server_name =
+                ServerName::try_from(name.clone()).map_err(|e| usage(format!("--tls-peer {name}: {e}")))?;
+            SourceSecurity::Mtls { config: c.client_config()?, server_name }
+        }
+    };
     let guest = make_guest(g)?;
     let opts = source_options(run, g)?;
     let stream = TcpStream::connect(to).with_context(|| format!("connecting to {to}"))?;
     let (bar, update) = progress_bar();
-    let r = migrate(&guest, stream, links, &opts, &update);
+    let r = migrate(&guest, stream, links, &opts, &security, &update);
     bar.finish_and_clear();
     finish(&source_report(&guest, &r, run, &opts), &run.report, run.json, run.plot.as_deref())
 }
@@ -327,12 +381,17 @@ fn destination_report(guest: &AnyGuest, r: &DestReport, start: Instant, cpu_seco
         send_path: "-".to_string(),
         cpu_seconds,
         timeline: Vec::new(),
+        security: livemig::report::Security::from(&r.security),
     }
 }
 
 /// `receive`: waits for a source, refusing (and going on waiting after) any attempt turned down at the handshake,
 /// then receives one migration.
 fn receive_cmd(a: ReceiveArgs) -> Result<()> {
+    let security = match credentials(&a.tls, "receive")? {
+        None => DestSecurity::Insecure,
+        Some(c) => DestSecurity::Mtls(c.server_config()?),
+    };
     let opts = receive_options(&a)?;
     let listener = TcpListener::bind(&a.listen).with_context(|| format!("listening on {}", a.listen))?;
     let extra = a
@@ -346,10 +405,10 @@ fn receive_cmd(a: ReceiveArgs) -> Result<()> {
     let refused = |peer, e: &_| eprintln!("refused {peer}: {e}");
     let listeners: Vec<&TcpListener> = std::iter::once(&listener).chain(extra.iter()).collect();
     let (guest, r, start, cpu_start) = loop {
-        let (stream, hello) = accept_migration(&listener, &opts, &refused)?;
+        let (stream, hello) = accept_migration(&listener, &opts, &security, &refused)?;
         let start = Instant::now();
         let cpu_start = livemig::transport::cpu_usage::process_cpu_seconds();
-        let peer = stream.peer_addr()?;
+        let peer = stream.stream().peer_addr()?;
         let make = |h: &Hello| match ready.take() {
             Some(g) if g.layout() == h.layout && h.guest_kind == "synthetic" => {
                 g.vcpus().set_limit(h.vcpus);
@@ -357,7 +416,7 @@ fn receive_cmd(a: ReceiveArgs) -> Result<()> {
             }
             _ => AnyGuest::destination(h),
         };
-        match receive(&listeners, &stream, hello, make, &opts, &refused) {
+        match receive(&listeners, &stream, hello, make, &opts, &security, &refused) {
             Ok((guest, r)) => break (guest, r, start, cpu_start),
             // Turned down at the handshake: nothing changed here, so wait for the real source.
             Err(e) if e.is_refusal() => {
@@ -436,7 +495,9 @@ fn lab_run(lab: &Lab, prealloc: bool, mut send_args: Vec<String>) -> Result<()> 
     // Only a synthetic destination can be preallocated before the Hello says what it will host.
     let kvm = send_args.windows(2).any(|w| w[0] == "--guest" && w[1] == "kvm");
     let prealloc = (prealloc && !kvm).then_some(memory);
-    let (mut recv, mut send) = lab.commands(&exe, &send_args, prealloc, (&dest_report, &source_report))?;
+    let insecure = bench::take_insecure(&mut send_args);
+    let security = bench::security_args(&dir, insecure)?;
+    let (mut recv, mut send) = lab.commands(&exe, &send_args, prealloc, (&dest_report, &source_report), &security)?;
     let prefix = lab.dst();
     let receiver = bench::spawn_ready(&mut recv, "waiting for a migration", move |l| eprintln!("[{prefix}] {l}"))
         .with_context(|| format!("starting receive in {}", lab.dst()))?;
@@ -492,6 +553,10 @@ fn bench_cmd(a: &BenchArgs) -> Result<()> {
     if let Some(p) = paths.iter().find(|p| !["copy", "vectored", "zerocopy", "auto"].contains(&p.as_str())) {
         return Err(usage(format!("--paths: unknown send path '{p}' (copy, vectored, zerocopy, auto)")));
     }
+    let security = list(&a.security);
+    if let Some(s) = security.iter().find(|s| !["mtls", "insecure"].contains(&s.as_str())) {
+        return Err(usage(format!("--security: unknown mode '{s}' (mtls, insecure)")));
+    }
     let cfg = BenchConfig {
         scenarios,
         links,
@@ -501,21 +566,24 @@ fn bench_cmd(a: &BenchArgs) -> Result<()> {
         exe: std::env::current_exe()?,
         dir: std::env::temp_dir().join(format!("livemig-bench-{}", std::process::id())),
         send_args,
+        security,
         repeat: usize::from(a.repeat),
     };
     let where_ = match &cfg.hosts {
         Hosts::Loopback => "loopback".to_string(),
         Hosts::Lab(l) => format!("lab {} ({} link(s))", l.prefix, l.links()?),
     };
-    eprintln!("bench over {where_}: {} row(s)", cfg.scenarios.len() * cfg.links.len() * cfg.paths.len());
+    let n_rows = cfg.scenarios.len() * cfg.links.len() * cfg.paths.len() * cfg.security.len();
+    eprintln!("bench over {where_}: {n_rows} row(s)");
     let mut done = |r: &bench::Row| {
         let runs: Vec<String> =
             r.runs.iter().map(|x| format!("{:.2}/{:.2}", x.wire_bps / 1e9, x.baseline_bps / 1e9)).collect();
         eprintln!(
-            "{} {} link(s) {}: {:.3} s, {:.2} Gbit/s, baseline {:.2} Gbit/s (medians; runs, ours/baseline: {})",
+            "{} {} link(s) {} {}: {:.3} s, {:.2} Gbit/s, baseline {:.2} Gbit/s (medians; runs, ours/baseline: {})",
             r.scenario.name(),
             r.links,
             r.send_path,
+            r.security,
             r.total_time_s,
             r.wire_bps / 1e9,
             r.baseline_bps / 1e9,
@@ -533,11 +601,12 @@ fn bench_cmd(a: &BenchArgs) -> Result<()> {
     if let Some(plot) = plot {
         for r in &rows {
             let file = plot.with_file_name(format!(
-                "{}-{}-{}l-{}.svg",
+                "{}-{}-{}l-{}-{}.svg",
                 plot.file_stem().unwrap_or_default().to_string_lossy(),
                 r.scenario.name(),
                 r.links,
-                r.send_path
+                r.send_path,
+                r.security
             ));
             let report = bench::read_report(&r.source_report)?;
             livemig::plot::draw(&livemig::plot::PlotData::from_report(&report), &file)?;

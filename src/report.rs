@@ -164,6 +164,25 @@ pub struct Report {
     /// Per-link wire bytes over time: seconds since the start, cumulative bytes per link (an addition; `--plot`
     /// draws it).
     pub timeline: Vec<(f64, Vec<u64>)>,
+    /// How the connections were secured.
+    pub security: Security,
+}
+
+/// The report's `security` section.
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+pub struct Security {
+    /// "mtls" or "insecure".
+    pub mode: String,
+    /// What encrypts the data, when anything does.
+    pub cipher: Option<String>,
+    /// The peer certificate's subject, when authenticated.
+    pub peer: Option<String>,
+}
+
+impl From<&livemig_transport::tls::SecurityInfo> for Security {
+    fn from(s: &livemig_transport::tls::SecurityInfo) -> Self {
+        Security { mode: s.mode.to_string(), cipher: s.cipher.clone(), peer: s.peer.clone() }
+    }
 }
 
 /// vCPU state read back from a guest.
@@ -242,6 +261,7 @@ impl Report {
             send_path: r.send_path.name().to_string(),
             cpu_seconds: r.cpu_seconds,
             timeline: r.timeline.clone(),
+            security: Security::from(&r.security),
         }
     }
 

@@ -50,7 +50,7 @@ fn exchange(control: Vec<u8>, data: Option<Vec<u8>>, dopts: DestOptions) -> (Res
         let mut answer = DataLinkAnswer::default();
         if let Some(data) = data {
             let mut d = TcpStream::connect(addr).unwrap();
-            let mut bytes = frame(Kind::LinkHello, &wire::LinkHello { session: 7, link: 0 }.encode());
+            let mut bytes = frame(Kind::LinkHello, &wire::LinkHello { session: 7, link: 0, proof: None }.encode());
             bytes.extend_from_slice(&data);
             let _ = d.write_all(&bytes);
             let _ = d.shutdown(Shutdown::Write);
@@ -68,10 +68,18 @@ fn exchange(control: Vec<u8>, data: Option<Vec<u8>>, dopts: DestOptions) -> (Res
         let _ = std::io::copy(&mut c, &mut std::io::sink());
         answer
     });
-    let (stream, _) = listener.accept().unwrap();
+    let stream = livemig::transport::tls::Conn::plain(listener.accept().unwrap().0);
     let result = read_hello(&stream, &dopts).map_err(ReceiveError::from).and_then(|h| {
-        receive(&[&listener], &stream, h, |h| SyntheticGuest::destination(&h.layout, h.vcpus), &dopts, &|_, _| {})
-            .map(|_| ())
+        receive(
+            &[&listener],
+            &stream,
+            h,
+            |h| SyntheticGuest::destination(&h.layout, h.vcpus),
+            &dopts,
+            &livemig::transport::tls::DestSecurity::Insecure,
+            &|_, _| {},
+        )
+        .map(|_| ())
     });
     drop(stream);
     (result, client.join().unwrap())
@@ -244,7 +252,10 @@ fn stranger_on_the_port_is_refused_and_the_migration_goes_on() {
     let t = std::time::Instant::now();
     let refused = Mutex::new(Vec::new());
     let (_stream, h) =
-        accept_migration(&listener, &opts(), &|peer, e| refused.lock().unwrap().push((peer, e.to_string()))).unwrap();
+        accept_migration(&listener, &opts(), &livemig::transport::tls::DestSecurity::Insecure, &|peer, e| {
+            refused.lock().unwrap().push((peer, e.to_string()))
+        })
+        .unwrap();
     assert_eq!(h, hello(PAGES));
     assert!(t.elapsed() < HELLO_TIMEOUT / 2, "the silent stranger held the real source up for {:?}", t.elapsed());
     let refused = refused.into_inner().unwrap();
@@ -263,7 +274,14 @@ fn source_refuses_a_destination_that_is_not_livemig() {
         let _ = std::io::copy(&mut s, &mut std::io::sink());
     });
     let guest = SyntheticGuest::new(&SyntheticConfig { memory_bytes: 1 << 20, ..Default::default() }).unwrap();
-    let r = migrate(&guest, TcpStream::connect(addr).unwrap(), &[], &SourceOptions::default(), &|_| {});
+    let r = migrate(
+        &guest,
+        TcpStream::connect(addr).unwrap(),
+        &[],
+        &SourceOptions::default(),
+        &livemig::transport::tls::SourceSecurity::Insecure,
+        &|_| {},
+    );
     assert!(matches!(r.result, Err(MigrateError::Handshake(WireError::BadMagic(_)))), "{:?}", r.result);
     assert_eq!(r.pages.total(), 0, "no page may move before the handshake succeeds");
     assert!(guest.total_pages() > 0);

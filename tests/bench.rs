@@ -21,8 +21,14 @@ fn bench_prints_the_matrix_writes_rows_and_draws_each_row() {
     assert!(stdout.contains("TCP Gb") && stdout.contains("ratio"), "{stdout}");
     let json: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(&rows).unwrap()).unwrap();
     let rows = json["rows"].as_array().unwrap();
-    assert_eq!(rows.len(), 4, "2 link counts × 2 paths");
+    assert_eq!(rows.len(), 8, "2 link counts × 2 paths × 2 security modes");
+    let modes: Vec<&str> = rows.iter().map(|r| r["security"].as_str().unwrap()).collect();
+    assert_eq!(modes[..2], ["mtls", "insecure"], "encrypted and plaintext rows side by side");
     for r in rows {
+        // The row's source report says how it was secured.
+        let report: serde_json::Value =
+            serde_json::from_str(&std::fs::read_to_string(r["source_report"].as_str().unwrap()).unwrap()).unwrap();
+        assert_eq!(report["security"]["mode"], r["security"], "{r}");
         assert_eq!(r["verified"], true, "{r}");
         let (wire, base) = (r["wire_bps"].as_f64().unwrap(), r["baseline_bps"].as_f64().unwrap());
         assert!(wire > 0.0 && base > 0.0, "{r}");
@@ -42,7 +48,7 @@ fn bench_prints_the_matrix_writes_rows_and_draws_each_row() {
     }
     // Each row's plot: both charts' axes labelled, and one line per link in the throughput chart.
     for (links, path) in [(1, "copy"), (2, "vectored")] {
-        let svg = std::fs::read_to_string(dir.join(format!("p-reference-{links}l-{path}.svg"))).unwrap();
+        let svg = std::fs::read_to_string(dir.join(format!("p-reference-{links}l-{path}-mtls.svg"))).unwrap();
         for label in ["time since the handshake (s)", "Gbit/s", "round", "pages sent (dirty pages)", "throttle %"] {
             assert!(svg.contains(label), "{links}l-{path}: no '{label}'");
         }

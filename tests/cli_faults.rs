@@ -10,6 +10,15 @@ use std::time::{Duration, Instant};
 
 const BIN: &str = env!("CARGO_BIN_EXE_livemig");
 
+/// Both sides' `--tls` arguments: mutual TLS with credentials made once for this test binary.
+fn tls() -> &'static (Vec<String>, Vec<String>) {
+    static TLS: std::sync::OnceLock<(Vec<String>, Vec<String>)> = std::sync::OnceLock::new();
+    TLS.get_or_init(|| {
+        let dir = std::env::temp_dir().join(format!("livemig-clitls-{}", std::process::id()));
+        livemig::bench::security_args(&dir, false).unwrap()
+    })
+}
+
 /// A `livemig receive` on an ephemeral loopback port, with its stderr collected line by line.
 struct Receiver {
     child: Child,
@@ -21,16 +30,25 @@ impl Receiver {
     fn start(extra: &[&str], setup: impl FnOnce(&mut Command)) -> Receiver {
         let mut cmd = Command::new(BIN);
         cmd.args(["receive", "--listen", "127.0.0.1:0", "--run-for-ms", "100"])
+            .args(if extra.contains(&"--insecure") { &[][..] } else { &tls().0[..] })
             .args(extra)
             .stdout(Stdio::null())
             .stderr(Stdio::piped());
         setup(&mut cmd);
         let mut child = cmd.spawn().expect("spawn livemig receive");
         let mut lines = BufReader::new(child.stderr.take().unwrap()).lines();
-        let first = lines.next().expect("receive printed nothing").unwrap();
-        assert!(first.starts_with("waiting for a migration on"), "{first}");
+        // A warning may come first (--insecure); the address comes with "waiting".
+        let mut before = Vec::new();
+        let first = loop {
+            let l = lines.next().expect("receive printed nothing").unwrap();
+            if l.starts_with("waiting for a migration on") {
+                break l;
+            }
+            assert!(l.starts_with("livemig: warning"), "{l}");
+            before.push(l);
+        };
         let addr = first.rsplit(' ').next().unwrap().to_string();
-        let collected = Arc::new(Mutex::new(Vec::new()));
+        let collected = Arc::new(Mutex::new(before));
         let c = collected.clone();
         std::thread::spawn(move || lines.map_while(Result::ok).for_each(|l| c.lock().unwrap().push(l)));
         Receiver { child, addr, lines: collected }
@@ -63,7 +81,12 @@ impl Drop for Receiver {
 }
 
 fn send(to: &str, args: &[&str]) -> std::process::Output {
-    Command::new(BIN).args(["send", "--to", to, "--touched", "50"]).args(args).output().expect("run livemig send")
+    Command::new(BIN)
+        .args(["send", "--to", to, "--touched", "50"])
+        .args(&tls().1)
+        .args(args)
+        .output()
+        .expect("run livemig send")
 }
 
 fn last_line(bytes: &[u8]) -> String {
@@ -100,6 +123,7 @@ fn a_killed_source_ends_receive_within_seconds() {
     let mut source = Command::new(BIN)
         .args(["send", "--to", &r.addr, "--memory", "256MiB", "--dirty-rate", "50000", "--no-throttle"])
         .args(["--downtime-target", "1", "--max-time", "60", "--max-rounds", "100000"])
+        .args(&tls().1)
         .stdout(Stdio::null())
         .stderr(Stdio::null())
         .spawn()
@@ -124,6 +148,29 @@ fn usage_errors_exit_2() {
         let out = Command::new(BIN).args(args).output().unwrap();
         assert_eq!(out.status.code(), Some(2), "{args:?}: {}", String::from_utf8_lossy(&out.stderr));
     }
+}
+
+/// Secure by default: without --tls, send and receive refuse to start unless --insecure names it, and then warn.
+#[test]
+fn send_and_receive_refuse_to_run_in_clear_unless_told_to() {
+    for args in [&["send", "--to", "127.0.0.1:9"][..], &["receive", "--listen", "127.0.0.1:0"]] {
+        let out = Command::new(BIN).args(args).output().unwrap();
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(2), "{args:?}: {err}");
+        assert!(err.contains("needs --tls DIR/NAME") && err.contains("--insecure"), "{err}");
+    }
+    let mut r = Receiver::start(&["--insecure"], |_| {});
+    let out = Command::new(BIN)
+        .args(["send", "--to", &r.addr, "--memory", "16MiB", "--insecure", "--json"])
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(0), "{err}");
+    assert_eq!(err.matches("warning: --insecure").count(), 1, "one warning line: {err}");
+    let report: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!((report["security"]["mode"].as_str(), report["security"]["peer"].as_str()), (Some("insecure"), None));
+    assert!(r.wait(Duration::from_secs(10)).is_some_and(|s| s.success()));
+    assert!(r.stderr().iter().any(|l| l.contains("warning: --insecure")), "{:?}", r.stderr());
 }
 
 /// When `Committed` cannot be sent, both sides exit 3: the destination keeps running the guest it resumed, and the

@@ -36,7 +36,15 @@ fn an_unreachable_target_cancels_and_the_source_runs_on_unthrottled() {
         },
         ..Default::default()
     };
-    let run = migrate_loopback(&src, 1, &opts, &DestOptions::default(), &|_| {}).unwrap();
+    let run = migrate_loopback(
+        &src,
+        1,
+        &opts,
+        &DestOptions::default(),
+        &livemig::transport::tls::SecurityPair::insecure(),
+        &|_| {},
+    )
+    .unwrap();
     match &run.source.result {
         Err(MigrateError::Cancelled(r)) => assert!(r.contains("not met after 3 rounds"), "{r}"),
         other => panic!("expected a cancel, got {other:?}"),
@@ -85,7 +93,14 @@ fn a_final_round_that_runs_past_the_pause_bound_is_cancelled_and_the_source_resu
             }
             t.elapsed()
         });
-        let r = migrate(&src, TcpStream::connect(addr).unwrap(), &[LinkSpec::to(relay_addr)], &opts, &|_| {});
+        let r = migrate(
+            &src,
+            TcpStream::connect(addr).unwrap(),
+            &[LinkSpec::to(relay_addr)],
+            &opts,
+            &livemig::transport::tls::SourceSecurity::Insecure,
+            &|_| {},
+        );
         let paused_for = watcher.join().unwrap();
         assert!(dest.join().unwrap().is_err(), "the destination must not commit");
         (r, paused_for)

@@ -16,10 +16,21 @@ use std::time::{Duration, Instant};
 
 const BIN: &str = env!("CARGO_BIN_EXE_livemig");
 
+/// Both sides' `--tls` arguments: mutual TLS with credentials made once for this test binary.
+fn tls() -> &'static (Vec<String>, Vec<String>) {
+    static TLS: std::sync::OnceLock<(Vec<String>, Vec<String>)> = std::sync::OnceLock::new();
+    TLS.get_or_init(|| livemig::bench::security_args(&tls_dir(), false).unwrap())
+}
+
+fn tls_dir() -> std::path::PathBuf {
+    std::env::temp_dir().join(format!("livemig-clitls-{}", std::process::id()))
+}
+
 /// Starts `livemig receive` on an ephemeral port and returns it with the address it listens on.
 fn receiver() -> (Child, String) {
     let mut child = Command::new(BIN)
         .args(["receive", "--listen", "127.0.0.1:0"])
+        .args(&tls().0)
         .stdout(Stdio::null())
         .stderr(Stdio::piped())
         .spawn()
@@ -66,7 +77,8 @@ fn killed_destination_leaves_the_source_running_unthrottled() {
     let opts = SourceOptions { precopy, ..Default::default() };
     let stream = TcpStream::connect(&addr).unwrap();
     // The first progress report comes with the first acknowledged batches: the middle of round 0.
-    let r = migrate(&guest, stream, &[], &opts, &|p| {
+    let security = livemig::transport::tls::SecurityPair::from_dir(&tls_dir().join("tls"), "source", "destination");
+    let r = migrate(&guest, stream, &[], &opts, &security.unwrap().source, &|p| {
         if p.round_pages_done > 0 {
             kill();
         }
@@ -89,6 +101,7 @@ fn send_exits_nonzero_with_one_line_when_the_receiver_is_killed() {
     let mut send = Command::new(BIN)
         .args(["send", "--to", &addr, "--memory", "1GiB", "--dirty-rate", "20000"])
         .args(["--downtime-target", "1", "--max-rounds", "1000"])
+        .args(&tls().1)
         .stdout(Stdio::null())
         .stderr(Stdio::piped())
         .spawn()

@@ -139,7 +139,11 @@ fn write_corpus() {
     let bodies = [
         ("hello", Kind::Hello, hello.encode()),
         ("hello-ack", Kind::HelloAck, wire::HelloAck { session: hello.session, dest: dest.clone() }.encode()),
-        ("link-hello", Kind::LinkHello, wire::LinkHello { session: hello.session, link: 3 }.encode().to_vec()),
+        (
+            "link-hello",
+            Kind::LinkHello,
+            wire::LinkHello { session: hello.session, link: 3, proof: None }.encode().to_vec(),
+        ),
     ];
     for (name, kind, body) in &bodies {
         write("handshake", name, body);

@@ -43,8 +43,19 @@ fn destination(
     opts: DestOptions,
 ) -> std::thread::JoinHandle<Result<(AnyGuest, livemig::transport::dest::DestReport), String>> {
     std::thread::spawn(move || {
-        let (control, hello) = accept_migration(&listener, &opts, &|_, _| {}).map_err(|e| e.to_string())?;
-        receive(&[&listener], &control, hello, AnyGuest::destination, &opts, &|_, _| {}).map_err(|e| e.to_string())
+        let (control, hello) =
+            accept_migration(&listener, &opts, &livemig::transport::tls::DestSecurity::Insecure, &|_, _| {})
+                .map_err(|e| e.to_string())?;
+        receive(
+            &[&listener],
+            &control,
+            hello,
+            AnyGuest::destination,
+            &opts,
+            &livemig::transport::tls::DestSecurity::Insecure,
+            &|_, _| {},
+        )
+        .map_err(|e| e.to_string())
     })
 }
 
@@ -82,7 +93,14 @@ fn migrate_with(
             std::thread::sleep(Duration::from_millis(300));
             during();
         });
-        let r = migrate(g, TcpStream::connect(addr).unwrap(), links, opts, &|_| {});
+        let r = migrate(
+            g,
+            TcpStream::connect(addr).unwrap(),
+            links,
+            opts,
+            &livemig::transport::tls::SourceSecurity::Insecure,
+            &|_| {},
+        );
         t.join().unwrap();
         r
     })
@@ -96,8 +114,18 @@ fn no_page_is_written_after_verify() {
     let addr = listener.local_addr().unwrap();
     let dest = std::thread::spawn(move || {
         let opts = dopts();
-        let (control, hello) = accept_migration(&listener, &opts, &|_, _| {}).unwrap();
-        let (g, _) = receive(&[&listener], &control, hello, AnyGuest::destination, &opts, &|_, _| {}).unwrap();
+        let (control, hello) =
+            accept_migration(&listener, &opts, &livemig::transport::tls::DestSecurity::Insecure, &|_, _| {}).unwrap();
+        let (g, _) = receive(
+            &[&listener],
+            &control,
+            hello,
+            AnyGuest::destination,
+            &opts,
+            &livemig::transport::tls::DestSecurity::Insecure,
+            &|_, _| {},
+        )
+        .unwrap();
         let mut page = vec![0u8; 4096];
         read_page(g.synthetic().unwrap(), 1, &mut page).unwrap();
         page
@@ -106,7 +134,8 @@ fn no_page_is_written_after_verify() {
     c.write_all(&frames::frame(Kind::Hello, &frames::hello(7, PAGES).encode())).unwrap();
     expect(&c, Kind::HelloAck, Duration::from_secs(5)).unwrap();
     let mut d = TcpStream::connect(addr).unwrap();
-    d.write_all(&frames::frame(Kind::LinkHello, &wire::LinkHello { session: 7, link: 0 }.encode())).unwrap();
+    d.write_all(&frames::frame(Kind::LinkHello, &wire::LinkHello { session: 7, link: 0, proof: None }.encode()))
+        .unwrap();
     let (e, data) = raw_page(1, 0xa1);
     d.write_all(&frames::pages(0, vec![e], data.clone())).unwrap();
     expect(&d, Kind::Ack, Duration::from_secs(5)).unwrap();
@@ -144,7 +173,8 @@ fn silent_and_trickling_connections_do_not_hold_the_commit() {
             let mut t = TcpStream::connect(addr).unwrap();
             let stop = &stop;
             s.spawn(move || {
-                for b in frames::frame(Kind::LinkHello, &wire::LinkHello { session: 0, link: 9 }.encode()) {
+                for b in frames::frame(Kind::LinkHello, &wire::LinkHello { session: 0, link: 9, proof: None }.encode())
+                {
                     if stop.load(Ordering::SeqCst) || t.write_all(&[b]).is_err() {
                         return;
                     }
@@ -199,7 +229,8 @@ fn two_sources_racing_for_an_idle_destination_one_wins_and_one_is_told_busy() {
     let mut b = TcpStream::connect(addr).unwrap();
     a.write_all(&frames::frame(Kind::Hello, &frames::hello(1, PAGES).encode())).unwrap();
     b.write_all(&frames::frame(Kind::Hello, &frames::hello(2, PAGES).encode())).unwrap();
-    let (control, hello) = accept_migration(&listener, &dopts(), &|_, _| {}).unwrap();
+    let (control, hello) =
+        accept_migration(&listener, &dopts(), &livemig::transport::tls::DestSecurity::Insecure, &|_, _| {}).unwrap();
     let loser = if hello.session == 1 { &b } else { &a };
     let reason = wire::decode_reason(&expect(loser, Kind::Abort, Duration::from_secs(3)).unwrap());
     assert!(reason.contains("busy"), "{reason}");
@@ -214,7 +245,9 @@ fn a_guest_over_the_memory_cap_is_refused_and_the_next_source_is_taken() {
     let addr = listener.local_addr().unwrap();
     let accepting = std::thread::spawn(move || {
         let opts = DestOptions { max_memory: 1 << 20, ..dopts() };
-        accept_migration(&listener, &opts, &|_, _| {}).map(|(_, h)| h.session).map_err(|e| e.to_string())
+        accept_migration(&listener, &opts, &livemig::transport::tls::DestSecurity::Insecure, &|_, _| {})
+            .map(|(_, h)| h.session)
+            .map_err(|e| e.to_string())
     });
     let mut big = TcpStream::connect(addr).unwrap();
     big.write_all(&frames::frame(Kind::Hello, &frames::hello(1, 512).encode())).unwrap(); // 2 MiB
@@ -252,7 +285,8 @@ fn garbage_on_a_data_link_after_its_link_hello_ends_only_that_link() {
     let rogue_answer = Mutex::new(None);
     let r = migrate_with(&g, addr, &[], &opts, || {
         let mut rogue = TcpStream::connect(addr).unwrap();
-        let mut bytes = frames::frame(Kind::LinkHello, &wire::LinkHello { session: 0x5e55_1011, link: 5 }.encode());
+        let mut bytes =
+            frames::frame(Kind::LinkHello, &wire::LinkHello { session: 0x5e55_1011, link: 5, proof: None }.encode());
         bytes.extend_from_slice(&[0x5a; 200]);
         rogue.write_all(&bytes).unwrap();
         *rogue_answer.lock().unwrap() =

@@ -108,7 +108,8 @@ fn a_kvm_guest_started_with_a_baseline_cpu_model_reports_its_cpuid_and_migrates(
     };
     check(&g, wait_report(&g, 0), "source");
     let opts = livemig::transport::source::SourceOptions { vm_cpu: Some(model.clone()), ..Default::default() };
-    let run = livemig::loopback::migrate_loopback(&g, 1, &opts, &Default::default(), &|_| {}).unwrap();
+    let tls = livemig::transport::tls::SecurityPair::throwaway().unwrap();
+    let run = livemig::loopback::migrate_loopback(&g, 1, &opts, &Default::default(), &tls, &|_| {}).unwrap();
     assert!(run.source.result.is_ok(), "{:?}", run.source.result);
     assert!(run.source.verified);
     let (dest, _) = run.dest.unwrap();

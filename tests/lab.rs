@@ -55,8 +55,10 @@ fn a_link_taken_down_during_round_0_fails_over_and_the_migration_completes() {
     std::fs::create_dir_all(&dir).unwrap();
     let (dest_report, source_report) = (dir.join("dst.json"), dir.join("src.json"));
     let args: Vec<String> = ["--memory", "1GiB", "--verify", "full"].iter().map(|s| s.to_string()).collect();
+    // Encrypted, as lab run does by default: failover must survive a sealed link dying mid-record.
+    let security = livemig::bench::security_args(&dir, false).unwrap();
     let (mut recv, mut send) =
-        lab.commands(BIN.as_ref(), &args, None, (dest_report.as_path(), source_report.as_path())).unwrap();
+        lab.commands(BIN.as_ref(), &args, None, (dest_report.as_path(), source_report.as_path()), &security).unwrap();
     let mut receiver = recv.stdout(Stdio::null()).stderr(Stdio::piped()).spawn().unwrap();
     wait_listening(&mut receiver);
     let mut sender = send.stdout(Stdio::null()).stderr(Stdio::inherit()).spawn().unwrap();
@@ -75,6 +77,10 @@ fn a_link_taken_down_during_round_0_fails_over_and_the_migration_completes() {
     assert_eq!(r["status"], "completed", "{r}");
     assert_eq!(r["verified"], true);
     assert_eq!(r["verify_mode"], "full");
+    assert_eq!(
+        (r["security"]["mode"].as_str(), r["security"]["peer"].as_str()),
+        (Some("mtls"), Some("CN=destination"))
+    );
     let failed: Vec<bool> = r["links"].as_array().unwrap().iter().map(|l| l["failed"].as_bool().unwrap()).collect();
     assert_eq!(failed, [false, true, false, false], "{}", r["links"]);
     let _ = std::fs::remove_dir_all(&dir);

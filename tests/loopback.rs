@@ -20,7 +20,15 @@ fn reference_mix_migrates_verified_and_memory_is_equal() {
     // Tables mode (the default): the switchover compares only the hash tables, and this test checks that against
     // both memories re-hashed independently afterwards.
     let src = guest(256, 0);
-    let run = migrate_loopback(&src, 1, &SourceOptions::default(), &DestOptions::default(), &|_| {}).unwrap();
+    let run = migrate_loopback(
+        &src,
+        1,
+        &SourceOptions::default(),
+        &DestOptions::default(),
+        &livemig::transport::tls::SecurityPair::insecure(),
+        &|_| {},
+    )
+    .unwrap();
     let r = &run.source;
     assert!(r.result.is_ok(), "{:?}", r.result);
     assert!(r.verified);
@@ -44,7 +52,15 @@ fn live_writes_during_copy_are_resent_and_verified() {
     // The guest rewrites 25000 pages/s over 10 % of memory for the whole migration. With --verify full both sides
     // re-hash all memory at switchover, so a lost write would show as a mismatch (invariant 3).
     let src = guest(256, 25_000);
-    let run = migrate_loopback(&src, 1, &full(), &DestOptions::default(), &|_| {}).unwrap();
+    let run = migrate_loopback(
+        &src,
+        1,
+        &full(),
+        &DestOptions::default(),
+        &livemig::transport::tls::SecurityPair::insecure(),
+        &|_| {},
+    )
+    .unwrap();
     let r = &run.source;
     assert!(r.result.is_ok(), "{:?}", r.result);
     assert!(r.verified);
@@ -67,7 +83,15 @@ fn a_long_round_with_a_quiet_control_connection_is_not_silence() {
     // between rounds and in the switchover are a few milliseconds, well under 150.)
     let src = guest(1024, 0);
     let dopts = DestOptions { idle_timeout: Duration::from_millis(150), ..Default::default() };
-    let run = migrate_loopback(&src, 1, &SourceOptions::default(), &dopts, &|_| {}).unwrap();
+    let run = migrate_loopback(
+        &src,
+        1,
+        &SourceOptions::default(),
+        &dopts,
+        &livemig::transport::tls::SecurityPair::insecure(),
+        &|_| {},
+    )
+    .unwrap();
     assert!(run.source.result.is_ok(), "{:?}", run.source.result);
     assert!(run.source.rounds[0].stats.duration > Duration::from_millis(300), "round 0 too short to test this");
     assert!(run.dest.is_ok(), "{:?}", run.dest.err());

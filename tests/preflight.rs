@@ -32,7 +32,15 @@ fn guest() -> SyntheticGuest {
 #[test]
 fn every_failure_is_listed_and_the_migration_never_starts() {
     let src = guest();
-    let run = migrate_loopback(&src, 1, &source("vm-bad.toml"), &dest(), &|_| {}).unwrap();
+    let run = migrate_loopback(
+        &src,
+        1,
+        &source("vm-bad.toml"),
+        &dest(),
+        &livemig::transport::tls::SecurityPair::insecure(),
+        &|_| {},
+    )
+    .unwrap();
     let failures = match &run.source.result {
         Err(MigrateError::Preflight(f)) => f.clone(),
         other => panic!("expected a preflight refusal, got {other:?}"),
@@ -48,7 +56,15 @@ fn every_failure_is_listed_and_the_migration_never_starts() {
 #[test]
 fn a_clean_manifest_migrates() {
     let src = guest();
-    let run = migrate_loopback(&src, 1, &source("vm-clean.toml"), &dest(), &|_| {}).unwrap();
+    let run = migrate_loopback(
+        &src,
+        1,
+        &source("vm-clean.toml"),
+        &dest(),
+        &livemig::transport::tls::SecurityPair::insecure(),
+        &|_| {},
+    )
+    .unwrap();
     assert!(run.source.result.is_ok(), "{:?}", run.source.result);
     assert!(run.source.verified);
     let (_, d) = run.dest.unwrap();

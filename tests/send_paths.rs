@@ -14,7 +14,15 @@ fn migrate_under_writes(path: SendPath) -> u64 {
     let cfg = SyntheticConfig { memory_bytes: 128 << 20, dirty_rate: 40_000, hot_set_pct: 5.0, ..Default::default() };
     let src = SyntheticGuest::new(&cfg).unwrap();
     let opts = SourceOptions { verify: VerifyMode::Full, send_path: Some(path), compress: false, ..Default::default() };
-    let run = migrate_loopback(&src, 2, &opts, &DestOptions::default(), &|_| {}).unwrap();
+    let run = migrate_loopback(
+        &src,
+        2,
+        &opts,
+        &DestOptions::default(),
+        &livemig::transport::tls::SecurityPair::insecure(),
+        &|_| {},
+    )
+    .unwrap();
     let r = &run.source;
     assert!(r.result.is_ok(), "{path:?}: {:?}", r.result);
     // Full verification: both sides re-hashed all of memory at switchover and the roots were equal.

@@ -34,7 +34,15 @@ fn frame(kind: Kind, body: &[u8]) -> Vec<u8> {
 fn three_links_share_the_work_and_verify() {
     let src = guest(256, 10_000);
     let opts = SourceOptions { verify: VerifyMode::Full, ..Default::default() };
-    let run = migrate_loopback(&src, 3, &opts, &DestOptions::default(), &|_| {}).unwrap();
+    let run = migrate_loopback(
+        &src,
+        3,
+        &opts,
+        &DestOptions::default(),
+        &livemig::transport::tls::SecurityPair::insecure(),
+        &|_| {},
+    )
+    .unwrap();
     let r = &run.source;
     assert!(r.result.is_ok(), "{:?}", r.result);
     assert!(r.verified);
@@ -67,7 +75,9 @@ fn strangers_on_a_data_port_are_refused_and_the_migration_completes() {
     wire::write_pages(&mut pages, 9, 0, &table, &[&batch.payload]).unwrap();
     no_session.write_all(&pages).unwrap();
     let mut wrong_session = TcpStream::connect(data_addr).unwrap();
-    wrong_session.write_all(&frame(Kind::LinkHello, &wire::LinkHello { session: 0xbad, link: 0 }.encode())).unwrap();
+    wrong_session
+        .write_all(&frame(Kind::LinkHello, &wire::LinkHello { session: 0xbad, link: 0, proof: None }.encode()))
+        .unwrap();
     wrong_session.write_all(&pages).unwrap();
 
     let refused = Mutex::new(Vec::new());
@@ -79,18 +89,27 @@ fn strangers_on_a_data_port_are_refused_and_the_migration_completes() {
             let note = |peer: SocketAddr, e: &livemig::transport::dest::ReceiveError| {
                 refused.lock().unwrap().push((peer, e.to_string()))
             };
-            let (stream, hello) = accept_migration(&control, &dopts, &note).unwrap();
+            let (stream, hello) =
+                accept_migration(&control, &dopts, &livemig::transport::tls::DestSecurity::Insecure, &note).unwrap();
             receive(
                 &[&control, &data],
                 &stream,
                 hello,
                 |h| SyntheticGuest::destination(&h.layout, h.vcpus),
                 &dopts,
+                &livemig::transport::tls::DestSecurity::Insecure,
                 &note,
             )
         });
         let links = [LinkSpec::to(data_addr)];
-        let r = migrate(&src, TcpStream::connect(control_addr).unwrap(), &links, &opts, &|_| {});
+        let r = migrate(
+            &src,
+            TcpStream::connect(control_addr).unwrap(),
+            &links,
+            &opts,
+            &livemig::transport::tls::SourceSecurity::Insecure,
+            &|_| {},
+        );
         let (moved, _) = dest.join().unwrap().expect("destination completed");
         assert!(!moved.vcpus().is_paused());
         r
@@ -133,8 +152,17 @@ fn a_lagging_link_cannot_overwrite_a_newer_copy() {
     };
     let dest = std::thread::spawn(move || {
         let dopts = DestOptions::default();
-        let (stream, hello) = accept_migration(&listener, &dopts, &|_, _| {}).unwrap();
-        receive(&[&listener], &stream, hello, |h| SyntheticGuest::destination(&h.layout, h.vcpus), &dopts, &|_, _| {})
+        let (stream, hello) =
+            accept_migration(&listener, &dopts, &livemig::transport::tls::DestSecurity::Insecure, &|_, _| {}).unwrap();
+        receive(
+            &[&listener],
+            &stream,
+            hello,
+            |h| SyntheticGuest::destination(&h.layout, h.vcpus),
+            &dopts,
+            &livemig::transport::tls::DestSecurity::Insecure,
+            &|_, _| {},
+        )
     });
     let mut control = TcpStream::connect(addr).unwrap();
     control.write_all(&frame(Kind::Hello, &hello.encode())).unwrap();
@@ -142,7 +170,7 @@ fn a_lagging_link_cannot_overwrite_a_newer_copy() {
     assert_eq!(wire::read_frame(&mut control, &mut buf).unwrap().kind, Kind::HelloAck);
     let link = |i: u32| {
         let mut s = TcpStream::connect(addr).unwrap();
-        s.write_all(&frame(Kind::LinkHello, &wire::LinkHello { session: 42, link: i }.encode())).unwrap();
+        s.write_all(&frame(Kind::LinkHello, &wire::LinkHello { session: 42, link: i, proof: None }.encode())).unwrap();
         s
     };
     let (mut a, mut b) = (link(0), link(1));
@@ -207,7 +235,14 @@ fn migrate_with_a_failing_link(reset_on_cut: bool) {
                 cut_set.store(true, Ordering::SeqCst);
             }
         });
-        let r = migrate(&src, TcpStream::connect(addr).unwrap(), &links, &opts, &|_| {});
+        let r = migrate(
+            &src,
+            TcpStream::connect(addr).unwrap(),
+            &links,
+            &opts,
+            &livemig::transport::tls::SourceSecurity::Insecure,
+            &|_| {},
+        );
         done.store(true, Ordering::SeqCst);
         let moved = dest.join().unwrap();
         assert!(moved.is_ok(), "{:?}", moved.err());

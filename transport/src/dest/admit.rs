@@ -2,6 +2,7 @@
 //! why, and bounding what a flood of connections can cost (threads, descriptors, time).
 
 use super::{DestOptions, ReceiveError, HELLO_TIMEOUT};
+use crate::tls::{self, Conn, DestSecurity};
 use crate::wire::{self, Deadline, Hello, Kind, WireError};
 use std::collections::HashMap;
 use std::net::{IpAddr, SocketAddr, TcpListener, TcpStream};
@@ -40,10 +41,11 @@ pub(super) fn transient_accept_error(e: &std::io::Error) -> bool {
 /// does not spin.
 pub(super) const ACCEPT_RETRY: Duration = Duration::from_millis(20);
 
-/// Writes an Abort naming `e` on a connection that is being refused. Bounded, and best effort.
-pub(super) fn refuse(stream: &TcpStream, e: &ReceiveError) {
-    let _ = stream.set_write_timeout(Some(Duration::from_millis(500)));
-    let _ = wire::write_abort(stream, &e.to_string());
+/// Writes an Abort naming `e` on a connection that is being refused (sealed, once its TLS handshake is done).
+/// Bounded, and best effort.
+pub(super) fn refuse(conn: &Conn, e: &ReceiveError) {
+    let _ = conn.stream().set_write_timeout(Some(Duration::from_millis(500)));
+    let _ = wire::write_abort(conn, &e.to_string());
 }
 
 /// Counts connections still presenting themselves, in all and per peer address, and refuses past the caps.
@@ -86,11 +88,11 @@ impl Drop for Ticket {
 
 /// Reads the source's Hello from a new connection, the whole frame within [`HELLO_TIMEOUT`] (or the idle timeout, if
 /// shorter). Used by a listener to tell a livemig source from a stranger before committing to it.
-pub fn read_hello(stream: &TcpStream, opts: &DestOptions) -> Result<Hello, WireError> {
+pub fn read_hello(conn: &Conn, opts: &DestOptions) -> Result<Hello, WireError> {
     let mut buf = Vec::new();
-    let mut d = Deadline::new(stream, Instant::now() + HELLO_TIMEOUT.min(opts.idle_timeout), "Hello");
+    let mut d = Deadline::new(conn, Instant::now() + HELLO_TIMEOUT.min(opts.idle_timeout), "Hello");
     let h = wire::read_frame(&mut d, &mut buf)?;
-    stream.set_read_timeout(None)?;
+    conn.stream().set_read_timeout(None)?;
     match h.kind {
         Kind::Hello => Hello::decode(&buf),
         Kind::Abort => Err(WireError::PeerAbort(wire::decode_reason(&buf))),
@@ -99,7 +101,9 @@ pub fn read_hello(stream: &TcpStream, opts: &DestOptions) -> Result<Hello, WireE
 }
 
 /// Waits on `listener` for a source whose Hello this destination accepts, and returns its control connection and
-/// Hello. Every other connection is refused with an Abort naming why, reported to `refused`, and closed, and the
+/// Hello. Under [`DestSecurity::Mtls`] each connection first completes a mutual TLS handshake (within
+/// [`HELLO_TIMEOUT`]): one without a certificate the CA signed never gets to say Hello. Every other connection is
+/// refused with an Abort naming why (or, at the handshake, a TLS alert), reported to `refused`, and closed, and the
 /// wait goes on: a stranger, a wrong version, one that says nothing for [`HELLO_TIMEOUT`], a guest over
 /// [`DestOptions::max_memory`], a CPU model this host lacks, and a second source that finishes its Hello after the one
 /// admitted (it is told the destination is busy). Each Hello is read on its own thread, so a silent stranger cannot
@@ -109,9 +113,10 @@ pub fn read_hello(stream: &TcpStream, opts: &DestOptions) -> Result<Hello, WireE
 pub fn accept_migration(
     listener: &TcpListener,
     opts: &DestOptions,
+    security: &DestSecurity,
     refused: &(dyn Fn(SocketAddr, &ReceiveError) + Sync),
-) -> std::io::Result<(TcpStream, Hello)> {
-    type Found = Result<(TcpStream, Hello), (SocketAddr, ReceiveError)>;
+) -> std::io::Result<(Conn, Hello)> {
+    type Found = Result<(Conn, Hello), (SocketAddr, ReceiveError)>;
     let (tx, rx) = crossbeam::channel::unbounded::<Found>();
     // Set by the first reader whose Hello is accepted; any later one is told the destination is busy.
     let taken = Arc::new(AtomicBool::new(false));
@@ -121,18 +126,24 @@ pub fn accept_migration(
     let start_reader = |stream: TcpStream, peer: SocketAddr| {
         let Some(ticket) = admission.admit(peer.ip(), MAX_PENDING) else {
             let e = ReceiveError::TooManyConnections("waiting to present a Hello");
-            refuse(&stream, &e);
+            refuse(&Conn::plain(stream), &e);
             refused(peer, &e);
             return;
         };
-        let (tx, taken, opts) = (tx.clone(), taken.clone(), opts.clone());
+        let (tx, taken, opts, security) = (tx.clone(), taken.clone(), opts.clone(), security.clone());
         let spawned = std::thread::Builder::new().name("lm-hello".into()).spawn(move || {
             let _ticket = ticket;
-            let r = admit_source(&stream, &opts, &taken);
-            if let Err(e) = &r {
-                refuse(&stream, e);
-            }
-            let _ = tx.send(r.map(|h| (stream, h)).map_err(|e| (peer, e)));
+            let r = match tls::accept(stream, &security, HELLO_TIMEOUT) {
+                Err(e) => Err(ReceiveError::Tls(e)),
+                Ok(conn) => match admit_source(&conn, &opts, &taken) {
+                    Ok(h) => Ok((conn, h)),
+                    Err(e) => {
+                        refuse(&conn, &e);
+                        Err(e)
+                    }
+                },
+            };
+            let _ = tx.send(r.map_err(|e| (peer, e)));
         });
         if let Err(e) = spawned {
             refused(peer, &ReceiveError::Wire(WireError::Io(e)));
@@ -182,25 +193,29 @@ pub fn accept_migration(
 /// Reads a connection's Hello (within [`HELLO_TIMEOUT`]) and checks it against this destination; a refused one gets
 /// an Abort that says why. For a caller that serves one known source (as `livemig demo` does); a listener open to a
 /// network should use [`accept_migration`].
-pub fn admit(stream: &TcpStream, opts: &DestOptions) -> Result<Hello, ReceiveError> {
-    let r = read_checked_hello(stream, opts);
-    if let Err(e) = &r {
-        refuse(stream, e);
+pub fn admit(stream: TcpStream, opts: &DestOptions, security: &DestSecurity) -> Result<(Conn, Hello), ReceiveError> {
+    stream.set_nonblocking(false).map_err(WireError::from)?;
+    let conn = tls::accept(stream, security, HELLO_TIMEOUT)?;
+    match read_checked_hello(&conn, opts) {
+        Ok(h) => Ok((conn, h)),
+        Err(e) => {
+            refuse(&conn, &e);
+            Err(e)
+        }
     }
-    r
 }
 
-fn read_checked_hello(stream: &TcpStream, opts: &DestOptions) -> Result<Hello, ReceiveError> {
-    stream.set_nonblocking(false).map_err(WireError::from)?;
-    let hello = read_hello(stream, opts)?;
+fn read_checked_hello(conn: &Conn, opts: &DestOptions) -> Result<Hello, ReceiveError> {
+    conn.stream().set_nonblocking(false).map_err(WireError::from)?;
+    let hello = read_hello(conn, opts)?;
     opts.check(&hello)?;
-    let _ = stream.set_nodelay(true);
+    let _ = conn.stream().set_nodelay(true);
     Ok(hello)
 }
 
 /// Reads and checks one connection's Hello; the first accepted one takes the destination.
-fn admit_source(stream: &TcpStream, opts: &DestOptions, taken: &AtomicBool) -> Result<Hello, ReceiveError> {
-    let hello = read_checked_hello(stream, opts)?;
+fn admit_source(conn: &Conn, opts: &DestOptions, taken: &AtomicBool) -> Result<Hello, ReceiveError> {
+    let hello = read_checked_hello(conn, opts)?;
     if taken.swap(true, Ordering::SeqCst) {
         return Err(ReceiveError::Busy);
     }

@@ -3,6 +3,7 @@
 
 use super::admit::{refuse, transient_accept_error, Ticket, ACCEPT_RETRY};
 use super::{Msg, ReceiveError, Shared, HELLO_TIMEOUT, MID_FRAME_TIMEOUT, WRITE_TIMEOUT};
+use crate::tls::{self, Conn};
 use crate::wire::{self, Deadline, Header, Kind, WireError, HEADER_LEN};
 use livemig_engine::encode::PageEntry;
 use livemig_engine::num::u32_len;
@@ -33,7 +34,7 @@ pub(super) fn accept_links<'s, 'e: 's>(
                     let (ticket, (live, owner)) = match registered {
                         Ok(x) => x,
                         Err(e) => {
-                            refuse(&stream, &e);
+                            refuse(&Conn::plain(stream), &e);
                             refused(peer, &e);
                             continue;
                         }
@@ -63,18 +64,27 @@ pub(super) fn accept_links<'s, 'e: 's>(
 }
 
 /// Reads a new connection's first frame, within [`HELLO_TIMEOUT`], and returns the link index its LinkHello
-/// presents. Another source's Hello is told the destination is busy; anything else is refused for what it is.
-fn present(stream: &TcpStream, session: u64) -> Result<u32, ReceiveError> {
-    stream.set_nonblocking(false).map_err(WireError::from)?;
-    stream.set_write_timeout(Some(WRITE_TIMEOUT)).map_err(WireError::from)?;
+/// presents. Under TLS the LinkHello must carry the proof that the link belongs to this migration's control session.
+/// Another source's Hello is told the destination is busy; anything else is refused for what it is.
+fn present(conn: &Conn, shared: &Shared<'_>) -> Result<u32, ReceiveError> {
     let mut body = Vec::new();
-    let mut d = Deadline::new(stream, Instant::now() + HELLO_TIMEOUT, "LinkHello");
+    let mut d = Deadline::new(conn, Instant::now() + HELLO_TIMEOUT, "LinkHello");
     let h = wire::read_frame(&mut d, &mut body)?;
     match h.kind {
         Kind::LinkHello => {
             let l = wire::LinkHello::decode(&body)?;
-            if l.session != session {
+            if l.session != shared.session {
                 return Err(WireError::WrongSession { got: l.session }.into());
+            }
+            if let Some(control) = &shared.binding {
+                let (Some(link), Some(proof)) = (conn.binding(), &l.proof) else {
+                    return Err(ReceiveError::Unbound("it carries no proof of this migration's control session"));
+                };
+                if !tls::check_link_proof(control, link, proof) {
+                    return Err(ReceiveError::Unbound(
+                        "its proof does not match this migration's control session (a link of another session)",
+                    ));
+                }
             }
             Ok(l.link)
         }
@@ -94,19 +104,33 @@ fn data_link(
     tx: &crossbeam::channel::Sender<Msg>,
     refused: &(dyn Fn(SocketAddr, &ReceiveError) + Sync),
 ) {
-    let presented = present(&stream, shared.session);
-    drop(ticket);
-    let link = match presented {
-        Ok(link) => link,
+    let prepared = stream
+        .set_nonblocking(false)
+        .and_then(|()| stream.set_write_timeout(Some(WRITE_TIMEOUT)))
+        .map_err(|e| ReceiveError::Wire(e.into()));
+    let conn = match prepared.and_then(|()| Ok(tls::accept(stream, &shared.security, HELLO_TIMEOUT)?)) {
+        Ok(c) => c,
+        // Refused at the handshake: a plaintext source was told so in plaintext; a TLS peer got an alert.
         Err(e) => {
-            refuse(&stream, &e);
+            drop(ticket);
             refused(peer, &e);
             return;
         }
     };
+    let presented = present(&conn, shared);
+    drop(ticket);
+    let link = match presented {
+        Ok(link) => link,
+        Err(e) => {
+            refuse(&conn, &e);
+            refused(peer, &e);
+            return;
+        }
+    };
+    let stream = conn;
     shared.joined.store(true, Ordering::SeqCst);
-    let _ = stream.set_read_timeout(None);
-    let _ = stream.set_nodelay(true);
+    let _ = stream.stream().set_read_timeout(None);
+    let _ = stream.stream().set_nodelay(true);
     let mut st = ApplyState::default();
     let mut received = 0u64;
     let result = serve_frames(&stream, owner, shared, &mut st, &mut received);
@@ -136,13 +160,13 @@ fn data_link(
         }
     }
     // The link is done either way; its clone in `conns` must not keep the connection open.
-    let _ = stream.shutdown(Shutdown::Both);
+    let _ = stream.stream().shutdown(Shutdown::Both);
 }
 
 /// Reads, applies and acknowledges a presented link's Pages frames until it closes (Ok) or brings bad data (Err),
 /// adding its bytes to `received`.
 fn serve_frames(
-    stream: &TcpStream,
+    stream: &Conn,
     owner: u32,
     shared: &Shared<'_>,
     st: &mut ApplyState,

@@ -35,6 +35,7 @@ mod link;
 
 pub use admit::{accept_migration, admit, read_hello, MAX_PENDING, MAX_PENDING_PER_PEER};
 
+use crate::tls::{Conn, DestSecurity};
 use crate::wire::{self, Header, Hello, Kind, Verified, Verify, WireError};
 use admit::Admission;
 use link::accept_links;
@@ -90,6 +91,14 @@ pub enum ReceiveError {
     /// The data threads did not all stop within the bound when the source asked to verify.
     #[error("data links did not stop within {0:?} of Verify")]
     Quiesce(Duration),
+    /// The connection's TLS handshake failed: no certificate, one the CA did not sign or that expired, or a peer
+    /// that does not speak TLS.
+    #[error(transparent)]
+    Tls(#[from] crate::tls::TlsError),
+    /// A data link that is not bound to this migration's control session: another session's link (even one with a
+    /// valid certificate), or a plaintext one joining an encrypted migration.
+    #[error("data link refused: {0}")]
+    Unbound(&'static str),
 }
 
 impl From<GuestError> for ReceiveError {
@@ -109,6 +118,7 @@ impl ReceiveError {
                 | ReceiveError::Busy
                 | ReceiveError::TooManyConnections(_)
                 | ReceiveError::RefusedBySource(_)
+                | ReceiveError::Tls(_)
         )
     }
 }
@@ -138,6 +148,8 @@ pub struct DestReport {
     /// Set when the guest was resumed but `Committed` could not be sent: the guest runs here, and the source, which
     /// did not hear so, stays paused and reports the outcome as unknown. An operator must stop one side.
     pub committed_error: Option<String>,
+    /// The control connection's security: mode, cipher, the source certificate's subject.
+    pub security: crate::tls::SecurityInfo,
 }
 
 /// Options of the destination.
@@ -254,24 +266,28 @@ const PREFAULT_RESERVE: u64 = 256 << 20;
 /// the migration with an error (and an Abort to the source).
 pub fn receive<G: Guest>(
     listeners: &[&TcpListener],
-    control: &TcpStream,
+    control: &Conn,
     hello: Hello,
     make_guest: impl FnOnce(&Hello) -> Result<G, GuestError>,
     opts: &DestOptions,
+    security: &DestSecurity,
     refused: &(dyn Fn(SocketAddr, &ReceiveError) + Sync),
 ) -> Result<(G, DestReport), ReceiveError> {
     let result: Result<(G, DestReport), ReceiveError> = (|| {
         opts.check(&hello)?;
-        control.set_write_timeout(Some(WRITE_TIMEOUT)).map_err(WireError::from)?;
+        if control.is_sealed() != matches!(security, DestSecurity::Mtls(_)) {
+            return Err(ReceiveError::Unbound("the control connection's security differs from the destination's"));
+        }
+        control.stream().set_write_timeout(Some(WRITE_TIMEOUT)).map_err(WireError::from)?;
         let guest = make_guest(&hello)?;
         let ack = wire::HelloAck { session: hello.session, dest: opts.describe() };
         wire::write_control(control, Kind::HelloAck, &ack.encode()).map_err(WireError::from)?;
-        let report = run(listeners, control, &guest, hello, opts, refused)?;
+        let report = run(listeners, control, &guest, hello, opts, security, refused)?;
         Ok((guest, report))
     })();
     if let Err(e) = &result {
         if matches!(e, ReceiveError::Killed(_)) {
-            let _ = control.shutdown(Shutdown::Both);
+            let _ = control.stream().shutdown(Shutdown::Both);
             return result;
         }
         // Best effort: the source may be gone already.
@@ -311,6 +327,9 @@ struct Shared<'a> {
     bytes: AtomicU64,
     max_connections: usize,
     admission: Arc<Admission>,
+    /// How data links must authenticate, and the control session's binding secret their proofs are checked against.
+    security: DestSecurity,
+    binding: Option<[u8; 32]>,
 }
 
 /// A thread counted in `Conns::live`; dropping it (however the thread ends) gives its place back.
@@ -357,6 +376,8 @@ impl<'a> Shared<'a> {
             bytes: AtomicU64::new(0),
             max_connections: opts.max_connections.max(1),
             admission: Arc::new(Admission::default()),
+            security: DestSecurity::Insecure,
+            binding: None,
         }
     }
 
@@ -382,6 +403,7 @@ impl<'a> Shared<'a> {
             resumed_at,
             full_verify,
             committed_error,
+            security: crate::tls::SecurityInfo::default(),
         }
     }
 
@@ -452,16 +474,19 @@ enum Msg {
 
 fn run(
     listeners: &[&TcpListener],
-    control: &TcpStream,
+    control: &Conn,
     guest: &dyn Guest,
     hello: Hello,
     opts: &DestOptions,
+    security: &DestSecurity,
     refused: &(dyn Fn(SocketAddr, &ReceiveError) + Sync),
 ) -> Result<DestReport, ReceiveError> {
-    let shared = Shared::new(guest, hello.session, opts);
+    let mut shared = Shared::new(guest, hello.session, opts);
+    shared.security = security.clone();
+    shared.binding = control.binding().copied();
     let (tx, msgs) = crossbeam::channel::unbounded::<Msg>();
     // The Hello was read under a deadline; from here silence is judged by the control loop, which counts data.
-    control.set_read_timeout(None).map_err(WireError::from)?;
+    control.stream().set_read_timeout(None).map_err(WireError::from)?;
     for l in listeners {
         l.set_nonblocking(true).map_err(WireError::from)?;
     }
@@ -489,7 +514,7 @@ fn run(
         // However the loop ended, every data thread and helper stops before the guest may run (it already has, after
         // a successful Verify) and before this scope joins them.
         let stopped = shared.quiesce(MAX_PAUSE);
-        let _ = control.shutdown(Shutdown::Read);
+        let _ = control.stream().shutdown(Shutdown::Read);
         let full_verify = result?;
         stopped.map(|()| full_verify)
     });
@@ -501,11 +526,13 @@ fn run(
     guest.vcpus().resume();
     let resumed_at = Instant::now();
     if opts.fail_committed {
-        let _ = control.shutdown(Shutdown::Write);
+        let _ = control.stream().shutdown(Shutdown::Write);
     }
     let committed_error =
         wire::write_control(control, Kind::Committed, &[]).err().map(|e| format!("sending Committed: {e}"));
-    Ok(shared.report(hello, resumed_at, full_verify, committed_error))
+    let mut report = shared.report(hello, resumed_at, full_verify, committed_error);
+    report.security = control.info();
+    Ok(report)
 }
 
 /// Faulting fresh memory in (the kernel zeroes each page) costs more than copying data into it, and would otherwise
@@ -528,7 +555,7 @@ fn prefault(guest: &dyn Guest, chunks: &livemig_engine::dirty::Bitmap, shared: &
 
 /// Reads control frames (each complete within [`MID_FRAME_TIMEOUT`] once begun) and hands them to the control loop,
 /// until the connection fails or closes.
-fn read_control(control: &TcpStream, to: &crossbeam::channel::Sender<Msg>) {
+fn read_control(control: &Conn, to: &crossbeam::channel::Sender<Msg>) {
     let mut buf = Vec::new();
     loop {
         let r = wire::read_frame_within(control, &mut buf, MID_FRAME_TIMEOUT, "control frame")
@@ -543,7 +570,7 @@ fn read_control(control: &TcpStream, to: &crossbeam::channel::Sender<Msg>) {
 /// The control connection's side of the migration: vCPU state, verification, commit. Returns whether the
 /// verification was a full one, once Commit arrives after equal digests.
 fn control_loop(
-    control: &TcpStream,
+    control: &Conn,
     guest: &dyn Guest,
     shared: &Shared<'_>,
     msgs: &crossbeam::channel::Receiver<Msg>,

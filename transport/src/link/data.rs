@@ -7,12 +7,13 @@
 //! batches again. Acks come back in order on each link, so the unacknowledged list is a FIFO.
 
 use super::zerocopy::{Buffers, ZeroCopy, ZeroCopyStats};
+use crate::tls::Conn;
 use crate::wire::{self, Kind, WireError, HEADER_LEN};
 use crossbeam::channel::{bounded, Receiver, SendTimeoutError, Sender};
 use livemig_engine::encode::{EncodedBatch, SendPath, BATCH_PAGES};
 use std::collections::VecDeque;
 use std::io::IoSlice;
-use std::net::{Shutdown, TcpStream};
+use std::net::Shutdown;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -81,7 +82,7 @@ pub struct DataLink {
     name: String,
     tx: Sender<Queued>,
     rx: Receiver<Queued>,
-    stream: TcpStream,
+    stream: Conn,
     unacked: Mutex<VecDeque<Queued>>,
     /// Frame bytes handed to the link and not yet acknowledged.
     held: AtomicU64,
@@ -97,7 +98,7 @@ pub struct DataLink {
 
 impl DataLink {
     /// Wraps a connected data socket.
-    pub fn new(name: String, stream: TcpStream) -> Self {
+    pub fn new(name: String, stream: Conn) -> Self {
         let (tx, rx) = bounded(QUEUE_BATCHES);
         DataLink {
             name,
@@ -194,12 +195,21 @@ impl DataLink {
             let zero_copy = batch.path == Some(SendPath::ZeroCopy) && batch.has_guest_parts();
             if zero_copy && !zc_tried {
                 zc_tried = true;
-                match ZeroCopy::new(&self.stream) {
-                    Ok(z) => zc = Some(z),
-                    Err(e) => {
-                        self.zerocopy.lock().unwrap_or_else(|e| e.into_inner()).1 =
-                            Some(format!("SO_ZEROCOPY refused ({e}); sending vectored"))
+                let refused = if self.stream.is_sealed() {
+                    // Sealing copies each page into the record buffer it is encrypted in: the kernel has nothing of
+                    // the guest's left to send from.
+                    Some("zero-copy does not apply to an encrypted link; sending vectored".to_string())
+                } else {
+                    match ZeroCopy::new(self.stream.stream()) {
+                        Ok(z) => {
+                            zc = Some(z);
+                            None
+                        }
+                        Err(e) => Some(format!("SO_ZEROCOPY refused ({e}); sending vectored")),
                     }
+                };
+                if refused.is_some() {
+                    self.zerocopy.lock().unwrap_or_else(|e| e.into_inner()).1 = refused;
                 }
             }
             let result = match zc.as_mut().filter(|_| zero_copy) {
@@ -285,13 +295,13 @@ impl DataLink {
     /// Declares the link failed and closes its socket, which ends its reader and writer.
     pub fn fail(&self) {
         self.failed.store(true, Ordering::SeqCst);
-        let _ = self.stream.shutdown(Shutdown::Both);
+        let _ = self.stream.stream().shutdown(Shutdown::Both);
     }
 
     /// Stops the writer and closes the socket at the end of a migration.
     pub fn close(&self) {
         self.stop.store(true, Ordering::SeqCst);
-        let _ = self.stream.shutdown(Shutdown::Both);
+        let _ = self.stream.stream().shutdown(Shutdown::Both);
     }
 
     /// Takes back every batch the failed link holds, queued or unacknowledged, once its writer has stopped (so that

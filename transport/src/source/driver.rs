@@ -5,13 +5,14 @@ use super::{VerifyMode, DIRTY_SAMPLE};
 use crate::cpu_usage::CpuMeter;
 use crate::link::data::{DataLink, LinkEvent};
 use crate::stripe::Stripe;
+use crate::tls::Conn;
 use crate::wire::{self, Kind, Verify, WireError};
 use crossbeam::channel::{Receiver, RecvTimeoutError, Sender};
 use livemig_engine::dirty::{scan_parallel, Bitmap};
 use livemig_engine::encode::{memory_root, BatchEncoder, EncodeError, HashTable, PageCounts, SendPolicy};
 use livemig_engine::guest::Guest;
 use livemig_engine::precopy::{Action, Outcome, Precopy, RateEstimator, Timeout};
-use std::net::{Shutdown, TcpStream};
+use std::net::Shutdown;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
@@ -29,7 +30,7 @@ pub(super) struct Driver<'a> {
     /// What each round sent, as the driver counted it.
     pub(super) sent: Vec<RoundSent>,
     pub(super) progress: &'a (dyn Fn(&Progress) + Sync),
-    pub(super) control: &'a TcpStream,
+    pub(super) control: &'a Conn,
     pub(super) control_written: &'a AtomicU64,
     pub(super) cpu: CpuMeter,
     pub(super) link_rates: Vec<RateEstimator>,
@@ -210,14 +211,14 @@ impl Driver<'_> {
         for l in &self.stripe.links {
             l.close();
         }
-        let _ = self.control.shutdown(Shutdown::Both);
+        let _ = self.control.stream().shutdown(Shutdown::Both);
         self.machine.fail(reason);
     }
 
     /// Best effort: tells the destination why the migration is off, so that it reports the reason rather than a
     /// closed connection. Bounded, because the destination may be the thing that stopped reading.
     fn tell_destination(&self, reason: &str) {
-        let _ = self.control.set_write_timeout(Some(Duration::from_millis(200)));
+        let _ = self.control.stream().set_write_timeout(Some(Duration::from_millis(200)));
         let _ = wire::write_abort(self.control, reason);
     }
 

@@ -27,6 +27,7 @@ use crate::cpu_usage::CpuMeter;
 use crate::link::data::LinkEvent;
 use crate::link::LinkSpec;
 use crate::stripe::Stripe;
+use crate::tls::{self, Conn, SourceSecurity};
 use crate::wire::{Verified, WireError};
 use driver::Driver;
 use livemig_engine::encode::{EncodeError, HashTable, PageCounts, SendPath, SendPolicy};
@@ -62,18 +63,28 @@ pub fn migrate(
     control: TcpStream,
     links: &[LinkSpec],
     opts: &SourceOptions,
+    security: &SourceSecurity,
     progress: &(dyn Fn(&Progress) + Sync),
 ) -> SourceReport {
     let start = Instant::now();
     let mut report = SourceReport::new(opts.send_path.unwrap_or(SendPath::Vectored));
     let cpu_start = crate::cpu_usage::process_cpu_seconds();
     let control_written = AtomicU64::new(0);
+    let control = match tls::connect(control, security, CONNECT_TIMEOUT) {
+        Ok(c) => c,
+        Err(e) => {
+            report.result = Err(e.into());
+            report.total_time = start.elapsed();
+            return report;
+        }
+    };
+    report.security = control.info();
     let setup = start_logging(guest)
         .and_then(|initial| {
             let rtt = handshake(guest, &control, opts, &control_written, &initial)?;
             Ok((initial, rtt))
         })
-        .and_then(|(initial, rtt)| Ok((initial, rtt, connect_links(&control, links, opts)?)));
+        .and_then(|(initial, rtt)| Ok((initial, rtt, connect_links(&control, links, opts, security)?)));
     let (initial, rtt, (data, refused)) = match setup {
         Ok(x) => x,
         Err(e) => {
@@ -128,7 +139,7 @@ pub fn migrate(
         for l in &stripe.links {
             l.close();
         }
-        let _ = control.shutdown(Shutdown::Both);
+        let _ = control.stream().shutdown(Shutdown::Both);
         drop(ev_tx);
     });
     report.total_time = start.elapsed();
@@ -146,7 +157,7 @@ fn spawn_link_threads<'s, 'e: 's>(
     policy: &'e SendPolicy,
     ev_tx: &crossbeam::channel::Sender<Event>,
     done: &'e AtomicBool,
-    control: &'e TcpStream,
+    control: &'e Conn,
 ) -> std::io::Result<()> {
     let spawn = |name: String| std::thread::Builder::new().name(name);
     for (i, link) in stripe.links.iter().enumerate() {

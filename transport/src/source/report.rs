@@ -114,6 +114,10 @@ pub enum MigrateError {
     /// and an operator must find out which side runs it.
     #[error("outcome unknown: {0}")]
     OutcomeUnknown(String),
+    /// The control connection's TLS handshake failed: the destination refused our certificate, its own was refused,
+    /// or it does not speak TLS.
+    #[error(transparent)]
+    Tls(#[from] crate::tls::TlsError),
 }
 
 impl From<GuestError> for MigrateError {
@@ -213,6 +217,8 @@ pub struct SourceReport {
     pub cpu_seconds: f64,
     /// Wire bytes per link, sampled about every 100 ms: (seconds since the start, cumulative bytes per link).
     pub timeline: Vec<(f64, Vec<u64>)>,
+    /// The control connection's security: mode, cipher, the destination certificate's subject.
+    pub security: crate::tls::SecurityInfo,
 }
 
 impl SourceReport {
@@ -233,6 +239,7 @@ impl SourceReport {
             send_path,
             cpu_seconds: 0.0,
             timeline: Vec::new(),
+            security: crate::tls::SecurityInfo::default(),
         }
     }
 }

@@ -4,6 +4,7 @@
 use super::{Event, MigrateError, SourceOptions, CONNECT_TIMEOUT};
 use crate::link::data::DataLink;
 use crate::link::LinkSpec;
+use crate::tls::{self, Conn, SourceSecurity};
 use crate::wire::{self, Hello, Kind, Verified, WireError};
 use crossbeam::channel::Sender;
 use livemig_engine::dirty::Bitmap;
@@ -24,7 +25,7 @@ pub(super) fn start_logging(guest: &dyn Guest) -> Result<Bitmap, MigrateError> {
 /// Opens the migration on the control connection; returns the Hello's round-trip time.
 pub(super) fn handshake(
     guest: &dyn Guest,
-    stream: &TcpStream,
+    stream: &Conn,
     opts: &SourceOptions,
     written: &AtomicU64,
     initial: &Bitmap,
@@ -40,15 +41,16 @@ pub(super) fn handshake(
         macs: opts.macs.clone(),
     };
     let body = hello.encode();
-    stream.set_write_timeout(Some(opts.precopy.peer_timeout)).map_err(|e| MigrateError::Handshake(e.into()))?;
+    let sock = stream.stream();
+    sock.set_write_timeout(Some(opts.precopy.peer_timeout)).map_err(|e| MigrateError::Handshake(e.into()))?;
     let n = wire::write_control(stream, Kind::Hello, &body).map_err(|e| MigrateError::Handshake(e.into()))?;
     written.fetch_add(n as u64, Ordering::Relaxed);
-    stream.set_read_timeout(Some(opts.precopy.peer_timeout)).map_err(|e| MigrateError::Handshake(e.into()))?;
+    sock.set_read_timeout(Some(opts.precopy.peer_timeout)).map_err(|e| MigrateError::Handshake(e.into()))?;
     let mut buf = Vec::new();
     let h = wire::read_frame(&mut &*stream, &mut buf).map_err(MigrateError::Handshake)?;
     // The Hello's answer also waited for the destination to admit the connection and build its guest; the
     // switchover's round trips are the network's.
-    let rtt = crate::link::tcp_rtt(stream).map_or(sent.elapsed(), |k| k.min(sent.elapsed()));
+    let rtt = crate::link::tcp_rtt(sock).map_or(sent.elapsed(), |k| k.min(sent.elapsed()));
     match h.kind {
         Kind::HelloAck => {
             let wire::HelloAck { session, dest } = wire::HelloAck::decode(&buf).map_err(MigrateError::Handshake)?;
@@ -71,21 +73,23 @@ pub(super) fn handshake(
         got => return Err(MigrateError::Handshake(WireError::Unexpected { got, expected: "HelloAck" })),
     }
     // From here the control reader blocks on the socket; stalls are detected by the driver's clock instead.
-    stream.set_read_timeout(None).map_err(|e| MigrateError::Handshake(e.into()))?;
-    let _ = stream.set_nodelay(true);
+    sock.set_read_timeout(None).map_err(|e| MigrateError::Handshake(e.into()))?;
+    let _ = sock.set_nodelay(true);
     Ok(rtt)
 }
 
-/// Connects the data links and presents the session on each. A link that cannot connect is kept, failed, so the
-/// report shows it; the migration needs at least one.
+/// Connects the data links and presents the session on each (under TLS: a handshake of its own, and the proof that
+/// binds it to the control connection's session). A link that cannot connect is kept, failed, so the report shows
+/// it; the migration needs at least one.
 pub(super) fn connect_links(
-    control: &TcpStream,
+    control: &Conn,
     specs: &[LinkSpec],
     opts: &SourceOptions,
+    security: &SourceSecurity,
 ) -> Result<(Vec<DataLink>, Vec<Option<String>>), MigrateError> {
     let default;
     let specs = if specs.is_empty() {
-        let peer = control.peer_addr().map_err(|e| MigrateError::Handshake(e.into()))?;
+        let peer = control.stream().peer_addr().map_err(|e| MigrateError::Handshake(e.into()))?;
         default = [LinkSpec::to(peer)];
         &default[..]
     } else {
@@ -95,10 +99,12 @@ pub(super) fn connect_links(
     let mut errors = Vec::new();
     let mut last_error = String::new();
     for (i, spec) in specs.iter().enumerate() {
-        let opened = spec.connect(CONNECT_TIMEOUT).and_then(|stream| {
-            let hello = wire::LinkHello { session: opts.session, link: livemig_engine::num::u32_len(i) };
-            wire::write_control(&stream, Kind::LinkHello, &hello.encode())?;
-            Ok(stream)
+        let opened = spec.connect(CONNECT_TIMEOUT).map_err(|e| e.to_string()).and_then(|stream| {
+            let conn = tls::connect(stream, security, CONNECT_TIMEOUT).map_err(|e| e.to_string())?;
+            let proof = control.binding().zip(conn.binding()).map(|(c, l)| tls::link_proof(c, l));
+            let hello = wire::LinkHello { session: opts.session, link: livemig_engine::num::u32_len(i), proof };
+            wire::write_control(&conn, Kind::LinkHello, &hello.encode()).map_err(|e| e.to_string())?;
+            Ok(conn)
         });
         match opened {
             Ok(stream) => {
@@ -106,10 +112,10 @@ pub(super) fn connect_links(
                 errors.push(None);
             }
             Err(e) => {
-                last_error = e.to_string();
+                last_error = e;
                 // A placeholder that is failed from the start keeps link indices and report rows in --link order.
                 let (a, _b) = local_pair()?;
-                let l = DataLink::new(spec.name(), a);
+                let l = DataLink::new(spec.name(), Conn::plain(a));
                 l.fail();
                 links.push(l);
                 errors.push(Some(last_error.clone()));
@@ -131,7 +137,7 @@ fn local_pair() -> Result<(TcpStream, TcpStream), MigrateError> {
     Ok((a, b))
 }
 
-pub(super) fn control_loop(r: &TcpStream, ev: &Sender<Event>, done: &AtomicBool) {
+pub(super) fn control_loop(r: &Conn, ev: &Sender<Event>, done: &AtomicBool) {
     let mut buf = Vec::new();
     let mut r = r;
     loop {

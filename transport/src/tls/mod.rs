@@ -19,7 +19,8 @@ pub mod channel;
 use channel::{DirectionKey, Opener, Sealer};
 use ring::hmac;
 use rustls::pki_types::pem::PemObject;
-use rustls::pki_types::{CertificateDer, PrivateKeyDer, ServerName};
+pub use rustls::pki_types::ServerName;
+use rustls::pki_types::{CertificateDer, PrivateKeyDer};
 use rustls::{ClientConfig, ClientConnection, RootCertStore, ServerConfig, ServerConnection};
 use std::io::{IoSlice, IoSliceMut, Read, Write};
 use std::net::TcpStream;
@@ -237,6 +238,7 @@ pub fn init_with_validity(
     let werr = |p: &Path, e: &dyn std::fmt::Display| TlsError::Write { path: p.to_path_buf(), why: e.to_string() };
     let gen = |e: rcgen::Error| TlsError::Config(e.to_string());
     std::fs::create_dir_all(dir).map_err(|e| werr(dir, &e))?;
+    std::fs::set_permissions(dir, std::os::unix::fs::PermissionsExt::from_mode(0o700)).map_err(|e| werr(dir, &e))?;
     let ca_key = rcgen::KeyPair::generate().map_err(gen)?;
     let mut ca = rcgen::CertificateParams::new(Vec::<String>::new()).map_err(gen)?;
     ca.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
@@ -264,6 +266,43 @@ pub fn init_with_validity(
         write_file(&hd.join("key.pem"), key.serialize_pem().as_bytes(), 0o600)?;
     }
     Ok(())
+}
+
+/// Both ends of a migration's security, as a source and a destination in one run use them.
+#[derive(Clone, Debug)]
+pub struct SecurityPair {
+    /// The source's.
+    pub source: SourceSecurity,
+    /// The destination's.
+    pub dest: DestSecurity,
+}
+
+impl SecurityPair {
+    /// Plaintext on both ends.
+    pub fn insecure() -> Self {
+        SecurityPair { source: SourceSecurity::Insecure, dest: DestSecurity::Insecure }
+    }
+
+    /// Mutual TLS under throwaway credentials: a private CA and certificates for "source" and "destination", made
+    /// in a private temporary directory, loaded, and deleted again (the configurations hold what they need).
+    pub fn throwaway() -> Result<Self, TlsError> {
+        let mut id = [0u8; 8];
+        getrandom::fill(&mut id).map_err(|e| TlsError::Config(e.to_string()))?;
+        let dir = std::env::temp_dir().join(format!("livemig-creds-{}", u64::from_le_bytes(id)));
+        let made = init(&dir, &["source", "destination"]).and_then(|()| Self::from_dir(&dir, "source", "destination"));
+        let _ = std::fs::remove_dir_all(&dir);
+        made
+    }
+
+    /// Mutual TLS with the credentials of `src` and `dst` in a `tls init` directory.
+    pub fn from_dir(dir: &Path, src: &str, dst: &str) -> Result<Self, TlsError> {
+        let (s, d) = (Credentials::load(&dir.join(src), None)?, Credentials::load(&dir.join(dst), None)?);
+        let server_name = ServerName::try_from(dst.to_string()).map_err(|e| TlsError::Config(e.to_string()))?;
+        Ok(SecurityPair {
+            source: SourceSecurity::Mtls { config: s.client_config()?, server_name },
+            dest: DestSecurity::Mtls(d.server_config()?),
+        })
+    }
 }
 
 fn write_file(path: &Path, bytes: &[u8], mode: u32) -> Result<(), TlsError> {

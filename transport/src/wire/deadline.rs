@@ -2,6 +2,7 @@
 //! trickles a byte now and then cannot hold a thread for ever, and the frame readers built on it.
 
 use super::{check_sum, read_body, read_full, Header, WireError, HEADER_LEN};
+use crate::tls::Conn;
 use std::io::Read;
 
 /// A reader that gives a whole frame (or any sequence of reads) one deadline, rather than each read its own timeout:
@@ -9,7 +10,7 @@ use std::io::Read;
 /// to the time left, and lowered again as that shrinks (at most one `setsockopt` per [`DEADLINE_SLACK`] of waiting).
 #[derive(Debug)]
 pub struct Deadline<'a> {
-    stream: &'a std::net::TcpStream,
+    conn: &'a Conn,
     at: std::time::Instant,
     what: &'static str,
     /// The read timeout set on the socket, if this reader set one.
@@ -21,8 +22,8 @@ pub const DEADLINE_SLACK: std::time::Duration = std::time::Duration::from_millis
 
 impl<'a> Deadline<'a> {
     /// Reads from `stream` until `at`; `what` names the wait in the timeout's message.
-    pub fn new(stream: &'a std::net::TcpStream, at: std::time::Instant, what: &'static str) -> Self {
-        Deadline { stream, at, what, set: None }
+    pub fn new(conn: &'a Conn, at: std::time::Instant, what: &'static str) -> Self {
+        Deadline { conn, at, what, set: None }
     }
 
     /// Sets the socket's timeout to the time left, when it is more than [`DEADLINE_SLACK`] over it.
@@ -35,7 +36,7 @@ impl<'a> Deadline<'a> {
             ));
         }
         if self.set.is_none_or(|s| s > left + DEADLINE_SLACK) {
-            self.stream.set_read_timeout(Some(left))?;
+            self.conn.stream().set_read_timeout(Some(left))?;
             self.set = Some(left);
         }
         Ok(())
@@ -54,19 +55,19 @@ impl<'a> Deadline<'a> {
 impl Read for Deadline<'_> {
     fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
         self.arm()?;
-        (&*self.stream).read(buf).map_err(|e| self.timed_out(e))
+        (&*self.conn).read(buf).map_err(|e| self.timed_out(e))
     }
 
     fn read_vectored(&mut self, bufs: &mut [std::io::IoSliceMut<'_>]) -> std::io::Result<usize> {
         self.arm()?;
-        (&*self.stream).read_vectored(bufs).map_err(|e| self.timed_out(e))
+        (&*self.conn).read_vectored(bufs).map_err(|e| self.timed_out(e))
     }
 }
 
 /// Reads one frame from `stream`: waits for its first byte without a deadline (between frames a peer may be quiet for
 /// long; the caller judges silence), then gives the rest of the frame `within`.
 pub fn read_frame_within(
-    stream: &std::net::TcpStream,
+    stream: &Conn,
     body: &mut Vec<u8>,
     within: std::time::Duration,
     what: &'static str,
@@ -80,13 +81,13 @@ pub fn read_frame_within(
 
 /// Reads a frame header as [`read_frame_within`] does: the first byte whenever it comes, the rest `within`.
 pub fn read_header_within(
-    stream: &std::net::TcpStream,
+    stream: &Conn,
     within: std::time::Duration,
     what: &'static str,
 ) -> Result<([u8; HEADER_LEN], Header), WireError> {
     let mut h = [0u8; HEADER_LEN];
     // A previous frame's deadline may have left a timeout on the socket.
-    stream.set_read_timeout(None)?;
+    stream.stream().set_read_timeout(None)?;
     if read_full(&mut &*stream, &mut h[..1])? == 0 {
         return Err(WireError::Closed);
     }

@@ -310,23 +310,35 @@ pub struct LinkHello {
     pub session: u64,
     /// The link's index at the source (its `--link` order).
     pub link: u32,
+    /// Under TLS, the proof that this link belongs to the control connection's session ([`crate::tls::link_proof`]).
+    pub proof: Option<[u8; 32]>,
 }
 
 impl LinkHello {
-    /// Serializes the body.
-    pub fn encode(&self) -> [u8; 12] {
-        let mut out = [0u8; 12];
-        out[..8].copy_from_slice(&self.session.to_le_bytes());
-        out[8..].copy_from_slice(&self.link.to_le_bytes());
+    /// Serializes the body: 12 bytes, or 44 with a proof.
+    pub fn encode(&self) -> Vec<u8> {
+        let mut out = Vec::with_capacity(44);
+        out.extend_from_slice(&self.session.to_le_bytes());
+        out.extend_from_slice(&self.link.to_le_bytes());
+        if let Some(p) = &self.proof {
+            out.extend_from_slice(p);
+        }
         out
     }
 
     /// Parses a body.
     pub fn decode(body: &[u8]) -> Result<LinkHello, WireError> {
         let mut r = Body { kind: Kind::LinkHello, b: body };
-        let l = LinkHello { session: r.u64("session")?, link: r.u32("link index")? };
+        let (session, link) = (r.u64("session")?, r.u32("link index")?);
+        let proof = if body.len() > 12 {
+            let mut p = [0u8; 32];
+            p.copy_from_slice(r.take(32, "link proof")?);
+            Some(p)
+        } else {
+            None
+        };
         r.end()?;
-        Ok(l)
+        Ok(LinkHello { session, link, proof })
     }
 }
 

@@ -103,7 +103,9 @@ impl Kind {
             // The session and the destination's description (JSON: its name, datastores, port groups, CPU).
             HelloAck => 256 << 10,
             Abort => MAX_REASON_LEN,
-            Ack | LinkHello => 12,
+            Ack => 12,
+            // Session and link index, then (under TLS) the 32-byte proof that binds the link to the control session.
+            LinkHello => 44,
             Verify | Verified => 17,
             StateAck | Commit | Committed => 0,
         }

@@ -185,7 +185,7 @@ fn oversized_bodies_are_refused_before_allocation() {
 #[test]
 fn each_kind_has_its_own_body_limit() {
     // An Ack carries 12 bytes: one that claims a megabyte is refused at its header, before any body is read.
-    for (kind, len) in [(Kind::Ack, 1u32 << 20), (Kind::LinkHello, 13), (Kind::Commit, 1), (Kind::Abort, 64 << 10)] {
+    for (kind, len) in [(Kind::Ack, 1u32 << 20), (Kind::LinkHello, 45), (Kind::Commit, 1), (Kind::Abort, 64 << 10)] {
         let mut f = frame(kind, 0, 0, &[]);
         f[16..20].copy_from_slice(&len.to_le_bytes());
         let err = read(&f).unwrap_err();
@@ -225,6 +225,7 @@ fn a_frame_has_one_deadline_however_slowly_its_bytes_trickle() {
     });
     let t = std::time::Instant::now();
     let mut body = Vec::new();
+    let s = crate::tls::Conn::plain(s);
     let err = read_frame_within(&s, &mut body, std::time::Duration::from_millis(150), "test frame").unwrap_err();
     let took = t.elapsed();
     assert!(err.to_string().contains("test frame not complete in time"), "{err}");
@@ -278,7 +279,9 @@ fn inconsistent_page_tables_are_refused() {
 fn every_control_message_round_trips_and_refuses_a_short_or_long_body() {
     let ack = Ack { bytes: 1 << 40, pages: 128 };
     assert_eq!(Ack::decode(&ack.encode()).unwrap(), ack);
-    let link = LinkHello { session: 0xfeed_f00d, link: 3 };
+    let plain = LinkHello { session: 0xfeed_f00d, link: 3, proof: None };
+    assert_eq!(LinkHello::decode(&plain.encode()).unwrap(), plain);
+    let link = LinkHello { session: 0xfeed_f00d, link: 3, proof: Some([7; 32]) };
     assert_eq!(LinkHello::decode(&link.encode()).unwrap(), link);
     let dest = livemig_engine::preflight::DestDescription {
         name: "dst".into(),
