@@ -247,6 +247,10 @@ fn read_pages(
         });
         return match applied {
             Ok(()) => Ok(()),
+            // A sealed record that failed to open is bad data; any other read error is a lost link.
+            Err(InPlaceError::Io(e)) if e.kind() == std::io::ErrorKind::InvalidData => {
+                Err(fatal(WireError::Io(e).into()))
+            }
             Err(InPlaceError::Io(_)) => Err(None),
             Err(InPlaceError::Apply(ApplyError::Busy { owner, .. })) => {
                 // A resend racing its original: the link reading the page needs a moment, or, if it stays busy, is

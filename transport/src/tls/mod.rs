@@ -29,6 +29,8 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 pub use rcgen::date_time_ymd;
+/// The rustls this crate builds on, for an embedder that brings its own configurations.
+pub use rustls;
 
 /// Why credentials could not be used or a secure connection could not be made.
 #[derive(Debug, thiserror::Error)]

@@ -209,7 +209,12 @@ impl WireError {
     /// True when the connection itself is gone (closed, reset, timed out, cut inside a frame): on a data link that is a
     /// link lost, whose batches go out again on the others, not bad data.
     pub fn is_link_loss(&self) -> bool {
-        matches!(self, WireError::Closed | WireError::Io(_) | WireError::Truncated { .. })
+        match self {
+            // A sealed record that fails to open was altered, replayed or forged: bad data, not a lost link.
+            WireError::Io(e) => e.kind() != std::io::ErrorKind::InvalidData,
+            WireError::Closed | WireError::Truncated { .. } => true,
+            _ => false,
+        }
     }
 }
 
