@@ -20,6 +20,8 @@ pub const MAX_RECORD: usize = 64 << 10;
 /// Bytes an AES-GCM tag adds.
 pub const TAG_LEN: usize = 16;
 const LEN_LEN: usize = 4;
+/// Parts shorter than a page are headers and tables, which [`Sealer::write_all_parts`] keeps out of payload records.
+const SMALL_PART: usize = 4096;
 
 /// What one direction needs: its key and nonce prefix.
 #[derive(Clone)]
@@ -82,22 +84,49 @@ impl Sealer {
 
     /// Seals all of `parts` (in order) into records in this sealer's buffer, and writes them to `w` in one go.
     /// Returns the plaintext bytes taken.
+    ///
+    /// Small parts that come before a page-sized one (a frame's header and entry table, before its payload) get a
+    /// record of their own, so that the payload's records start with it: the receiver can then open a record straight
+    /// into the guest pages it reads the payload into.
     pub fn write_all_parts(&mut self, w: &mut impl Write, parts: &[IoSlice<'_>]) -> std::io::Result<usize> {
         let total: usize = parts.iter().map(|p| p.len()).sum();
         self.buf.clear();
-        self.buf.reserve(total + total.div_ceil(MAX_RECORD).max(1) * (LEN_LEN + TAG_LEN));
+        self.buf.reserve(total + (total.div_ceil(MAX_RECORD) + 1) * (LEN_LEN + TAG_LEN));
         let (mut part, mut off) = (0usize, 0usize);
-        let mut left = total;
-        while left > 0 {
-            let n = left.min(MAX_RECORD);
+        while part < parts.len() {
+            // This record's plaintext: up to MAX_RECORD, ending before the first big part when it started small.
+            let mut n = 0usize;
+            let (mut p, mut o) = (part, off);
+            while p < parts.len() && n < MAX_RECORD {
+                let len = parts[p].len() - o;
+                if n > 0
+                    && o == 0
+                    && len >= SMALL_PART
+                    && p > part
+                    && parts[part..p].iter().all(|x| x.len() < SMALL_PART)
+                {
+                    break;
+                }
+                let k = len.min(MAX_RECORD - n);
+                n += k;
+                o += k;
+                if o == parts[p].len() {
+                    p += 1;
+                    o = 0;
+                }
+            }
+            if n == 0 {
+                // Only empty parts are left.
+                break;
+            }
             let start = self.buf.len();
             self.buf.extend_from_slice(&livemig_engine::num::u32_len(n).to_le_bytes());
             // Gather this record's plaintext: the one read of each source byte.
             let mut want = n;
             while want > 0 {
-                let p = &parts[part][off..];
-                let k = p.len().min(want);
-                self.buf.extend_from_slice(&p[..k]);
+                let src = &parts[part][off..];
+                let k = src.len().min(want);
+                self.buf.extend_from_slice(&src[..k]);
                 want -= k;
                 off += k;
                 if off == parts[part].len() {
@@ -106,7 +135,6 @@ impl Sealer {
                 }
             }
             self.seal_tail(start)?;
-            left -= n;
         }
         w.write_all(&self.buf)?;
         Ok(total)
@@ -153,12 +181,12 @@ impl Opener {
         Opener { key: k.aead(), prefix: k.prefix, opened: 0, buf: Vec::new(), pos: 0, end: 0 }
     }
 
-    /// Reads and opens the next record from `r`. `Ok(false)` at a clean end of stream (between records).
-    fn next_record(&mut self, r: &mut impl Read) -> std::io::Result<bool> {
+    /// Reads the next record's length from `r`: `Ok(None)` at a clean end of stream (between records).
+    fn next_len(&mut self, r: &mut impl Read) -> std::io::Result<Option<(usize, [u8; LEN_LEN])>> {
         let mut len = [0u8; LEN_LEN];
         let got = read_upto(r, &mut len)?;
         if got == 0 {
-            return Ok(false);
+            return Ok(None);
         }
         if got < LEN_LEN {
             return Err(io_err(std::io::ErrorKind::UnexpectedEof, "a record cut short in its length".into()));
@@ -170,38 +198,72 @@ impl Opener {
                 format!("a record of {n} bytes (at most {MAX_RECORD}): the stream is corrupt or not livemig's"),
             ));
         }
+        Ok(Some((n, len)))
+    }
+
+    fn failed(&self) -> std::io::Error {
+        io_err(
+            std::io::ErrorKind::InvalidData,
+            format!("record {} failed authentication: altered, replayed, reordered or forged on the way", self.opened),
+        )
+    }
+
+    fn cut(got: usize, want: usize) -> std::io::Error {
+        io_err(std::io::ErrorKind::UnexpectedEof, format!("a record cut short: {got} of {want} bytes"))
+    }
+
+    /// Opens a record of `n` bytes into this opener's buffer.
+    fn open_buffered(&mut self, r: &mut impl Read, n: usize, len: [u8; LEN_LEN]) -> std::io::Result<()> {
         self.buf.resize(n + TAG_LEN, 0);
         let got = read_upto(r, &mut self.buf)?;
         if got < n + TAG_LEN {
-            return Err(io_err(
-                std::io::ErrorKind::UnexpectedEof,
-                format!("a record cut short: {got} of {} bytes", n + TAG_LEN),
-            ));
+            return Err(Self::cut(got, n + TAG_LEN));
         }
-        let plain =
-            self.key.open_in_place(nonce(self.prefix, self.opened), Aad::from(len), &mut self.buf).map_err(|_| {
-                io_err(
-                    std::io::ErrorKind::InvalidData,
-                    format!(
-                        "record {} failed authentication: altered, replayed, reordered or forged on the way",
-                        self.opened
-                    ),
-                )
-            })?;
-        debug_assert_eq!(plain.len(), n);
+        let nonce = nonce(self.prefix, self.opened);
+        if self.key.open_in_place(nonce, Aad::from(len), &mut self.buf).is_err() {
+            return Err(self.failed());
+        }
         self.opened += 1;
         (self.pos, self.end) = (0, n);
-        Ok(true)
+        Ok(())
+    }
+
+    /// Opens a record of `n` bytes straight into `out` (at least `n` long): the ciphertext is read there and
+    /// decrypted where it lies, which saves copying the plaintext out of a buffer. On failure `out` holds garbage;
+    /// the caller's reads fail, so it treats `out` as it treats a read that failed part-way.
+    fn open_direct(&mut self, r: &mut impl Read, n: usize, len: [u8; LEN_LEN], out: &mut [u8]) -> std::io::Result<()> {
+        let got = read_upto(r, &mut out[..n])?;
+        let mut tag = [0u8; TAG_LEN];
+        let got_tag = if got == n { read_upto(r, &mut tag)? } else { 0 };
+        if got + got_tag < n + TAG_LEN {
+            return Err(Self::cut(got + got_tag, n + TAG_LEN));
+        }
+        let nonce = nonce(self.prefix, self.opened);
+        let opened = self.key.open_in_place_separate_tag(nonce, Aad::from(len), tag.into(), &mut out[..n], 0..);
+        if opened.is_err() {
+            return Err(self.failed());
+        }
+        self.opened += 1;
+        Ok(())
     }
 
     /// Fills `bufs` from opened plaintext, opening records from `r` as needed; returns the bytes given (0 at a clean
-    /// end of stream). Fills as much as one record's plaintext allows, at least one byte.
+    /// end of stream). Gives at most one record's plaintext per call, at least one byte. A record that fits in the
+    /// first buffer is opened straight into it.
     pub fn read_vectored_from(&mut self, r: &mut impl Read, bufs: &mut [IoSliceMut<'_>]) -> std::io::Result<usize> {
-        if bufs.iter().all(|b| b.is_empty()) {
+        let Some(first) = bufs.iter().position(|b| !b.is_empty()) else {
             return Ok(0);
-        }
-        if self.pos == self.end && !self.next_record(r)? {
-            return Ok(0);
+        };
+        let bufs = &mut bufs[first..];
+        if self.pos == self.end {
+            let Some((n, len)) = self.next_len(r)? else {
+                return Ok(0);
+            };
+            if bufs[0].len() >= n {
+                self.open_direct(r, n, len, &mut bufs[0])?;
+                return Ok(n);
+            }
+            self.open_buffered(r, n, len)?;
         }
         let mut given = 0;
         for b in bufs.iter_mut() {
@@ -259,8 +321,10 @@ mod tests {
         let mut wire = Vec::new();
         s.write_all_parts(&mut wire, &[IoSlice::new(&a[..10]), IoSlice::new(&a[10..])]).unwrap();
         s.write_all_parts(&mut wire, &[IoSlice::new(b"tail")]).unwrap();
-        // 150 000 bytes make three records, then one for the tail.
-        assert_eq!(wire.len(), 150_004 + 4 * (LEN_LEN + TAG_LEN));
+        // The 10-byte head gets a record of its own (it comes before a big part), 149 990 bytes make three more,
+        // and the tail one.
+        assert_eq!(wire.len(), 150_004 + 5 * (LEN_LEN + TAG_LEN));
+        assert_eq!(u32::from_le_bytes(wire[..4].try_into().unwrap()), 10);
         assert!(!wire.windows(9).any(|w| w == b"quick bro"), "plaintext on the wire");
         let got = read_all(&mut o, &wire).unwrap();
         assert_eq!(&got[..150_000], &a[..]);
@@ -290,6 +354,27 @@ mod tests {
         assert!(err([&all[..], &[0xff, 0xff, 0xff, 0x7f]].concat()).contains("at most"));
         // Whole records, in order, open.
         assert_eq!(read_all(&mut fresh(), &all).unwrap(), b"firstsecondthird");
+    }
+
+    #[test]
+    fn a_record_that_fits_the_reader_s_buffer_opens_straight_into_it() {
+        let (mut s, mut o) = pair();
+        let page: Vec<u8> = (0..8192u32).map(|i| (i % 251).to_le_bytes()[0]).collect();
+        let mut wire = Vec::new();
+        s.write_all_parts(&mut wire, &[IoSlice::new(b"header"), IoSlice::new(&page)]).unwrap();
+        let (mut head, mut out) = ([0u8; 6], vec![0u8; 8192]);
+        let mut r = &wire[..];
+        assert_eq!(o.read_vectored_from(&mut r, &mut [IoSliceMut::new(&mut head)]).unwrap(), 6);
+        // The page's record opens into `out` whole, in one call.
+        assert_eq!(o.read_vectored_from(&mut r, &mut [IoSliceMut::new(&mut out)]).unwrap(), 8192);
+        assert_eq!((&head, &out), (b"header", &page));
+        // Tampered, it fails there too.
+        let (mut s, mut o) = pair();
+        let mut wire = Vec::new();
+        s.write_all_parts(&mut wire, &[IoSlice::new(&page)]).unwrap();
+        wire[100] ^= 1;
+        let e = o.read_vectored_from(&mut &wire[..], &mut [IoSliceMut::new(&mut out)]).unwrap_err();
+        assert!(e.to_string().contains("record 0 failed authentication"), "{e}");
     }
 
     #[test]
