@@ -318,6 +318,12 @@ impl Report {
                 self.cpu_seconds / gb.max(1e-9)
             );
         }
+        let _ = match (self.security.mode.as_str(), &self.security.peer) {
+            ("mtls", Some(peer)) => writeln!(s, "security    mutual TLS with {peer}; records AES-256-GCM"),
+            ("mtls", None) => writeln!(s, "security    mutual TLS; records AES-256-GCM"),
+            ("insecure", _) => writeln!(s, "security    none (--insecure): the pages crossed in clear"),
+            _ => Ok(()),
+        };
         for l in &self.links {
             let zc = match (&l.zerocopy_error, l.zerocopy_sends) {
                 (Some(e), _) => format!(", zero-copy off: {e}"),

@@ -92,6 +92,8 @@ pub struct DataLink {
     failed: AtomicBool,
     stop: AtomicBool,
     writer_done: AtomicBool,
+    /// Set by whichever of the writer and the reader reports the link's failure first.
+    reported: AtomicBool,
     /// Zero-copy counters, and why zero-copy could not be used (then the link sends vectored).
     zerocopy: Mutex<(ZeroCopyStats, Option<String>)>,
 }
@@ -112,6 +114,7 @@ impl DataLink {
             failed: AtomicBool::new(false),
             stop: AtomicBool::new(false),
             writer_done: AtomicBool::new(false),
+            reported: AtomicBool::new(false),
             zerocopy: Mutex::new((ZeroCopyStats::default(), None)),
         }
     }
@@ -236,7 +239,15 @@ impl DataLink {
                     self.written.fetch_add(n as u64, Ordering::Relaxed);
                 }
                 Err(e) => {
-                    events(LinkEvent::Failed { link: index, error: e.into() });
+                    // A destination that ends a link says why in an Abort before it closes, and the write that
+                    // meets the closed socket can come first: give the reader a moment to report the reason.
+                    let until = Instant::now() + WHY_GRACE;
+                    while !self.reported.load(Ordering::SeqCst) && Instant::now() < until {
+                        std::thread::sleep(Duration::from_millis(1));
+                    }
+                    if !self.reported.swap(true, Ordering::SeqCst) {
+                        events(LinkEvent::Failed { link: index, error: e.into() });
+                    }
                     break;
                 }
             }
@@ -268,7 +279,8 @@ impl DataLink {
             let (h, bytes, pages) = match result {
                 Ok(x) => x,
                 Err(error) => {
-                    if !done.load(Ordering::SeqCst) && !self.is_failed() && !self.stop.load(Ordering::SeqCst) {
+                    let live = !done.load(Ordering::SeqCst) && !self.is_failed() && !self.stop.load(Ordering::SeqCst);
+                    if live && !self.reported.swap(true, Ordering::SeqCst) {
                         events(LinkEvent::Failed { link: index, error });
                     }
                     return;
@@ -317,6 +329,9 @@ impl DataLink {
         out
     }
 }
+
+/// How long a writer whose write failed waits for the reader to report the peer's reason (its Abort) instead.
+const WHY_GRACE: Duration = Duration::from_millis(100);
 
 /// A link as the scheduler weighs it.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

@@ -11,6 +11,7 @@
 //! straight into guest memory, from two threads per link. Sealing here reads each page once, into the record
 //! buffer it is encrypted in, and opening writes the plaintext straight into the reader's buffers (guest pages).
 
+use crate::wire::read_full as read_upto;
 use ring::aead::{Aad, LessSafeKey, Nonce, UnboundKey, AES_256_GCM, NONCE_LEN};
 use std::io::{IoSlice, IoSliceMut, Read, Write};
 
@@ -277,20 +278,6 @@ impl Opener {
         }
         Ok(given)
     }
-}
-
-/// Reads until `buf` is full or the stream ends; returns the bytes read.
-fn read_upto(r: &mut impl Read, buf: &mut [u8]) -> std::io::Result<usize> {
-    let mut got = 0;
-    while got < buf.len() {
-        match r.read(&mut buf[got..]) {
-            Ok(0) => break,
-            Ok(n) => got += n,
-            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
-            Err(e) => return Err(e),
-        }
-    }
-    Ok(got)
 }
 
 #[cfg(test)]

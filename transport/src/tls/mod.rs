@@ -407,7 +407,7 @@ const READY: &[u8; 8] = b"LMREADY1";
 const EXPORT_LABEL: &[u8] = b"EXPORTER-livemig-records-v1";
 
 /// The keys of both directions and the binding secret, from a finished session.
-fn export(conn: &rustls::ConnectionCommon<impl Sized>) -> Result<(DirectionKey, DirectionKey, [u8; 32]), String> {
+fn export<D>(conn: &rustls::ConnectionCommon<D>) -> Result<(DirectionKey, DirectionKey, [u8; 32]), String> {
     let mut m = [0u8; 36 + 36 + 32];
     let m = conn.export_keying_material(&mut m, EXPORT_LABEL, None).map_err(|e| e.to_string())?;
     let mut c2s = [0u8; 36];
@@ -527,13 +527,19 @@ pub fn connect(stream: TcpStream, sec: &SourceSecurity, within: Duration) -> Res
         return Err(herr("the peer's first message was not livemig's".into()));
     }
     let _ = stream.set_read_timeout(None);
-    let peer_subject = conn.peer_certificates().and_then(|c| c.first()).map(|c| subject_of(c));
-    let (c2s, s2c, binding) = export(&conn).map_err(herr)?;
+    sealed(stream, &conn, true).map_err(herr)
+}
+
+/// The connection sealed under the keys of its finished session `tls`; `client` says which direction is whose.
+fn sealed<D>(stream: TcpStream, tls: &rustls::ConnectionCommon<D>, client: bool) -> Result<Conn, String> {
+    let peer = tls.peer_certificates().and_then(|c| c.first()).map(|c| subject_of(c));
+    let (c2s, s2c, binding) = export(tls)?;
+    let (send, receive) = if client { (c2s, s2c) } else { (s2c, c2s) };
     Ok(Conn {
         stream,
-        seal: Some(Mutex::new(Sealer::new(&c2s))),
-        open: Some(Mutex::new(Opener::new(&s2c))),
-        peer: peer_subject,
+        seal: Some(Mutex::new(Sealer::new(&send))),
+        open: Some(Mutex::new(Opener::new(&receive))),
+        peer,
         binding: Some(binding),
     })
 }
@@ -558,15 +564,7 @@ pub fn accept(stream: TcpStream, sec: &DestSecurity, within: Duration) -> Result
     drive(&mut conn, &stream, deadline, |c| !c.is_handshaking()).map_err(herr)?;
     conn.writer().write_all(READY).map_err(|e| herr(e.to_string()))?;
     drive(&mut conn, &stream, deadline, |c| !c.wants_write()).map_err(herr)?;
-    let peer_subject = conn.peer_certificates().and_then(|c| c.first()).map(|c| subject_of(c));
-    let (c2s, s2c, binding) = export(&conn).map_err(herr)?;
-    Ok(Conn {
-        stream,
-        seal: Some(Mutex::new(Sealer::new(&s2c))),
-        open: Some(Mutex::new(Opener::new(&c2s))),
-        peer: peer_subject,
-        binding: Some(binding),
-    })
+    sealed(stream, &conn, false).map_err(herr)
 }
 
 #[cfg(test)]

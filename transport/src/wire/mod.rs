@@ -304,7 +304,7 @@ fn checksum(head: &[u8], body: &[&[u8]]) -> u64 {
 }
 
 /// Reads until `buf` is full; on a clean or unclean end of stream reports how much arrived.
-fn read_full(r: &mut impl Read, buf: &mut [u8]) -> Result<usize, std::io::Error> {
+pub(crate) fn read_full(r: &mut impl Read, buf: &mut [u8]) -> Result<usize, std::io::Error> {
     let mut got = 0;
     while got < buf.len() {
         match r.read(&mut buf[got..]) {
