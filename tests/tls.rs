@@ -374,3 +374,19 @@ fn the_wire_of_an_encrypted_migration_holds_none_of_the_guest_s_text() {
     assert!(plain > 10_000, "the plaintext capture should be full of text ({plain} runs)");
     assert_eq!(encrypted, 0, "text on the wire of an encrypted migration");
 }
+
+#[test]
+fn an_altered_record_on_the_only_link_fails_the_migration_with_the_source_guest_running() {
+    let pair = SecurityPair::throwaway().unwrap();
+    let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = listener.local_addr().unwrap();
+    let (dest, _) = destination(listener, pair.dest.clone());
+    let g = guest(64, 5000);
+    let r = migrate_to(&g, addr, &[LinkSpec::to(record_proxy(addr, Fault::Flip(2)))], &pair.source);
+    let err = r.result.unwrap_err().to_string();
+    assert!(err.contains("every data link failed") && err.contains("record 2 failed authentication"), "{err}");
+    assert_running_unthrottled(&g);
+    // The destination ran no guest: it gave up when the source called the migration off.
+    let e = dest.join().unwrap().unwrap_err();
+    assert!(!e.is_refusal(), "{e}");
+}
