@@ -282,6 +282,15 @@ pub fn security_args(dir: &Path, insecure: bool) -> Result<(Vec<String>, Vec<Str
     ))
 }
 
+/// Removes a directory (throwaway credentials) when dropped, however the run ends.
+pub struct RemoveOnDrop(pub PathBuf);
+
+impl Drop for RemoveOnDrop {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
 /// Takes `--insecure` out of `args`, saying whether it was there.
 pub fn take_insecure(args: &mut Vec<String>) -> bool {
     let before = args.len();
@@ -306,6 +315,7 @@ pub fn run(cfg: &BenchConfig, row_done: &mut dyn FnMut(&Row)) -> Result<Vec<Row>
     }
     std::fs::create_dir_all(&cfg.dir).map_err(|e| BenchError::Process(format!("{}: {e}", cfg.dir.display())))?;
     let mtls = security_args(&cfg.dir, false)?;
+    let _creds = RemoveOnDrop(cfg.dir.join("tls"));
     let insecure = security_args(&cfg.dir, true)?;
     let mut rows = Vec::new();
     for &scenario in &cfg.scenarios {

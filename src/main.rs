@@ -497,6 +497,7 @@ fn lab_run(lab: &Lab, prealloc: bool, mut send_args: Vec<String>) -> Result<()> 
     let prealloc = (prealloc && !kvm).then_some(memory);
     let insecure = bench::take_insecure(&mut send_args);
     let security = bench::security_args(&dir, insecure)?;
+    let _creds = bench::RemoveOnDrop(dir.join("tls"));
     let (mut recv, mut send) = lab.commands(&exe, &send_args, prealloc, (&dest_report, &source_report), &security)?;
     let prefix = lab.dst();
     let receiver = bench::spawn_ready(&mut recv, "waiting for a migration", move |l| eprintln!("[{prefix}] {l}"))

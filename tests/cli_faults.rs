@@ -14,7 +14,7 @@ const BIN: &str = env!("CARGO_BIN_EXE_livemig");
 fn tls() -> &'static (Vec<String>, Vec<String>) {
     static TLS: std::sync::OnceLock<(Vec<String>, Vec<String>)> = std::sync::OnceLock::new();
     TLS.get_or_init(|| {
-        let dir = std::env::temp_dir().join(format!("livemig-clitls-{}", std::process::id()));
+        let dir = std::path::Path::new(env!("CARGO_TARGET_TMPDIR")).join("cli_faults-tls");
         livemig::bench::security_args(&dir, false).unwrap()
     })
 }

@@ -23,7 +23,7 @@ fn tls() -> &'static (Vec<String>, Vec<String>) {
 }
 
 fn tls_dir() -> std::path::PathBuf {
-    std::env::temp_dir().join(format!("livemig-clitls-{}", std::process::id()))
+    std::path::Path::new(env!("CARGO_TARGET_TMPDIR")).join("failure-tls")
 }
 
 /// Starts `livemig receive` on an ephemeral port and returns it with the address it listens on.

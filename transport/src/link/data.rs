@@ -92,8 +92,9 @@ pub struct DataLink {
     failed: AtomicBool,
     stop: AtomicBool,
     writer_done: AtomicBool,
-    /// Set by whichever of the writer and the reader reports the link's failure first.
+    /// Set by whichever of the writer and the reader reports the link's failure first, with the reason.
     reported: AtomicBool,
+    error: Mutex<Option<String>>,
     /// Zero-copy counters, and why zero-copy could not be used (then the link sends vectored).
     zerocopy: Mutex<(ZeroCopyStats, Option<String>)>,
 }
@@ -115,6 +116,7 @@ impl DataLink {
             stop: AtomicBool::new(false),
             writer_done: AtomicBool::new(false),
             reported: AtomicBool::new(false),
+            error: Mutex::new(None),
             zerocopy: Mutex::new((ZeroCopyStats::default(), None)),
         }
     }
@@ -245,9 +247,7 @@ impl DataLink {
                     while !self.reported.load(Ordering::SeqCst) && Instant::now() < until {
                         std::thread::sleep(Duration::from_millis(1));
                     }
-                    if !self.reported.swap(true, Ordering::SeqCst) {
-                        events(LinkEvent::Failed { link: index, error: e.into() });
-                    }
+                    self.report_failure(index, e.into(), events);
                     break;
                 }
             }
@@ -279,9 +279,8 @@ impl DataLink {
             let (h, bytes, pages) = match result {
                 Ok(x) => x,
                 Err(error) => {
-                    let live = !done.load(Ordering::SeqCst) && !self.is_failed() && !self.stop.load(Ordering::SeqCst);
-                    if live && !self.reported.swap(true, Ordering::SeqCst) {
-                        events(LinkEvent::Failed { link: index, error });
+                    if !done.load(Ordering::SeqCst) && !self.is_failed() && !self.stop.load(Ordering::SeqCst) {
+                        self.report_failure(index, error, events);
                     }
                     return;
                 }
@@ -302,6 +301,21 @@ impl DataLink {
                 let _ = pool.try_send(b);
             }
         }
+    }
+
+    /// Reports the link's failure once, whichever of its threads meets it first, and keeps the reason: the driver may
+    /// have finished (the control connection failed at the same moment) before it reads the event.
+    fn report_failure(&self, index: usize, error: WireError, events: &(dyn Fn(LinkEvent) + Sync)) {
+        if self.reported.swap(true, Ordering::SeqCst) {
+            return;
+        }
+        *self.error.lock().unwrap_or_else(|e| e.into_inner()) = Some(error.to_string());
+        events(LinkEvent::Failed { link: index, error });
+    }
+
+    /// Why the link failed, as its own threads saw it.
+    pub fn error(&self) -> Option<String> {
+        self.error.lock().unwrap_or_else(|e| e.into_inner()).clone()
     }
 
     /// Declares the link failed and closes its socket, which ends its reader and writer.

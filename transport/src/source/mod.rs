@@ -183,12 +183,13 @@ fn report_links(report: &mut SourceReport, stripe: &Stripe, link_errors: &[Optio
         let bytes = l.written();
         total += bytes;
         let (zerocopy, zerocopy_error) = l.zerocopy();
+        let error = link_errors[i].clone().or_else(|| l.error());
         report.links.push(LinkReport {
             name: l.name().to_string(),
             bytes_on_wire: bytes,
             throughput_bps: bytes as f64 / secs,
-            failed: link_errors[i].is_some(),
-            error: link_errors[i].clone(),
+            failed: error.is_some(),
+            error,
             zerocopy,
             zerocopy_error,
         });
