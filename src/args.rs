@@ -308,6 +308,12 @@ pub(crate) struct GuestOpts {
     pub(crate) dirty_log: DirtyLogMethod,
 }
 
+/// `--max-bandwidth`: a rate in bits per second, returned in bytes per second.
+fn parse_bandwidth(s: &str) -> Result<u64, String> {
+    let r: livemig::lab::Rate = s.parse().map_err(|e: livemig::lab::LabError| e.to_string())?;
+    Ok((r.bps / 8).max(1))
+}
+
 /// `--send-path`: one of the library's paths, or `auto` (None: the explorer picks).
 fn parse_send_path(s: &str) -> Result<Option<SendPath>, String> {
     if s.eq_ignore_ascii_case("auto") {
@@ -334,6 +340,10 @@ pub(crate) struct RunOpts {
     /// Never throttle the vCPUs.
     #[arg(long)]
     pub(crate) no_throttle: bool,
+    /// The most all data links together may carry, as tc writes rates: 400mbit, 1gbit. The links are paced to it,
+    /// spread by their capacity, and convergence is planned at it.
+    #[arg(long, value_parser = parse_bandwidth)]
+    pub(crate) max_bandwidth: Option<u64>,
     /// How the switchover verifies destination memory.
     #[arg(long, value_enum, default_value = "tables")]
     pub(crate) verify: VerifyMode,

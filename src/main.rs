@@ -159,6 +159,7 @@ fn source_options(run: &RunOpts, g: &GuestOpts) -> Result<SourceOptions> {
             max_time: run.max_time.map(Duration::from_secs_f64),
             on_timeout: run.on_timeout,
             throttle: !run.no_throttle,
+            max_bandwidth: run.max_bandwidth,
             ..Default::default()
         },
         verify: run.verify,

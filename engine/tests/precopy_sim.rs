@@ -362,3 +362,28 @@ fn a_silent_destination_fails_the_migration_and_the_source_resumes_only_before_c
     assert!(!after.contains(&"ResumeSource".to_string()), "{after:?}");
     assert!(paused_for >= timeout && paused_for < timeout + Duration::from_millis(200), "{paused_for:?}");
 }
+
+#[test]
+fn a_bandwidth_cap_is_what_the_machine_predicts_with_and_can_change_mid_flight() {
+    // 1 GiB over a 1 Gbit/s link, capped at 100 Mbit/s: the link delivers at the cap (the driver paces it), and a
+    // guest dirtying 4000 pages/s (about 13 % of the link, 130 % of the cap) cannot converge without throttling.
+    let pages = 1 << 18;
+    let cap = 12_500_000u64;
+    let mut sim = Sim::new(pages, cap as f64, 4000.0, pages / 10);
+    let c = PrecopyConfig { max_bandwidth: Some(cap), ..cfg(50, 30) };
+    let (o, m) = sim.run(c, None, true);
+    assert_eq!(o, Outcome::Completed);
+    assert!(sim.max_throttle > 0.0, "a cap below the dirty rate must be met by throttling");
+    // Prediction at the cap: 1000 pages of 4 KiB at 12.5 MB/s is 328 ms, plus the switchover's fixed cost.
+    let at_cap = m.predict(1000);
+    assert!((at_cap.as_secs_f64() - (0.328 + 0.005)).abs() < 0.01, "{at_cap:?}");
+    // The same machine, its cap lifted mid-flight: the measured rate (the capped one, still) is all it knows.
+    let mut m = m;
+    m.set_max_bandwidth(Some(cap / 2));
+    let halved = m.predict(1000);
+    assert!((halved.as_secs_f64() - (0.655 + 0.005)).abs() < 0.01, "{halved:?}");
+    // Without a cap, the same guest on the full link converges with no throttle at all.
+    let mut sim = Sim::new(pages, 125e6, 4000.0, pages / 10);
+    let (o, _) = sim.run(cfg(50, 30), None, true);
+    assert_eq!((o, sim.max_throttle), (Outcome::Completed, 0.0));
+}

@@ -50,6 +50,10 @@ pub struct PrecopyConfig {
     pub switchover_cost: Duration,
     /// A destination that shows no progress for this long, while the driver waits on it, is declared gone.
     pub peer_timeout: Duration,
+    /// The most bytes per second all links together may carry (`--max-bandwidth`); None for no cap. The driver
+    /// paces the links to it, and the machine predicts with it: a measured rate above the cap is not one the
+    /// migration will see.
+    pub max_bandwidth: Option<u64>,
 }
 
 impl Default for PrecopyConfig {
@@ -62,6 +66,7 @@ impl Default for PrecopyConfig {
             throttle: true,
             switchover_cost: Duration::from_millis(5),
             peer_timeout: Duration::from_secs(10),
+            max_bandwidth: None,
         }
     }
 }
@@ -264,7 +269,7 @@ impl Precopy {
                     rounds_done: self.epoch + 1,
                     dirty_pages: pages,
                     last_round_pages: self.round_pages,
-                    bandwidth_bps: self.rate.rate(),
+                    bandwidth_bps: self.bandwidth(),
                     dirty_rate_pps: rate,
                     bytes_per_page: self.bytes_per_page,
                     predicted_pause: predicted,
@@ -443,7 +448,7 @@ impl Precopy {
 
     /// The pause predicted for `pages` dirty pages at the measured bandwidth and bytes per page.
     pub fn predict(&self, pages: u64) -> Duration {
-        let wire = match self.rate.rate() {
+        let wire = match self.bandwidth() {
             Some(r) if r > 0.0 => Duration::from_secs_f64((pages as f64 * self.bytes_per_page / r).min(1e6)),
             // No measurement: only an empty set is known to fit.
             _ if pages == 0 => Duration::ZERO,
@@ -452,9 +457,16 @@ impl Precopy {
         wire.saturating_add(self.cfg.switchover_cost)
     }
 
-    /// The measured bandwidth in bytes per second, once known.
+    /// The bandwidth the migration can count on, in bytes per second, once measured: the measured rate, or the cap
+    /// where that is lower.
     pub fn bandwidth(&self) -> Option<f64> {
-        self.rate.rate()
+        let measured = self.rate.rate()?;
+        Some(self.cfg.max_bandwidth.map_or(measured, |cap| measured.min(cap as f64)))
+    }
+
+    /// Changes the bandwidth cap mid-flight (None lifts it); predictions from now on use it.
+    pub fn set_max_bandwidth(&mut self, cap: Option<u64>) {
+        self.cfg.max_bandwidth = cap;
     }
 
     /// The current round.

@@ -7,6 +7,7 @@
 //! batches again. Acks come back in order on each link, so the unacknowledged list is a FIFO.
 
 use super::zerocopy::{Buffers, ZeroCopy, ZeroCopyStats};
+use crate::stripe::pacer::Pacer;
 use crate::tls::Conn;
 use crate::wire::{self, Kind, WireError, HEADER_LEN};
 use crossbeam::channel::{bounded, Receiver, SendTimeoutError, Sender};
@@ -182,7 +183,13 @@ impl DataLink {
     /// Each batch goes out the way it was encoded for: one vectored write of header, entry table and payload parts
     /// (raw pages copied into the batch, or in place in guest memory), or, for the zero-copy path, the same iovecs
     /// with `MSG_ZEROCOPY`.
-    pub fn write_loop(&self, index: usize, events: &(dyn Fn(LinkEvent) + Sync), kernel_copied: &(dyn Fn() + Sync)) {
+    pub fn write_loop(
+        &self,
+        index: usize,
+        pacer: &Pacer,
+        events: &(dyn Fn(LinkEvent) + Sync),
+        kernel_copied: &(dyn Fn() + Sync),
+    ) {
         let mut table = Vec::with_capacity(wire::TABLE_HEADER_LEN + BATCH_PAGES * wire::ENTRY_LEN);
         let mut w = &self.stream;
         let mut zc: Option<ZeroCopy> = None;
@@ -195,6 +202,8 @@ impl DataLink {
                 }
                 continue;
             };
+            // Its slot under the bandwidth cap, shared with the other links.
+            pacer.wait(frame_len(&batch), || self.is_failed() || self.stop.load(Ordering::SeqCst));
             // Listed before it is written, so that a failure mid-write leaves it where the driver will look.
             self.unacked().push_back((seq, batch.clone()));
             let zero_copy = batch.path == Some(SendPath::ZeroCopy) && batch.has_guest_parts();

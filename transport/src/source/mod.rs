@@ -95,7 +95,7 @@ pub fn migrate(
             return report;
         }
     };
-    let stripe = Stripe::new(data);
+    let stripe = Stripe::new(data, opts.precopy.max_bandwidth);
     let (ev_tx, ev_rx) = crossbeam::channel::unbounded::<Event>();
     let done = AtomicBool::new(false);
     let hashes = HashTable::new(guest.memory().total_pages());
@@ -164,7 +164,8 @@ fn spawn_link_threads<'s, 'e: 's>(
         let ev = ev_tx.clone();
         let copied = move || policy.note_zerocopy_copied();
         let to_driver = move |e: LinkEvent| drop(ev.send(Event::Link(e)));
-        spawn(format!("lm-write{i}")).spawn_scoped(s, move || link.write_loop(i, &to_driver, &copied))?;
+        let pacer = &stripe.pacer;
+        spawn(format!("lm-write{i}")).spawn_scoped(s, move || link.write_loop(i, pacer, &to_driver, &copied))?;
         let ev = ev_tx.clone();
         let to_driver = move |e: LinkEvent| drop(ev.send(Event::Link(e)));
         let pool = stripe.pool().clone();

@@ -7,9 +7,12 @@
 //! 100 Mbit link beside 1 Gbit links gets about a tenth of the batches, and never holds a round back by much more than
 //! one batch.
 
+pub mod pacer;
+
 use crate::link::data::{frame_len, DataLink, LinkLoad, Queued, QUEUE_BATCHES};
 use crossbeam::channel::{bounded, Receiver, Sender};
 use livemig_engine::encode::{BatchSink, EncodedBatch, BATCH_PAGES};
+use pacer::Pacer;
 use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -45,11 +48,13 @@ pub struct Stripe {
     pub round_batches: AtomicU32,
     /// Set when the migration is over or failed: encoders stop.
     pub abort: AtomicBool,
+    /// The bandwidth cap over all links, which each link's writer takes its frames' slots from.
+    pub pacer: Pacer,
 }
 
 impl Stripe {
     /// A scheduler over `links`.
-    pub fn new(links: Vec<DataLink>) -> Self {
+    pub fn new(links: Vec<DataLink>, max_bandwidth: Option<u64>) -> Self {
         let (pool_tx, pool) = bounded(QUEUE_BATCHES * 4);
         Stripe {
             links,
@@ -58,6 +63,7 @@ impl Stripe {
             seq: AtomicU32::new(0),
             round_batches: AtomicU32::new(0),
             abort: AtomicBool::new(false),
+            pacer: Pacer::new(max_bandwidth),
         }
     }
 
