@@ -21,7 +21,7 @@ use livemig::report::{parse_size, GuestInfo, Pages, Report, Status, VcpuState};
 use livemig::transport::announce::{announce, Schedule};
 use livemig::transport::dest::{accept_migration, receive, DestOptions, DestReport};
 use livemig::transport::link::LinkSpec;
-use livemig::transport::source::{migrate, Progress, SourceOptions, SourceReport};
+use livemig::transport::source::{migrate, Controls, Progress, SourceOptions, SourceReport};
 use livemig::transport::tls::{self, Credentials, DestSecurity, SecurityPair, ServerName, SourceSecurity};
 use livemig::transport::wire::Hello;
 use std::io::IsTerminal;
@@ -263,6 +263,23 @@ fn demo(links: usize, insecure: bool, g: &GuestOpts, run: &RunOpts) -> Result<()
     finish(&report, &run.report, run.json, run.plot.as_deref())
 }
 
+/// SIGINT and SIGTERM cancel the migration cleanly (the source guest resumes, the report is still written) instead
+/// of killing the process.
+fn cancel_on_signals() -> Result<std::sync::Arc<Controls>> {
+    use signal_hook::consts::{SIGINT, SIGTERM};
+    let controls = std::sync::Arc::new(Controls::default());
+    let mut signals = signal_hook::iterator::Signals::new([SIGINT, SIGTERM]).context("installing signal handlers")?;
+    let c = controls.clone();
+    std::thread::Builder::new().name("lm-signals".into()).spawn(move || {
+        for sig in signals.forever() {
+            let name = if sig == SIGINT { "SIGINT" } else { "SIGTERM" };
+            eprintln!("livemig: {name}: cancelling the migration");
+            c.cancel(format!("interrupted by {name}"));
+        }
+    })?;
+    Ok(controls)
+}
+
 /// One line, printed when a command runs in clear.
 const INSECURE_WARNING: &str =
     "livemig: warning: --insecure: guest memory crosses the network in clear and no peer is authenticated";
@@ -310,7 +327,8 @@ fn send(to: &str, links: &[LinkSpec], t: &TlsOpts, peer: Option<String>, g: &Gue
         }
     };
     let guest = make_guest(g)?;
-    let opts = source_options(run, g)?;
+    let mut opts = source_options(run, g)?;
+    opts.controls = Some(cancel_on_signals()?);
     let stream = TcpStream::connect(to).with_context(|| format!("connecting to {to}"))?;
     let (bar, update) = progress_bar();
     let r = migrate(&guest, stream, links, &opts, &security, &update);

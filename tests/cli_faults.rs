@@ -225,3 +225,40 @@ fn running_out_of_descriptors_at_accept_is_waited_out() {
     assert!(status.success(), "{:?}", r.stderr());
     drop(silent);
 }
+
+/// SIGINT mid-round cancels cleanly: the source guest runs on unthrottled, the report is written with status
+/// `cancelled`, `send` exits 1, and the destination hears why.
+#[test]
+fn sigint_mid_round_cancels_and_still_writes_the_report() {
+    let mut r = Receiver::start(&[], |_| {});
+    let report = std::path::Path::new(env!("CARGO_TARGET_TMPDIR")).join("sigint-report.json");
+    let _ = std::fs::remove_file(&report);
+    // A target no round can meet keeps the source in pre-copy (throttled: --max-time is far off).
+    let mut source = Command::new(BIN)
+        .args(["send", "--to", &r.addr, "--memory", "256MiB", "--dirty-rate", "50000"])
+        .args(["--downtime-target", "1", "--max-time", "60", "--max-rounds", "100000", "--report"])
+        .arg(&report)
+        .args(&tls().1)
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    std::thread::sleep(Duration::from_millis(1500));
+    assert!(source.try_wait().unwrap().is_none(), "the source ended before the signal");
+    let kill = Command::new("kill").args(["-INT", &source.id().to_string()]).status().unwrap();
+    assert!(kill.success());
+    let signalled = Instant::now();
+    let out = source.wait_with_output().unwrap();
+    println!("send exited {} {:?} after SIGINT", out.status, signalled.elapsed());
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{stderr}");
+    assert!(stderr.contains("SIGINT: cancelling the migration"), "{stderr}");
+    let json: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(&report).unwrap()).unwrap();
+    assert_eq!(json["status"], "cancelled", "{json}");
+    assert!(json["error"].as_str().unwrap().contains("interrupted by SIGINT"), "{}", json["error"]);
+    assert_eq!(json["source_vcpus_after"]["paused"], false);
+    assert_eq!(json["source_vcpus_after"]["throttle_pct"], 0.0);
+    let status = r.wait(Duration::from_secs(10)).expect("receive did not end");
+    assert_eq!(status.code(), Some(1));
+    assert!(r.stderr().iter().any(|l| l.contains("cancelled: interrupted by SIGINT")), "{:?}", r.stderr());
+}

@@ -25,6 +25,9 @@ struct Sim {
     throttle: f64,
     max_throttle: f64,
     actions: Vec<String>,
+    /// The operator cancels when the machine first asks for this action (instead of doing it, if the cancel holds).
+    cancel_on: Option<&'static str>,
+    cancel_held: Option<bool>,
 }
 
 impl Sim {
@@ -43,6 +46,8 @@ impl Sim {
             throttle: 0.0,
             max_throttle: 0.0,
             actions: Vec::new(),
+            cancel_on: None,
+            cancel_held: None,
         }
     }
 
@@ -68,7 +73,16 @@ impl Sim {
         let mut delivered = 0u64;
         loop {
             let Some(a) = m.poll() else { panic!("machine stalled: no action and not done") };
-            self.actions.push(format!("{a:?}").split([' ', '{', '(']).next().unwrap().to_string());
+            let name = format!("{a:?}").split([' ', '{', '(']).next().unwrap().to_string();
+            if self.cancel_on == Some(name.as_str()) && self.cancel_held.is_none() {
+                let held = m.cancel("operator".into());
+                self.cancel_held = Some(held);
+                if held {
+                    self.actions.push(format!("cancel@{name}"));
+                    continue;
+                }
+            }
+            self.actions.push(name);
             match a {
                 Action::SendRound { pages, .. } => {
                     let mut left = pages.count_ones();
@@ -386,4 +400,23 @@ fn a_bandwidth_cap_is_what_the_machine_predicts_with_and_can_change_mid_flight()
     let mut sim = Sim::new(pages, 125e6, 4000.0, pages / 10);
     let (o, _) = sim.run(cfg(50, 30), None, true);
     assert_eq!((o, sim.max_throttle), (Outcome::Completed, 0.0));
+}
+
+#[test]
+fn an_operator_cancel_resumes_the_source_in_every_phase_before_commit_and_is_refused_after() {
+    for phase in ["SendRound", "Harvest", "SetThrottle", "Pause", "SendState", "Verify"] {
+        // A guest that needs throttling, so that every phase comes.
+        let mut sim = outrun();
+        sim.cancel_on = Some(phase);
+        let (o, _) = sim.run(cfg(300, 30), None, true);
+        assert_eq!(sim.cancel_held, Some(true), "{phase}");
+        assert_eq!(o, Outcome::Cancelled("operator".into()), "{phase}: {:?}", sim.actions);
+        assert!(sim.resumed && !sim.paused && sim.throttle == 0.0, "{phase}: source not resumed unthrottled");
+        assert_eq!(sim.actions[sim.actions.len() - 2..], ["ResumeSource", "Done"], "{phase}");
+    }
+    // Once Commit is asked for, the destination may be running the guest: too late.
+    let mut sim = outrun();
+    sim.cancel_on = Some("Commit");
+    let (o, _) = sim.run(cfg(300, 30), None, true);
+    assert_eq!((sim.cancel_held, o), (Some(false), Outcome::Completed));
 }

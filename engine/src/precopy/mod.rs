@@ -109,7 +109,8 @@ pub enum Outcome {
     Completed,
     /// The source keeps running the guest. The reason names what went wrong.
     Failed(String),
-    /// The policy gave up before switching over (the target could not be met); the source keeps running the guest.
+    /// The policy gave up before switching over (the target could not be met), or the operator called it off
+    /// ([`Precopy::cancel`]); the source keeps running the guest.
     Cancelled(String),
     /// The pause ran past [`MAX_PAUSE`] before the commit: the switchover was called off and the source resumes.
     PauseExceeded,
@@ -446,6 +447,19 @@ impl Precopy {
         }
     }
 
+    /// Calls the migration off at the operator's request: the source resumes (unthrottled) and keeps the guest. Too
+    /// late once Commit is sent (the destination may be running the guest) or the machine is done: then false.
+    pub fn cancel(&mut self, reason: String) -> bool {
+        if matches!(self.phase, Phase::Done | Phase::Committing) {
+            return false;
+        }
+        self.phase = Phase::Done;
+        self.actions.clear();
+        self.actions.push_back(Action::ResumeSource);
+        self.actions.push_back(Action::Done(Outcome::Cancelled(reason)));
+        true
+    }
+
     /// The pause predicted for `pages` dirty pages at the measured bandwidth and bytes per page.
     pub fn predict(&self, pages: u64) -> Duration {
         let wire = match self.bandwidth() {
@@ -462,6 +476,11 @@ impl Precopy {
     pub fn bandwidth(&self) -> Option<f64> {
         let measured = self.rate.rate()?;
         Some(self.cfg.max_bandwidth.map_or(measured, |cap| measured.min(cap as f64)))
+    }
+
+    /// Changes the downtime target mid-flight; the next decision uses it.
+    pub fn set_downtime_target(&mut self, target: Duration) {
+        self.cfg.downtime_target = target;
     }
 
     /// Changes the bandwidth cap mid-flight (None lifts it); predictions from now on use it.

@@ -1,5 +1,6 @@
 //! The driver: runs the pre-copy machine, carries out its actions, feeds it events, and watches the links.
 
+use super::controls::Change;
 use super::{DowntimeParts, Event, MigrateError, Progress, RoundReport, SourceOptions, SourceReport};
 use super::{VerifyMode, DIRTY_SAMPLE};
 use crate::cpu_usage::CpuMeter;
@@ -202,8 +203,14 @@ impl Driver<'_> {
 
     fn fail(&mut self, e: MigrateError) {
         let reason = e.to_string();
+        self.halt(&reason, e);
+        self.machine.fail(reason);
+    }
+
+    /// Stops all I/O, telling the destination `why`; `e` is what the migration's loops see from here on.
+    fn halt(&mut self, why: &str, e: MigrateError) {
         if self.error.is_none() {
-            self.tell_destination(&reason);
+            self.tell_destination(why);
             self.error = Some(e);
         }
         self.stripe.abort.store(true, Ordering::SeqCst);
@@ -212,7 +219,26 @@ impl Driver<'_> {
             l.close();
         }
         let _ = self.control.stream().shutdown(Shutdown::Both);
-        self.machine.fail(reason);
+    }
+
+    /// Hands the live changes asked for since the last event to the machine (and the cap to the pacer as well).
+    fn take_controls(&mut self) {
+        let Some(controls) = self.opts.controls.as_ref() else { return };
+        for change in controls.take() {
+            match change {
+                Change::Cancel(reason) => {
+                    // The machine decides whether it is too late (Commit sent); if not, it resumes the source.
+                    if self.error.is_none() && self.machine.cancel(reason.clone()) {
+                        self.halt(&format!("cancelled: {reason}"), MigrateError::Cancelled(reason));
+                    }
+                }
+                Change::DowntimeTarget(t) => self.machine.set_downtime_target(t),
+                Change::MaxBandwidth(cap) => {
+                    self.machine.set_max_bandwidth(cap);
+                    self.stripe.pacer.set_rate(cap);
+                }
+            }
+        }
     }
 
     /// Best effort: tells the destination why the migration is off, so that it reports the reason rather than a
@@ -304,6 +330,7 @@ impl Driver<'_> {
     /// The next event, or None after 50 ms without one. Also the driver's clock: it fails links that stall, takes
     /// back what encoders routed to failed links, and fails the migration when the peer has been silent too long.
     fn next_event(&mut self) -> Option<Event> {
+        self.take_controls();
         self.sample_links(false);
         let now = Instant::now();
         if self.machine.poll_timeout().is_some_and(|t| now >= t) && self.error.is_none() {

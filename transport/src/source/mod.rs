@@ -15,10 +15,12 @@
 //! goes to the machine as `fail`, and before commit the machine answers with `ResumeSource`: the source's vCPUs run
 //! again, unthrottled, and the report carries the reason.
 
+pub mod controls;
 mod driver;
 mod report;
 mod setup;
 
+pub use controls::{Change, Controls};
 pub use report::{
     session_id, DowntimeParts, LinkReport, MigrateError, Progress, RoundReport, SourceOptions, SourceReport, VerifyMode,
 };

@@ -43,6 +43,8 @@ pub struct SourceOptions {
     pub manifest: Option<livemig_engine::preflight::VmManifest>,
     /// The VM's NIC MACs, for the destination to announce after it resumes the guest.
     pub macs: Vec<[u8; 6]>,
+    /// Where live changes (cancel, downtime target, bandwidth cap) come from while the migration runs.
+    pub controls: Option<std::sync::Arc<super::controls::Controls>>,
 }
 
 impl Default for SourceOptions {
@@ -58,6 +60,7 @@ impl Default for SourceOptions {
             vm_cpu: None,
             manifest: None,
             macs: Vec::new(),
+            controls: None,
         }
     }
 }
