@@ -44,6 +44,10 @@ pub(crate) enum Cmd {
         /// The name the destination's certificate must carry. Default: the one other host in the --tls directory.
         #[arg(long)]
         tls_peer: Option<String>,
+        /// Serve the migration's controls on this Unix socket (`livemig ctl PATH ...`): status, cancel, switchover,
+        /// and live changes to the bandwidth cap and the downtime target.
+        #[arg(long, value_name = "PATH")]
+        control: Option<PathBuf>,
         #[command(flatten)]
         guest: GuestOpts,
         #[command(flatten)]
@@ -89,6 +93,17 @@ pub(crate) enum Cmd {
     },
     /// Be the destination host: wait for one migration and run the guest it brings.
     Receive(ReceiveArgs),
+    /// Talk to a running `send --control PATH`: status, cancel, switchover, postcopy, or set KEY=VALUE
+    /// (max_bandwidth=200mbit, downtime_target_ms=100). Prints its JSON answer; exits 1 if it refused.
+    Ctl {
+        /// The control socket.
+        path: PathBuf,
+        /// The command.
+        #[arg(value_parser = ["status", "cancel", "switchover", "postcopy", "set"])]
+        cmd: String,
+        /// For set: KEY=VALUE.
+        setting: Option<String>,
+    },
     /// Credentials for mutual TLS.
     Tls {
         #[command(subcommand)]
@@ -308,12 +323,6 @@ pub(crate) struct GuestOpts {
     pub(crate) dirty_log: DirtyLogMethod,
 }
 
-/// `--max-bandwidth`: a rate in bits per second, returned in bytes per second.
-fn parse_bandwidth(s: &str) -> Result<u64, String> {
-    let r: livemig::lab::Rate = s.parse().map_err(|e: livemig::lab::LabError| e.to_string())?;
-    Ok((r.bps / 8).max(1))
-}
-
 /// `--send-path`: one of the library's paths, or `auto` (None: the explorer picks).
 fn parse_send_path(s: &str) -> Result<Option<SendPath>, String> {
     if s.eq_ignore_ascii_case("auto") {
@@ -342,7 +351,7 @@ pub(crate) struct RunOpts {
     pub(crate) no_throttle: bool,
     /// The most all data links together may carry, as tc writes rates: 400mbit, 1gbit. The links are paced to it,
     /// spread by their capacity, and convergence is planned at it.
-    #[arg(long, value_parser = parse_bandwidth)]
+    #[arg(long, value_parser = livemig::control::parse_bandwidth)]
     pub(crate) max_bandwidth: Option<u64>,
     /// How the switchover verifies destination memory.
     #[arg(long, value_enum, default_value = "tables")]

@@ -29,6 +29,8 @@ pub use livemig_transport as transport;
 pub mod baseline;
 #[cfg(feature = "cli")]
 pub mod bench;
+#[cfg(feature = "cli")]
+pub mod control;
 pub mod fuzz;
 pub mod guests;
 #[cfg(feature = "cli")]

@@ -52,7 +52,10 @@ fn main() {
     let cli = Cli::parse();
     let result = match cli.cmd {
         Cmd::Demo { links, insecure, guest, run } => demo(links, insecure, &guest, &run),
-        Cmd::Send { to, links, tls, tls_peer, guest, run } => send(&to, &links, &tls, tls_peer, &guest, &run),
+        Cmd::Send { to, links, tls, tls_peer, control, guest, run } => {
+            send(&to, &links, &tls, tls_peer, control.as_deref(), &guest, &run)
+        }
+        Cmd::Ctl { path, cmd, setting } => ctl(&path, &cmd, setting.as_deref()),
         Cmd::Tls { cmd: TlsCmd::Init { dir, hosts } } => tls_init(&dir, &hosts),
         Cmd::Receive(args) => receive_cmd(args),
         Cmd::Preflight { vm, dest } => preflight_cmd(&vm, &dest),
@@ -280,6 +283,32 @@ fn cancel_on_signals() -> Result<std::sync::Arc<Controls>> {
     Ok(controls)
 }
 
+/// `livemig ctl PATH CMD [KEY=VALUE]`: one command to a running `send --control PATH`.
+fn ctl(path: &Path, cmd: &str, setting: Option<&str>) -> Result<()> {
+    let req = match (cmd, setting) {
+        ("set", Some(kv)) => {
+            let (k, v) = kv.split_once('=').ok_or_else(|| usage(format!("{kv}: want KEY=VALUE")))?;
+            let value = match k {
+                "downtime_target_ms" => {
+                    serde_json::json!(v.parse::<f64>().map_err(|_| usage(format!("{v}: not a number")))?)
+                }
+                _ if v == "none" => serde_json::Value::Null,
+                _ => serde_json::json!(v),
+            };
+            serde_json::json!({"cmd": "set", k: value})
+        }
+        ("set", None) => return Err(usage("set needs KEY=VALUE (max_bandwidth=200mbit, downtime_target_ms=100)")),
+        (c, None) => serde_json::json!({"cmd": c}),
+        (c, Some(_)) => return Err(usage(format!("{c} takes no argument"))),
+    };
+    let answer = livemig::control::request(path, &req).with_context(|| format!("talking to {}", path.display()))?;
+    println!("{answer}");
+    if answer["ok"] != true {
+        bail!("refused: {}", answer["error"].as_str().unwrap_or("?"));
+    }
+    Ok(())
+}
+
 /// One line, printed when a command runs in clear.
 const INSECURE_WARNING: &str =
     "livemig: warning: --insecure: guest memory crosses the network in clear and no peer is authenticated";
@@ -314,7 +343,15 @@ fn tls_init(dir: &Path, hosts: &[String]) -> Result<()> {
     Ok(())
 }
 
-fn send(to: &str, links: &[LinkSpec], t: &TlsOpts, peer: Option<String>, g: &GuestOpts, run: &RunOpts) -> Result<()> {
+fn send(
+    to: &str,
+    links: &[LinkSpec],
+    t: &TlsOpts,
+    peer: Option<String>,
+    control: Option<&Path>,
+    g: &GuestOpts,
+    run: &RunOpts,
+) -> Result<()> {
     let security = match credentials(t, "send")? {
         None => SourceSecurity::Insecure,
         Some(c) => {
@@ -328,7 +365,12 @@ fn send(to: &str, links: &[LinkSpec], t: &TlsOpts, peer: Option<String>, g: &Gue
     };
     let guest = make_guest(g)?;
     let mut opts = source_options(run, g)?;
-    opts.controls = Some(cancel_on_signals()?);
+    let controls = cancel_on_signals()?;
+    if let Some(path) = control {
+        livemig::control::serve(path, controls.clone())
+            .with_context(|| format!("serving the control socket {}", path.display()))?;
+    }
+    opts.controls = Some(controls);
     let stream = TcpStream::connect(to).with_context(|| format!("connecting to {to}"))?;
     let (bar, update) = progress_bar();
     let r = migrate(&guest, stream, links, &opts, &security, &update);

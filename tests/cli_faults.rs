@@ -262,3 +262,61 @@ fn sigint_mid_round_cancels_and_still_writes_the_report() {
     assert_eq!(status.code(), Some(1));
     assert!(r.stderr().iter().any(|l| l.contains("cancelled: interrupted by SIGINT")), "{:?}", r.stderr());
 }
+
+fn ctl(path: &std::path::Path, args: &[&str]) -> (Option<i32>, serde_json::Value) {
+    let out = Command::new(BIN).arg("ctl").arg(path).args(args).output().unwrap();
+    let answer = serde_json::from_slice(&out.stdout).unwrap_or(serde_json::Value::Null);
+    (out.status.code(), answer)
+}
+
+/// `send --control PATH` and `livemig ctl`: status while it runs, a live change to the cap, a refused command, and
+/// a cancel that ends `send` with status cancelled and its guest running.
+#[test]
+fn the_control_socket_reports_changes_and_cancels_a_running_migration() {
+    let mut r = Receiver::start(&[], |_| {});
+    let dir = std::path::Path::new(env!("CARGO_TARGET_TMPDIR"));
+    let (sock, report) = (dir.join("control-test.sock"), dir.join("control-report.json"));
+    let _ = std::fs::remove_file(&report);
+    let mut source = Command::new(BIN)
+        .args(["send", "--to", &r.addr, "--memory", "256MiB", "--dirty-rate", "20000", "--max-bandwidth", "400mbit"])
+        .args(["--downtime-target", "1", "--max-time", "60", "--max-rounds", "100000", "--no-throttle", "--control"])
+        .arg(&sock)
+        .arg("--report")
+        .arg(&report)
+        .args(&tls().1)
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let t = Instant::now();
+    let status = loop {
+        assert!(t.elapsed() < Duration::from_secs(20), "no precopy status from the control socket");
+        if sock.exists() {
+            let (code, s) = ctl(&sock, &["status"]);
+            if code == Some(0) && s["phase"] == "precopy" && s["throughput_bps"].as_f64() > Some(0.0) {
+                break s;
+            }
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    };
+    for key in ["round", "remaining_pages", "dirty_rate_pps", "throughput_bps", "throttle_pct", "eta_s"] {
+        assert!(!status[key].is_null(), "status lacks {key}: {status}");
+    }
+    assert_eq!(status["max_bandwidth_bps"], 400_000_000);
+    assert_eq!(ctl(&sock, &["set", "max_bandwidth=100mbit"]), (Some(0), serde_json::json!({"ok": true})));
+    std::thread::sleep(Duration::from_millis(300));
+    assert_eq!(ctl(&sock, &["status"]).1["max_bandwidth_bps"], 100_000_000);
+    let (code, refused) = ctl(&sock, &["set", "workers=8"]);
+    assert_eq!(code, Some(1));
+    assert!(refused["error"].as_str().unwrap().contains("cannot set"), "{refused}");
+    assert_eq!(ctl(&sock, &["cancel"]).0, Some(0));
+    let exit = source.wait().unwrap();
+    assert_eq!(exit.code(), Some(1));
+    let json: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(&report).unwrap()).unwrap();
+    assert_eq!(json["status"], "cancelled", "{json}");
+    assert_eq!(
+        (json["source_vcpus_after"]["paused"].as_bool(), json["max_throttle_pct"].as_f64()),
+        (Some(false), Some(0.0))
+    );
+    assert_eq!(r.wait(Duration::from_secs(10)).and_then(|s| s.code()), Some(1));
+}

@@ -69,7 +69,17 @@ impl Sim {
     /// Runs the machine to the end, delivering each round in 64-page batches over the simulated link. `fail_at`
     /// injects a failure when that many batches have been delivered.
     fn run(&mut self, cfg: PrecopyConfig, fail_at: Option<u64>, digest_ok: bool) -> (Outcome, Precopy) {
-        let mut m = Precopy::new(cfg, Bitmap::full(self.pages), self.now);
+        let m = Precopy::new(cfg, Bitmap::full(self.pages), self.now);
+        self.run_machine(m, fail_at, digest_ok)
+    }
+
+    /// Runs a machine made (and perhaps given inputs) by the test; returns its outcome and rounds.
+    fn drive(&mut self, m: Precopy) -> (Outcome, usize) {
+        let (o, m) = self.run_machine(m, None, true);
+        (o, m.rounds().len())
+    }
+
+    fn run_machine(&mut self, mut m: Precopy, fail_at: Option<u64>, digest_ok: bool) -> (Outcome, Precopy) {
         let mut delivered = 0u64;
         loop {
             let Some(a) = m.poll() else { panic!("machine stalled: no action and not done") };
@@ -419,4 +429,21 @@ fn an_operator_cancel_resumes_the_source_in_every_phase_before_commit_and_is_ref
     sim.cancel_on = Some("Commit");
     let (o, _) = sim.run(cfg(300, 30), None, true);
     assert_eq!((sim.cancel_held, o), (Some(false), Outcome::Completed));
+}
+
+#[test]
+fn switchover_now_ends_pre_copy_at_the_next_round_within_the_pause_bound() {
+    // A 1 ms target that nothing meets, and no throttle: left alone, this runs out of rounds and cancels.
+    let pages = 1 << 18;
+    let c = PrecopyConfig { throttle: false, ..cfg(1, 30) };
+    let mut sim = Sim::new(pages, 125e6, 5000.0, pages / 10);
+    let (o, _) = sim.run(c.clone(), None, true);
+    assert!(matches!(o, Outcome::Cancelled(_)), "{o:?}");
+    // Asked once it runs, it switches over at the end of round 0 (about 30 ms of pause: within the bound).
+    let mut sim = Sim::new(pages, 125e6, 5000.0, pages / 10);
+    let mut m = Precopy::new(c, Bitmap::full(pages), sim.now);
+    assert!(m.switchover_now());
+    let (o, rounds) = sim.drive(m);
+    assert_eq!(o, Outcome::Completed);
+    assert_eq!(rounds, 2, "round 0 and the final round");
 }

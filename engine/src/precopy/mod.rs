@@ -166,6 +166,8 @@ pub struct Precopy {
     throttle: f64,
     /// Dirty rate from the samples taken during the current round, pages per second (smoothed).
     sampled_rate: Option<f64>,
+    /// The operator asked to switch over at the end of the round in flight, as long as the pause fits the bound.
+    switchover_asked: bool,
     /// The last sign of progress from the destination (or the start of the current wait for it).
     heard: Instant,
 }
@@ -207,6 +209,7 @@ impl Precopy {
             last_harvest: now,
             throttle: 0.0,
             sampled_rate: None,
+            switchover_asked: false,
             heard: now,
         };
         m.actions.push_back(Action::SendRound { epoch: 0, pages: initial, last: false });
@@ -277,7 +280,9 @@ impl Precopy {
                     elapsed: now.saturating_duration_since(self.start),
                     throttle_pct: self.throttle,
                 };
-                match self.policy.decide(&o, &self.cfg) {
+                let forced = self.switchover_asked && predicted <= MAX_PAUSE;
+                let decision = if forced { Decision::StopAndCopy } else { self.policy.decide(&o, &self.cfg) };
+                match decision {
                     Decision::StopAndCopy => {
                         // The harvest is not lost: the final harvest after the pause ORs it back in.
                         self.pending_final = Some(dirty);
@@ -478,6 +483,21 @@ impl Precopy {
         Some(self.cfg.max_bandwidth.map_or(measured, |cap| measured.min(cap as f64)))
     }
 
+    /// Asks to switch over at the end of the round in flight, whatever the downtime target, as long as the pause it
+    /// predicts fits [`MAX_PAUSE`] (until it does, the rounds and the throttle go on). False once pre-copy is over.
+    pub fn switchover_now(&mut self) -> bool {
+        if self.phase != Phase::Rounds {
+            return false;
+        }
+        self.switchover_asked = true;
+        true
+    }
+
+    /// The bandwidth the acknowledgements show, bytes per second, cap or no cap.
+    pub fn measured_bandwidth(&self) -> Option<f64> {
+        self.rate.rate()
+    }
+
     /// Changes the downtime target mid-flight; the next decision uses it.
     pub fn set_downtime_target(&mut self, target: Duration) {
         self.cfg.downtime_target = target;
@@ -486,6 +506,26 @@ impl Precopy {
     /// Changes the bandwidth cap mid-flight (None lifts it); predictions from now on use it.
     pub fn set_max_bandwidth(&mut self, cap: Option<u64>) {
         self.cfg.max_bandwidth = cap;
+    }
+
+    /// The dirty rate sampled during the round in flight, pages per second, once sampled.
+    pub fn dirty_rate(&self) -> Option<f64> {
+        self.sampled_rate
+    }
+
+    /// Wire bytes per page sent so far, as measured.
+    pub fn bytes_per_page(&self) -> f64 {
+        self.bytes_per_page
+    }
+
+    /// The tunables in force (after any live change).
+    pub fn config(&self) -> &PrecopyConfig {
+        &self.cfg
+    }
+
+    /// Whether pre-copy is still going (rounds while the guest runs).
+    pub fn in_precopy(&self) -> bool {
+        self.phase == Phase::Rounds
     }
 
     /// The current round.

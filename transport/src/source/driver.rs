@@ -32,6 +32,10 @@ pub(super) struct Driver<'a> {
     pub(super) sent: Vec<RoundSent>,
     pub(super) progress: &'a (dyn Fn(&Progress) + Sync),
     pub(super) control: &'a Conn,
+    /// Pages of the round in flight not yet acknowledged, as last counted (for the status).
+    pub(super) remaining_pages: u64,
+    /// Set when the machine is done: the status says so.
+    pub(super) finished: bool,
     pub(super) control_written: &'a AtomicU64,
     pub(super) cpu: CpuMeter,
     pub(super) link_rates: Vec<RateEstimator>,
@@ -120,6 +124,9 @@ impl Driver<'_> {
                     vcpus.resume();
                 }
                 Action::Done(outcome) => {
+                    self.finished = true;
+                    let links: u64 = self.stripe.links.iter().map(|l| l.written()).sum();
+                    self.publish_status(self.control_written.load(Ordering::Relaxed) + links);
                     report.result = match outcome {
                         Outcome::Completed => Ok(()),
                         Outcome::Failed(reason) if commit_sent => Err(MigrateError::OutcomeUnknown(reason)),
@@ -233,6 +240,9 @@ impl Driver<'_> {
                     }
                 }
                 Change::DowntimeTarget(t) => self.machine.set_downtime_target(t),
+                Change::SwitchoverNow => {
+                    self.machine.switchover_now();
+                }
                 Change::MaxBandwidth(cap) => {
                     self.machine.set_max_bandwidth(cap);
                     self.stripe.pacer.set_rate(cap);
@@ -323,7 +333,10 @@ impl Driver<'_> {
         let t = self.start.elapsed().as_secs_f64();
         let due = self.timeline.last().is_none_or(|(last, _)| t - last >= TIMELINE_EVERY.as_secs_f64());
         if force || due {
-            self.timeline.push((t, self.stripe.links.iter().map(|l| l.written()).collect()));
+            let bytes: Vec<u64> = self.stripe.links.iter().map(|l| l.written()).collect();
+            let total = self.control_written.load(Ordering::Relaxed) + bytes.iter().sum::<u64>();
+            self.timeline.push((t, bytes));
+            self.publish_status(total);
         }
     }
 
@@ -458,10 +471,43 @@ impl Driver<'_> {
     }
 
     /// Tells the embedder how far round `epoch` has got.
-    fn report_progress(&self, epoch: u32, round_pages: u64, round_pages_done: u64, rate_bps: f64) {
+    fn report_progress(&mut self, epoch: u32, round_pages: u64, round_pages_done: u64, rate_bps: f64) {
         let bytes_on_wire =
             self.control_written.load(Ordering::Relaxed) + self.stripe.links.iter().map(|l| l.written()).sum::<u64>();
         (self.progress)(&Progress { epoch, round_pages, round_pages_done, bytes_on_wire, rate_bps });
+        self.remaining_pages = round_pages.saturating_sub(round_pages_done);
+        self.publish_status(bytes_on_wire);
+    }
+
+    /// Publishes how the migration stands to whoever holds its controls.
+    pub(super) fn publish_status(&self, bytes_on_wire: u64) {
+        let Some(controls) = self.opts.controls.as_ref() else { return };
+        let (m, remaining_pages) = (&self.machine, self.remaining_pages);
+        let phase = if self.error.is_some() || self.finished {
+            "done"
+        } else if m.in_precopy() {
+            "precopy"
+        } else {
+            "switchover"
+        };
+        let predicted = m.last_prediction().map(|d| d.as_secs_f64());
+        let eta = m
+            .bandwidth()
+            .filter(|&b| b > 0.0)
+            .map(|b| remaining_pages as f64 * m.bytes_per_page() / b + predicted.unwrap_or(0.0));
+        controls.publish(super::controls::Status {
+            phase,
+            round: m.epoch(),
+            remaining_pages,
+            dirty_rate_pps: m.dirty_rate().unwrap_or(0.0),
+            throughput_bps: m.measured_bandwidth().unwrap_or(0.0),
+            predicted_downtime_ms: predicted.map(|p| p * 1e3),
+            throttle_pct: m.throttle(),
+            eta_s: eta,
+            bytes_on_wire,
+            downtime_target_ms: m.config().downtime_target.as_secs_f64() * 1e3,
+            max_bandwidth: m.config().max_bandwidth,
+        });
     }
 
     /// An ack of `bytes` (`pages` guest pages) on `link` at `at`: the link's rate for the scheduler, the machine's

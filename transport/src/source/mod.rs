@@ -20,7 +20,7 @@ mod driver;
 mod report;
 mod setup;
 
-pub use controls::{Change, Controls};
+pub use controls::{Change, Controls, Status};
 pub use report::{
     session_id, DowntimeParts, LinkReport, MigrateError, Progress, RoundReport, SourceOptions, SourceReport, VerifyMode,
 };
@@ -122,6 +122,8 @@ pub fn migrate(
                 sent: Vec::new(),
                 progress,
                 control,
+                remaining_pages: 0,
+                finished: false,
                 control_written: &control_written,
                 cpu: CpuMeter::new(),
                 link_rates: stripe.links.iter().map(|_| RateEstimator::new(Duration::from_millis(500))).collect(),
