@@ -44,7 +44,7 @@ pub enum TlsError {
         why: String,
     },
     /// A private key that users other than its owner may read.
-    #[error("{path}: private key readable by others (mode {mode:o}); run chmod 600 on it")]
+    #[error("{path}: private key open to users other than its owner (mode {mode:o}); run chmod 600 on it")]
     LooseKey {
         /// The key file.
         path: PathBuf,

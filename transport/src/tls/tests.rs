@@ -137,7 +137,7 @@ fn a_key_others_can_read_is_refused() {
     let key = d.join("src/key.pem");
     std::fs::set_permissions(&key, std::os::unix::fs::PermissionsExt::from_mode(0o644)).unwrap();
     let e = Credentials::load(&d.join("src"), None).unwrap_err().to_string();
-    assert!(e.contains("private key readable by others (mode 644)") && e.contains("chmod 600"), "{e}");
+    assert!(e.contains("private key open to users other than its owner (mode 644)") && e.contains("chmod 600"), "{e}");
     std::fs::remove_dir_all(&d).unwrap();
 }
 
