@@ -2,22 +2,23 @@
 
 use anyhow::{anyhow, bail, Context, Result};
 mod args;
+mod tools;
 
 use args::*;
 use clap::Parser;
 use indicatif::{ProgressBar, ProgressStyle};
 use livemig::baseline;
-use livemig::bench::{self, BenchConfig, Hosts, Scenario};
+
 use livemig::engine::cpu::{self, CpuDescription};
 use livemig::engine::guest::{Guest, GuestMemory, MemoryLayout, SyntheticConfig, SyntheticGuest};
 use livemig::engine::precopy::PrecopyConfig;
 use livemig::engine::preflight::{self, DestDescription, PortGroup};
 use livemig::guests::AnyGuest;
 use livemig::kvm::{DirtyLogMethod, KvmConfig, KvmGuest};
-use livemig::lab::{parse_rates, Lab};
+
 use livemig::loopback::migrate_loopback;
 use livemig::manifest;
-use livemig::report::{parse_size, GuestInfo, Pages, Report, Status, VcpuState};
+use livemig::report::{GuestInfo, Pages, Report, Status, VcpuState};
 use livemig::transport::announce::{announce, Schedule};
 use livemig::transport::dest::{accept_migration, receive, DestOptions, DestReport};
 use livemig::transport::link::LinkSpec;
@@ -27,7 +28,7 @@ use livemig::transport::wire::Hello;
 use std::io::IsTerminal;
 use std::net::{TcpListener, TcpStream};
 use std::path::{Path, PathBuf};
-use std::process::Stdio;
+
 use std::time::{Duration, Instant};
 
 /// An error that ends the CLI with its own exit status (1 is the default for any other error): 2 for usage, 3 when a
@@ -59,9 +60,9 @@ fn main() {
         Cmd::Tls { cmd: TlsCmd::Init { dir, hosts } } => tls_init(&dir, &hosts),
         Cmd::Receive(args) => receive_cmd(args),
         Cmd::Preflight { vm, dest } => preflight_cmd(&vm, &dest),
-        Cmd::Lab { cmd } => lab_cmd(cmd),
+        Cmd::Lab { cmd } => tools::lab_cmd(cmd),
         Cmd::Cpu { cmd } => cpu_cmd(cmd),
-        Cmd::Bench(args) => bench_cmd(&args),
+        Cmd::Bench(args) => tools::bench_cmd(&args),
         Cmd::XSink { listen, links } => (|| {
             let l = TcpListener::bind(&listen).with_context(|| format!("listening on {listen}"))?;
             eprintln!("listening on {}", l.local_addr()?);
@@ -515,170 +516,6 @@ fn receive_cmd(a: ReceiveArgs) -> Result<()> {
     std::thread::sleep(Duration::from_millis(a.run_for_ms.saturating_sub(100)));
     let report = destination_report(&guest, &r, start, cpu_seconds);
     finish(&report, &a.report, a.json, None)
-}
-
-fn lab_cmd(cmd: LabCmd) -> Result<()> {
-    match cmd {
-        LabCmd::Up { links, rate, prefix } => {
-            let rates = parse_rates(&rate, links)?;
-            Lab::new(&prefix).up(&rates)?;
-            let shown: Vec<&str> = rates.iter().map(|r| r.text.as_str()).collect();
-            eprintln!("lab {prefix}: {links} link(s) {} between {prefix}-src and {prefix}-dst", shown.join(","));
-            Ok(())
-        }
-        LabCmd::Down { prefix } => {
-            Lab::new(&prefix).down();
-            Ok(())
-        }
-        LabCmd::Run { prefix, no_prealloc, send_args } => lab_run(&Lab::new(&prefix), !no_prealloc, send_args),
-    }
-}
-
-/// `lab run`: both hosts as processes in their namespaces; prints both reports.
-fn lab_run(lab: &Lab, prealloc: bool, mut send_args: Vec<String>) -> Result<()> {
-    // The source's report goes where the user asked, the rest to a scratch directory.
-    let dir = std::env::temp_dir().join(format!("livemig-lab-{}", std::process::id()));
-    std::fs::create_dir_all(&dir)?;
-    let mut source_report = dir.join("source.json");
-    if let Some(i) = send_args.iter().position(|a| a == "--report") {
-        if i + 1 >= send_args.len() {
-            return Err(usage("--report needs a file"));
-        }
-        source_report = PathBuf::from(send_args.remove(i + 1));
-        send_args.remove(i);
-    }
-    let dest_report = dir.join("destination.json");
-    let exe = std::env::current_exe()?;
-    let memory = match send_args.iter().position(|a| a == "--memory") {
-        Some(i) => parse_size(send_args.get(i + 1).map_or("", String::as_str)).map_err(|e| anyhow!(e))?,
-        None => 2 << 30,
-    };
-    // Only a synthetic destination can be preallocated before the Hello says what it will host.
-    let kvm = send_args.windows(2).any(|w| w[0] == "--guest" && w[1] == "kvm");
-    let prealloc = (prealloc && !kvm).then_some(memory);
-    let insecure = bench::take_insecure(&mut send_args);
-    let security = bench::security_args(&dir, insecure)?;
-    let _creds = bench::RemoveOnDrop(dir.join("tls"));
-    let (mut recv, mut send) = lab.commands(&exe, &send_args, prealloc, (&dest_report, &source_report), &security)?;
-    let prefix = lab.dst();
-    let receiver = bench::spawn_ready(&mut recv, "waiting for a migration", move |l| eprintln!("[{prefix}] {l}"))
-        .with_context(|| format!("starting receive in {}", lab.dst()))?;
-    let sent = send.stderr(Stdio::inherit()).output().context("running send")?;
-    // A receiver whose source failed ends on its own once the connection drops; give it ten seconds.
-    let (received, received_ok) = receiver.finish(Duration::from_secs(10))?;
-    println!("== source: send in {} ==", lab.src());
-    print!("{}", String::from_utf8_lossy(&sent.stdout));
-    println!("== destination: receive in {} ==", lab.dst());
-    print!("{received}");
-    if let Ok(text) = std::fs::read_to_string(&source_report) {
-        if let Ok(r) = serde_json::from_str::<serde_json::Value>(&text) {
-            if let Some(g) = round0_goodput(&r) {
-                println!("round 0 aggregate goodput {:.2} Gbit/s", g / 1e9);
-            }
-        }
-    }
-    println!("reports: {} and {}", source_report.display(), dest_report.display());
-    if !sent.status.success() {
-        bail!("send failed in {} ({})", lab.src(), sent.status);
-    }
-    if !received_ok {
-        bail!("receive failed in {}", lab.dst());
-    }
-    Ok(())
-}
-
-/// Round 0's wire bits per second, from a report.
-fn round0_goodput(r: &serde_json::Value) -> Option<f64> {
-    let r0 = r.get("rounds")?.get(0)?;
-    let bytes = r0.get("bytes_on_wire")?.as_f64()?;
-    let secs = r0.get("duration_s")?.as_f64()?;
-    (secs > 0.0).then(|| bytes * 8.0 / secs)
-}
-
-fn bench_cmd(a: &BenchArgs) -> Result<()> {
-    let (scenarios, links, paths, memory, output, plot) =
-        (&a.scenarios, &a.links, &a.paths, a.memory, &a.output, a.plot.as_deref());
-    let lab = a.lab.then(|| Lab::new(&a.prefix));
-    let send_args = if a.no_compress { vec!["--no-compress".to_string()] } else { Vec::new() };
-    let list = |s: &str| s.split(',').map(str::trim).filter(|x| !x.is_empty()).map(String::from).collect::<Vec<_>>();
-    let scenarios = list(scenarios).iter().map(|s| Scenario::parse(s)).collect::<Result<Vec<_>, _>>()?;
-    let links = list(links)
-        .iter()
-        .map(|n| {
-            n.parse::<usize>()
-                .ok()
-                .filter(|&n| n > 0)
-                .ok_or_else(|| usage(format!("--links: '{n}' is not a link count")))
-        })
-        .collect::<Result<Vec<_>>>()?;
-    let paths = list(paths);
-    if let Some(p) = paths.iter().find(|p| !["copy", "vectored", "zerocopy", "auto"].contains(&p.as_str())) {
-        return Err(usage(format!("--paths: unknown send path '{p}' (copy, vectored, zerocopy, auto)")));
-    }
-    let security = list(&a.security);
-    if let Some(s) = security.iter().find(|s| !["mtls", "insecure"].contains(&s.as_str())) {
-        return Err(usage(format!("--security: unknown mode '{s}' (mtls, insecure)")));
-    }
-    let cfg = BenchConfig {
-        scenarios,
-        links,
-        paths,
-        memory,
-        hosts: lab.map_or(Hosts::Loopback, Hosts::Lab),
-        exe: std::env::current_exe()?,
-        dir: std::env::temp_dir().join(format!("livemig-bench-{}", std::process::id())),
-        send_args,
-        security,
-        repeat: usize::from(a.repeat),
-    };
-    let where_ = match &cfg.hosts {
-        Hosts::Loopback => "loopback".to_string(),
-        Hosts::Lab(l) => format!("lab {} ({} link(s))", l.prefix, l.links()?),
-    };
-    let n_rows = cfg.scenarios.len() * cfg.links.len() * cfg.paths.len() * cfg.security.len();
-    eprintln!("bench over {where_}: {n_rows} row(s)");
-    let mut done = |r: &bench::Row| {
-        let runs: Vec<String> =
-            r.runs.iter().map(|x| format!("{:.2}/{:.2}", x.wire_bps / 1e9, x.baseline_bps / 1e9)).collect();
-        eprintln!(
-            "{} {} link(s) {} {}: {:.3} s, {:.2} Gbit/s, baseline {:.2} Gbit/s (medians; runs, ours/baseline: {})",
-            r.scenario.name(),
-            r.links,
-            r.send_path,
-            r.security,
-            r.total_time_s,
-            r.wire_bps / 1e9,
-            r.baseline_bps / 1e9,
-            runs.join(" ")
-        )
-    };
-    let rows = bench::run(&cfg, &mut done)?;
-    print!("{}", bench::table(&rows));
-    let json = serde_json::json!({
-        "hosts": where_, "memory_bytes": memory, "send_args": cfg.send_args, "repeat": cfg.repeat, "rows": rows
-    });
-    std::fs::write(output, serde_json::to_string_pretty(&json)?)
-        .with_context(|| format!("writing {}", output.display()))?;
-    println!("rows: {}", output.display());
-    if let Some(plot) = plot {
-        for r in &rows {
-            let file = plot.with_file_name(format!(
-                "{}-{}-{}l-{}-{}.svg",
-                plot.file_stem().unwrap_or_default().to_string_lossy(),
-                r.scenario.name(),
-                r.links,
-                r.send_path,
-                r.security
-            ));
-            let report = bench::read_report(&r.source_report)?;
-            livemig::plot::draw(&livemig::plot::PlotData::from_report(&report), &file)?;
-            println!("plot: {}", file.display());
-        }
-    }
-    if rows.iter().any(|r| !r.verified) {
-        bail!("a row's migration did not complete verified");
-    }
-    Ok(())
 }
 
 fn read_cpu(path: &PathBuf) -> Result<CpuDescription> {

@@ -209,22 +209,7 @@ impl DataLink {
             let zero_copy = batch.path == Some(SendPath::ZeroCopy) && batch.has_guest_parts();
             if zero_copy && !zc_tried {
                 zc_tried = true;
-                let refused = if self.stream.is_sealed() {
-                    // Sealing copies each page into the record buffer it is encrypted in: the kernel has nothing of
-                    // the guest's left to send from.
-                    Some("zero-copy does not apply to an encrypted link; sending vectored".to_string())
-                } else {
-                    match ZeroCopy::new(self.stream.stream()) {
-                        Ok(z) => {
-                            zc = Some(z);
-                            None
-                        }
-                        Err(e) => Some(format!("SO_ZEROCOPY refused ({e}); sending vectored")),
-                    }
-                };
-                if refused.is_some() {
-                    self.zerocopy.lock().unwrap_or_else(|e| e.into_inner()).1 = refused;
-                }
+                zc = self.start_zero_copy();
             }
             let result = match zc.as_mut().filter(|_| zero_copy) {
                 Some(z) => {
@@ -266,6 +251,22 @@ impl DataLink {
             self.zerocopy.lock().unwrap_or_else(|e| e.into_inner()).0 = z.stats;
         }
         self.writer_done.store(true, Ordering::SeqCst);
+    }
+
+    /// Turns on `MSG_ZEROCOPY` for the link's socket, or records why it stays off.
+    fn start_zero_copy(&self) -> Option<ZeroCopy> {
+        let refused = if self.stream.is_sealed() {
+            // Sealing copies each page into the record buffer it is encrypted in: the kernel has nothing of the
+            // guest's left to send from.
+            "zero-copy does not apply to an encrypted link; sending vectored".to_string()
+        } else {
+            match ZeroCopy::new(self.stream.stream()) {
+                Ok(z) => return Some(z),
+                Err(e) => format!("SO_ZEROCOPY refused ({e}); sending vectored"),
+            }
+        };
+        self.zerocopy.lock().unwrap_or_else(|e| e.into_inner()).1 = Some(refused);
+        None
     }
 
     /// Reads the destination's acks until the link fails or closes. Runs on the link's reader thread; returns emptied

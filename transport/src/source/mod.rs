@@ -72,22 +72,8 @@ pub fn migrate(
     let mut report = SourceReport::new(opts.send_path.unwrap_or(SendPath::Vectored));
     let cpu_start = crate::cpu_usage::process_cpu_seconds();
     let control_written = AtomicU64::new(0);
-    let control = match tls::connect(control, security, CONNECT_TIMEOUT) {
-        Ok(c) => c,
-        Err(e) => {
-            report.result = Err(e.into());
-            report.total_time = start.elapsed();
-            return report;
-        }
-    };
-    report.security = control.info();
-    let setup = start_logging(guest)
-        .and_then(|initial| {
-            let rtt = handshake(guest, &control, opts, &control_written, &initial)?;
-            Ok((initial, rtt))
-        })
-        .and_then(|(initial, rtt)| Ok((initial, rtt, connect_links(&control, links, opts, security)?)));
-    let (initial, rtt, (data, refused)) = match setup {
+    let setup = open(guest, control, links, opts, security, &control_written, &mut report.security);
+    let (control, initial, rtt, (data, refused)) = match setup {
         Ok(x) => x,
         Err(e) => {
             report.result = Err(e);
@@ -151,6 +137,29 @@ pub fn migrate(
     report.send_path = policy.path();
     report_links(&mut report, &stripe, &link_errors, control_written.load(Ordering::Relaxed));
     report
+}
+
+/// What a migration starts from: the sealed control connection, the pages to send in round 0, the Hello's round
+/// trip, and the data links (with the reasons of those that could not connect).
+type Opened = (Conn, livemig_engine::dirty::Bitmap, Duration, (Vec<crate::link::data::DataLink>, Vec<Option<String>>));
+
+/// Opens the migration: the control connection's TLS handshake (its security goes to `info`), the dirty log
+/// started, the Hello answered, and the data links connected and presented.
+fn open(
+    guest: &dyn Guest,
+    control: TcpStream,
+    links: &[LinkSpec],
+    opts: &SourceOptions,
+    security: &SourceSecurity,
+    written: &AtomicU64,
+    info: &mut tls::SecurityInfo,
+) -> Result<Opened, MigrateError> {
+    let control = tls::connect(control, security, CONNECT_TIMEOUT)?;
+    *info = control.info();
+    let initial = start_logging(guest)?;
+    let rtt = handshake(guest, &control, opts, written, &initial)?;
+    let data = connect_links(&control, links, opts, security)?;
+    Ok((control, initial, rtt, data))
 }
 
 /// Starts each data link's writer and reader, and the control connection's reader; their events go straight into
