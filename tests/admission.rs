@@ -6,6 +6,7 @@ mod common;
 
 use common::frames;
 use livemig::transport::dest::{accept_migration, DestOptions, MAX_PENDING_PER_PEER};
+use livemig::transport::tls::DestSecurity;
 use livemig::transport::wire::{self, Kind};
 use std::io::Write;
 use std::net::{SocketAddr, TcpListener};
@@ -27,10 +28,8 @@ fn a_flood_of_silent_connections_takes_bounded_threads_and_does_not_shut_out_the
     std::thread::scope(|s| {
         let accepting = s.spawn(|| {
             let opts = DestOptions::default();
-            accept_migration(&listener, &opts, &livemig::transport::tls::DestSecurity::Insecure, &|_, _| {
-                *refusals.lock().unwrap() += 1
-            })
-            .map(|(_, h)| h.session)
+            accept_migration(&listener, &opts, &DestSecurity::Insecure, &|_, _| *refusals.lock().unwrap() += 1)
+                .map(|(_, h)| h.session)
         });
         let flood: Vec<_> = (0..300).map(|_| connect_from("127.0.0.2", addr)).collect();
         std::thread::sleep(Duration::from_millis(500));

@@ -9,6 +9,7 @@ use livemig::engine::guest::{GuestMemory, SyntheticConfig, SyntheticGuest};
 use livemig::engine::receive::ApplyError;
 use livemig::transport::dest::{accept_migration, read_hello, receive, DestOptions, ReceiveError, HELLO_TIMEOUT};
 use livemig::transport::source::{migrate, MigrateError, SourceOptions};
+use livemig::transport::tls::{DestSecurity, SourceSecurity};
 use livemig::transport::wire::{self, Hello, Kind, WireError, HEADER_LEN};
 use std::io::Write;
 use std::net::{Shutdown, TcpListener, TcpStream};
@@ -76,7 +77,7 @@ fn exchange(control: Vec<u8>, data: Option<Vec<u8>>, dopts: DestOptions) -> (Res
             h,
             |h| SyntheticGuest::destination(&h.layout, h.vcpus),
             &dopts,
-            &livemig::transport::tls::DestSecurity::Insecure,
+            &DestSecurity::Insecure,
             &|_, _| {},
         )
         .map(|_| ())
@@ -251,11 +252,10 @@ fn stranger_on_the_port_is_refused_and_the_migration_goes_on() {
     });
     let t = std::time::Instant::now();
     let refused = Mutex::new(Vec::new());
-    let (_stream, h) =
-        accept_migration(&listener, &opts(), &livemig::transport::tls::DestSecurity::Insecure, &|peer, e| {
-            refused.lock().unwrap().push((peer, e.to_string()))
-        })
-        .unwrap();
+    let (_stream, h) = accept_migration(&listener, &opts(), &DestSecurity::Insecure, &|peer, e| {
+        refused.lock().unwrap().push((peer, e.to_string()))
+    })
+    .unwrap();
     assert_eq!(h, hello(PAGES));
     assert!(t.elapsed() < HELLO_TIMEOUT / 2, "the silent stranger held the real source up for {:?}", t.elapsed());
     let refused = refused.into_inner().unwrap();
@@ -279,7 +279,7 @@ fn source_refuses_a_destination_that_is_not_livemig() {
         TcpStream::connect(addr).unwrap(),
         &[],
         &SourceOptions::default(),
-        &livemig::transport::tls::SourceSecurity::Insecure,
+        &SourceSecurity::Insecure,
         &|_| {},
     );
     assert!(matches!(r.result, Err(MigrateError::Handshake(WireError::BadMagic(_)))), "{:?}", r.result);

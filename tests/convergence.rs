@@ -12,6 +12,7 @@ use livemig::loopback::migrate_loopback;
 use livemig::transport::dest::{DestOptions, ReceiveError};
 use livemig::transport::link::LinkSpec;
 use livemig::transport::source::{migrate, MigrateError, SourceOptions};
+use livemig::transport::tls::{SecurityPair, SourceSecurity};
 use livemig::transport::wire::WireError;
 use std::net::{TcpListener, TcpStream};
 use std::sync::atomic::Ordering;
@@ -36,15 +37,7 @@ fn an_unreachable_target_cancels_and_the_source_runs_on_unthrottled() {
         },
         ..Default::default()
     };
-    let run = migrate_loopback(
-        &src,
-        1,
-        &opts,
-        &DestOptions::default(),
-        &livemig::transport::tls::SecurityPair::insecure(),
-        &|_| {},
-    )
-    .unwrap();
+    let run = migrate_loopback(&src, 1, &opts, &DestOptions::default(), &SecurityPair::insecure(), &|_| {}).unwrap();
     match &run.source.result {
         Err(MigrateError::Cancelled(r)) => assert!(r.contains("not met after 3 rounds"), "{r}"),
         other => panic!("expected a cancel, got {other:?}"),
@@ -98,7 +91,7 @@ fn a_final_round_that_runs_past_the_pause_bound_is_cancelled_and_the_source_resu
             TcpStream::connect(addr).unwrap(),
             &[LinkSpec::to(relay_addr)],
             &opts,
-            &livemig::transport::tls::SourceSecurity::Insecure,
+            &SourceSecurity::Insecure,
             &|_| {},
         );
         let paused_for = watcher.join().unwrap();

@@ -6,6 +6,7 @@ use livemig::engine::guest::{SyntheticConfig, SyntheticGuest, Vcpus};
 use livemig::loopback::migrate_loopback;
 use livemig::transport::dest::{DestOptions, ReceiveError};
 use livemig::transport::source::{MigrateError, SourceOptions};
+use livemig::transport::tls::SecurityPair;
 use livemig::transport::wire::WireError;
 use std::process::Command;
 
@@ -61,8 +62,7 @@ fn a_vm_needing_features_the_destination_lacks_is_refused_before_any_page_moves(
     let src = guest();
     let opts = SourceOptions { vm_cpu: Some(fixture("intel-icelake")), ..Default::default() };
     let dopts = DestOptions { host_cpu: Some(fixture("intel-westmere")), ..Default::default() };
-    let run =
-        migrate_loopback(&src, 1, &opts, &dopts, &livemig::transport::tls::SecurityPair::insecure(), &|_| {}).unwrap();
+    let run = migrate_loopback(&src, 1, &opts, &dopts, &SecurityPair::insecure(), &|_| {}).unwrap();
     let reason = match &run.source.result {
         Err(MigrateError::Handshake(WireError::PeerAbort(r))) => r.clone(),
         other => panic!("expected a refusal in the handshake, got {other:?}"),
@@ -76,8 +76,7 @@ fn a_vm_needing_features_the_destination_lacks_is_refused_before_any_page_moves(
     assert!(!src.vcpus().is_paused());
     // Another vendor is refused too.
     let opts = SourceOptions { vm_cpu: Some(fixture("amd-epyc-milan")), ..Default::default() };
-    let run =
-        migrate_loopback(&src, 1, &opts, &dopts, &livemig::transport::tls::SecurityPair::insecure(), &|_| {}).unwrap();
+    let run = migrate_loopback(&src, 1, &opts, &dopts, &SecurityPair::insecure(), &|_| {}).unwrap();
     assert!(format!("{:?}", run.source.result).contains("vendor differs"), "{:?}", run.source.result);
 }
 
@@ -87,8 +86,7 @@ fn a_vm_on_the_clusters_baseline_migrates() {
     let src = guest();
     let opts = SourceOptions { vm_cpu: Some(model), ..Default::default() };
     let dopts = DestOptions { host_cpu: Some(fixture("intel-westmere")), ..Default::default() };
-    let run =
-        migrate_loopback(&src, 1, &opts, &dopts, &livemig::transport::tls::SecurityPair::insecure(), &|_| {}).unwrap();
+    let run = migrate_loopback(&src, 1, &opts, &dopts, &SecurityPair::insecure(), &|_| {}).unwrap();
     assert!(run.source.result.is_ok(), "{:?}", run.source.result);
     assert!(run.source.verified);
 }

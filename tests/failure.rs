@@ -8,6 +8,7 @@ use common::assert_running_unthrottled;
 use livemig::engine::guest::{SyntheticConfig, SyntheticGuest, Vcpus};
 use livemig::engine::precopy::PrecopyConfig;
 use livemig::transport::source::{migrate, MigrateError, SourceOptions};
+use livemig::transport::tls::SecurityPair;
 use std::io::{BufRead, BufReader};
 use std::net::TcpStream;
 use std::process::{Child, Command, Stdio};
@@ -77,7 +78,7 @@ fn killed_destination_leaves_the_source_running_unthrottled() {
     let opts = SourceOptions { precopy, ..Default::default() };
     let stream = TcpStream::connect(&addr).unwrap();
     // The first progress report comes with the first acknowledged batches: the middle of round 0.
-    let security = livemig::transport::tls::SecurityPair::from_dir(&tls_dir().join("tls"), "source", "destination");
+    let security = SecurityPair::from_dir(&tls_dir().join("tls"), "source", "destination");
     let r = migrate(&guest, stream, &[], &opts, &security.unwrap().source, &|p| {
         if p.round_pages_done > 0 {
             kill();

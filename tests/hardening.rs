@@ -13,6 +13,7 @@ use livemig::guests::AnyGuest;
 use livemig::transport::dest::{accept_migration, receive, DestOptions};
 use livemig::transport::link::LinkSpec;
 use livemig::transport::source::{migrate, session_id, MigrateError, SourceOptions, SourceReport};
+use livemig::transport::tls::{DestSecurity, SourceSecurity};
 use livemig::transport::wire::{self, Kind, Verify, HEADER_LEN};
 use std::io::Write;
 use std::net::{SocketAddr, TcpListener, TcpStream};
@@ -44,18 +45,9 @@ fn destination(
 ) -> std::thread::JoinHandle<Result<(AnyGuest, livemig::transport::dest::DestReport), String>> {
     std::thread::spawn(move || {
         let (control, hello) =
-            accept_migration(&listener, &opts, &livemig::transport::tls::DestSecurity::Insecure, &|_, _| {})
-                .map_err(|e| e.to_string())?;
-        receive(
-            &[&listener],
-            &control,
-            hello,
-            AnyGuest::destination,
-            &opts,
-            &livemig::transport::tls::DestSecurity::Insecure,
-            &|_, _| {},
-        )
-        .map_err(|e| e.to_string())
+            accept_migration(&listener, &opts, &DestSecurity::Insecure, &|_, _| {}).map_err(|e| e.to_string())?;
+        receive(&[&listener], &control, hello, AnyGuest::destination, &opts, &DestSecurity::Insecure, &|_, _| {})
+            .map_err(|e| e.to_string())
     })
 }
 
@@ -93,14 +85,7 @@ fn migrate_with(
             std::thread::sleep(Duration::from_millis(300));
             during();
         });
-        let r = migrate(
-            g,
-            TcpStream::connect(addr).unwrap(),
-            links,
-            opts,
-            &livemig::transport::tls::SourceSecurity::Insecure,
-            &|_| {},
-        );
+        let r = migrate(g, TcpStream::connect(addr).unwrap(), links, opts, &SourceSecurity::Insecure, &|_| {});
         t.join().unwrap();
         r
     })
@@ -114,18 +99,10 @@ fn no_page_is_written_after_verify() {
     let addr = listener.local_addr().unwrap();
     let dest = std::thread::spawn(move || {
         let opts = dopts();
-        let (control, hello) =
-            accept_migration(&listener, &opts, &livemig::transport::tls::DestSecurity::Insecure, &|_, _| {}).unwrap();
-        let (g, _) = receive(
-            &[&listener],
-            &control,
-            hello,
-            AnyGuest::destination,
-            &opts,
-            &livemig::transport::tls::DestSecurity::Insecure,
-            &|_, _| {},
-        )
-        .unwrap();
+        let (control, hello) = accept_migration(&listener, &opts, &DestSecurity::Insecure, &|_, _| {}).unwrap();
+        let (g, _) =
+            receive(&[&listener], &control, hello, AnyGuest::destination, &opts, &DestSecurity::Insecure, &|_, _| {})
+                .unwrap();
         let mut page = vec![0u8; 4096];
         read_page(g.synthetic().unwrap(), 1, &mut page).unwrap();
         page
@@ -229,8 +206,7 @@ fn two_sources_racing_for_an_idle_destination_one_wins_and_one_is_told_busy() {
     let mut b = TcpStream::connect(addr).unwrap();
     a.write_all(&frames::frame(Kind::Hello, &frames::hello(1, PAGES).encode())).unwrap();
     b.write_all(&frames::frame(Kind::Hello, &frames::hello(2, PAGES).encode())).unwrap();
-    let (control, hello) =
-        accept_migration(&listener, &dopts(), &livemig::transport::tls::DestSecurity::Insecure, &|_, _| {}).unwrap();
+    let (control, hello) = accept_migration(&listener, &dopts(), &DestSecurity::Insecure, &|_, _| {}).unwrap();
     let loser = if hello.session == 1 { &b } else { &a };
     let reason = wire::decode_reason(&expect(loser, Kind::Abort, Duration::from_secs(3)).unwrap());
     assert!(reason.contains("busy"), "{reason}");
@@ -245,7 +221,7 @@ fn a_guest_over_the_memory_cap_is_refused_and_the_next_source_is_taken() {
     let addr = listener.local_addr().unwrap();
     let accepting = std::thread::spawn(move || {
         let opts = DestOptions { max_memory: 1 << 20, ..dopts() };
-        accept_migration(&listener, &opts, &livemig::transport::tls::DestSecurity::Insecure, &|_, _| {})
+        accept_migration(&listener, &opts, &DestSecurity::Insecure, &|_, _| {})
             .map(|(_, h)| h.session)
             .map_err(|e| e.to_string())
     });

@@ -1,6 +1,7 @@
 //! The KVM guest migrated end to end by the CLI: `livemig demo --guest kvm --memory 512MiB --dirty-rate 20000`.
 //! Prints a visible skip where /dev/kvm is missing.
 
+use livemig::transport::tls::SecurityPair;
 use std::io::Write;
 use std::process::Command;
 
@@ -108,7 +109,7 @@ fn a_kvm_guest_started_with_a_baseline_cpu_model_reports_its_cpuid_and_migrates(
     };
     check(&g, wait_report(&g, 0), "source");
     let opts = livemig::transport::source::SourceOptions { vm_cpu: Some(model.clone()), ..Default::default() };
-    let tls = livemig::transport::tls::SecurityPair::throwaway().unwrap();
+    let tls = SecurityPair::throwaway().unwrap();
     let run = livemig::loopback::migrate_loopback(&g, 1, &opts, &Default::default(), &tls, &|_| {}).unwrap();
     assert!(run.source.result.is_ok(), "{:?}", run.source.result);
     assert!(run.source.verified);

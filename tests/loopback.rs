@@ -5,6 +5,7 @@ use livemig::engine::guest::{SyntheticConfig, SyntheticGuest, Vcpus};
 use livemig::loopback::migrate_loopback;
 use livemig::transport::dest::DestOptions;
 use livemig::transport::source::{SourceOptions, VerifyMode};
+use livemig::transport::tls::SecurityPair;
 use std::time::Duration;
 
 fn guest(mib: u64, dirty_rate: u64) -> SyntheticGuest {
@@ -25,7 +26,7 @@ fn reference_mix_migrates_verified_and_memory_is_equal() {
         1,
         &SourceOptions::default(),
         &DestOptions::default(),
-        &livemig::transport::tls::SecurityPair::insecure(),
+        &SecurityPair::insecure(),
         &|_| {},
     )
     .unwrap();
@@ -52,15 +53,7 @@ fn live_writes_during_copy_are_resent_and_verified() {
     // The guest rewrites 25000 pages/s over 10 % of memory for the whole migration. With --verify full both sides
     // re-hash all memory at switchover, so a lost write would show as a mismatch (invariant 3).
     let src = guest(256, 25_000);
-    let run = migrate_loopback(
-        &src,
-        1,
-        &full(),
-        &DestOptions::default(),
-        &livemig::transport::tls::SecurityPair::insecure(),
-        &|_| {},
-    )
-    .unwrap();
+    let run = migrate_loopback(&src, 1, &full(), &DestOptions::default(), &SecurityPair::insecure(), &|_| {}).unwrap();
     let r = &run.source;
     assert!(r.result.is_ok(), "{:?}", r.result);
     assert!(r.verified);
@@ -83,15 +76,7 @@ fn a_long_round_with_a_quiet_control_connection_is_not_silence() {
     // between rounds and in the switchover are a few milliseconds, well under 150.)
     let src = guest(1024, 0);
     let dopts = DestOptions { idle_timeout: Duration::from_millis(150), ..Default::default() };
-    let run = migrate_loopback(
-        &src,
-        1,
-        &SourceOptions::default(),
-        &dopts,
-        &livemig::transport::tls::SecurityPair::insecure(),
-        &|_| {},
-    )
-    .unwrap();
+    let run = migrate_loopback(&src, 1, &SourceOptions::default(), &dopts, &SecurityPair::insecure(), &|_| {}).unwrap();
     assert!(run.source.result.is_ok(), "{:?}", run.source.result);
     assert!(run.source.rounds[0].stats.duration > Duration::from_millis(300), "round 0 too short to test this");
     assert!(run.dest.is_ok(), "{:?}", run.dest.err());

@@ -7,6 +7,7 @@ use livemig::loopback::migrate_loopback;
 use livemig::manifest;
 use livemig::transport::dest::DestOptions;
 use livemig::transport::source::{MigrateError, SourceOptions};
+use livemig::transport::tls::SecurityPair;
 use std::path::Path;
 use std::process::Command;
 
@@ -32,15 +33,7 @@ fn guest() -> SyntheticGuest {
 #[test]
 fn every_failure_is_listed_and_the_migration_never_starts() {
     let src = guest();
-    let run = migrate_loopback(
-        &src,
-        1,
-        &source("vm-bad.toml"),
-        &dest(),
-        &livemig::transport::tls::SecurityPair::insecure(),
-        &|_| {},
-    )
-    .unwrap();
+    let run = migrate_loopback(&src, 1, &source("vm-bad.toml"), &dest(), &SecurityPair::insecure(), &|_| {}).unwrap();
     let failures = match &run.source.result {
         Err(MigrateError::Preflight(f)) => f.clone(),
         other => panic!("expected a preflight refusal, got {other:?}"),
@@ -56,15 +49,7 @@ fn every_failure_is_listed_and_the_migration_never_starts() {
 #[test]
 fn a_clean_manifest_migrates() {
     let src = guest();
-    let run = migrate_loopback(
-        &src,
-        1,
-        &source("vm-clean.toml"),
-        &dest(),
-        &livemig::transport::tls::SecurityPair::insecure(),
-        &|_| {},
-    )
-    .unwrap();
+    let run = migrate_loopback(&src, 1, &source("vm-clean.toml"), &dest(), &SecurityPair::insecure(), &|_| {}).unwrap();
     assert!(run.source.result.is_ok(), "{:?}", run.source.result);
     assert!(run.source.verified);
     let (_, d) = run.dest.unwrap();

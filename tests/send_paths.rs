@@ -6,15 +6,16 @@ use livemig::engine::guest::{SyntheticConfig, SyntheticGuest};
 use livemig::loopback::migrate_loopback;
 use livemig::transport::dest::DestOptions;
 use livemig::transport::source::{SourceOptions, VerifyMode};
+use livemig::transport::tls::SecurityPair;
 
 /// Migrates a 128 MiB guest that rewrites 40000 pages/s over its first 5 % (1638 pages, each rewritten about every
 /// 40 ms) on `path`, compression off so that every non-zero page is raw; returns the pages the destination saw change
 /// in flight.
 fn migrate_under_writes(path: SendPath) -> u64 {
-    migrate_under_writes_with(Some(path), &livemig::transport::tls::SecurityPair::insecure())
+    migrate_under_writes_with(Some(path), &SecurityPair::insecure())
 }
 
-fn migrate_under_writes_with(path: Option<SendPath>, security: &livemig::transport::tls::SecurityPair) -> u64 {
+fn migrate_under_writes_with(path: Option<SendPath>, security: &SecurityPair) -> u64 {
     let cfg = SyntheticConfig { memory_bytes: 128 << 20, dirty_rate: 40_000, hot_set_pct: 5.0, ..Default::default() };
     let src = SyntheticGuest::new(&cfg).unwrap();
     let opts = SourceOptions { verify: VerifyMode::Full, send_path: path, compress: false, ..Default::default() };
@@ -55,7 +56,7 @@ fn the_copy_path_never_sees_a_torn_page() {
 
 #[test]
 fn every_send_path_works_under_encryption_and_zero_copy_says_why_it_is_off() {
-    let tls = livemig::transport::tls::SecurityPair::throwaway().unwrap();
+    let tls = SecurityPair::throwaway().unwrap();
     for path in [Some(SendPath::Copy), Some(SendPath::Vectored), Some(SendPath::ZeroCopy), None] {
         // Each migration verified in full (asserted inside), with pages rewritten while they are sealed and sent.
         migrate_under_writes_with(path, &tls);

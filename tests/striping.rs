@@ -13,6 +13,7 @@ use livemig::loopback::migrate_loopback;
 use livemig::transport::dest::{accept_migration, receive, DestOptions};
 use livemig::transport::link::LinkSpec;
 use livemig::transport::source::{migrate, SourceOptions, VerifyMode};
+use livemig::transport::tls::{DestSecurity, SecurityPair, SourceSecurity};
 use livemig::transport::wire::{self, Hello, Kind, Verified, Verify};
 use std::io::{Read, Write};
 use std::net::{SocketAddr, TcpListener, TcpStream};
@@ -34,15 +35,7 @@ fn frame(kind: Kind, body: &[u8]) -> Vec<u8> {
 fn three_links_share_the_work_and_verify() {
     let src = guest(256, 10_000);
     let opts = SourceOptions { verify: VerifyMode::Full, ..Default::default() };
-    let run = migrate_loopback(
-        &src,
-        3,
-        &opts,
-        &DestOptions::default(),
-        &livemig::transport::tls::SecurityPair::insecure(),
-        &|_| {},
-    )
-    .unwrap();
+    let run = migrate_loopback(&src, 3, &opts, &DestOptions::default(), &SecurityPair::insecure(), &|_| {}).unwrap();
     let r = &run.source;
     assert!(r.result.is_ok(), "{:?}", r.result);
     assert!(r.verified);
@@ -89,27 +82,20 @@ fn strangers_on_a_data_port_are_refused_and_the_migration_completes() {
             let note = |peer: SocketAddr, e: &livemig::transport::dest::ReceiveError| {
                 refused.lock().unwrap().push((peer, e.to_string()))
             };
-            let (stream, hello) =
-                accept_migration(&control, &dopts, &livemig::transport::tls::DestSecurity::Insecure, &note).unwrap();
+            let (stream, hello) = accept_migration(&control, &dopts, &DestSecurity::Insecure, &note).unwrap();
             receive(
                 &[&control, &data],
                 &stream,
                 hello,
                 |h| SyntheticGuest::destination(&h.layout, h.vcpus),
                 &dopts,
-                &livemig::transport::tls::DestSecurity::Insecure,
+                &DestSecurity::Insecure,
                 &note,
             )
         });
         let links = [LinkSpec::to(data_addr)];
-        let r = migrate(
-            &src,
-            TcpStream::connect(control_addr).unwrap(),
-            &links,
-            &opts,
-            &livemig::transport::tls::SourceSecurity::Insecure,
-            &|_| {},
-        );
+        let r =
+            migrate(&src, TcpStream::connect(control_addr).unwrap(), &links, &opts, &SourceSecurity::Insecure, &|_| {});
         let (moved, _) = dest.join().unwrap().expect("destination completed");
         assert!(!moved.vcpus().is_paused());
         r
@@ -152,15 +138,14 @@ fn a_lagging_link_cannot_overwrite_a_newer_copy() {
     };
     let dest = std::thread::spawn(move || {
         let dopts = DestOptions::default();
-        let (stream, hello) =
-            accept_migration(&listener, &dopts, &livemig::transport::tls::DestSecurity::Insecure, &|_, _| {}).unwrap();
+        let (stream, hello) = accept_migration(&listener, &dopts, &DestSecurity::Insecure, &|_, _| {}).unwrap();
         receive(
             &[&listener],
             &stream,
             hello,
             |h| SyntheticGuest::destination(&h.layout, h.vcpus),
             &dopts,
-            &livemig::transport::tls::DestSecurity::Insecure,
+            &DestSecurity::Insecure,
             &|_, _| {},
         )
     });
@@ -235,14 +220,7 @@ fn migrate_with_a_failing_link(reset_on_cut: bool) {
                 cut_set.store(true, Ordering::SeqCst);
             }
         });
-        let r = migrate(
-            &src,
-            TcpStream::connect(addr).unwrap(),
-            &links,
-            &opts,
-            &livemig::transport::tls::SourceSecurity::Insecure,
-            &|_| {},
-        );
+        let r = migrate(&src, TcpStream::connect(addr).unwrap(), &links, &opts, &SourceSecurity::Insecure, &|_| {});
         done.store(true, Ordering::SeqCst);
         let moved = dest.join().unwrap();
         assert!(moved.is_ok(), "{:?}", moved.err());

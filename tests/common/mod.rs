@@ -2,6 +2,7 @@
 #![allow(dead_code)]
 
 use livemig::engine::guest::{SyntheticGuest, Vcpus};
+use livemig::transport::tls::DestSecurity;
 use std::io::{Read, Write};
 use std::net::{Shutdown, SocketAddr, TcpListener, TcpStream};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -72,11 +73,10 @@ pub fn receive_one(
     dopts: &livemig::transport::dest::DestOptions,
 ) -> Result<(SyntheticGuest, livemig::transport::dest::DestReport), livemig::transport::dest::ReceiveError> {
     use livemig::transport::dest::{accept_migration, receive, ReceiveError};
-    let (stream, hello) =
-        accept_migration(listener, dopts, &livemig::transport::tls::DestSecurity::Insecure, &|_, _| {})
-            .map_err(|e| ReceiveError::Wire(e.into()))?;
+    let (stream, hello) = accept_migration(listener, dopts, &DestSecurity::Insecure, &|_, _| {})
+        .map_err(|e| ReceiveError::Wire(e.into()))?;
     let make = |h: &livemig::transport::wire::Hello| SyntheticGuest::destination(&h.layout, h.vcpus);
-    receive(&[listener], &stream, hello, make, dopts, &livemig::transport::tls::DestSecurity::Insecure, &|_, _| {})
+    receive(&[listener], &stream, hello, make, dopts, &DestSecurity::Insecure, &|_, _| {})
 }
 
 /// After a failed or cancelled migration the source guest must be running, unthrottled, and writing memory.
