@@ -376,6 +376,10 @@ fn send(
     let (bar, update) = progress_bar();
     let r = migrate(&guest, stream, links, &opts, &security, &update);
     bar.finish_and_clear();
+    if let Some(path) = control {
+        // The migration is over: nothing answers on the socket any more.
+        let _ = std::fs::remove_file(path);
+    }
     finish(&source_report(&guest, &r, run, &opts), &run.report, run.json, run.plot.as_deref())
 }
 

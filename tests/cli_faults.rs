@@ -312,6 +312,7 @@ fn the_control_socket_reports_changes_and_cancels_a_running_migration() {
     assert_eq!(ctl(&sock, &["cancel"]).0, Some(0));
     let exit = source.wait().unwrap();
     assert_eq!(exit.code(), Some(1));
+    assert!(!sock.exists(), "send left its control socket behind");
     let json: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(&report).unwrap()).unwrap();
     assert_eq!(json["status"], "cancelled", "{json}");
     assert_eq!(
