@@ -12,6 +12,13 @@ use std::path::PathBuf;
 #[derive(Parser)]
 #[command(name = "livemig", version, about = "Live-migration memory transfer engine")]
 pub(crate) struct Cli {
+    /// Log what the migration does on stderr: -v for its steps (rounds, links, switchover), -vv for more. RUST_LOG
+    /// (e.g. RUST_LOG=livemig_transport=debug) overrides.
+    #[arg(short, long, global = true, action = clap::ArgAction::Count)]
+    pub(crate) verbose: u8,
+    /// No progress bar, and no log from the libraries.
+    #[arg(short, long, global = true, conflicts_with = "verbose")]
+    pub(crate) quiet: bool,
     #[command(subcommand)]
     pub(crate) cmd: Cmd,
 }

@@ -49,8 +49,32 @@ fn usage(msg: impl Into<String>) -> anyhow::Error {
     Exit(2, msg.into()).into()
 }
 
+/// Logs from the libraries (`tracing`) to stderr: errors only by default (the CLI says what matters itself), the
+/// migration's steps with -v, more with -vv, nothing with -q; a non-empty RUST_LOG overrides.
+fn init_logging(verbose: u8, quiet: bool) {
+    let level = match (quiet, verbose) {
+        (true, _) => "off",
+        (false, 0) => "error",
+        (false, 1) => "info",
+        (false, _) => "debug",
+    };
+    let filter = match std::env::var("RUST_LOG") {
+        Ok(v) if !v.trim().is_empty() => tracing_subscriber::EnvFilter::new(v),
+        _ => tracing_subscriber::EnvFilter::new(format!("livemig={level},livemig_transport={level}")),
+    };
+    let _ = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .with_ansi(std::io::stderr().is_terminal())
+        .try_init();
+}
+
+static QUIET: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
+
 fn main() {
     let cli = Cli::parse();
+    init_logging(cli.verbose, cli.quiet);
+    QUIET.store(cli.quiet, std::sync::atomic::Ordering::Relaxed);
     let result = match cli.cmd {
         Cmd::Demo { links, insecure, guest, run } => demo(links, insecure, &guest, &run),
         Cmd::Send { to, links, tls, tls_peer, control, guest, run } => {
@@ -176,7 +200,8 @@ fn source_options(run: &RunOpts, g: &GuestOpts) -> Result<SourceOptions> {
 
 /// A progress bar on a terminal, nothing otherwise.
 fn progress_bar() -> (ProgressBar, impl Fn(&Progress) + Sync) {
-    let bar = if std::io::stderr().is_terminal() { ProgressBar::new(0) } else { ProgressBar::hidden() };
+    let shown = std::io::stderr().is_terminal() && !QUIET.load(std::sync::atomic::Ordering::Relaxed);
+    let bar = if shown { ProgressBar::new(0) } else { ProgressBar::hidden() };
     bar.set_style(
         ProgressStyle::with_template("round {prefix:>2} [{bar:40}] {pos}/{len} pages  {msg}")
             .expect("valid template")

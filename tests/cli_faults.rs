@@ -321,3 +321,25 @@ fn the_control_socket_reports_changes_and_cancels_a_running_migration() {
     );
     assert_eq!(r.wait(Duration::from_secs(10)).and_then(|s| s.code()), Some(1));
 }
+
+/// -v logs the migration's steps from the libraries; -q silences them; by default they stay quiet.
+#[test]
+fn verbose_logs_the_steps_and_quiet_silences_them() {
+    let run = |flag: Option<&str>| {
+        let mut cmd = Command::new(BIN);
+        cmd.env_remove("RUST_LOG");
+        if let Some(f) = flag {
+            cmd.arg(f);
+        }
+        let out = cmd.args(["demo", "--memory", "32MiB", "--insecure"]).output().unwrap();
+        assert!(out.status.success());
+        String::from_utf8_lossy(&out.stderr).into_owned()
+    };
+    let verbose = run(Some("-v"));
+    for step in ["handshake done", "round started", "data link joined", "pausing", "migration completed"] {
+        assert!(verbose.contains(step), "-v lacks {step:?}: {verbose}");
+    }
+    for quiet in [run(None), run(Some("-q"))] {
+        assert!(!quiet.contains("round started") && !quiet.contains(" INFO "), "{quiet}");
+    }
+}

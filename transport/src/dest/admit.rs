@@ -117,6 +117,10 @@ pub fn accept_migration(
     refused: &(dyn Fn(SocketAddr, &ReceiveError) + Sync),
 ) -> std::io::Result<(Conn, Hello)> {
     type Found = Result<(Conn, Hello), (SocketAddr, ReceiveError)>;
+    let refused = &|peer: SocketAddr, e: &ReceiveError| {
+        tracing::warn!(%peer, error = %e, "connection refused");
+        refused(peer, e);
+    };
     let (tx, rx) = crossbeam::channel::unbounded::<Found>();
     // Set by the first reader whose Hello is accepted; any later one is told the destination is busy.
     let taken = Arc::new(AtomicBool::new(false));

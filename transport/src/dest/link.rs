@@ -128,6 +128,7 @@ fn data_link(
         }
     };
     let stream = conn;
+    tracing::info!(%peer, link, sealed = stream.is_sealed(), "data link joined");
     shared.joined.store(true, Ordering::SeqCst);
     let _ = stream.stream().set_read_timeout(None);
     let _ = stream.stream().set_nodelay(true);
@@ -154,6 +155,7 @@ fn data_link(
         Err(e) => {
             // Pages this link applied before were each checked; any whose bytes landed unchecked is recorded as it is
             // now (the receiver's claims), and what the link held unacknowledged, the source resends.
+            tracing::warn!(%peer, link, error = %e, "data link ended for bad data");
             shared.link_error(link, &e);
             refuse(&stream, &e);
             refused(peer, &e);

@@ -273,6 +273,8 @@ pub fn receive<G: Guest>(
     security: &DestSecurity,
     refused: &(dyn Fn(SocketAddr, &ReceiveError) + Sync),
 ) -> Result<(G, DestReport), ReceiveError> {
+    let _span = tracing::info_span!("migration", role = "destination", session = %format_args!("{:#x}", hello.session))
+        .entered();
     let result: Result<(G, DestReport), ReceiveError> = (|| {
         opts.check(&hello)?;
         if control.is_sealed() != matches!(security, DestSecurity::Mtls(_)) {
@@ -285,6 +287,10 @@ pub fn receive<G: Guest>(
         let report = run(listeners, control, &guest, hello, opts, security, refused)?;
         Ok((guest, report))
     })();
+    match &result {
+        Ok(_) => tracing::info!("guest resumed here"),
+        Err(e) => tracing::warn!(error = %e, "migration not received"),
+    }
     if let Err(e) = &result {
         if matches!(e, ReceiveError::Killed(_)) {
             let _ = control.stream().shutdown(Shutdown::Both);

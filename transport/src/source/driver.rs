@@ -85,16 +85,23 @@ impl Driver<'_> {
                 Action::SendRound { epoch, pages, last } => {
                     let throttle_pct = vcpus.throttle();
                     report.max_throttle_pct = report.max_throttle_pct.max(throttle_pct);
+                    let _round = tracing::info_span!("round", epoch, last).entered();
+                    tracing::info!(pages = pages.count_ones(), throttle_pct, "round started");
                     let (counts, link_bytes) = self.send_round(epoch, &pages);
+                    tracing::info!(bytes = link_bytes.iter().sum::<u64>(), pages = counts.total(), "round sent");
                     self.sent.push(RoundSent { counts, throttle_pct, link_bytes });
                     if last {
                         marks.last_pages = Some(Instant::now());
                     }
                 }
                 Action::Harvest => self.harvest(),
-                Action::SetThrottle(pct) => vcpus.set_throttle(pct),
+                Action::SetThrottle(pct) => {
+                    tracing::info!(throttle_pct = pct, "vCPU throttle changed");
+                    vcpus.set_throttle(pct);
+                }
                 Action::Pause => {
                     report.predicted_downtime = self.machine.last_prediction();
+                    tracing::info!(predicted_ms = ?report.predicted_downtime.map(|d| d.as_secs_f64() * 1e3), "pausing");
                     vcpus.pause();
                     self.machine.paused(Instant::now());
                 }
@@ -137,6 +144,12 @@ impl Driver<'_> {
                             Err(MigrateError::Cancelled(reason))
                         }
                     };
+                    match &report.result {
+                        Ok(()) => tracing::info!("migration completed"),
+                        Err(e) => {
+                            tracing::warn!(error = %e, "migration ended without the destination running the guest")
+                        }
+                    }
                     break;
                 }
             }
@@ -234,16 +247,22 @@ impl Driver<'_> {
         for change in controls.take() {
             match change {
                 Change::Cancel(reason) => {
+                    tracing::info!(%reason, "cancel asked for");
                     // The machine decides whether it is too late (Commit sent); if not, it resumes the source.
                     if self.error.is_none() && self.machine.cancel(reason.clone()) {
                         self.halt(&format!("cancelled: {reason}"), MigrateError::Cancelled(reason));
                     }
                 }
-                Change::DowntimeTarget(t) => self.machine.set_downtime_target(t),
+                Change::DowntimeTarget(t) => {
+                    tracing::info!(target_ms = t.as_secs_f64() * 1e3, "downtime target changed");
+                    self.machine.set_downtime_target(t);
+                }
                 Change::SwitchoverNow => {
+                    tracing::info!("switchover asked for");
                     self.machine.switchover_now();
                 }
                 Change::MaxBandwidth(cap) => {
+                    tracing::info!(max_bandwidth = ?cap, "bandwidth cap changed");
                     self.machine.set_max_bandwidth(cap);
                     self.stripe.pacer.set_rate(cap);
                 }
@@ -306,6 +325,7 @@ impl Driver<'_> {
         if link.is_failed() && self.link_errors[i].is_some() {
             return;
         }
+        tracing::warn!(link = i, name = link.name(), error = %why, "data link failed; its batches go out on the others");
         link.fail();
         self.link_errors[i] = Some(why.clone());
         if self.stripe.links.iter().all(DataLink::is_failed) {

@@ -69,6 +69,8 @@ pub fn migrate(
     progress: &(dyn Fn(&Progress) + Sync),
 ) -> SourceReport {
     let start = Instant::now();
+    let _span =
+        tracing::info_span!("migration", role = "source", session = %format_args!("{:#x}", opts.session)).entered();
     let mut report = SourceReport::new(opts.send_path.unwrap_or(SendPath::Vectored));
     let cpu_start = crate::cpu_usage::process_cpu_seconds();
     let control_written = AtomicU64::new(0);
@@ -156,9 +158,12 @@ fn open(
 ) -> Result<Opened, MigrateError> {
     let control = tls::connect(control, security, CONNECT_TIMEOUT)?;
     *info = control.info();
+    tracing::info!(mode = info.mode, peer = ?info.peer, "control connection open");
     let initial = start_logging(guest)?;
     let rtt = handshake(guest, &control, opts, written, &initial)?;
+    tracing::info!(rtt_us = rtt.as_micros(), pages = initial.count_ones(), "handshake done");
     let data = connect_links(&control, links, opts, security)?;
+    tracing::info!(links = data.0.len(), unusable = data.1.iter().flatten().count(), "data links connected");
     Ok((control, initial, rtt, data))
 }
 
