@@ -38,7 +38,7 @@ pub fn migrate_loopback(
         .collect();
     std::thread::scope(|s| {
         let dest = std::thread::Builder::new().name("lm-dest".into()).spawn_scoped(s, move || {
-            let refused = |peer, e: &_| eprintln!("refused connection from {peer}: {e}");
+            let refused = |peer, e: &ReceiveError| tracing::warn!(%peer, error = %e, "connection refused");
             // One known source: its control connection comes first, and a refusal ends the run.
             let (stream, _) = listener.accept().map_err(|e| ReceiveError::Wire(e.into()))?;
             let (control, hello) = admit(stream, dopts, &security.dest)?;
