@@ -339,7 +339,7 @@ fn ctl(path: &Path, cmd: &str, setting: Option<&str>) -> Result<()> {
 const INSECURE_WARNING: &str =
     "livemig: warning: --insecure: guest memory crosses the network in clear and no peer is authenticated";
 
-/// This host's credentials from `--tls`, or plaintext when `--insecure` names it; neither is a usage error.
+/// This host's credentials from `--tls`, or plaintext when `--insecure` names it; with neither, a usage error.
 fn credentials(t: &TlsOpts, cmd: &str) -> Result<Option<Credentials>> {
     match &t.tls {
         Some(dir) => Ok(Some(Credentials::load(dir, t.tls_ca.as_deref()).map_err(|e| Exit(2, e.to_string()))?)),
