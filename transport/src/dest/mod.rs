@@ -366,7 +366,13 @@ impl<'a> Shared<'a> {
         }
     }
 
-    fn new(guest: &'a dyn Guest, session: u64, opts: &DestOptions) -> Self {
+    fn new(
+        guest: &'a dyn Guest,
+        session: u64,
+        opts: &DestOptions,
+        security: &DestSecurity,
+        binding: Option<[u8; 32]>,
+    ) -> Self {
         let conns: Arc<Mutex<Conns>> = Default::default();
         Shared {
             rx: Receiver::new(guest.memory()),
@@ -382,8 +388,8 @@ impl<'a> Shared<'a> {
             bytes: AtomicU64::new(0),
             max_connections: opts.max_connections.max(1),
             admission: Arc::new(Admission::default()),
-            security: DestSecurity::Insecure,
-            binding: None,
+            security: security.clone(),
+            binding,
         }
     }
 
@@ -487,9 +493,7 @@ fn run(
     security: &DestSecurity,
     refused: &(dyn Fn(SocketAddr, &ReceiveError) + Sync),
 ) -> Result<DestReport, ReceiveError> {
-    let mut shared = Shared::new(guest, hello.session, opts);
-    shared.security = security.clone();
-    shared.binding = control.binding().copied();
+    let shared = Shared::new(guest, hello.session, opts, security, control.binding().copied());
     let (tx, msgs) = crossbeam::channel::unbounded::<Msg>();
     // The Hello was read under a deadline; from here silence is judged by the control loop, which counts data.
     control.stream().set_read_timeout(None).map_err(WireError::from)?;

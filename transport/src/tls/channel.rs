@@ -93,56 +93,46 @@ impl Sealer {
         let total: usize = parts.iter().map(|p| p.len()).sum();
         self.buf.clear();
         self.buf.reserve(total + (total.div_ceil(MAX_RECORD) + 1) * (LEN_LEN + TAG_LEN));
-        let (mut part, mut off) = (0usize, 0usize);
-        while part < parts.len() {
-            // This record's plaintext: up to MAX_RECORD, ending before the first big part when it started small.
-            let mut n = 0usize;
-            let (mut p, mut o) = (part, off);
-            while p < parts.len() && n < MAX_RECORD {
-                let len = parts[p].len() - o;
-                if n > 0
-                    && o == 0
-                    && len >= SMALL_PART
-                    && p > part
-                    && parts[part..p].iter().all(|x| x.len() < SMALL_PART)
-                {
-                    break;
-                }
-                let k = len.min(MAX_RECORD - n);
-                n += k;
-                o += k;
-                if o == parts[p].len() {
-                    p += 1;
-                    o = 0;
+        // The open record: where its length prefix starts, and whether it holds only small parts so far.
+        let mut open: Option<(usize, bool)> = None;
+        for part in parts {
+            let mut rest: &[u8] = part;
+            if rest.len() >= SMALL_PART {
+                if let Some((start, true)) = open {
+                    self.seal_tail(start)?;
+                    open = None;
                 }
             }
-            if n == 0 {
-                // Only empty parts are left.
-                break;
-            }
-            let start = self.buf.len();
-            self.buf.extend_from_slice(&livemig_engine::num::u32_len(n).to_le_bytes());
-            // Gather this record's plaintext: the one read of each source byte.
-            let mut want = n;
-            while want > 0 {
-                let src = &parts[part][off..];
-                let k = src.len().min(want);
-                self.buf.extend_from_slice(&src[..k]);
-                want -= k;
-                off += k;
-                if off == parts[part].len() {
-                    part += 1;
-                    off = 0;
+            while !rest.is_empty() {
+                let (start, small) = *open.get_or_insert_with(|| {
+                    let start = self.buf.len();
+                    self.buf.extend_from_slice(&[0; LEN_LEN]);
+                    (start, true)
+                });
+                let room = MAX_RECORD - (self.buf.len() - start - LEN_LEN);
+                let k = rest.len().min(room);
+                // The one read of each source byte.
+                self.buf.extend_from_slice(&rest[..k]);
+                rest = &rest[k..];
+                open = Some((start, small && part.len() < SMALL_PART));
+                if k == room {
+                    self.seal_tail(start)?;
+                    open = None;
                 }
             }
+        }
+        if let Some((start, _)) = open {
             self.seal_tail(start)?;
         }
         w.write_all(&self.buf)?;
         Ok(total)
     }
 
-    /// Seals the record whose length prefix starts at `start` and whose plaintext runs to the end of the buffer.
+    /// Seals the record whose length prefix starts at `start` and whose plaintext runs to the end of the buffer,
+    /// filling in the length first.
     fn seal_tail(&mut self, start: usize) -> std::io::Result<()> {
+        let len = livemig_engine::num::u32_len(self.buf.len() - start - LEN_LEN);
+        self.buf[start..start + LEN_LEN].copy_from_slice(&len.to_le_bytes());
         let n = nonce(self.prefix, self.sealed);
         self.sealed = self
             .sealed

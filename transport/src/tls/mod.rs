@@ -469,15 +469,17 @@ fn describe_tls(e: &rustls::Error) -> String {
     }
 }
 
-/// What a plaintext livemig peer said, when the first bytes on `stream` are a livemig frame rather than TLS.
-fn plaintext_peer(stream: &TcpStream) -> Option<String> {
+/// What a plaintext livemig peer said, when the first bytes on `stream` are a livemig frame rather than TLS. The
+/// frame has until `deadline`, whole: a peer that trickles it cannot hold the source.
+fn plaintext_peer(stream: &TcpStream, deadline: Instant) -> Option<String> {
     let mut first = [0u8; 4];
     match stream.peek(&mut first) {
         Ok(4) if first == crate::wire::MAGIC => {}
         _ => return None,
     }
+    let conn = Conn::plain(stream.try_clone().ok()?);
     let mut body = Vec::new();
-    match crate::wire::read_frame(&mut &*stream, &mut body) {
+    match crate::wire::read_frame(&mut crate::wire::Deadline::new(&conn, deadline, "plaintext answer"), &mut body) {
         Ok(h) if h.kind == crate::wire::Kind::Abort => Some(crate::wire::decode_reason(&body)),
         Ok(h) => Some(format!("a {:?} frame", h.kind)),
         Err(e) => Some(e.to_string()),
@@ -497,7 +499,7 @@ pub fn connect(stream: TcpStream, sec: &SourceSecurity, within: Duration) -> Res
     // Abort frame, whose reason is the clearest thing to report.
     conn.write_tls(&mut &stream).map_err(|e| herr(e.to_string()))?;
     stream.set_read_timeout(Some(within)).map_err(|e| herr(e.to_string()))?;
-    if let Some(said) = plaintext_peer(&stream) {
+    if let Some(said) = plaintext_peer(&stream, deadline) {
         return Err(herr(format!("the destination answered in plaintext ({said}): it is not using TLS")));
     }
     drive(&mut conn, &stream, deadline, |c| !c.is_handshaking()).map_err(herr)?;
