@@ -1,14 +1,15 @@
-//! Embedding livemig: a destination and a source in one program, joined by TCP.
+//! Embedding livemig: a destination and a source in one program, joined by TCP, the source driven through its handle.
 //!
 //! A VMM does the same with its own guest: implement `GuestMemory`, `DirtyLog` and `Vcpus` (bundled as `Guest`),
-//! call `receive` on the destination host and `migrate` on the source host.
-use livemig::engine::guest::{SyntheticConfig, SyntheticGuest, Vcpus};
+//! call `receive` on the destination host and `Migration::start` on the source host.
+use livemig::engine::guest::{Guest, SyntheticConfig, SyntheticGuest, Vcpus};
 use livemig::transport::dest::{accept_migration, receive, DestOptions};
-use livemig::transport::link::LinkSpec;
-use livemig::transport::source::{migrate, SourceOptions};
+use livemig::transport::source::{Links, Migration, MigrationEvent, SourceOptions};
+use livemig::transport::stream::Peer;
 use livemig::transport::tls::SecurityPair;
 use livemig::transport::wire::Hello;
 use std::net::{TcpListener, TcpStream};
+use std::sync::Arc;
 
 pub fn main() -> Result<(), Box<dyn std::error::Error>> {
     // Mutual TLS. A hypervisor brings its own PKI: `SourceSecurity::Mtls { config, server_name }` and
@@ -22,7 +23,7 @@ pub fn main() -> Result<(), Box<dyn std::error::Error>> {
     let addr = listener.local_addr()?;
     let destination = std::thread::spawn(move || {
         let opts = DestOptions::default();
-        let refused = |peer, e: &_| eprintln!("refused {peer}: {e}");
+        let refused = |peer: &Peer, e: &_| eprintln!("refused {peer}: {e}");
         let (control, hello) = accept_migration(&listener, &opts, &dest_security, &refused)?;
         // Data links arrive on the same listener here; a host with several NICs passes one listener per NIC.
         let make = |h: &Hello| SyntheticGuest::destination(&h.layout, h.vcpus);
@@ -32,11 +33,20 @@ pub fn main() -> Result<(), Box<dyn std::error::Error>> {
 
     // Source host: a 64 MiB guest whose vCPU writes 2000 pages/s while it is copied.
     let cfg = SyntheticConfig { memory_bytes: 64 << 20, dirty_rate: 2000, ..Default::default() };
-    let guest = SyntheticGuest::new(&cfg)?;
-    // One data link to the destination's address; a host with several NICs passes one LinkSpec per NIC.
-    let links = [LinkSpec::to(addr)];
-    let report =
-        migrate(&guest, TcpStream::connect(addr)?, &links, &SourceOptions::default(), &security.source, &|_| {});
+    let guest: Arc<dyn Guest> = Arc::new(SyntheticGuest::new(&cfg)?);
+    // One data link to the control connection's peer. `Links::Connect` takes one `LinkSpec` per NIC, and
+    // `Links::Streams` sockets the caller connected (TCP, Unix, or descriptors an orchestrator passed).
+    let control = TcpStream::connect(addr)?;
+    let migration =
+        Migration::start(guest, control, Links::Connect(vec![]), SourceOptions::default(), security.source)?;
+    // The handle works from any thread: status, events, cancel, and live limits.
+    migration.set_max_bandwidth(Some(2 << 30))?;
+    for event in migration.events() {
+        if let MigrationEvent::RoundStarted { round, pages, .. } = event {
+            println!("round {round}: {pages} pages, {:?} s to go", migration.status().eta_s);
+        }
+    }
+    let report = migration.wait();
     report.result?;
 
     let (moved, dest_report) = destination.join().expect("destination thread").map_err(|e| e.to_string())?;

@@ -7,6 +7,7 @@ use livemig::kvm::DirtyLogMethod;
 use livemig::report::parse_size;
 use livemig::transport::link::LinkSpec;
 use livemig::transport::source::VerifyMode;
+use livemig::transport::stream::Address;
 use std::path::PathBuf;
 
 #[derive(Parser)]
@@ -38,11 +39,11 @@ pub(crate) enum Cmd {
         #[command(flatten)]
         run: RunOpts,
     },
-    /// Be the source host: migrate a guest to a `livemig receive` at ADDR:PORT.
+    /// Be the source host: migrate a guest to a `livemig receive` at ADDR:PORT (or unix:PATH on this host).
     Send {
-        /// The destination's control address.
-        #[arg(long)]
-        to: String,
+        /// The destination's control address: HOST:PORT, or unix:PATH for a destination on this host.
+        #[arg(long, value_name = "HOST:PORT|unix:PATH")]
+        to: Address,
         /// A data link, `[IFACE=]LOCAL>REMOTE:PORT`; one per NIC. Without any, one link goes to the --to address.
         #[arg(long = "link")]
         links: Vec<LinkSpec>,
@@ -101,7 +102,8 @@ pub(crate) enum Cmd {
     /// Be the destination host: wait for one migration and run the guest it brings.
     Receive(ReceiveArgs),
     /// Talk to a running `send --control PATH`: status, cancel, switchover, postcopy, or set KEY=VALUE
-    /// (max_bandwidth=200mbit, downtime_target_ms=100). Prints its JSON answer; exits 1 if it refused.
+    /// (max_bandwidth=200mbit, downtime_target_ms=100, max_throttle_pct=50). Prints its JSON answer; exits 1 if it
+    /// refused.
     Ctl {
         /// The control socket.
         path: PathBuf,
@@ -133,14 +135,15 @@ pub(crate) enum TlsCmd {
 
 #[derive(Args)]
 pub(crate) struct ReceiveArgs {
-    /// Address to listen on, for the control connection and data links.
-    #[arg(long)]
-    pub(crate) listen: String,
+    /// Address to listen on, for the control connection and data links: HOST:PORT, or unix:PATH (a socket file
+    /// only this user may connect to, for a source on this host).
+    #[arg(long, value_name = "HOST:PORT|unix:PATH")]
+    pub(crate) listen: Address,
     #[command(flatten)]
     pub(crate) tls: TlsOpts,
     /// More addresses to accept data links on (one per NIC).
     #[arg(long = "data")]
-    pub(crate) data: Vec<String>,
+    pub(crate) data: Vec<Address>,
     /// This destination's name in its description.
     #[arg(long)]
     pub(crate) name: Option<String>,
@@ -360,6 +363,10 @@ pub(crate) struct RunOpts {
     /// spread by their capacity, and convergence is planned at it.
     #[arg(long, value_parser = livemig::control::parse_bandwidth)]
     pub(crate) max_bandwidth: Option<u64>,
+    /// The highest vCPU throttle convergence may use, percent (0 to 99). A guest that cannot converge under it
+    /// reaches --max-rounds/--max-time and --on-timeout instead of being slowed further.
+    #[arg(long, value_name = "PCT", default_value_t = 99.0, value_parser = parse_pct)]
+    pub(crate) max_throttle: f64,
     /// How the switchover verifies destination memory.
     #[arg(long, value_enum, default_value = "tables")]
     pub(crate) verify: VerifyMode,
@@ -388,4 +395,14 @@ pub(crate) struct RunOpts {
     /// Print the JSON report on stdout instead of the table.
     #[arg(long)]
     pub(crate) json: bool,
+}
+
+/// A throttle ceiling: 0 to 99 percent (refused outside, not clamped).
+fn parse_pct(s: &str) -> Result<f64, String> {
+    let v: f64 = s.parse().map_err(|_| format!("'{s}' is not a number of percent"))?;
+    if (0.0..=livemig::engine::precopy::MAX_THROTTLE).contains(&v) {
+        Ok(v)
+    } else {
+        Err(format!("{v}: the throttle ceiling is 0 to 99 percent"))
+    }
 }

@@ -2,7 +2,8 @@
 //! and `livemig ctl`, its client.
 //!
 //! Commands: `{"cmd":"status"}`, `{"cmd":"cancel"}`, `{"cmd":"switchover"}`, `{"cmd":"postcopy"}`,
-//! `{"cmd":"set","max_bandwidth":"200mbit"}` (or `null` to lift the cap), `{"cmd":"set","downtime_target_ms":100}`.
+//! `{"cmd":"set","max_bandwidth":"200mbit"}` (or `null` to lift the cap), `{"cmd":"set","downtime_target_ms":100}`,
+//! `{"cmd":"set","max_throttle_pct":50}`.
 //! Each answer is `{"ok":true, ...}` (the status's fields, for `status`) or `{"ok":false,"error":"why"}`. The socket
 //! is created mode 0600: whoever may use it may cancel the migration.
 
@@ -100,23 +101,27 @@ pub fn answer(line: &str, controls: &Controls) -> Value {
                 "dirty_rate_pps": s.dirty_rate_pps, "throughput_bps": s.throughput_bps * 8.0,
                 "predicted_downtime_ms": s.predicted_downtime_ms, "throttle_pct": s.throttle_pct, "eta_s": s.eta_s,
                 "bytes_on_wire": s.bytes_on_wire, "downtime_target_ms": s.downtime_target_ms,
-                "max_bandwidth_bps": s.max_bandwidth.map(|b| b * 8),
+                "max_bandwidth_bps": s.max_bandwidth.map(|b| b * 8), "max_throttle_pct": s.max_throttle_pct,
+                "link_throughput_bps": s.link_throughput_bps.iter().map(|b| b * 8.0).collect::<Vec<_>>(),
             })
         }
         Some("cancel") => {
             controls.cancel("cancelled through the control socket");
             json!({"ok": true})
         }
-        Some("switchover") => {
-            controls.push(Change::SwitchoverNow);
-            json!({"ok": true})
-        }
+        Some("switchover") => match controls.push(Change::SwitchoverNow) {
+            Ok(()) => json!({"ok": true}),
+            Err(e) => refuse(e.to_string()),
+        },
         Some("postcopy") => refuse("post-copy is not available in this build"),
         Some("set") => set(&req, controls),
         Some(other) => refuse(format!("unknown command {other:?} (status, cancel, switchover, postcopy, set)")),
         None => refuse("no \"cmd\""),
     }
 }
+
+/// What `set` takes.
+const SETTABLE: &str = "max_bandwidth, downtime_target_ms, max_throttle_pct";
 
 fn set(req: &Value, controls: &Controls) -> Value {
     let mut changes = Vec::new();
@@ -127,19 +132,27 @@ fn set(req: &Value, controls: &Controls) -> Value {
                 Ok(b) => Change::MaxBandwidth(Some(b)),
                 Err(e) => return refuse(e),
             },
-            ("downtime_target_ms", v) => match v.as_f64().filter(|&ms| ms.is_finite() && ms > 0.0 && ms <= 60_000.0) {
+            ("downtime_target_ms", v) => match v.as_f64().filter(|ms| ms.is_finite() && *ms >= 0.0) {
                 Some(ms) => Change::DowntimeTarget(Duration::from_secs_f64(ms / 1e3)),
                 None => return refuse("downtime_target_ms: a number of milliseconds, above 0 and at most 60000"),
             },
-            (k, _) => return refuse(format!("cannot set {k:?} (max_bandwidth, downtime_target_ms)")),
+            ("max_throttle_pct", v) => match v.as_f64() {
+                Some(pct) => Change::MaxThrottle(pct),
+                None => return refuse("max_throttle_pct: a number of percent, 0 to 99"),
+            },
+            (k, _) => return refuse(format!("cannot set {k:?} ({SETTABLE})")),
         };
+        if let Err(e) = change.check() {
+            return refuse(format!("{key}: {e}"));
+        }
         changes.push(change);
     }
     if changes.is_empty() {
-        return refuse("set what? (max_bandwidth, downtime_target_ms)");
+        return refuse(format!("set what? ({SETTABLE})"));
     }
+    // All checked above: none is refused here, so a command changes all it names or nothing.
     for c in changes {
-        controls.push(c);
+        let _ = controls.push(c);
     }
     json!({"ok": true})
 }
@@ -176,6 +189,7 @@ mod tests {
         let c = Controls::default();
         assert_eq!(answer(r#"{"cmd":"set","max_bandwidth":"200mbit"}"#, &c), json!({"ok": true}));
         assert_eq!(answer(r#"{"cmd":"set","downtime_target_ms":100}"#, &c), json!({"ok": true}));
+        assert_eq!(answer(r#"{"cmd":"set","max_throttle_pct":40}"#, &c), json!({"ok": true}));
         assert_eq!(answer(r#"{"cmd":"switchover"}"#, &c), json!({"ok": true}));
         assert_eq!(answer(r#"{"cmd":"cancel"}"#, &c), json!({"ok": true}));
         let taken = c.take_for_test();
@@ -184,6 +198,7 @@ mod tests {
             [
                 Change::MaxBandwidth(Some(25_000_000)),
                 Change::DowntimeTarget(Duration::from_millis(100)),
+                Change::MaxThrottle(40.0),
                 Change::SwitchoverNow,
                 Change::Cancel("cancelled through the control socket".into())
             ]
@@ -193,6 +208,11 @@ mod tests {
             (r#"{"cmd":"reboot"}"#, "unknown command"),
             (r#"{"cmd":"set","max_bandwidth":"lots"}"#, "not a rate"),
             (r#"{"cmd":"set","downtime_target_ms":-5}"#, "above 0"),
+            (r#"{"cmd":"set","downtime_target_ms":0}"#, "above 0"),
+            (r#"{"cmd":"set","downtime_target_ms":90000}"#, "at most 60000"),
+            (r#"{"cmd":"set","max_throttle_pct":120}"#, "0 to 99"),
+            // Nothing of a command with one bad value is taken.
+            (r#"{"cmd":"set","max_bandwidth":"100mbit","max_throttle_pct":-1}"#, "max_throttle_pct: throttle"),
             (r#"{"cmd":"set","workers":4}"#, "cannot set"),
             (r#"{"cmd":"set"}"#, "set what"),
             (r#"{"cmd":"postcopy"}"#, "post-copy"),

@@ -68,6 +68,11 @@ fn decode_frame(data: &[u8]) {
         Kind::Verified => drop(wire::Verified::decode(&body)),
         Kind::Abort => assert!(wire::decode_reason(&body).len() <= 3 * wire::MAX_REASON),
         Kind::VcpuState => state_blob(&body),
+        Kind::DeviceState => {
+            if let Ok(d) = wire::decode_device(&body) {
+                assert_eq!(wire::decode_device(&wire::encode_device(&d)).ok(), Some(d), "a device section round trip");
+            }
+        }
         Kind::StateAck | Kind::Commit | Kind::Committed => {}
     }
 }

@@ -6,6 +6,7 @@ use livemig_engine::guest::Guest;
 use livemig_transport::dest::{admit, receive, DestOptions, DestReport, ReceiveError};
 use livemig_transport::link::LinkSpec;
 use livemig_transport::source::{migrate, Progress, SourceOptions, SourceReport};
+use livemig_transport::stream::Peer;
 use livemig_transport::tls::SecurityPair;
 use std::net::{IpAddr, Ipv4Addr, TcpListener, TcpStream};
 
@@ -38,7 +39,7 @@ pub fn migrate_loopback(
         .collect();
     std::thread::scope(|s| {
         let dest = std::thread::Builder::new().name("lm-dest".into()).spawn_scoped(s, move || {
-            let refused = |peer, e: &ReceiveError| tracing::warn!(%peer, error = %e, "connection refused");
+            let refused = |peer: &Peer, e: &ReceiveError| tracing::warn!(%peer, error = %e, "connection refused");
             // One known source: its control connection comes first, and a refusal ends the run.
             let (stream, _) = listener.accept().map_err(|e| ReceiveError::Wire(e.into()))?;
             let (control, hello) = admit(stream, dopts, &security.dest)?;

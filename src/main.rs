@@ -23,10 +23,11 @@ use livemig::transport::announce::{announce, Schedule};
 use livemig::transport::dest::{accept_migration, receive, DestOptions, DestReport};
 use livemig::transport::link::LinkSpec;
 use livemig::transport::source::{migrate, Controls, Progress, SourceOptions, SourceReport};
+use livemig::transport::stream::{Address, Listener, Peer};
 use livemig::transport::tls::{self, Credentials, DestSecurity, SecurityPair, ServerName, SourceSecurity};
 use livemig::transport::wire::Hello;
 use std::io::IsTerminal;
-use std::net::{TcpListener, TcpStream};
+use std::net::TcpListener;
 use std::path::{Path, PathBuf};
 
 use std::time::{Duration, Instant};
@@ -188,6 +189,7 @@ fn source_options(run: &RunOpts, g: &GuestOpts) -> Result<SourceOptions> {
             on_timeout: run.on_timeout,
             throttle: !run.no_throttle,
             max_bandwidth: run.max_bandwidth,
+            max_throttle: run.max_throttle,
             ..Default::default()
         },
         verify: run.verify,
@@ -315,7 +317,7 @@ fn ctl(path: &Path, cmd: &str, setting: Option<&str>) -> Result<()> {
         ("set", Some(kv)) => {
             let (k, v) = kv.split_once('=').ok_or_else(|| usage(format!("{kv}: want KEY=VALUE")))?;
             let value = match k {
-                "downtime_target_ms" => {
+                "downtime_target_ms" | "max_throttle_pct" => {
                     serde_json::json!(v.parse::<f64>().map_err(|_| usage(format!("{v}: not a number")))?)
                 }
                 _ if v == "none" => serde_json::Value::Null,
@@ -323,7 +325,11 @@ fn ctl(path: &Path, cmd: &str, setting: Option<&str>) -> Result<()> {
             };
             serde_json::json!({"cmd": "set", k: value})
         }
-        ("set", None) => return Err(usage("set needs KEY=VALUE (max_bandwidth=200mbit, downtime_target_ms=100)")),
+        ("set", None) => {
+            return Err(usage(
+                "set needs KEY=VALUE (max_bandwidth=200mbit, downtime_target_ms=100, max_throttle_pct=50)",
+            ))
+        }
         (c, None) => serde_json::json!({"cmd": c}),
         (c, Some(_)) => return Err(usage(format!("{c} takes no argument"))),
     };
@@ -370,7 +376,7 @@ fn tls_init(dir: &Path, hosts: &[String]) -> Result<()> {
 }
 
 fn send(
-    to: &str,
+    to: &Address,
     links: &[LinkSpec],
     t: &TlsOpts,
     peer: Option<String>,
@@ -389,6 +395,14 @@ fn send(
             SourceSecurity::Mtls { config: c.client_config()?, server_name }
         }
     };
+    if let Address::Unix(path) = to {
+        // Checked before the guest is built; the connect itself waits until it is, so the destination's Hello
+        // deadline does not run while a large guest is made.
+        use std::os::unix::fs::FileTypeExt;
+        if !std::fs::metadata(path).is_ok_and(|m| m.file_type().is_socket()) {
+            bail!("connecting to {to}: no socket there (is `livemig receive --listen {to}` running?)");
+        }
+    }
     let guest = make_guest(g)?;
     let mut opts = source_options(run, g)?;
     let controls = cancel_on_signals()?;
@@ -397,7 +411,7 @@ fn send(
             .with_context(|| format!("serving the control socket {}", path.display()))?;
     }
     opts.controls = Some(controls);
-    let stream = TcpStream::connect(to).with_context(|| format!("connecting to {to}"))?;
+    let stream = to.connect(Duration::from_secs(10))?;
     let (bar, update) = progress_bar();
     let r = migrate(&guest, stream, links, &opts, &security, &update);
     bar.finish_and_clear();
@@ -484,22 +498,19 @@ fn receive_cmd(a: ReceiveArgs) -> Result<()> {
         Some(c) => DestSecurity::Mtls(c.server_config()?),
     };
     let opts = receive_options(&a)?;
-    let listener = TcpListener::bind(&a.listen).with_context(|| format!("listening on {}", a.listen))?;
-    let extra = a
-        .data
-        .iter()
-        .map(|d| TcpListener::bind(d).with_context(|| format!("listening on {d}")))
-        .collect::<Result<Vec<_>>>()?;
+    let listener = a.listen.bind().with_context(|| format!("listening on {}", a.listen))?;
+    let extra =
+        a.data.iter().map(|d| d.bind().with_context(|| format!("listening on {d}"))).collect::<Result<Vec<_>>>()?;
     // The preallocated guest waits here until a matching source takes it (a refused one may leave it unused).
     let ready = std::cell::Cell::new(a.prealloc.map(preallocate).transpose()?);
-    eprintln!("waiting for a migration on {}", listener.local_addr()?);
-    let refused = |peer, e: &_| eprintln!("refused {peer}: {e}");
-    let listeners: Vec<&TcpListener> = std::iter::once(&listener).chain(extra.iter()).collect();
+    eprintln!("waiting for a migration on {}", listener.address()?);
+    let refused = |peer: &Peer, e: &_| eprintln!("refused {peer}: {e}");
+    let listeners: Vec<&Listener> = std::iter::once(&listener).chain(extra.iter()).collect();
     let (guest, r, start, cpu_start) = loop {
         let (stream, hello) = accept_migration(&listener, &opts, &security, &refused)?;
         let start = Instant::now();
         let cpu_start = livemig::transport::cpu_usage::process_cpu_seconds();
-        let peer = stream.stream().peer_addr()?;
+        let peer = stream.stream().peer()?;
         let make = |h: &Hello| match ready.take() {
             Some(g) if g.layout() == h.layout && h.guest_kind == "synthetic" => {
                 g.vcpus().set_limit(h.vcpus);
@@ -511,7 +522,7 @@ fn receive_cmd(a: ReceiveArgs) -> Result<()> {
             Ok((guest, r)) => break (guest, r, start, cpu_start),
             // Turned down at the handshake: nothing changed here, so wait for the real source.
             Err(e) if e.is_refusal() => {
-                refused(peer, &e);
+                refused(&peer, &e);
                 let kept = match (ready.take(), a.prealloc) {
                     (None, Some(bytes)) => Some(preallocate(bytes)?),
                     (kept, _) => kept,

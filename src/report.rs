@@ -82,12 +82,29 @@ pub struct Link {
     pub zerocopy_error: Option<String>,
 }
 
+/// One device's state section as the report lists it.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct DeviceSection {
+    /// The device.
+    pub name: String,
+    /// Its format's version.
+    pub version: u32,
+    /// Its size.
+    pub bytes: u64,
+}
+
 /// Where the pause went, in milliseconds (an addition).
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct Downtime {
     /// Final harvest and last dirty pages.
     pub last_pages_ms: f64,
-    /// vCPU state.
+    /// Saving and sending the devices' state (0 for a guest without devices).
+    #[serde(default)]
+    pub device_state_ms: f64,
+    /// The devices' state sections: name, version and bytes of each.
+    #[serde(default)]
+    pub device_sections: Vec<DeviceSection>,
+    /// vCPU state (and the destination restoring devices and vCPUs).
     pub vcpu_state_ms: f64,
     /// Digest comparison.
     pub verification_ms: f64,
@@ -202,10 +219,10 @@ impl Report {
     /// The source's report.
     pub fn from_source(r: &SourceReport, guest: GuestInfo, target_ms: f64, verify: VerifyMode) -> Report {
         Report {
-            status: match &r.result {
-                Ok(()) => Status::Completed,
-                Err(MigrateError::Cancelled(_) | MigrateError::PauseBound) => Status::Cancelled,
-                Err(_) => Status::Failed,
+            status: match r.status() {
+                "completed" => Status::Completed,
+                "cancelled" => Status::Cancelled,
+                _ => Status::Failed,
             },
             error: r.result.as_ref().err().map(|e| e.to_string()),
             outcome_unknown: matches!(r.result, Err(MigrateError::OutcomeUnknown(_))),
@@ -221,6 +238,16 @@ impl Report {
             downtime_target_ms: target_ms,
             downtime_parts: r.downtime.map(|_| Downtime {
                 last_pages_ms: ms(r.downtime_parts.last_pages),
+                device_state_ms: ms(r.downtime_parts.device_state),
+                device_sections: r
+                    .device_sections
+                    .iter()
+                    .map(|(name, version, bytes)| DeviceSection {
+                        name: name.clone(),
+                        version: *version,
+                        bytes: *bytes,
+                    })
+                    .collect(),
                 vcpu_state_ms: ms(r.downtime_parts.vcpu_state),
                 verification_ms: ms(r.downtime_parts.verification),
                 commit_ms: ms(r.downtime_parts.commit),
@@ -282,10 +309,16 @@ impl Report {
         if let (Some(d), Some(p)) = (self.downtime_ms, &self.downtime_parts) {
             let _ = writeln!(
                 s,
-                "downtime    {:.1} ms (target {:.0}; last pages {:.1}, vCPU state {:.1}, verify {:.1}, commit {:.1}; predicted {})",
+                "downtime    {:.1} ms (target {:.0}; last pages {:.1},{} vCPU state {:.1}, verify {:.1}, commit {:.1}; predicted {})",
                 d,
                 self.downtime_target_ms,
                 p.last_pages_ms,
+                if p.device_sections.is_empty() {
+                    String::new()
+                } else {
+                    let bytes: u64 = p.device_sections.iter().map(|x| x.bytes).sum();
+                    format!(" devices {:.1} ({} sections, {bytes} bytes),", p.device_state_ms, p.device_sections.len())
+                },
                 p.vcpu_state_ms,
                 p.verification_ms,
                 p.commit_ms,

@@ -253,7 +253,7 @@ fn stranger_on_the_port_is_refused_and_the_migration_goes_on() {
     let t = std::time::Instant::now();
     let refused = Mutex::new(Vec::new());
     let (_stream, h) = accept_migration(&listener, &opts(), &DestSecurity::Insecure, &|peer, e| {
-        refused.lock().unwrap().push((peer, e.to_string()))
+        refused.lock().unwrap().push((peer.clone(), e.to_string()))
     })
     .unwrap();
     assert_eq!(h, hello(PAGES));

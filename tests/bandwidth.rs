@@ -42,7 +42,7 @@ fn a_cap_lifted_mid_flight_and_a_cancel_take_effect_while_the_migration_runs() {
     let run = std::thread::scope(|s| {
         s.spawn(|| {
             std::thread::sleep(Duration::from_millis(300));
-            controls.push(Change::MaxBandwidth(None));
+            controls.push(Change::MaxBandwidth(None)).unwrap();
         });
         migrate_loopback(&g, 1, &opts, &DestOptions::default(), &SecurityPair::insecure(), &|_| {}).unwrap()
     });

@@ -28,8 +28,12 @@ struct Receiver {
 
 impl Receiver {
     fn start(extra: &[&str], setup: impl FnOnce(&mut Command)) -> Receiver {
+        Self::start_on("127.0.0.1:0", extra, setup)
+    }
+
+    fn start_on(listen: &str, extra: &[&str], setup: impl FnOnce(&mut Command)) -> Receiver {
         let mut cmd = Command::new(BIN);
-        cmd.args(["receive", "--listen", "127.0.0.1:0", "--run-for-ms", "100"])
+        cmd.args(["receive", "--listen", listen, "--run-for-ms", "100"])
             .args(if extra.contains(&"--insecure") { &[][..] } else { &tls().0[..] })
             .args(extra)
             .stdout(Stdio::null())
@@ -342,4 +346,36 @@ fn verbose_logs_the_steps_and_quiet_silences_them() {
     for quiet in [run(None), run(Some("-q"))] {
         assert!(!quiet.contains("round started") && !quiet.contains(" INFO "), "{quiet}");
     }
+}
+
+#[test]
+fn two_processes_on_one_host_migrate_over_a_unix_socket_under_tls() {
+    let dir = std::path::Path::new(env!("CARGO_TARGET_TMPDIR")).join(format!("unix-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let path = dir.join("migrate.sock");
+    let listen = format!("unix:{}", path.display());
+    let report = dir.join("dest.json");
+    let mut r = Receiver::start_on(&listen, &["--report", report.to_str().unwrap()], |_| {});
+    assert_eq!(r.addr, listen, "receive names where it listens");
+    use std::os::unix::fs::{FileTypeExt, PermissionsExt};
+    let meta = std::fs::metadata(&path).unwrap();
+    assert!(meta.file_type().is_socket() && meta.permissions().mode() & 0o777 == 0o600, "{meta:?}");
+    let out = send(&listen, &["--memory", "128MiB", "--dirty-rate", "5000", "--verify", "full", "--json"]);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let src: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!((&src["status"], &src["verified"]), (&"completed".into(), &true.into()), "{src}");
+    assert_eq!(src["security"]["mode"], "mtls", "{src}");
+    assert_eq!(src["links"][0]["name"], listen.as_str(), "the default data link follows the control socket");
+    let status = r.wait(Duration::from_secs(10)).expect("receive did not end after the migration");
+    assert!(status.success(), "{:?}", r.stderr());
+    let dst: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(&report).unwrap()).unwrap();
+    assert_eq!(dst["status"], "completed", "{dst}");
+    assert!(!path.exists(), "receive left its socket file behind");
+    // A source given a path where nothing listens is told so before any guest is built.
+    let t = Instant::now();
+    let gone = send(&listen, &["--memory", "2GiB"]);
+    assert_eq!(gone.status.code(), Some(1));
+    assert!(last_line(&gone.stderr).contains(&format!("connecting to {listen}")), "{}", last_line(&gone.stderr));
+    println!("refused in {:?}", t.elapsed());
+    let _ = std::fs::remove_dir_all(&dir);
 }

@@ -111,7 +111,7 @@ fn the_targets_catch_what_they_check() {
 #[ignore = "run by hand to make the corpus again"]
 fn write_corpus() {
     use livemig::engine::encode::{page_hash, zero_page_hash, Codec, EncodedBatch, PageEntry};
-    use livemig::engine::guest::{Guest, MemoryLayout, SyntheticGuest, Vcpus, TEXT_WORDS};
+    use livemig::engine::guest::{MemoryLayout, SyntheticGuest, Vcpus, TEXT_WORDS};
     use livemig::transport::wire::{self, Hello, Kind};
 
     let write = |target: &str, name: &str, bytes: &[u8]| {
@@ -191,6 +191,7 @@ fn write_corpus() {
     let blob = src.vcpus().save_state().unwrap();
     write("state_blob", "synthetic-2-vcpus", &blob);
     write("frame", "vcpu-state", &frame(Kind::VcpuState, &blob));
+    #[cfg(feature = "test-guest")]
     if std::path::Path::new("/dev/kvm").exists() {
         let g = livemig::kvm::KvmGuest::new(&livemig::kvm::KvmConfig {
             memory_bytes: 4 << 20,
@@ -201,6 +202,7 @@ fn write_corpus() {
             cpu_model: None,
         })
         .unwrap();
+        use livemig::engine::guest::Guest;
         g.vcpus().pause();
         write("state_blob", "kvm", &g.vcpus().save_state().unwrap());
     }

@@ -5,6 +5,7 @@
 mod common;
 
 use common::Relay;
+use livemig::transport::stream::Peer;
 
 use livemig::engine::dirty::Bitmap;
 use livemig::engine::encode::{page_hash, zero_page_hash, Codec, EncodedBatch, HashTable, PageEntry};
@@ -16,7 +17,7 @@ use livemig::transport::source::{migrate, SourceOptions, VerifyMode};
 use livemig::transport::tls::{DestSecurity, SecurityPair, SourceSecurity};
 use livemig::transport::wire::{self, Hello, Kind, Verified, Verify};
 use std::io::{Read, Write};
-use std::net::{SocketAddr, TcpListener, TcpStream};
+use std::net::{TcpListener, TcpStream};
 use std::sync::atomic::Ordering;
 use std::sync::Mutex;
 use std::time::Duration;
@@ -79,8 +80,8 @@ fn strangers_on_a_data_port_are_refused_and_the_migration_completes() {
     let report = std::thread::scope(|s| {
         let dest = s.spawn(|| {
             let dopts = DestOptions::default();
-            let note = |peer: SocketAddr, e: &livemig::transport::dest::ReceiveError| {
-                refused.lock().unwrap().push((peer, e.to_string()))
+            let note = |peer: &Peer, e: &livemig::transport::dest::ReceiveError| {
+                refused.lock().unwrap().push((peer.clone(), e.to_string()))
             };
             let (stream, hello) = accept_migration(&control, &dopts, &DestSecurity::Insecure, &note).unwrap();
             receive(

@@ -11,6 +11,7 @@ use livemig::engine::precopy::{OnTimeout, PrecopyConfig};
 use livemig::transport::dest::{accept_migration, receive, DestOptions, DestReport, ReceiveError};
 use livemig::transport::link::LinkSpec;
 use livemig::transport::source::{migrate, MigrateError, SourceOptions, SourceReport, VerifyMode};
+use livemig::transport::stream::Peer;
 use livemig::transport::tls::rustls::pki_types::pem::PemObject;
 use livemig::transport::tls::{
     self, date_time_ymd, link_proof, Credentials, DestSecurity, SecurityPair, ServerName, SourceSecurity,
@@ -46,14 +47,14 @@ fn destination(
     let refusals: Refusals = Arc::default();
     let r = refusals.clone();
     let handle = std::thread::spawn(move || {
-        let note = |_peer, e: &ReceiveError| r.lock().unwrap().push(e.to_string());
+        let note = |_peer: &Peer, e: &ReceiveError| r.lock().unwrap().push(e.to_string());
         let opts = DestOptions::default();
         loop {
             let (control, hello) = accept_migration(&listener, &opts, &security, &note).unwrap();
             let make = |h: &Hello| SyntheticGuest::destination(&h.layout, h.vcpus);
             match receive(&[&listener], &control, hello, make, &opts, &security, &note) {
                 Ok((_, report)) => return Ok(report),
-                Err(e) if e.is_refusal() => note(control.stream().peer_addr().unwrap(), &e),
+                Err(e) if e.is_refusal() => note(&control.stream().peer().unwrap(), &e),
                 Err(e) => return Err(e),
             }
         }

@@ -7,6 +7,9 @@ use std::time::{Duration, Instant};
 
 const PAGE: u64 = 4096;
 
+/// A live change, as an operator makes it.
+type Change = Box<dyn FnMut(&mut Precopy)>;
+
 struct Sim {
     now: Instant,
     pages: u64,
@@ -28,6 +31,12 @@ struct Sim {
     /// The operator cancels when the machine first asks for this action (instead of doing it, if the cancel holds).
     cancel_on: Option<&'static str>,
     cancel_held: Option<bool>,
+    /// A live change the operator makes when the machine asks for round N (before the round is sent).
+    change_at_round: Option<(u32, Change)>,
+    /// (round, ETA) after every delivered batch, as an operator's status would show it.
+    etas: Vec<(u32, Option<Duration>)>,
+    /// The throttle in force during each round.
+    round_throttle: Vec<f64>,
 }
 
 impl Sim {
@@ -48,6 +57,9 @@ impl Sim {
             actions: Vec::new(),
             cancel_on: None,
             cancel_held: None,
+            change_at_round: None,
+            etas: Vec::new(),
+            round_throttle: Vec::new(),
         }
     }
 
@@ -94,7 +106,16 @@ impl Sim {
             }
             self.actions.push(name);
             match a {
-                Action::SendRound { pages, .. } => {
+                Action::SendRound { pages, epoch, .. } => {
+                    if let Some((_, change)) = self.change_at_round.as_mut().filter(|(r, _)| *r == epoch) {
+                        change(&mut m);
+                        // A change may ask for actions of its own (a lower throttle) before the round goes out.
+                        while let Some(Action::SetThrottle(t)) = m.poll() {
+                            self.actions.push("SetThrottle".into());
+                            self.throttle = t;
+                        }
+                    }
+                    self.round_throttle.push(self.throttle);
                     let mut left = pages.count_ones();
                     let mut failed = false;
                     while left > 0 {
@@ -103,6 +124,7 @@ impl Sim {
                         m.delivered(n * PAGE, self.now);
                         left -= n;
                         delivered += 1;
+                        self.etas.push((epoch, m.eta(left)));
                         if Some(delivered) == fail_at {
                             m.fail("link died".into());
                             failed = true;
@@ -446,4 +468,66 @@ fn switchover_now_ends_pre_copy_at_the_next_round_within_the_pause_bound() {
     let (o, rounds) = sim.drive(m);
     assert_eq!(o, Outcome::Completed);
     assert_eq!(rounds, 2, "round 0 and the final round");
+}
+
+#[test]
+fn a_lower_downtime_target_mid_flight_takes_more_rounds_and_a_higher_one_fewer() {
+    // 1 GiB at 1 Gbit/s, 20 000 pages/s over a 10 % hot set (about 860 ms to send when all of it is dirty).
+    let pages = 1 << 18;
+    let run = |target_from_round1: Option<u64>| {
+        let mut sim = Sim::new(pages, 125e6, 20_000.0, pages / 10);
+        if let Some(ms) = target_from_round1 {
+            sim.change_at_round = Some((1, Box::new(move |m| m.set_downtime_target(Duration::from_millis(ms)))));
+        }
+        let m = Precopy::new(cfg(300, 30), Bitmap::full(pages), sim.now);
+        let (o, m) = sim.run_machine(m, None, true);
+        (o, m.rounds().len(), m.config().downtime_target, sim.max_throttle)
+    };
+    let (o, rounds, _, _) = run(None);
+    assert_eq!(o, Outcome::Completed);
+    // Lowered to 5 ms while round 1 goes out: more rounds, and the throttle to get there.
+    let (o, low_rounds, target, throttle) = run(Some(5));
+    assert_eq!((o, target), (Outcome::Completed, Duration::from_millis(5)));
+    assert!(low_rounds > rounds && throttle > 0.0, "{low_rounds} rounds against {rounds}, throttle {throttle}");
+    // Raised to 1.9 s: the pause after round 1 fits at once.
+    let (o, high_rounds, _, _) = run(Some(1900));
+    assert_eq!(o, Outcome::Completed);
+    assert!(high_rounds < rounds, "{high_rounds} rounds against {rounds}");
+    assert_eq!(high_rounds, 3, "round 0, round 1, the final round");
+}
+
+#[test]
+fn a_max_throttle_caps_the_controller_and_lowers_a_throttle_in_force() {
+    // The guest that outruns the link: the controller throttles it past 90 % to converge.
+    let mut sim = outrun();
+    let (o, _) = sim.run(cfg(300, 30), None, true);
+    assert_eq!(o, Outcome::Completed);
+    assert!(sim.max_throttle > 50.0, "{}", sim.max_throttle);
+    // Capped at 50 % from the start: never above it, and at 50 % it cannot converge, so the timeout rule cancels.
+    let mut sim = outrun();
+    let (o, _) = sim.run(PrecopyConfig { max_throttle: 50.0, ..cfg(300, 8) }, None, true);
+    assert!(sim.max_throttle <= 50.0 && sim.max_throttle > 0.0, "{}", sim.max_throttle);
+    assert!(matches!(o, Outcome::Cancelled(ref r) if r.contains("not met")), "{o:?}");
+    assert!(sim.resumed && sim.throttle == 0.0);
+    // Lowered mid-flight to 20 % once the throttle is above it: lowered at once, before the next round is sent.
+    let mut sim = outrun();
+    sim.change_at_round = Some((3, Box::new(|m| m.set_max_throttle(20.0))));
+    let (_, m) = sim.run(cfg(300, 8), None, true);
+    assert!(sim.round_throttle[2] > 20.0, "{:?}", sim.round_throttle);
+    assert!(sim.round_throttle[3..].iter().all(|&t| t <= 20.0), "{:?}", sim.round_throttle);
+    assert_eq!(m.config().max_throttle, 20.0);
+}
+
+#[test]
+fn the_eta_never_runs_backwards_and_reaches_zero() {
+    for mut sim in [outrun(), Sim::new(1 << 18, 125e6, 20_000.0, 1 << 14)] {
+        let (o, _) = sim.run(cfg(50, 30), None, true);
+        assert_eq!(o, Outcome::Completed);
+        let etas: Vec<Duration> = sim.etas.iter().filter_map(|&(_, e)| e).collect();
+        assert!(etas.len() > 10, "{} estimates", etas.len());
+        assert!(etas.windows(2).all(|w| w[1] <= w[0]), "the ETA grew: {etas:?}");
+        // Round 0 of 1 GiB takes over 8 s; the first estimate knows most of it is still to come.
+        assert!(etas[0] > Duration::from_secs(4), "{:?}", etas[0]);
+        assert!(*etas.last().unwrap() < Duration::from_millis(100), "{:?}", etas.last());
+    }
 }

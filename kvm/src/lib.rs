@@ -18,14 +18,14 @@ pub mod program;
 pub mod state;
 pub mod vm_memory;
 
-use kvm_bindings::{kvm_enable_cap, kvm_segment, kvm_userspace_memory_region, KVM_MAX_CPUID_ENTRIES};
+use kvm_bindings::{kvm_enable_cap, kvm_userspace_memory_region, KVM_MAX_CPUID_ENTRIES};
 use kvm_ioctls::{Kvm, VcpuExit, VcpuFd, VmFd};
 use livemig_engine::cpu::{CpuDescription, Reg};
 use livemig_engine::dirty::Bitmap;
 use livemig_engine::guest::{
     host_pages, DirtyLog, Guest, GuestError, GuestMemory, HostRegion, MemoryLayout, MmapRegion, Vcpus, PAGE_SIZE,
 };
-use livemig_engine::num::{u32_saturating, u64_saturating, usize_from};
+use livemig_engine::num::{u32_saturating, u64_saturating};
 use std::os::unix::thread::JoinHandleExt;
 use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Condvar, Mutex, MutexGuard};
@@ -173,7 +173,9 @@ pub fn available() -> bool {
 extern "C" fn kick_handler(_: libc::c_int, _: *mut libc::siginfo_t, _: *mut libc::c_void) {}
 
 impl KvmGuest {
-    /// Builds and boots the test guest: its vCPU starts writing memory at `cfg.dirty_rate`.
+    /// Builds and boots the test guest: its vCPU starts writing memory at `cfg.dirty_rate`. (With the default
+    /// `test-guest` feature, which assembles it.)
+    #[cfg(feature = "test-guest")]
     pub fn new(cfg: &KvmConfig) -> Result<KvmGuest, KvmError> {
         if !(2 << 20..=4 << 30).contains(&cfg.memory_bytes) {
             return Err(KvmError::Layout(format!(
@@ -210,7 +212,7 @@ impl KvmGuest {
             let vcpu = g.lock_vcpu();
             let mut sregs = vcpu.get_sregs().map_err(ioctl("get sregs"))?;
             // Flat 32-bit protected mode: 4 GiB segments at base 0, loaded straight into the segment caches.
-            let seg = |selector: u16, type_: u8| kvm_segment {
+            let seg = |selector: u16, type_: u8| kvm_bindings::kvm_segment {
                 base: 0,
                 limit: 0xffff_ffff,
                 selector,
@@ -341,6 +343,7 @@ impl KvmGuest {
         self.vcpu.lock().unwrap_or_else(|e| e.into_inner())
     }
 
+    #[cfg(feature = "test-guest")]
     fn write_bytes(&self, gpa: u64, data: &[u8]) -> Result<(), KvmError> {
         let end = gpa + data.len() as u64;
         if end > self.map.region().len() as u64 {
@@ -348,7 +351,11 @@ impl KvmGuest {
         }
         // SAFETY: in bounds (checked above) of the live guest mapping; the vCPU is parked, not running.
         unsafe {
-            std::ptr::copy_nonoverlapping(data.as_ptr(), self.map.region().as_ptr().add(usize_from(gpa)), data.len())
+            std::ptr::copy_nonoverlapping(
+                data.as_ptr(),
+                self.map.region().as_ptr().add(livemig_engine::num::usize_from(gpa)),
+                data.len(),
+            )
         };
         Ok(())
     }
@@ -687,5 +694,5 @@ impl Guest for KvmGuest {
     }
 }
 
-#[cfg(test)]
+#[cfg(all(test, feature = "test-guest"))]
 mod tests;

@@ -18,6 +18,7 @@
 //! under nested paging each first touch of a page is a two-level page walk, so checking more often would slow the
 //! guest below the rate the host asks for.
 
+#[cfg(feature = "test-guest")]
 use iced_x86::code_asm::*;
 
 /// Guest-physical address of the code.
@@ -46,7 +47,8 @@ pub fn verify_every(hot: u64) -> u32 {
     u32::try_from(2 * hot / u64::from(BURST)).unwrap_or(u32::MAX).max(MIN_VERIFY_EVERY)
 }
 
-/// Assembles the program for address [`CODE`].
+/// Assembles the program for address [`CODE`] (with the default `test-guest` feature, which brings iced-x86).
+#[cfg(feature = "test-guest")]
 pub fn assemble() -> Result<Vec<u8>, IcedError> {
     let mut a = CodeAssembler::new(32)?;
     let mut main_loop = a.create_label();
@@ -114,7 +116,7 @@ pub fn assemble() -> Result<Vec<u8>, IcedError> {
     a.assemble(CODE)
 }
 
-#[cfg(test)]
+#[cfg(all(test, feature = "test-guest"))]
 mod tests {
     use super::*;
 

@@ -8,6 +8,8 @@
 //! - [`source`]: the source driver (scan workers, a writer and a reader per link, around the pre-copy machine).
 //! - [`dest`]: the destination driver (control loop; per link: check the session, read, check, apply, acknowledge;
 //!   restore, verify, commit).
+//! - [`stream`]: the sockets a migration runs over (TCP or Unix, connected by the drivers or handed in by the
+//!   caller) and the listeners a destination accepts on.
 //! - [`cpu_usage`]: idle CPU from `/proc/stat`, for the codec policy, and process CPU seconds from `getrusage`.
 //! - [`announce`]: RARP announcements of the guest's MACs after switchover.
 #![deny(missing_docs)]
@@ -17,6 +19,7 @@ pub mod cpu_usage;
 pub mod dest;
 pub mod link;
 pub mod source;
+pub mod stream;
 pub mod stripe;
 pub mod tls;
 pub mod wire;

@@ -292,7 +292,29 @@ pub trait Vcpus: Send + Sync {
     fn restore_state(&self, blob: &[u8]) -> Result<(), GuestError>;
 }
 
-/// A whole guest as the drivers see it: memory, dirty log and vCPUs.
+/// One device's saved state, as the VMM's device model hands it over: a name unique within the VM, the version of
+/// its format (for the destination's restore code to accept or refuse), and the bytes, opaque to livemig.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct DeviceSection {
+    /// The device's name ("virtio-net0", "serial").
+    pub name: String,
+    /// Its format's version.
+    pub version: u32,
+    /// The state.
+    pub data: Vec<u8>,
+}
+
+/// The VMM's devices, whose state crosses at the switchover beside the vCPUs'.
+pub trait Devices: Send + Sync {
+    /// Saves every device's state. Called once on the source, with the vCPUs paused and the last pages sent.
+    fn save(&self) -> Result<Vec<DeviceSection>, GuestError>;
+    /// Restores the sections the source saved, on the destination, before its vCPUs resume. An error (a section
+    /// missing, unknown, or of a version this side cannot read) fails the migration before the commit: the source
+    /// keeps the guest.
+    fn restore(&self, sections: &[DeviceSection]) -> Result<(), GuestError>;
+}
+
+/// A whole guest as the drivers see it: memory, dirty log and vCPUs, and any devices with state.
 pub trait Guest: Send + Sync {
     /// Guest RAM.
     fn memory(&self) -> &dyn GuestMemory;
@@ -304,4 +326,8 @@ pub trait Guest: Send + Sync {
     fn kind(&self) -> &'static str;
     /// Number of vCPUs.
     fn vcpu_count(&self) -> u32;
+    /// The devices whose state migrates with the guest; none by default.
+    fn devices(&self) -> Option<&dyn Devices> {
+        None
+    }
 }

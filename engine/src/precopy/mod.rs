@@ -54,6 +54,9 @@ pub struct PrecopyConfig {
     /// paces the links to it, and the machine predicts with it: a measured rate above the cap is not one the
     /// migration will see.
     pub max_bandwidth: Option<u64>,
+    /// The highest vCPU throttle the machine may ask for, percent (`--max-throttle`; at most [`MAX_THROTTLE`]). A
+    /// guest that cannot converge under it reaches the timeout rule instead of being starved further.
+    pub max_throttle: f64,
 }
 
 impl Default for PrecopyConfig {
@@ -67,6 +70,7 @@ impl Default for PrecopyConfig {
             switchover_cost: Duration::from_millis(5),
             peer_timeout: Duration::from_secs(10),
             max_bandwidth: None,
+            max_throttle: MAX_THROTTLE,
         }
     }
 }
@@ -170,6 +174,8 @@ pub struct Precopy {
     switchover_asked: bool,
     /// The last sign of progress from the destination (or the start of the current wait for it).
     heard: Instant,
+    /// The last time-to-finish estimate handed out ([`Precopy::eta`]), which the next may not exceed.
+    eta: Option<Duration>,
 }
 
 /// Which of the machine's deadlines passed ([`Precopy::handle_timeout`]).
@@ -211,6 +217,7 @@ impl Precopy {
             sampled_rate: None,
             switchover_asked: false,
             heard: now,
+            eta: None,
         };
         m.actions.push_back(Action::SendRound { epoch: 0, pages: initial, last: false });
         m
@@ -290,7 +297,7 @@ impl Precopy {
                         self.actions.push_back(Action::Pause);
                     }
                     Decision::Continue { throttle_pct } => {
-                        let t = throttle_pct.clamp(0.0, MAX_THROTTLE);
+                        let t = throttle_pct.clamp(0.0, self.cfg.max_throttle);
                         if t != self.throttle {
                             self.throttle = t;
                             self.actions.push_back(Action::SetThrottle(t));
@@ -506,6 +513,42 @@ impl Precopy {
     /// Changes the bandwidth cap mid-flight (None lifts it); predictions from now on use it.
     pub fn set_max_bandwidth(&mut self, cap: Option<u64>) {
         self.cfg.max_bandwidth = cap;
+    }
+
+    /// Changes the throttle ceiling mid-flight (clamped to 0..=[`MAX_THROTTLE`]). A throttle in force above it is
+    /// lowered at once; later decisions stay under it.
+    pub fn set_max_throttle(&mut self, pct: f64) {
+        let pct = if pct.is_nan() { 0.0 } else { pct.clamp(0.0, MAX_THROTTLE) };
+        self.cfg.max_throttle = pct;
+        if self.phase == Phase::Rounds && self.throttle > pct {
+            self.throttle = pct;
+            self.actions.push_back(Action::SetThrottle(pct));
+        }
+    }
+
+    /// How long until the migration is done, given `remaining_pages` of the round in flight not yet delivered; None
+    /// before a bandwidth is measured. The rounds still to come are estimated as a geometric series: while a round of
+    /// `t` seconds is sent, the guest dirties what the next takes `ρ·t` to send, with `ρ` its dirty rate over the
+    /// bandwidth (held under [`OUTRUN`] by the throttle). The estimate never grows: a worse one holds the last until
+    /// it comes below it, so that an operator's countdown does not run backwards at each round.
+    pub fn eta(&mut self, remaining_pages: u64) -> Option<Duration> {
+        if self.phase == Phase::Done {
+            self.eta = Some(Duration::ZERO);
+            return self.eta;
+        }
+        let bw = self.bandwidth().filter(|&b| b > 0.0)?;
+        let send = remaining_pages as f64 * self.bytes_per_page / bw;
+        let raw = if self.phase == Phase::Rounds {
+            let running = 1.0 - self.throttle / 100.0;
+            let rho = (self.sampled_rate.unwrap_or(0.0) * running * self.bytes_per_page / bw).min(OUTRUN);
+            let pause = self.predicted.unwrap_or(self.cfg.switchover_cost);
+            send / (1.0 - rho) + pause.min(MAX_PAUSE).as_secs_f64()
+        } else {
+            send + self.cfg.switchover_cost.as_secs_f64()
+        };
+        let raw = Duration::from_secs_f64(raw.min(1e6));
+        self.eta = Some(self.eta.map_or(raw, |last| last.min(raw)));
+        self.eta
     }
 
     /// The dirty rate sampled during the round in flight, pages per second, once sampled.

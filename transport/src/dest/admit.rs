@@ -2,10 +2,11 @@
 //! why, and bounding what a flood of connections can cost (threads, descriptors, time).
 
 use super::{DestOptions, ReceiveError, HELLO_TIMEOUT};
+use crate::stream::{Listen, Peer, Stream};
 use crate::tls::{self, Conn, DestSecurity};
 use crate::wire::{self, Deadline, Hello, Kind, WireError};
 use std::collections::HashMap;
-use std::net::{IpAddr, SocketAddr, TcpListener, TcpStream};
+use std::net::IpAddr;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -110,14 +111,14 @@ pub fn read_hello(conn: &Conn, opts: &DestOptions) -> Result<Hello, WireError> {
 /// hold up the real source; those threads are capped ([`MAX_PENDING`], [`MAX_PENDING_PER_PEER`]) and each ends
 /// within [`HELLO_TIMEOUT`], after this returns if need be. Transient accept errors (out of descriptors, a reset
 /// connection) are retried.
-pub fn accept_migration(
-    listener: &TcpListener,
+pub fn accept_migration<L: Listen>(
+    listener: &L,
     opts: &DestOptions,
     security: &DestSecurity,
-    refused: &(dyn Fn(SocketAddr, &ReceiveError) + Sync),
+    refused: &(dyn Fn(&Peer, &ReceiveError) + Sync),
 ) -> std::io::Result<(Conn, Hello)> {
-    type Found = Result<(Conn, Hello), (SocketAddr, ReceiveError)>;
-    let refused = &|peer: SocketAddr, e: &ReceiveError| {
+    type Found = Result<(Conn, Hello), (Peer, ReceiveError)>;
+    let refused = &|peer: &Peer, e: &ReceiveError| {
         tracing::warn!(%peer, error = %e, "connection refused");
         refused(peer, e);
     };
@@ -127,14 +128,15 @@ pub fn accept_migration(
     let admission = Arc::new(Admission::default());
     listener.set_nonblocking(true)?;
     // Starts a reader for a new connection, or refuses it when too many are waiting already.
-    let start_reader = |stream: TcpStream, peer: SocketAddr| {
+    let start_reader = |stream: Stream, peer: Peer| {
         let Some(ticket) = admission.admit(peer.ip(), MAX_PENDING) else {
             let e = ReceiveError::TooManyConnections("waiting to present a Hello");
             refuse(&Conn::plain(stream), &e);
-            refused(peer, &e);
+            refused(&peer, &e);
             return;
         };
         let (tx, taken, opts, security) = (tx.clone(), taken.clone(), opts.clone(), security.clone());
+        let who = peer.clone();
         let spawned = std::thread::Builder::new().name("lm-hello".into()).spawn(move || {
             let _ticket = ticket;
             let r = match tls::accept(stream, &security, HELLO_TIMEOUT) {
@@ -150,25 +152,25 @@ pub fn accept_migration(
             let _ = tx.send(r.map_err(|e| (peer, e)));
         });
         if let Err(e) = spawned {
-            refused(peer, &ReceiveError::Wire(WireError::Io(e)));
+            refused(&who, &ReceiveError::Wire(WireError::Io(e)));
         }
     };
     let found = loop {
         match rx.try_recv() {
             Ok(Ok(hit)) => break Ok(hit),
             Ok(Err((peer, e))) => {
-                refused(peer, &e);
+                refused(&peer, &e);
                 continue;
             }
             Err(_) => {}
         }
-        match listener.accept() {
+        match listener.accept_stream() {
             Ok((stream, peer)) => start_reader(stream, peer),
             Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
                 // Wakes as soon as a reader reports; else polls accept again in 5 ms.
                 match rx.recv_timeout(Duration::from_millis(5)) {
                     Ok(Ok(hit)) => break Ok(hit),
-                    Ok(Err((peer, e))) => refused(peer, &e),
+                    Ok(Err((peer, e))) => refused(&peer, &e),
                     Err(_) => {}
                 }
             }
@@ -182,12 +184,12 @@ pub fn accept_migration(
     // source that arrived before this returns hears why it was not taken.
     taken.store(true, Ordering::SeqCst);
     for _ in 0..MAX_PENDING {
-        let Ok((stream, peer)) = listener.accept() else { break };
+        let Ok((stream, peer)) = listener.accept_stream() else { break };
         start_reader(stream, peer);
     }
     for r in rx.try_iter() {
         if let Err((peer, e)) = r {
-            refused(peer, &e);
+            refused(&peer, &e);
         }
     }
     listener.set_nonblocking(false)?;
@@ -197,7 +199,12 @@ pub fn accept_migration(
 /// Reads a connection's Hello (within [`HELLO_TIMEOUT`]) and checks it against this destination; a refused one gets
 /// an Abort that says why. For a caller that serves one known source (as `livemig demo` does); a listener open to a
 /// network should use [`accept_migration`].
-pub fn admit(stream: TcpStream, opts: &DestOptions, security: &DestSecurity) -> Result<(Conn, Hello), ReceiveError> {
+pub fn admit(
+    stream: impl Into<Stream>,
+    opts: &DestOptions,
+    security: &DestSecurity,
+) -> Result<(Conn, Hello), ReceiveError> {
+    let stream = stream.into();
     stream.set_nonblocking(false).map_err(WireError::from)?;
     let conn = tls::accept(stream, security, HELLO_TIMEOUT)?;
     match read_checked_hello(&conn, opts) {

@@ -3,27 +3,28 @@
 
 use super::admit::{refuse, transient_accept_error, Ticket, ACCEPT_RETRY};
 use super::{Msg, ReceiveError, Shared, HELLO_TIMEOUT, MID_FRAME_TIMEOUT, WRITE_TIMEOUT};
+use crate::stream::{Listen, Peer, Stream};
 use crate::tls::{self, Conn};
 use crate::wire::{self, Deadline, Header, Kind, WireError, HEADER_LEN};
 use livemig_engine::encode::PageEntry;
 use livemig_engine::num::u32_len;
 use livemig_engine::receive::{ApplyError, ApplyState, InPlaceError};
-use std::net::{Shutdown, SocketAddr, TcpListener, TcpStream};
+use std::net::Shutdown;
 use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
 
 /// Accepts connections on every listener until the migration stops, each on its own thread.
-pub(super) fn accept_links<'s, 'e: 's>(
+pub(super) fn accept_links<'s, 'e: 's, L: Listen>(
     s: &'s std::thread::Scope<'s, 'e>,
-    listeners: &'e [&'e TcpListener],
+    listeners: &'e [&'e L],
     shared: &'s Shared<'e>,
     tx: &crossbeam::channel::Sender<Msg>,
-    refused: &'e (dyn Fn(SocketAddr, &ReceiveError) + Sync),
+    refused: &'e (dyn Fn(&Peer, &ReceiveError) + Sync),
 ) {
     while !shared.stop.load(Ordering::SeqCst) {
         let mut idle = true;
         for l in listeners {
-            match l.accept() {
+            match l.accept_stream() {
                 Ok((stream, peer)) => {
                     idle = false;
                     let admitted = shared
@@ -35,18 +36,19 @@ pub(super) fn accept_links<'s, 'e: 's>(
                         Ok(x) => x,
                         Err(e) => {
                             refuse(&Conn::plain(stream), &e);
-                            refused(peer, &e);
+                            refused(&peer, &e);
                             continue;
                         }
                     };
                     let link_tx = tx.clone();
+                    let who = peer.clone();
                     let spawned = std::thread::Builder::new().name("lm-data".into()).spawn_scoped(s, move || {
                         let _live = live;
                         data_link(stream, peer, owner, ticket, shared, &link_tx, refused)
                     });
                     if let Err(e) = spawned {
                         // The connection's socket and count went with the closure; the migration goes on.
-                        refused(peer, &ReceiveError::Wire(WireError::Io(e)));
+                        refused(&who, &ReceiveError::Wire(WireError::Io(e)));
                     }
                 }
                 Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {}
@@ -96,13 +98,13 @@ fn present(conn: &Conn, shared: &Shared<'_>) -> Result<u32, ReceiveError> {
 /// One connection: checks that it presents the session, then applies and acknowledges Pages frames until it closes.
 /// A link that dies just ends; bad data ends the link, with an Abort that says why, and not the migration.
 fn data_link(
-    stream: TcpStream,
-    peer: SocketAddr,
+    stream: Stream,
+    peer: Peer,
     owner: u32,
     ticket: Ticket,
     shared: &Shared<'_>,
     tx: &crossbeam::channel::Sender<Msg>,
-    refused: &(dyn Fn(SocketAddr, &ReceiveError) + Sync),
+    refused: &(dyn Fn(&Peer, &ReceiveError) + Sync),
 ) {
     let prepared = stream
         .set_nonblocking(false)
@@ -113,7 +115,7 @@ fn data_link(
         // Refused at the handshake: a plaintext source was told so in plaintext; a TLS peer got an alert.
         Err(e) => {
             drop(ticket);
-            refused(peer, &e);
+            refused(&peer, &e);
             return;
         }
     };
@@ -123,7 +125,7 @@ fn data_link(
         Ok(link) => link,
         Err(e) => {
             refuse(&conn, &e);
-            refused(peer, &e);
+            refused(&peer, &e);
             return;
         }
     };
@@ -158,7 +160,7 @@ fn data_link(
             tracing::warn!(%peer, link, error = %e, "data link ended for bad data");
             shared.link_error(link, &e);
             refuse(&stream, &e);
-            refused(peer, &e);
+            refused(&peer, &e);
         }
     }
     // The link is done either way; its clone in `conns` must not keep the connection open.

@@ -35,16 +35,17 @@ mod link;
 
 pub use admit::{accept_migration, admit, read_hello, MAX_PENDING, MAX_PENDING_PER_PEER};
 
+use crate::stream::{Listen, Peer, Stream};
 use crate::tls::{Conn, DestSecurity};
 use crate::wire::{self, Header, Hello, Kind, Verified, Verify, WireError};
 use admit::Admission;
 use link::accept_links;
 use livemig_engine::encode::{memory_root, PageCounts};
-use livemig_engine::guest::{Guest, GuestError, PAGE_SIZE};
+use livemig_engine::guest::{DeviceSection, Guest, GuestError, PAGE_SIZE};
 use livemig_engine::precopy::MAX_PAUSE;
 use livemig_engine::preflight::DestDescription;
 use livemig_engine::receive::{ApplyError, ApplyState, Receiver, MAX_OWNERS};
-use std::net::{Shutdown, SocketAddr, TcpListener, TcpStream};
+use std::net::Shutdown;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Condvar, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
@@ -264,14 +265,14 @@ const PREFAULT_RESERVE: u64 = 256 << 20;
 /// bad input is reported to `refused`. A data link that dies or carries bad data is dropped (the source sends its
 /// batches again on the others); the loss of the control connection, a silent source, or the source's Abort ends
 /// the migration with an error (and an Abort to the source).
-pub fn receive<G: Guest>(
-    listeners: &[&TcpListener],
+pub fn receive<G: Guest, L: Listen>(
+    listeners: &[&L],
     control: &Conn,
     hello: Hello,
     make_guest: impl FnOnce(&Hello) -> Result<G, GuestError>,
     opts: &DestOptions,
     security: &DestSecurity,
-    refused: &(dyn Fn(SocketAddr, &ReceiveError) + Sync),
+    refused: &(dyn Fn(&Peer, &ReceiveError) + Sync),
 ) -> Result<(G, DestReport), ReceiveError> {
     let _span = tracing::info_span!("migration", role = "destination", session = %format_args!("{:#x}", hello.session))
         .entered();
@@ -308,7 +309,7 @@ pub fn receive<G: Guest>(
 #[derive(Default)]
 struct Conns {
     /// (connection id, owner id for busy pages, the socket).
-    sockets: Vec<(u64, u32, TcpStream)>,
+    sockets: Vec<(u64, u32, Stream)>,
     next_id: u64,
     live: usize,
 }
@@ -434,7 +435,7 @@ impl<'a> Shared<'a> {
     }
 
     /// Registers an accepted connection and counts its thread, or says why not.
-    fn register(&self, stream: &TcpStream) -> Result<(Live<'_, 'a>, u32), ReceiveError> {
+    fn register(&self, stream: &Stream) -> Result<(Live<'_, 'a>, u32), ReceiveError> {
         let mut c = self.lock_conns();
         if self.stop.load(Ordering::SeqCst) {
             return Err(ReceiveError::Busy);
@@ -484,14 +485,14 @@ enum Msg {
     Fatal(ReceiveError),
 }
 
-fn run(
-    listeners: &[&TcpListener],
+fn run<L: Listen>(
+    listeners: &[&L],
     control: &Conn,
     guest: &dyn Guest,
     hello: Hello,
     opts: &DestOptions,
     security: &DestSecurity,
-    refused: &(dyn Fn(SocketAddr, &ReceiveError) + Sync),
+    refused: &(dyn Fn(&Peer, &ReceiveError) + Sync),
 ) -> Result<DestReport, ReceiveError> {
     let shared = Shared::new(guest, hello.session, opts, security, control.binding().copied());
     let (tx, msgs) = crossbeam::channel::unbounded::<Msg>();
@@ -577,7 +578,52 @@ fn read_control(control: &Conn, to: &crossbeam::channel::Sender<Msg>) {
     }
 }
 
-/// The control connection's side of the migration: vCPU state, verification, commit. Returns whether the
+/// The device sections received so far, bounded in number and bytes, and whether they have been restored (with the
+/// vCPU state, once).
+#[derive(Default)]
+struct DeviceSections {
+    sections: Vec<DeviceSection>,
+    bytes: u64,
+    restored: bool,
+}
+
+impl DeviceSections {
+    fn add(&mut self, s: DeviceSection) -> Result<(), ReceiveError> {
+        let bad = |why: String| ReceiveError::Wire(WireError::Malformed { kind: Kind::DeviceState, why });
+        if self.sections.len() >= wire::MAX_DEVICE_SECTIONS {
+            return Err(bad(format!("more than {} device sections", wire::MAX_DEVICE_SECTIONS)));
+        }
+        self.bytes += s.data.len() as u64;
+        if self.bytes > wire::MAX_DEVICE_BYTES {
+            return Err(bad(format!("device state over {} bytes in all", wire::MAX_DEVICE_BYTES)));
+        }
+        if self.sections.iter().any(|x| x.name == s.name) {
+            return Err(bad(format!("device {:?} sent twice", s.name)));
+        }
+        self.sections.push(s);
+        Ok(())
+    }
+
+    /// Hands the sections to the guest's devices, before its vCPUs get their state. Sections for a guest that
+    /// takes none are an error: state would be dropped silently.
+    fn restore(&mut self, guest: &dyn Guest) -> Result<(), ReceiveError> {
+        self.restored = true;
+        match guest.devices() {
+            Some(d) => Ok(d.restore(&self.sections)?),
+            None if self.sections.is_empty() => Ok(()),
+            None => {
+                let names: Vec<&str> = self.sections.iter().map(|s| s.name.as_str()).collect();
+                Err(GuestError::BadState(format!(
+                    "the source sent device state ({}) and this destination's guest takes none",
+                    names.join(", ")
+                ))
+                .into())
+            }
+        }
+    }
+}
+
+/// The control connection's side of the migration: device and vCPU state, verification, commit. Returns whether the
 /// verification was a full one, once Commit arrives after equal digests.
 fn control_loop(
     control: &Conn,
@@ -587,6 +633,7 @@ fn control_loop(
     opts: &DestOptions,
 ) -> Result<bool, ReceiveError> {
     let mut verified: Option<bool> = None;
+    let mut devices = DeviceSections::default();
     // Rounds can keep the control connection quiet for long: the source is silent only when the data links are too.
     let mut seen = shared.bytes.load(Ordering::Relaxed);
     loop {
@@ -610,7 +657,9 @@ fn control_loop(
             Msg::Control(r) => r?,
         };
         match h.kind {
-            Kind::VcpuState => {
+            Kind::DeviceState if !devices.restored => devices.add(wire::decode_device(&body)?)?,
+            Kind::VcpuState if !devices.restored => {
+                devices.restore(guest)?;
                 guest.vcpus().restore_state(&body)?;
                 wire::write_control(control, Kind::StateAck, &[]).map_err(WireError::from)?;
             }

@@ -80,8 +80,7 @@ pub(crate) fn socklen_of<T>() -> libc::socklen_t {
 ///
 /// A round trip timed by the application includes whatever the peer did before answering (accepting the
 /// connection, building a guest); the kernel's figure is the network's alone.
-pub fn tcp_rtt(stream: &TcpStream) -> Option<Duration> {
-    use std::os::fd::AsRawFd;
+pub fn tcp_rtt(stream: &impl std::os::fd::AsRawFd) -> Option<Duration> {
     // SAFETY: tcp_info is plain data, so all zeros is a valid value.
     let mut info: libc::tcp_info = unsafe { std::mem::zeroed() };
     let mut len = socklen_of::<libc::tcp_info>();

@@ -1,8 +1,10 @@
 //! Live changes to a running migration, from any thread (cancel, switchover now, the downtime target, the bandwidth
-//! cap), and its status for whoever watches it. The driver
+//! cap, the throttle ceiling), and what whoever watches it sees: the status and a stream of events. The driver
 //! takes the changes at its next event (within 50 ms) and hands each to the sans-IO machine as an input, as it does acks;
-//! so what a change does is the machine's to decide, and the simulator tests it.
+//! so what a change does is the machine's to decide, and the simulator tests it. The driver publishes the status at
+//! least every 100 ms and sends each event as it happens.
 
+use crossbeam::channel::{Receiver, Sender, TrySendError};
 use std::sync::Mutex;
 use std::time::Duration;
 
@@ -17,7 +19,80 @@ pub enum Change {
     MaxBandwidth(Option<u64>),
     /// Switch over at the end of the round in flight, whatever the target, once the pause fits the 2 s bound.
     SwitchoverNow,
+    /// A new throttle ceiling, percent; a throttle in force above it is lowered at once.
+    MaxThrottle(f64),
 }
+
+/// A change asked for with a value out of its range; nothing was changed.
+#[derive(Debug, Clone, PartialEq, thiserror::Error)]
+#[error("{0}")]
+pub struct ChangeError(pub String);
+
+/// The longest downtime target a change may set.
+pub const MAX_DOWNTIME_TARGET: Duration = Duration::from_secs(60);
+
+impl Change {
+    /// Whether the value is one the machine takes as it is (out-of-range values are refused, not clamped).
+    pub fn check(&self) -> Result<(), ChangeError> {
+        let bad = |why: &str| Err(ChangeError(why.into()));
+        match *self {
+            Change::DowntimeTarget(t) if t.is_zero() || t > MAX_DOWNTIME_TARGET => {
+                bad("downtime target: above 0 and at most 60000 ms")
+            }
+            Change::MaxBandwidth(Some(0)) => bad("bandwidth cap: above 0 (lift it with none)"),
+            Change::MaxThrottle(p) if !(0.0..=livemig_engine::precopy::MAX_THROTTLE).contains(&p) => {
+                bad("throttle ceiling: 0 to 99 percent")
+            }
+            _ => Ok(()),
+        }
+    }
+}
+
+/// Something that happened to a running migration, in order.
+#[derive(Debug, Clone, PartialEq)]
+pub enum MigrationEvent {
+    /// The phase changed ([`Status::phase`]'s names).
+    Phase(&'static str),
+    /// A round started: its number, the pages it sends, the throttle in force.
+    RoundStarted {
+        /// The round.
+        round: u32,
+        /// Pages in it.
+        pages: u64,
+        /// The vCPU throttle, percent.
+        throttle_pct: f64,
+    },
+    /// Every page of a round was acknowledged.
+    RoundDone {
+        /// The round.
+        round: u32,
+        /// Its wire bytes, all links.
+        bytes: u64,
+    },
+    /// A data link failed; its batches go out on the others.
+    LinkFailed {
+        /// The link's index.
+        link: usize,
+        /// Its name.
+        name: String,
+        /// Why.
+        error: String,
+    },
+    /// The vCPU throttle changed, percent.
+    Throttle(f64),
+    /// A live change was taken (and handed to the machine, which may refuse it: a cancel after Commit).
+    Changed(Change),
+    /// The migration ended: "completed", "failed" or "cancelled", with the error if any. The last event.
+    Finished {
+        /// How it ended.
+        status: &'static str,
+        /// Why, if it did not complete.
+        error: Option<String>,
+    },
+}
+
+/// Events a watcher may fall behind by before newer ones are dropped for it (the status stays current).
+const EVENT_BACKLOG: usize = 4096;
 
 /// How a running migration stands, as the driver last published it (at least every 100 ms while it runs).
 #[derive(Debug, Clone, Default, PartialEq)]
@@ -44,6 +119,10 @@ pub struct Status {
     pub downtime_target_ms: f64,
     /// The bandwidth cap in force, bytes per second.
     pub max_bandwidth: Option<u64>,
+    /// The throttle ceiling in force, percent.
+    pub max_throttle_pct: f64,
+    /// Throughput per data link as the acknowledgements show it, bytes per second (0 for a failed link).
+    pub link_throughput_bps: Vec<f64>,
 }
 
 /// The changes asked for and not yet taken. Share it (in an `Arc`) between the caller of `migrate`, through
@@ -53,17 +132,20 @@ pub struct Status {
 pub struct Controls {
     pending: Mutex<Vec<Change>>,
     status: Mutex<Status>,
+    watchers: Mutex<Vec<Sender<MigrationEvent>>>,
 }
 
 impl Controls {
-    /// Asks for `change`.
-    pub fn push(&self, change: Change) {
+    /// Asks for `change`, or refuses it when its value is out of range ([`Change::check`]).
+    pub fn push(&self, change: Change) -> Result<(), ChangeError> {
+        change.check()?;
         self.pending.lock().unwrap_or_else(|e| e.into_inner()).push(change);
+        Ok(())
     }
 
     /// Asks to cancel, saying why.
     pub fn cancel(&self, reason: impl Into<String>) {
-        self.push(Change::Cancel(reason.into()));
+        self.pending.lock().unwrap_or_else(|e| e.into_inner()).push(Change::Cancel(reason.into()));
     }
 
     /// How the migration stands.
@@ -73,6 +155,24 @@ impl Controls {
 
     pub(crate) fn publish(&self, s: Status) {
         *self.status.lock().unwrap_or_else(|e| e.into_inner()) = s;
+    }
+
+    /// A stream of the events from now on. A watcher that falls [`EVENT_BACKLOG`] events behind misses newer ones
+    /// (the migration never waits for it); one that drops its receiver is forgotten.
+    pub fn subscribe(&self) -> Receiver<MigrationEvent> {
+        let (tx, rx) = crossbeam::channel::bounded(EVENT_BACKLOG);
+        self.watchers.lock().unwrap_or_else(|e| e.into_inner()).push(tx);
+        rx
+    }
+
+    /// Ends every watcher's stream (after the last event): a receiver sees it disconnected once it has read all.
+    pub(crate) fn close_events(&self) {
+        self.watchers.lock().unwrap_or_else(|e| e.into_inner()).clear();
+    }
+
+    pub(crate) fn emit(&self, event: MigrationEvent) {
+        let mut watchers = self.watchers.lock().unwrap_or_else(|e| e.into_inner());
+        watchers.retain(|w| !matches!(w.try_send(event.clone()), Err(TrySendError::Disconnected(_))));
     }
 
     /// The changes asked for since the last call, oldest first.

@@ -1,6 +1,6 @@
 //! The driver: runs the pre-copy machine, carries out its actions, feeds it events, and watches the links.
 
-use super::controls::Change;
+use super::controls::{Change, MigrationEvent};
 use super::{DowntimeParts, Event, MigrateError, Progress, RoundReport, SourceOptions, SourceReport};
 use super::{VerifyMode, DIRTY_SAMPLE};
 use crate::cpu_usage::CpuMeter;
@@ -47,6 +47,8 @@ pub(super) struct Driver<'a> {
     /// The migration's start, and per-link wire bytes sampled every [`TIMELINE_EVERY`] since.
     pub(super) start: Instant,
     pub(super) timeline: Vec<(f64, Vec<u64>)>,
+    /// The phase the status last showed, so that a change of it is an event.
+    pub(super) phase: &'static str,
 }
 
 /// One round as the driver sent it: pages by codec, the vCPU throttle, and wire bytes per link.
@@ -60,6 +62,7 @@ pub(super) struct RoundSent {
 #[derive(Default)]
 struct PauseMarks {
     last_pages: Option<Instant>,
+    device_state: Option<Instant>,
     vcpu_state: Option<Instant>,
     verification: Option<Instant>,
     commit: Option<Instant>,
@@ -86,9 +89,15 @@ impl Driver<'_> {
                     let throttle_pct = vcpus.throttle();
                     report.max_throttle_pct = report.max_throttle_pct.max(throttle_pct);
                     let _round = tracing::info_span!("round", epoch, last).entered();
-                    tracing::info!(pages = pages.count_ones(), throttle_pct, "round started");
+                    let count = pages.count_ones();
+                    tracing::info!(pages = count, throttle_pct, "round started");
+                    self.emit(MigrationEvent::RoundStarted { round: epoch, pages: count, throttle_pct });
                     let (counts, link_bytes) = self.send_round(epoch, &pages);
-                    tracing::info!(bytes = link_bytes.iter().sum::<u64>(), pages = counts.total(), "round sent");
+                    let bytes = link_bytes.iter().sum::<u64>();
+                    tracing::info!(bytes, pages = counts.total(), "round sent");
+                    if self.error.is_none() {
+                        self.emit(MigrationEvent::RoundDone { round: epoch, bytes });
+                    }
                     self.sent.push(RoundSent { counts, throttle_pct, link_bytes });
                     if last {
                         marks.last_pages = Some(Instant::now());
@@ -98,6 +107,7 @@ impl Driver<'_> {
                 Action::SetThrottle(pct) => {
                     tracing::info!(throttle_pct = pct, "vCPU throttle changed");
                     vcpus.set_throttle(pct);
+                    self.emit(MigrationEvent::Throttle(pct));
                 }
                 Action::Pause => {
                     report.predicted_downtime = self.machine.last_prediction();
@@ -106,6 +116,8 @@ impl Driver<'_> {
                     self.machine.paused(Instant::now());
                 }
                 Action::SendState => {
+                    report.device_sections = self.send_devices();
+                    marks.device_state = Some(Instant::now());
                     self.send_state();
                     marks.vcpu_state = Some(Instant::now());
                 }
@@ -129,6 +141,7 @@ impl Driver<'_> {
                 Action::ResumeSource => {
                     vcpus.set_throttle(0.0);
                     vcpus.resume();
+                    self.emit(MigrationEvent::Throttle(0.0));
                 }
                 Action::Done(outcome) => {
                     self.finished = true;
@@ -150,6 +163,7 @@ impl Driver<'_> {
                             tracing::warn!(error = %e, "migration ended without the destination running the guest")
                         }
                     }
+
                     break;
                 }
             }
@@ -167,6 +181,33 @@ impl Driver<'_> {
             Ok(()) => self.machine.harvested(bm, Instant::now()),
             Err(e) => self.fail(e.into()),
         }
+    }
+
+    /// Saves the devices' state and sends it, one section a frame, ahead of the vCPU state (the destination restores
+    /// both when the vCPU state arrives). Returns each section's name, version and size. Sections the wire cannot
+    /// carry fail the migration before commit, naming the device.
+    fn send_devices(&mut self) -> Vec<(String, u32, u64)> {
+        let Some(devices) = self.guest.devices() else { return Vec::new() };
+        let sections = match devices.save() {
+            Ok(s) => s,
+            Err(e) => {
+                self.fail(e.into());
+                return Vec::new();
+            }
+        };
+        if let Err(why) = check_sections(&sections) {
+            self.fail(MigrateError::Machine(why));
+            return Vec::new();
+        }
+        let mut sent = Vec::new();
+        for s in &sections {
+            if !self.send_control(Kind::DeviceState, &wire::encode_device(s)) {
+                break;
+            }
+            sent.push((s.name.clone(), s.version, s.data.len() as u64));
+        }
+        tracing::info!(sections = sent.len(), bytes = sent.iter().map(|s| s.2).sum::<u64>(), "device state sent");
+        sent
     }
 
     /// Saves the paused vCPUs and delivers their state.
@@ -209,12 +250,18 @@ impl Driver<'_> {
         }
         if let (Some(paused), Ok(())) = (m.paused_at(), &report.result) {
             let at = |mark: Option<Instant>| mark.unwrap_or(paused);
-            let (last_pages, state, verified, committed) =
-                (at(marks.last_pages), at(marks.vcpu_state), at(marks.verification), at(marks.commit));
+            let (last_pages, devices, state, verified, committed) = (
+                at(marks.last_pages),
+                at(marks.device_state),
+                at(marks.vcpu_state),
+                at(marks.verification),
+                at(marks.commit),
+            );
             report.downtime = Some(committed.saturating_duration_since(paused));
             report.downtime_parts = DowntimeParts {
                 last_pages: last_pages.saturating_duration_since(paused),
-                vcpu_state: state.saturating_duration_since(last_pages),
+                device_state: devices.saturating_duration_since(last_pages),
+                vcpu_state: state.saturating_duration_since(devices),
                 verification: verified.saturating_duration_since(state),
                 commit: committed.saturating_duration_since(verified),
             };
@@ -245,6 +292,7 @@ impl Driver<'_> {
     fn take_controls(&mut self) {
         let Some(controls) = self.opts.controls.as_ref() else { return };
         for change in controls.take() {
+            controls.emit(MigrationEvent::Changed(change.clone()));
             match change {
                 Change::Cancel(reason) => {
                     tracing::info!(%reason, "cancel asked for");
@@ -265,6 +313,15 @@ impl Driver<'_> {
                     tracing::info!(max_bandwidth = ?cap, "bandwidth cap changed");
                     self.machine.set_max_bandwidth(cap);
                     self.stripe.pacer.set_rate(cap);
+                }
+                Change::MaxThrottle(pct) => {
+                    tracing::info!(max_throttle_pct = pct, "throttle ceiling changed");
+                    self.machine.set_max_throttle(pct);
+                    // Lowered now rather than when the round in flight ends; the machine's own action follows.
+                    let vcpus = self.guest.vcpus();
+                    if self.machine.in_precopy() && vcpus.throttle() > self.machine.throttle() {
+                        vcpus.set_throttle(self.machine.throttle());
+                    }
                 }
             }
         }
@@ -326,6 +383,8 @@ impl Driver<'_> {
             return;
         }
         tracing::warn!(link = i, name = link.name(), error = %why, "data link failed; its batches go out on the others");
+        let name = link.name().to_string();
+        self.emit(MigrationEvent::LinkFailed { link: i, name, error: why.clone() });
         link.fail();
         self.link_errors[i] = Some(why.clone());
         if self.stripe.links.iter().all(DataLink::is_failed) {
@@ -499,35 +558,47 @@ impl Driver<'_> {
         self.publish_status(bytes_on_wire);
     }
 
-    /// Publishes how the migration stands to whoever holds its controls.
-    pub(super) fn publish_status(&self, bytes_on_wire: u64) {
+    /// Publishes how the migration stands to whoever holds its controls, and a change of phase as an event.
+    pub(super) fn publish_status(&mut self, bytes_on_wire: u64) {
         let Some(controls) = self.opts.controls.as_ref() else { return };
-        let (m, remaining_pages) = (&self.machine, self.remaining_pages);
+        let remaining_pages = self.remaining_pages;
         let phase = if self.error.is_some() || self.finished {
             "done"
-        } else if m.in_precopy() {
+        } else if self.machine.in_precopy() {
             "precopy"
         } else {
             "switchover"
         };
-        let predicted = m.last_prediction().map(|d| d.as_secs_f64());
-        let eta = m
-            .bandwidth()
-            .filter(|&b| b > 0.0)
-            .map(|b| remaining_pages as f64 * m.bytes_per_page() / b + predicted.unwrap_or(0.0));
+        if phase != self.phase {
+            self.phase = phase;
+            controls.emit(MigrationEvent::Phase(phase));
+        }
+        let eta = self.machine.eta(remaining_pages).map(|d| d.as_secs_f64());
+        let m = &self.machine;
+        let failed = |i: usize| self.stripe.links[i].is_failed();
+        let link_throughput_bps =
+            self.link_rates.iter().enumerate().map(|(i, r)| if failed(i) { 0.0 } else { r.rate().unwrap_or(0.0) });
         controls.publish(super::controls::Status {
             phase,
             round: m.epoch(),
             remaining_pages,
             dirty_rate_pps: m.dirty_rate().unwrap_or(0.0),
             throughput_bps: m.measured_bandwidth().unwrap_or(0.0),
-            predicted_downtime_ms: predicted.map(|p| p * 1e3),
+            predicted_downtime_ms: m.last_prediction().map(|d| d.as_secs_f64() * 1e3),
             throttle_pct: m.throttle(),
             eta_s: eta,
             bytes_on_wire,
             downtime_target_ms: m.config().downtime_target.as_secs_f64() * 1e3,
             max_bandwidth: m.config().max_bandwidth,
+            max_throttle_pct: m.config().max_throttle,
+            link_throughput_bps: link_throughput_bps.collect(),
         });
+    }
+
+    fn emit(&self, event: MigrationEvent) {
+        if let Some(c) = self.opts.controls.as_ref() {
+            c.emit(event);
+        }
     }
 
     /// An ack of `bytes` (`pages` guest pages) on `link` at `at`: the link's rate for the scheduler, the machine's
@@ -598,4 +669,33 @@ impl Driver<'_> {
         }
         Some(ok)
     }
+}
+
+/// Whether the wire can carry these sections: names of 1 to [`wire::MAX_DEVICE_NAME`] bytes, each once, each
+/// section within a frame, and the number and total size within the destination's bounds.
+fn check_sections(sections: &[livemig_engine::guest::DeviceSection]) -> Result<(), String> {
+    if sections.len() > wire::MAX_DEVICE_SECTIONS {
+        return Err(format!("{} device sections, over {}", sections.len(), wire::MAX_DEVICE_SECTIONS));
+    }
+    let total: u64 = sections.iter().map(|s| s.data.len() as u64).sum();
+    if total > wire::MAX_DEVICE_BYTES {
+        return Err(format!("device state of {total} bytes, over {}", wire::MAX_DEVICE_BYTES));
+    }
+    for (i, s) in sections.iter().enumerate() {
+        if s.name.is_empty() || s.name.len() > wire::MAX_DEVICE_NAME {
+            return Err(format!("device name {:?}: 1 to {} bytes", s.name, wire::MAX_DEVICE_NAME));
+        }
+        if sections[..i].iter().any(|x| x.name == s.name) {
+            return Err(format!("device {:?} saved twice", s.name));
+        }
+        if s.data.len() + 6 + s.name.len() > wire::MAX_BODY as usize {
+            return Err(format!(
+                "device {:?}: {} bytes of state, over one frame's {}",
+                s.name,
+                s.data.len(),
+                wire::MAX_BODY
+            ));
+        }
+    }
+    Ok(())
 }

@@ -17,10 +17,12 @@
 
 pub mod controls;
 mod driver;
+mod handle;
 mod report;
 mod setup;
 
-pub use controls::{Change, Controls, Status};
+pub use controls::{Change, ChangeError, Controls, MigrationEvent, Status};
+pub use handle::Migration;
 pub use report::{
     session_id, DowntimeParts, LinkReport, MigrateError, Progress, RoundReport, SourceOptions, SourceReport, VerifyMode,
 };
@@ -28,6 +30,7 @@ pub use report::{
 use crate::cpu_usage::CpuMeter;
 use crate::link::data::LinkEvent;
 use crate::link::LinkSpec;
+use crate::stream::Stream;
 use crate::stripe::Stripe;
 use crate::tls::{self, Conn, SourceSecurity};
 use crate::wire::{Verified, WireError};
@@ -36,7 +39,7 @@ use livemig_engine::encode::{EncodeError, HashTable, PageCounts, SendPath, SendP
 use livemig_engine::guest::Guest;
 use livemig_engine::precopy::{Precopy, RateEstimator};
 use setup::{connect_links, control_loop, handshake, start_logging};
-use std::net::{Shutdown, TcpStream};
+use std::net::Shutdown;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
@@ -55,15 +58,50 @@ const DIRTY_SAMPLE: Duration = Duration::from_millis(250);
 /// How long a data link may take to connect.
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
 
+/// A migration's data links: to be connected, or connected already by the caller.
+#[derive(Debug)]
+pub enum Links {
+    /// Connect these (TCP, each from its own address and interface); none: one link to the control connection's
+    /// peer (a TCP address, or the Unix socket's path).
+    Connect(Vec<LinkSpec>),
+    /// The caller's own streams, connected to the destination's listener (TCP, Unix, or descriptors it was passed).
+    Streams(Vec<Stream>),
+}
+
 /// Migrates `guest` to the destination at the other end of `control` (a `livemig receive`, or
 /// [`crate::dest::receive`]), striping pages over `links`; with no links, one data link goes to the control
-/// connection's peer address.
+/// connection's peer address. `control` is any connected [`Stream`]: a `TcpStream`, a `UnixStream`, or one made from
+/// a descriptor. [`migrate_streams`] takes data links the caller connected; [`Migration::start`] runs it on a
+/// thread of its own behind a handle.
 ///
 /// Returns when the destination runs the guest, or when the migration failed and the source guest runs again.
 pub fn migrate(
     guest: &dyn Guest,
-    control: TcpStream,
+    control: impl Into<Stream>,
     links: &[LinkSpec],
+    opts: &SourceOptions,
+    security: &SourceSecurity,
+    progress: &(dyn Fn(&Progress) + Sync),
+) -> SourceReport {
+    run(guest, control.into(), Links::Connect(links.to_vec()), opts, security, progress)
+}
+
+/// [`migrate`] over data links the caller connected to the destination's listener (at least one).
+pub fn migrate_streams(
+    guest: &dyn Guest,
+    control: impl Into<Stream>,
+    links: Vec<Stream>,
+    opts: &SourceOptions,
+    security: &SourceSecurity,
+    progress: &(dyn Fn(&Progress) + Sync),
+) -> SourceReport {
+    run(guest, control.into(), Links::Streams(links), opts, security, progress)
+}
+
+pub(crate) fn run(
+    guest: &dyn Guest,
+    control: Stream,
+    links: Links,
     opts: &SourceOptions,
     security: &SourceSecurity,
     progress: &(dyn Fn(&Progress) + Sync),
@@ -82,6 +120,7 @@ pub fn migrate(
             report.total_time = start.elapsed();
             report.bytes_on_wire = control_written.load(Ordering::Relaxed);
             report.cpu_seconds = crate::cpu_usage::process_cpu_seconds() - cpu_start;
+            finished(opts, &report);
             return report;
         }
     };
@@ -120,6 +159,7 @@ pub fn migrate(
                 sampled: None,
                 start,
                 timeline: Vec::new(),
+                phase: "starting",
             };
             d.run(&mut report, rtt);
             d.sample_links(true);
@@ -138,7 +178,21 @@ pub fn migrate(
     report.cpu_seconds = crate::cpu_usage::process_cpu_seconds() - cpu_start;
     report.send_path = policy.path();
     report_links(&mut report, &stripe, &link_errors, control_written.load(Ordering::Relaxed));
+    finished(opts, &report);
     report
+}
+
+/// Tells whoever watches the migration how it ended: the status's phase is "done", and the last event says how.
+fn finished(opts: &SourceOptions, report: &SourceReport) {
+    let Some(controls) = opts.controls.as_ref() else { return };
+    let mut status = controls.status();
+    if status.phase != "done" {
+        status.phase = "done";
+        controls.publish(status);
+        controls.emit(MigrationEvent::Phase("done"));
+    }
+    let error = report.result.as_ref().err().map(ToString::to_string);
+    controls.emit(MigrationEvent::Finished { status: report.status(), error });
 }
 
 /// What a migration starts from: the sealed control connection, the pages to send in round 0, the Hello's round
@@ -149,8 +203,8 @@ type Opened = (Conn, livemig_engine::dirty::Bitmap, Duration, (Vec<crate::link::
 /// started, the Hello answered, and the data links connected and presented.
 fn open(
     guest: &dyn Guest,
-    control: TcpStream,
-    links: &[LinkSpec],
+    control: Stream,
+    links: Links,
     opts: &SourceOptions,
     security: &SourceSecurity,
     written: &AtomicU64,

@@ -162,7 +162,9 @@ pub struct RoundReport {
 pub struct DowntimeParts {
     /// Final harvest and the last dirty pages.
     pub last_pages: Duration,
-    /// Saving and delivering the vCPU state.
+    /// Saving the devices' state ([`livemig_engine::guest::Devices`]) and sending it.
+    pub device_state: Duration,
+    /// Saving and delivering the vCPU state, and the destination restoring devices and vCPUs.
     pub vcpu_state: Duration,
     /// Digest comparison.
     pub verification: Duration,
@@ -214,6 +216,8 @@ pub struct SourceReport {
     pub links: Vec<LinkReport>,
     /// Highest vCPU throttle, percent.
     pub max_throttle_pct: f64,
+    /// The device state sections sent at the switchover: name, version, bytes.
+    pub device_sections: Vec<(String, u32, u64)>,
     /// The send path used at the end (`--send-path auto`: the one the trials kept).
     pub send_path: SendPath,
     /// Process CPU seconds (user and system) used from the handshake to the end.
@@ -225,6 +229,16 @@ pub struct SourceReport {
 }
 
 impl SourceReport {
+    /// How it ended, as the report and the status name it: "completed", "cancelled" (by the operator, the policy or
+    /// the pause bound: the source runs on) or "failed".
+    pub fn status(&self) -> &'static str {
+        match &self.result {
+            Ok(()) => "completed",
+            Err(MigrateError::Cancelled(_) | MigrateError::PauseBound) => "cancelled",
+            Err(_) => "failed",
+        }
+    }
+
     /// A report of nothing done yet, for a migration that will send raw pages by `send_path`.
     pub fn new(send_path: SendPath) -> Self {
         SourceReport {
@@ -239,6 +253,7 @@ impl SourceReport {
             rounds: Vec::new(),
             links: Vec::new(),
             max_throttle_pct: 0.0,
+            device_sections: Vec::new(),
             send_path,
             cpu_seconds: 0.0,
             timeline: Vec::new(),

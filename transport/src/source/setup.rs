@@ -1,15 +1,15 @@
 //! Opening a migration: the dirty log cleared and the populated pages read, the handshake on the control
 //! connection, the data links connected and presented; and the control connection's reader.
 
+use super::Links;
 use super::{Event, MigrateError, SourceOptions, CONNECT_TIMEOUT};
 use crate::link::data::DataLink;
-use crate::link::LinkSpec;
+use crate::stream::Stream;
 use crate::tls::{self, Conn, SourceSecurity};
 use crate::wire::{self, Hello, Kind, Verified, WireError};
 use crossbeam::channel::Sender;
 use livemig_engine::dirty::Bitmap;
 use livemig_engine::guest::Guest;
-use std::net::TcpStream;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
@@ -78,28 +78,46 @@ pub(super) fn handshake(
     Ok(rtt)
 }
 
-/// Connects the data links and presents the session on each (under TLS: a handshake of its own, and the proof that
-/// binds it to the control connection's session). A link that cannot connect is kept, failed, so the report shows
-/// it; the migration needs at least one.
+/// Opens one data link when called: connects it, or hands over the caller's stream.
+type Opener = Box<dyn FnOnce() -> std::io::Result<Stream>>;
+
+/// Connects the data links (or takes the caller's) and presents the session on each (under TLS: a handshake of its
+/// own, and the proof that binds it to the control connection's session). A link that cannot connect is kept,
+/// failed, so the report shows it; the migration needs at least one.
 pub(super) fn connect_links(
     control: &Conn,
-    specs: &[LinkSpec],
+    links: Links,
     opts: &SourceOptions,
     security: &SourceSecurity,
 ) -> Result<(Vec<DataLink>, Vec<Option<String>>), MigrateError> {
-    let default;
-    let specs = if specs.is_empty() {
-        let peer = control.stream().peer_addr().map_err(|e| MigrateError::Handshake(e.into()))?;
-        default = [LinkSpec::to(peer)];
-        &default[..]
-    } else {
-        specs
-    };
+    let handshake_error = |e: std::io::Error| MigrateError::Handshake(e.into());
+    // Each link's name and a way to open it, in order: connecting is deferred so that links connect one by one.
+    let mut openers: Vec<(String, Opener)> = Vec::new();
+    match links {
+        Links::Connect(specs) if specs.is_empty() => {
+            let peer = control.stream().peer_address().map_err(handshake_error)?;
+            openers.push((peer.to_string(), Box::new(move || peer.connect(CONNECT_TIMEOUT))));
+        }
+        Links::Connect(specs) => {
+            for spec in specs {
+                openers.push((spec.name(), Box::new(move || spec.connect(CONNECT_TIMEOUT).map(Stream::Tcp))));
+            }
+        }
+        Links::Streams(streams) => {
+            for (i, s) in streams.into_iter().enumerate() {
+                let name = s.peer().map_or_else(|_| format!("stream {i}"), |p| format!("stream {i} to {p}"));
+                openers.push((name, Box::new(move || Ok(s))));
+            }
+        }
+    }
+    if openers.is_empty() {
+        return Err(MigrateError::AllLinksFailed("no data link given".into()));
+    }
     let mut links = Vec::new();
     let mut errors = Vec::new();
     let mut last_error = String::new();
-    for (i, spec) in specs.iter().enumerate() {
-        let opened = spec.connect(CONNECT_TIMEOUT).map_err(|e| e.to_string()).and_then(|stream| {
+    for (i, (name, open)) in openers.into_iter().enumerate() {
+        let opened = open().map_err(|e| e.to_string()).and_then(|stream| {
             let conn = tls::connect(stream, security, CONNECT_TIMEOUT).map_err(|e| e.to_string())?;
             let proof = control.binding().zip(conn.binding()).map(|(c, l)| tls::link_proof(c, l));
             let hello = wire::LinkHello { session: opts.session, link: livemig_engine::num::u32_len(i), proof };
@@ -108,14 +126,14 @@ pub(super) fn connect_links(
         });
         match opened {
             Ok(stream) => {
-                links.push(DataLink::new(spec.name(), stream));
+                links.push(DataLink::new(name, stream));
                 errors.push(None);
             }
             Err(e) => {
                 last_error = e;
                 // A placeholder that is failed from the start keeps link indices and report rows in --link order.
-                let (a, _b) = local_pair()?;
-                let l = DataLink::new(spec.name(), Conn::plain(a));
+                let (a, _b) = std::os::unix::net::UnixStream::pair().map_err(handshake_error)?;
+                let l = DataLink::new(name, Conn::plain(a));
                 l.fail();
                 links.push(l);
                 errors.push(Some(last_error.clone()));
@@ -126,15 +144,6 @@ pub(super) fn connect_links(
         return Err(MigrateError::AllLinksFailed(last_error));
     }
     Ok((links, errors))
-}
-
-/// A connected loopback pair, to stand in for a link that never connected.
-fn local_pair() -> Result<(TcpStream, TcpStream), MigrateError> {
-    let io = |e: std::io::Error| MigrateError::Link(e.into());
-    let l = std::net::TcpListener::bind("127.0.0.1:0").map_err(io)?;
-    let a = TcpStream::connect(l.local_addr().map_err(io)?).map_err(io)?;
-    let (b, _) = l.accept().map_err(io)?;
-    Ok((a, b))
 }
 
 pub(super) fn control_loop(r: &Conn, ev: &Sender<Event>, done: &AtomicBool) {

@@ -16,6 +16,7 @@
 
 pub mod channel;
 
+use crate::stream::Stream;
 use channel::{DirectionKey, Opener, Sealer};
 use ring::hmac;
 use rustls::pki_types::pem::PemObject;
@@ -23,7 +24,6 @@ pub use rustls::pki_types::ServerName;
 use rustls::pki_types::{CertificateDer, PrivateKeyDer};
 use rustls::{ClientConfig, ClientConnection, RootCertStore, ServerConfig, ServerConnection};
 use std::io::{IoSlice, IoSliceMut, Read, Write};
-use std::net::TcpStream;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -320,7 +320,7 @@ fn write_file(path: &Path, bytes: &[u8], mode: u32) -> Result<(), TlsError> {
 /// different threads use the two directions independently; `&Conn` reads and writes.
 #[derive(Debug)]
 pub struct Conn {
-    stream: TcpStream,
+    stream: Stream,
     seal: Option<Mutex<Sealer>>,
     open: Option<Mutex<Opener>>,
     peer: Option<String>,
@@ -329,12 +329,12 @@ pub struct Conn {
 
 impl Conn {
     /// A plaintext connection.
-    pub fn plain(stream: TcpStream) -> Conn {
-        Conn { stream, seal: None, open: None, peer: None, binding: None }
+    pub fn plain(stream: impl Into<Stream>) -> Conn {
+        Conn { stream: stream.into(), seal: None, open: None, peer: None, binding: None }
     }
 
     /// The socket under it (for timeouts, shutdown, addresses).
-    pub fn stream(&self) -> &TcpStream {
+    pub fn stream(&self) -> &Stream {
         &self.stream
     }
 
@@ -422,7 +422,7 @@ fn export<D>(conn: &rustls::ConnectionCommon<D>) -> Result<(DirectionKey, Direct
 /// Drives `conn` over `stream` until `done`, within `deadline`.
 fn drive<D>(
     conn: &mut rustls::ConnectionCommon<D>,
-    stream: &TcpStream,
+    stream: &Stream,
     deadline: Instant,
     done: impl Fn(&mut rustls::ConnectionCommon<D>) -> bool,
 ) -> Result<(), String> {
@@ -471,7 +471,7 @@ fn describe_tls(e: &rustls::Error) -> String {
 
 /// What a plaintext livemig peer said, when the first bytes on `stream` are a livemig frame rather than TLS. The
 /// frame has until `deadline`, whole: a peer that trickles it cannot hold the source.
-fn plaintext_peer(stream: &TcpStream, deadline: Instant) -> Option<String> {
+fn plaintext_peer(stream: &Stream, deadline: Instant) -> Option<String> {
     let mut first = [0u8; 4];
     match stream.peek(&mut first) {
         Ok(4) if first == crate::wire::MAGIC => {}
@@ -487,11 +487,12 @@ fn plaintext_peer(stream: &TcpStream, deadline: Instant) -> Option<String> {
 }
 
 /// Runs the client's side of the handshake on `stream` within `within`, and returns the sealed connection.
-pub fn connect(stream: TcpStream, sec: &SourceSecurity, within: Duration) -> Result<Conn, TlsError> {
+pub fn connect(stream: impl Into<Stream>, sec: &SourceSecurity, within: Duration) -> Result<Conn, TlsError> {
+    let stream = stream.into();
     let SourceSecurity::Mtls { config, server_name } = sec else {
         return Ok(Conn::plain(stream));
     };
-    let peer = stream.peer_addr().map_or("?".into(), |a| a.to_string());
+    let peer = stream.peer().map_or("?".into(), |a| a.to_string());
     let herr = |why: String| TlsError::Handshake { peer: peer.clone(), why };
     let deadline = Instant::now() + within;
     let mut conn = ClientConnection::new(config.clone(), server_name.clone()).map_err(|e| herr(e.to_string()))?;
@@ -533,7 +534,7 @@ pub fn connect(stream: TcpStream, sec: &SourceSecurity, within: Duration) -> Res
 }
 
 /// The connection sealed under the keys of its finished session `tls`; `client` says which direction is whose.
-fn sealed<D>(stream: TcpStream, tls: &rustls::ConnectionCommon<D>, client: bool) -> Result<Conn, String> {
+fn sealed<D>(stream: Stream, tls: &rustls::ConnectionCommon<D>, client: bool) -> Result<Conn, String> {
     let peer = tls.peer_certificates().and_then(|c| c.first()).map(|c| subject_of(c));
     let (c2s, s2c, binding) = export(tls)?;
     let (send, receive) = if client { (c2s, s2c) } else { (s2c, c2s) };
@@ -548,11 +549,12 @@ fn sealed<D>(stream: TcpStream, tls: &rustls::ConnectionCommon<D>, client: bool)
 
 /// Runs the server's side of the handshake on `stream` within `within`, and returns the sealed connection. A peer
 /// that starts with a plaintext livemig frame is told, in plaintext, that this destination requires TLS.
-pub fn accept(stream: TcpStream, sec: &DestSecurity, within: Duration) -> Result<Conn, TlsError> {
+pub fn accept(stream: impl Into<Stream>, sec: &DestSecurity, within: Duration) -> Result<Conn, TlsError> {
+    let stream = stream.into();
     let DestSecurity::Mtls(config) = sec else {
         return Ok(Conn::plain(stream));
     };
-    let peer = stream.peer_addr().map_or("?".into(), |a| a.to_string());
+    let peer = stream.peer().map_or("?".into(), |a| a.to_string());
     let herr = |why: String| TlsError::Handshake { peer: peer.clone(), why };
     let deadline = Instant::now() + within;
     stream.set_read_timeout(Some(within)).map_err(|e| herr(e.to_string()))?;

@@ -1,5 +1,5 @@
 use super::*;
-use std::net::TcpListener;
+use std::net::{TcpListener, TcpStream};
 
 fn creds(dir: &Path, host: &str) -> Credentials {
     Credentials::load(&dir.join(host), None).unwrap()

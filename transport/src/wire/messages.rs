@@ -1,11 +1,11 @@
 //! The messages of the handshake and the control connection, each a struct with `encode` and `decode`: Hello,
-//! HelloAck, LinkHello, Ack, Verify and Verified, and the Abort's reason. Every decoder reads through [`Body`], which
+//! HelloAck, LinkHello, Ack, Verify and Verified, a device's state section, and the Abort's reason. Every decoder reads through [`Body`], which
 //! bounds each field by what is left of the body before it is used.
 
 use super::{write_frame, Body, Kind, WireError, MAX_REASON, MAX_VCPUS};
 use livemig_engine::cpu::CpuDescription;
 use livemig_engine::dirty::Bitmap;
-use livemig_engine::guest::MemoryLayout;
+use livemig_engine::guest::{DeviceSection, MemoryLayout};
 use livemig_engine::num::u32_len;
 use livemig_engine::preflight::DestDescription;
 use std::io::Write;
@@ -360,4 +360,36 @@ pub fn write_abort(w: impl Write, reason: &str) -> std::io::Result<usize> {
 /// Writes a control frame (no round, no sequence number) whose whole body is `body`; returns the bytes written.
 pub fn write_control(mut w: impl Write, kind: Kind, body: &[u8]) -> std::io::Result<usize> {
     write_frame(&mut w, kind, 0, 0, &[body])
+}
+
+/// The longest device name a section may carry.
+pub const MAX_DEVICE_NAME: usize = 128;
+/// The most device sections a migration may carry.
+pub const MAX_DEVICE_SECTIONS: usize = 256;
+/// The most device-state bytes a migration may carry, all sections together.
+pub const MAX_DEVICE_BYTES: u64 = 64 << 20;
+
+/// A DeviceState body: the name's length (u16) and the name (UTF-8), the version (u32), then the state.
+pub fn encode_device(s: &DeviceSection) -> Vec<u8> {
+    assert!(s.name.len() <= MAX_DEVICE_NAME, "device name {:?} over {MAX_DEVICE_NAME} bytes", s.name);
+    let mut out = Vec::with_capacity(6 + s.name.len() + s.data.len());
+    out.extend_from_slice(&u16::try_from(s.name.len()).expect("checked above").to_le_bytes());
+    out.extend_from_slice(s.name.as_bytes());
+    out.extend_from_slice(&s.version.to_le_bytes());
+    out.extend_from_slice(&s.data);
+    out
+}
+
+/// Parses a DeviceState body.
+pub fn decode_device(body: &[u8]) -> Result<DeviceSection, WireError> {
+    let mut r = Body { kind: Kind::DeviceState, b: body };
+    let bad = |why: String| WireError::Malformed { kind: Kind::DeviceState, why };
+    let len = usize::from(r.u16("the name's length")?);
+    if len == 0 || len > MAX_DEVICE_NAME {
+        return Err(bad(format!("a device name of {len} bytes (1 to {MAX_DEVICE_NAME})")));
+    }
+    let name = std::str::from_utf8(r.take(len, "the name")?).map_err(|_| bad("a device name not in UTF-8".into()))?;
+    let version = r.u32("the version")?;
+    let data = r.take(r.b.len(), "the state")?.to_vec();
+    Ok(DeviceSection { name: name.to_string(), version, data })
 }

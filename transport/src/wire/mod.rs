@@ -91,6 +91,8 @@ pub enum Kind {
     Abort = 11,
     /// Source → destination, first frame of a data link: the session it belongs to and the link's index.
     LinkHello = 12,
+    /// Source → destination, before the vCPU state: one device's state section (name, version, bytes).
+    DeviceState = 13,
 }
 
 impl Kind {
@@ -99,7 +101,7 @@ impl Kind {
     pub fn max_body(self) -> u32 {
         use Kind::*;
         match self {
-            Hello | Pages | VcpuState => MAX_BODY,
+            Hello | Pages | VcpuState | DeviceState => MAX_BODY,
             // The session and the destination's description (JSON: its name, datastores, port groups, CPU).
             HelloAck => 256 << 10,
             Abort => MAX_REASON_LEN,
@@ -126,6 +128,7 @@ impl Kind {
             10 => Committed,
             11 => Abort,
             12 => LinkHello,
+            13 => DeviceState,
             _ => return None,
         })
     }
@@ -432,6 +435,9 @@ impl<'a> Body<'a> {
         self.b = rest;
         Ok(head)
     }
+    fn u16(&mut self, what: &str) -> Result<u16, WireError> {
+        Ok(u16::from_le_bytes(self.take(2, what)?.try_into().expect("2 bytes")))
+    }
     fn u8(&mut self, what: &str) -> Result<u8, WireError> {
         Ok(self.take(1, what)?[0])
     }
@@ -538,8 +544,8 @@ mod deadline;
 mod messages;
 pub use deadline::{read_frame_within, read_header_within, Deadline, DEADLINE_SLACK};
 pub use messages::{
-    chunk_map, decode_reason, write_abort, write_control, Ack, Hello, HelloAck, LinkHello, Verified, Verify,
-    CHUNK_PAGES, MAX_REGIONS,
+    chunk_map, decode_device, decode_reason, encode_device, write_abort, write_control, Ack, Hello, HelloAck,
+    LinkHello, Verified, Verify, CHUNK_PAGES, MAX_DEVICE_BYTES, MAX_DEVICE_NAME, MAX_DEVICE_SECTIONS, MAX_REGIONS,
 };
 
 #[cfg(test)]

@@ -336,3 +336,17 @@ fn a_body_buffer_grows_only_as_its_bytes_arrive() {
     let f = frame(Kind::Abort, 0, 0, b"why");
     assert_eq!(read(&f).unwrap().1, b"why");
 }
+
+#[test]
+fn device_sections_round_trip_and_bad_ones_say_what_is_wrong() {
+    use livemig_engine::guest::DeviceSection;
+    let s = DeviceSection { name: "virtio-blk0".into(), version: 7, data: vec![1, 2, 3] };
+    assert_eq!(decode_device(&encode_device(&s)).unwrap(), s);
+    let why = |body: &[u8]| decode_device(body).unwrap_err().to_string();
+    assert!(why(&[]).contains("body ends inside the name's length"), "{}", why(&[]));
+    assert!(why(&[0, 0, 1, 0, 0, 0]).contains("a device name of 0 bytes"), "{}", why(&[0, 0]));
+    assert!(why(&[200, 0]).contains("a device name of 200 bytes"));
+    assert!(why(&[3, 0, b'a', b'b']).contains("body ends inside the name"));
+    assert!(why(&[2, 0, 0xff, 0xfe, 1, 0, 0, 0]).contains("not in UTF-8"));
+    assert!(why(&[1, 0, b'a', 1, 0]).contains("body ends inside the version"));
+}
