@@ -10,10 +10,18 @@
 //! `KVM_CLEAR_DIRTY_LOG` with `KVM_CAP_MANUAL_DIRTY_LOG_PROTECT2` (fetch, then re-protect only the pages fetched).
 //! The README gives the harvest cost of each on a 2 GiB guest.
 //!
+//! For a VM the embedder built and runs itself, [`embed::KvmVm`] adapts its `VmFd`, slots and vCPU fds instead, and
+//! [`vm_memory::VmMemoryGuest`] adapts rust-vmm's vm-memory; neither needs the test guest (the `test-guest`
+//! feature, which brings its assembler).
+//!
 //! On the destination, [`KvmGuest::destination`] builds a fresh VM of the source's layout whose vCPU waits, paused,
 //! for its state ([`state`]).
 #![deny(missing_docs)]
 
+pub mod embed;
+// The versions this adapter is built against, for an embedder's VM to match.
+pub use kvm_bindings;
+pub use kvm_ioctls;
 pub mod program;
 pub mod state;
 pub mod vm_memory;

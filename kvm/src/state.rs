@@ -232,7 +232,11 @@ pub fn parse(blob: &[u8]) -> Result<Parsed, StateError> {
 /// Restores a vCPU (created with CPUID set, not running) from a blob, in the order above. Returns the pacing.
 pub fn restore(vcpu: &VcpuFd, blob: &[u8]) -> Result<u64, StateError> {
     // Parse everything before touching the vCPU: a bad blob changes nothing.
-    let p = parse(blob)?;
+    apply(vcpu, &parse(blob)?)
+}
+
+/// Loads a parsed blob into a vCPU (created with CPUID set, not running), in the order above. Returns the pacing.
+pub fn apply(vcpu: &VcpuFd, p: &Parsed) -> Result<u64, StateError> {
     vcpu.set_mp_state(p.mp).map_err(kvm("set mp_state"))?;
     vcpu.set_regs(&p.regs).map_err(kvm("set regs"))?;
     vcpu.set_sregs(&p.sregs).map_err(kvm("set sregs"))?;

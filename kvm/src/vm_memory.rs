@@ -7,7 +7,7 @@
 //! are the VMM's own: any [`Vcpus`].
 
 use livemig_engine::dirty::{runs_in_words, Bitmap};
-use livemig_engine::guest::{DirtyLog, Guest, GuestError, GuestMemory, HostRegion, Vcpus, PAGE_SIZE};
+use livemig_engine::guest::{Devices, DirtyLog, Guest, GuestError, GuestMemory, HostRegion, Vcpus, PAGE_SIZE};
 use std::ptr::NonNull;
 use vm_memory::bitmap::AtomicBitmap;
 use vm_memory::{GuestMemoryBackend as _, GuestMemoryMmap, GuestMemoryRegion};
@@ -17,7 +17,9 @@ pub struct VmMemoryGuest<V: Vcpus> {
     mem: GuestMemoryMmap<AtomicBitmap>,
     regions: Vec<HostRegion>,
     vcpus: V,
+    vcpu_count: u32,
     kind: &'static str,
+    devices: Option<Box<dyn Devices>>,
 }
 
 impl<V: Vcpus> std::fmt::Debug for VmMemoryGuest<V> {
@@ -27,9 +29,17 @@ impl<V: Vcpus> std::fmt::Debug for VmMemoryGuest<V> {
 }
 
 impl<V: Vcpus> VmMemoryGuest<V> {
-    /// Wraps `mem` and `vcpus`. `kind` names the guest in the handshake, so the destination builds a matching one.
-    /// Every region must be a whole number of 4 KiB pages.
-    pub fn new(mem: GuestMemoryMmap<AtomicBitmap>, vcpus: V, kind: &'static str) -> Result<Self, GuestError> {
+    /// Wraps `mem` and the VMM's `vcpus`, `vcpu_count` of them (at least one). `kind` names the guest in the
+    /// handshake, so the destination builds a matching one. Every region must be a whole number of 4 KiB pages.
+    pub fn new(
+        mem: GuestMemoryMmap<AtomicBitmap>,
+        vcpus: V,
+        vcpu_count: u32,
+        kind: &'static str,
+    ) -> Result<Self, GuestError> {
+        if vcpu_count == 0 {
+            return Err(GuestError::BadState("a guest needs at least one vCPU".into()));
+        }
         let mut regions = Vec::new();
         for r in mem.iter() {
             let len = livemig_engine::num::usize_from(r.len());
@@ -41,7 +51,13 @@ impl<V: Vcpus> VmMemoryGuest<V> {
             // is a whole number of pages (checked above).
             regions.push(unsafe { HostRegion::new(r.start_addr().0, ptr, len) });
         }
-        Ok(VmMemoryGuest { mem, regions, vcpus, kind })
+        Ok(VmMemoryGuest { mem, regions, vcpus, vcpu_count, kind, devices: None })
+    }
+
+    /// The devices whose state migrates with the guest.
+    pub fn with_devices(mut self, devices: Box<dyn Devices>) -> Self {
+        self.devices = Some(devices);
+        self
     }
 
     /// The guest memory, for the VMM's own use.
@@ -93,6 +109,9 @@ impl<V: Vcpus> Guest for VmMemoryGuest<V> {
         self.kind
     }
     fn vcpu_count(&self) -> u32 {
-        1
+        self.vcpu_count
+    }
+    fn devices(&self) -> Option<&dyn Devices> {
+        self.devices.as_deref()
     }
 }
