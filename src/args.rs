@@ -44,7 +44,8 @@ pub(crate) enum Cmd {
         /// The destination's control address: HOST:PORT, or unix:PATH for a destination on this host.
         #[arg(long, value_name = "HOST:PORT|unix:PATH")]
         to: Address,
-        /// A data link, `[IFACE=]LOCAL>REMOTE:PORT`; one per NIC. Without any, one link goes to the --to address.
+        /// A data link, `[IFACE=]LOCAL>REMOTE:PORT`, quoted (the `>` is a shell redirect):
+        /// --link 'eth1=10.0.1.1>10.0.1.2:7000'. One per NIC. Without any, one link goes to the --to address.
         #[arg(long = "link")]
         links: Vec<LinkSpec>,
         #[command(flatten)]
@@ -159,12 +160,12 @@ pub(crate) struct ReceiveArgs {
     /// The largest guest accepted (e.g. 8GiB). Default: this host's available memory. A larger guest is refused at
     /// the handshake, before anything is allocated, and receive goes on waiting. More than is available may be
     /// allowed for a sparse guest on an overcommitted host; pre-faulting still stops at what is available.
-    #[arg(long, value_parser = parse_size)]
+    #[arg(long, value_parser = nonzero_size)]
     pub(crate) max_memory: Option<u64>,
     /// Create and fault in the destination guest's RAM (this size, one region) before any source connects, as a
     /// destination VM started with its memory preallocated would be. Used when the source's layout matches. May not
     /// exceed the host's available memory.
-    #[arg(long, value_parser = parse_size)]
+    #[arg(long, value_parser = nonzero_size)]
     pub(crate) prealloc: Option<u64>,
     /// How long to let the resumed guest run before exiting, in milliseconds.
     #[arg(long, default_value_t = 500)]
@@ -195,7 +196,7 @@ pub(crate) struct BenchArgs {
     #[arg(long, default_value = "mtls,insecure")]
     pub(crate) security: String,
     /// Guest memory.
-    #[arg(long, default_value = "2GiB", value_parser = parse_size)]
+    #[arg(long, default_value = "2GiB", value_parser = guest_size)]
     pub(crate) memory: u64,
     /// Run in the lab (`lab up` first) instead of over loopback.
     #[arg(long)]
@@ -306,19 +307,19 @@ pub(crate) struct GuestOpts {
     #[arg(long, value_enum, default_value = "synthetic")]
     pub(crate) guest: GuestKind,
     /// Guest RAM, e.g. 512MiB or 2GiB.
-    #[arg(long, default_value = "2GiB", value_parser = parse_size)]
+    #[arg(long, default_value = "2GiB", value_parser = guest_size)]
     pub(crate) memory: u64,
-    /// Percent of RAM written before migration starts.
-    #[arg(long, default_value_t = 75.0)]
+    /// Percent of RAM written before migration starts (0 to 100).
+    #[arg(long, default_value_t = 75.0, value_parser = percent(0.0))]
     pub(crate) touched: f64,
     /// Pages per second the vCPUs dirty during migration.
     #[arg(long, default_value_t = 0)]
     pub(crate) dirty_rate: u64,
-    /// Dirtied pages are drawn from the first PCT percent of RAM.
-    #[arg(long, default_value_t = 10.0)]
+    /// Dirtied pages are drawn from the first PCT percent of RAM (above 0, at most 100).
+    #[arg(long, default_value_t = 10.0, value_parser = percent(f64::MIN_POSITIVE))]
     pub(crate) hot_set: f64,
-    /// vCPU threads.
-    #[arg(long, default_value_t = 1)]
+    /// vCPU threads (1 to 4096).
+    #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u32).range(1..=4096))]
     pub(crate) vcpus: u32,
     /// The VM's manifest (TOML): its memory, CPU model, affinity, devices, NICs and disks. The destination's own
     /// description is checked against it in the handshake, and the migration refused on any failure.
@@ -343,14 +344,14 @@ fn parse_send_path(s: &str) -> Result<Option<SendPath>, String> {
 
 #[derive(Args)]
 pub(crate) struct RunOpts {
-    /// Downtime target in milliseconds.
-    #[arg(long, default_value_t = 300)]
+    /// Downtime target in milliseconds (1 to 60000).
+    #[arg(long, default_value_t = 300, value_parser = clap::value_parser!(u64).range(1..=60_000))]
     pub(crate) downtime_target: u64,
     /// Pre-copy rounds (round 0 included) after which --on-timeout decides.
-    #[arg(long, default_value_t = 30)]
+    #[arg(long, default_value_t = 30, value_parser = clap::value_parser!(u32).range(1..))]
     pub(crate) max_rounds: u32,
-    /// Seconds of pre-copy after which --on-timeout decides.
-    #[arg(long)]
+    /// Seconds of pre-copy after which --on-timeout decides (above 0).
+    #[arg(long, value_parser = positive_seconds)]
     pub(crate) max_time: Option<f64>,
     /// When the target cannot be met by then: cancel (the source keeps the guest), or force the switchover if the
     /// predicted pause is within 2 s.
@@ -373,8 +374,8 @@ pub(crate) struct RunOpts {
     /// Never compress.
     #[arg(long)]
     pub(crate) no_compress: bool,
-    /// Scan and encode worker threads (default: one per CPU).
-    #[arg(long)]
+    /// Scan and encode worker threads (default: one per CPU; 1 to 256).
+    #[arg(long, value_parser = workers)]
     pub(crate) workers: Option<usize>,
     /// How raw pages leave guest memory: copied into the batch, written in place with iovecs, in place with
     /// MSG_ZEROCOPY, or auto: try each for 200 ms and keep the one that delivers fastest (the cheapest in CPU among
@@ -386,11 +387,11 @@ pub(crate) struct RunOpts {
     /// Fault injection (demo only): the destination drops its connection after this many MiB, as if killed.
     #[arg(long, hide = true)]
     pub(crate) x_kill_destination_after_mib: Option<u64>,
-    /// Write the JSON report here.
-    #[arg(long)]
+    /// Write the JSON report here (its directory must exist; checked before anything starts).
+    #[arg(long, value_parser = output_file)]
     pub(crate) report: Option<PathBuf>,
     /// Draw the migration into this SVG file: throughput per link over time, pages and throttle per round.
-    #[arg(long)]
+    #[arg(long, value_parser = output_file)]
     pub(crate) plot: Option<PathBuf>,
     /// Print the JSON report on stdout instead of the table.
     #[arg(long)]
@@ -404,5 +405,71 @@ fn parse_pct(s: &str) -> Result<f64, String> {
         Ok(v)
     } else {
         Err(format!("{v}: the throttle ceiling is 0 to 99 percent"))
+    }
+}
+
+/// A percentage from `min` to 100 (refused outside, not clamped).
+fn percent(min: f64) -> impl Fn(&str) -> Result<f64, String> + Clone + Send + Sync + 'static {
+    move |s: &str| {
+        let v: f64 = s.parse().map_err(|_| format!("'{s}' is not a number of percent"))?;
+        if (min..=100.0).contains(&v) {
+            Ok(v)
+        } else if min > 0.0 {
+            Err(format!("{v}: above 0 and at most 100 percent"))
+        } else {
+            Err(format!("{v}: 0 to 100 percent"))
+        }
+    }
+}
+
+/// A number of seconds above 0.
+fn positive_seconds(s: &str) -> Result<f64, String> {
+    match s.parse::<f64>() {
+        Ok(v) if v > 0.0 && v.is_finite() => Ok(v),
+        _ => Err(format!("'{s}': a number of seconds above 0")),
+    }
+}
+
+/// A guest's memory: a whole number of 4 KiB pages, above 0.
+fn guest_size(s: &str) -> Result<u64, String> {
+    match parse_size(s)? {
+        n if n > 0 && n % 4096 == 0 => Ok(n),
+        _ => Err(format!("'{s}': a whole number of 4 KiB pages, above 0")),
+    }
+}
+
+/// A size above 0.
+fn nonzero_size(s: &str) -> Result<u64, String> {
+    match parse_size(s)? {
+        0 => Err(format!("'{s}': a size above 0")),
+        n => Ok(n),
+    }
+}
+
+/// A file the run writes at its end, checked now: its directory exists, and it can be created there. (A run that
+/// migrated a guest must not then find it cannot say how it went.)
+fn output_file(s: &str) -> Result<PathBuf, String> {
+    let path = PathBuf::from(s);
+    let dir = match path.parent() {
+        Some(d) if !d.as_os_str().is_empty() => d,
+        _ => std::path::Path::new("."),
+    };
+    if !dir.is_dir() {
+        return Err(format!("{}: no such directory", dir.display()));
+    }
+    std::fs::OpenOptions::new()
+        .write(true)
+        .create(true)
+        .truncate(false)
+        .open(&path)
+        .map_err(|e| format!("{s}: cannot be written ({e})"))?;
+    Ok(path)
+}
+
+/// A worker count: 1 to 256.
+fn workers(s: &str) -> Result<usize, String> {
+    match s.parse::<usize>() {
+        Ok(n) if (1..=256).contains(&n) => Ok(n),
+        _ => Err(format!("'{s}': 1 to 256 workers")),
     }
 }

@@ -184,7 +184,7 @@ fn source_options(run: &RunOpts, g: &GuestOpts) -> Result<SourceOptions> {
         manifest: vm,
         precopy: PrecopyConfig {
             downtime_target: Duration::from_millis(run.downtime_target),
-            max_rounds: run.max_rounds.max(1),
+            max_rounds: run.max_rounds,
             max_time: run.max_time.map(Duration::from_secs_f64),
             on_timeout: run.on_timeout,
             throttle: !run.no_throttle,
@@ -194,7 +194,7 @@ fn source_options(run: &RunOpts, g: &GuestOpts) -> Result<SourceOptions> {
         },
         verify: run.verify,
         compress: !run.no_compress,
-        workers: run.workers.unwrap_or_else(|| SourceOptions::default().workers).max(1),
+        workers: run.workers.unwrap_or_else(|| SourceOptions::default().workers),
         send_path: run.send_path,
         ..Default::default()
     })

@@ -154,6 +154,44 @@ fn usage_errors_exit_2() {
     }
 }
 
+/// Every option is checked before a guest is built or a port bound, and an out-of-range value is refused, not
+/// clamped: each of these exits 2 at once, naming the option and the range. An 8 GiB guest would take seconds to
+/// build, so a quick exit shows nothing was.
+#[test]
+fn options_are_checked_before_any_work_and_out_of_range_values_are_refused() {
+    let cases: [(&[&str], &str); 12] = [
+        (&["--downtime-target", "0"], "1..=60000"),
+        (&["--touched", "150"], "0 to 100 percent"),
+        (&["--hot-set", "0"], "above 0 and at most 100"),
+        (&["--vcpus", "0"], "1..=4096"),
+        (&["--max-rounds", "0"], "--max-rounds"),
+        (&["--max-time=-1"], "above 0"),
+        (&["--workers", "0"], "1 to 256"),
+        (&["--max-throttle", "120"], "0 to 99 percent"),
+        (&["--max-bandwidth", "0mbit"], "--max-bandwidth"),
+        (&["--memory", "5000"], "whole number of 4 KiB pages"),
+        (&["--report", "/nonexistent/r.json"], "/nonexistent: no such directory"),
+        (&["--plot", "/nonexistent/p.svg"], "/nonexistent: no such directory"),
+    ];
+    for (bad, why) in cases {
+        let t = Instant::now();
+        let size: &[&str] = if bad[0] == "--memory" { &[] } else { &["--memory", "8GiB"] };
+        let out = Command::new(BIN).arg("demo").args(size).args(bad).output().unwrap();
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(2), "{bad:?}: {err}");
+        assert!(err.contains(why), "{bad:?}: {err}");
+        assert!(!err.contains("guest:"), "{bad:?}: a guest was built first: {err}");
+        assert!(t.elapsed() < Duration::from_secs(5), "{bad:?} took {:?}", t.elapsed());
+    }
+    // A --link typed without quotes reaches livemig cut at the '>': the error says to quote it.
+    let out = Command::new(BIN)
+        .args(["send", "--to", "127.0.0.1:9", "--insecure", "--link", "eth1=10.0.1.1"])
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(2));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("quote the whole value"), "{out:?}");
+}
+
 /// Secure by default: without --tls, send and receive refuse to start unless --insecure names it, and then warn.
 #[test]
 fn send_and_receive_refuse_to_run_in_clear_unless_told_to() {

@@ -114,9 +114,16 @@ impl FromStr for LinkSpec {
             }
             None => (None, rest),
         };
+        // Typed unquoted, `IFACE=LOCAL>REMOTE:PORT` reaches us cut at the `>`, which the shell took as a redirect.
+        let hint = if s.contains('>') {
+            ""
+        } else {
+            "; quote the whole value, as in --link 'eth1=10.0.1.1>10.0.1.2:7000': unquoted, the shell takes '>' as \
+             a redirect (and may have created a file named after the remote address)"
+        };
         let remote = remote
             .to_socket_addrs()
-            .map_err(|e| format!("link '{s}': '{remote}' is not ADDR:PORT ({e})"))?
+            .map_err(|e| format!("link '{s}': '{remote}' is not ADDR:PORT ({e}){hint}"))?
             .next()
             .ok_or_else(|| format!("link '{s}': '{remote}' resolves to nothing"))?;
         Ok(LinkSpec { iface, local, remote })
@@ -140,6 +147,9 @@ mod tests {
         assert!("=1.2.3.4>127.0.0.1:9".parse::<LinkSpec>().is_err());
         assert!("eth0=nonsense>127.0.0.1:9".parse::<LinkSpec>().is_err());
         assert!("127.0.0.1".parse::<LinkSpec>().is_err());
+        // What the shell leaves of an unquoted `eth1=10.0.1.1>10.0.1.2:7000`.
+        let e = "eth1=10.0.1.1".parse::<LinkSpec>().unwrap_err();
+        assert!(e.contains("quote the whole value") && e.contains("redirect"), "{e}");
     }
 
     #[test]
