@@ -403,9 +403,10 @@ fn send(
             bail!("connecting to {to}: no socket there (is `livemig receive --listen {to}` running?)");
         }
     }
+    // Before the guest is built (seconds, for a large one): an interrupt meanwhile still ends in a report.
+    let controls = cancel_on_signals()?;
     let guest = make_guest(g)?;
     let mut opts = source_options(run, g)?;
-    let controls = cancel_on_signals()?;
     if let Some(path) = control {
         livemig::control::serve(path, controls.clone())
             .with_context(|| format!("serving the control socket {}", path.display()))?;

@@ -531,3 +531,25 @@ fn the_eta_never_runs_backwards_and_reaches_zero() {
         assert!(*etas.last().unwrap() < Duration::from_millis(100), "{:?}", etas.last());
     }
 }
+
+#[test]
+fn a_live_change_is_a_new_plan_so_the_eta_starts_afresh() {
+    let pages = 1 << 18;
+    let mut sim = Sim::new(pages, 125e6, 20_000.0, pages / 10);
+    let checked = std::rc::Rc::new(std::cell::Cell::new(false));
+    let c = checked.clone();
+    sim.change_at_round = Some((
+        1,
+        Box::new(move |m| {
+            let before = m.eta(10_000).expect("a rate is measured by round 1");
+            // A tenth of the bandwidth: the same pages take ten times as long, and the ETA says so.
+            m.set_max_bandwidth(Some(12_500_000));
+            let after = m.eta(10_000).unwrap();
+            assert!(after > before * 5, "{before:?} then {after:?}");
+            c.set(true);
+        }),
+    ));
+    let (o, _) = sim.run(cfg(300, 30), None, true);
+    assert_eq!(o, Outcome::Completed);
+    assert!(checked.get(), "the change was never made");
+}

@@ -507,11 +507,13 @@ impl Precopy {
 
     /// Changes the downtime target mid-flight; the next decision uses it.
     pub fn set_downtime_target(&mut self, target: Duration) {
+        self.eta = None;
         self.cfg.downtime_target = target;
     }
 
     /// Changes the bandwidth cap mid-flight (None lifts it); predictions from now on use it.
     pub fn set_max_bandwidth(&mut self, cap: Option<u64>) {
+        self.eta = None;
         self.cfg.max_bandwidth = cap;
     }
 
@@ -520,6 +522,7 @@ impl Precopy {
     pub fn set_max_throttle(&mut self, pct: f64) {
         let pct = if pct.is_nan() { 0.0 } else { pct.clamp(0.0, MAX_THROTTLE) };
         self.cfg.max_throttle = pct;
+        self.eta = None;
         if self.phase == Phase::Rounds && self.throttle > pct {
             self.throttle = pct;
             self.actions.push_back(Action::SetThrottle(pct));
@@ -529,8 +532,9 @@ impl Precopy {
     /// How long until the migration is done, given `remaining_pages` of the round in flight not yet delivered; None
     /// before a bandwidth is measured. The rounds still to come are estimated as a geometric series: while a round of
     /// `t` seconds is sent, the guest dirties what the next takes `ρ·t` to send, with `ρ` its dirty rate over the
-    /// bandwidth (held under [`OUTRUN`] by the throttle). The estimate never grows: a worse one holds the last until
-    /// it comes below it, so that an operator's countdown does not run backwards at each round.
+    /// bandwidth (held under [`OUTRUN`] by the throttle). The estimate never grows on its own: a worse one holds the
+    /// last until it comes below it, so that an operator's countdown does not run backwards at each round. A live
+    /// change of the target, the cap or the throttle ceiling is a new plan, and starts the estimate afresh.
     pub fn eta(&mut self, remaining_pages: u64) -> Option<Duration> {
         if self.phase == Phase::Done {
             self.eta = Some(Duration::ZERO);
