@@ -37,9 +37,9 @@ impl Devices for Model {
     }
 }
 
-/// A synthetic guest with devices.
+/// A synthetic guest with devices (shared, so that a test may watch it from a device's restore).
 struct WithDevices {
-    guest: SyntheticGuest,
+    guest: std::sync::Arc<SyntheticGuest>,
     model: Model,
 }
 
@@ -51,7 +51,7 @@ impl Guest for WithDevices {
         self.guest.dirty_log()
     }
     fn vcpus(&self) -> &dyn Vcpus {
-        Guest::vcpus(&self.guest)
+        Guest::vcpus(&*self.guest)
     }
     fn kind(&self) -> &'static str {
         "synthetic"
@@ -73,7 +73,8 @@ fn sections() -> Vec<DeviceSection> {
 
 fn source() -> WithDevices {
     let cfg = SyntheticConfig { memory_bytes: 32 << 20, dirty_rate: 2000, ..Default::default() };
-    WithDevices { guest: SyntheticGuest::new(&cfg).unwrap(), model: Model { sections: sections(), ..Model::default() } }
+    let guest = std::sync::Arc::new(SyntheticGuest::new(&cfg).unwrap());
+    WithDevices { guest, model: Model { sections: sections(), ..Model::default() } }
 }
 
 /// Migrates `src` to a destination whose guest `make` builds; returns both reports.
@@ -103,7 +104,7 @@ fn run<G: Guest + 'static>(
 fn device_sections_are_restored_before_the_destination_resumes_and_show_in_the_downtime() {
     let src = source();
     let (r, dest) = run(&src, |h| {
-        let guest = SyntheticGuest::destination(&h.layout, h.vcpus)?;
+        let guest = std::sync::Arc::new(SyntheticGuest::destination(&h.layout, h.vcpus)?);
         Ok(WithDevices { guest, model: Model { reads_version: 2, ..Model::default() } })
     });
     r.result.unwrap();
@@ -124,38 +125,11 @@ fn the_destination_restores_devices_while_its_vcpus_are_still_paused() {
         let g = guest.clone();
         let probe: std::sync::Arc<dyn Fn() -> bool + Send + Sync> = std::sync::Arc::new(move || g.vcpus().is_paused());
         let model = Model { reads_version: 2, paused_probe: Some(probe), ..Model::default() };
-        Ok(Shared { guest, model })
+        Ok(WithDevices { guest, model })
     });
     r.result.unwrap();
     let (_, paused) = dest.unwrap().model.restored.lock().unwrap().clone().unwrap();
     assert!(paused, "devices were restored after the vCPUs resumed");
-}
-
-/// A destination guest shared with its own probe.
-struct Shared {
-    guest: std::sync::Arc<SyntheticGuest>,
-    model: Model,
-}
-
-impl Guest for Shared {
-    fn memory(&self) -> &dyn GuestMemory {
-        self.guest.memory()
-    }
-    fn dirty_log(&self) -> &dyn DirtyLog {
-        self.guest.dirty_log()
-    }
-    fn vcpus(&self) -> &dyn Vcpus {
-        Guest::vcpus(&*self.guest)
-    }
-    fn kind(&self) -> &'static str {
-        "synthetic"
-    }
-    fn vcpu_count(&self) -> u32 {
-        self.guest.vcpu_count()
-    }
-    fn devices(&self) -> Option<&dyn Devices> {
-        Some(&self.model)
-    }
 }
 
 #[test]
@@ -172,7 +146,7 @@ fn a_destination_that_cannot_take_the_devices_fails_before_commit_and_the_source
     // One whose device model reads another version.
     let src = source();
     let (r, dest) = run(&src, |h| {
-        let guest = SyntheticGuest::destination(&h.layout, h.vcpus)?;
+        let guest = std::sync::Arc::new(SyntheticGuest::destination(&h.layout, h.vcpus)?);
         Ok(WithDevices { guest, model: Model { reads_version: 1, ..Model::default() } })
     });
     let Err(e) = dest else { panic!("a version the destination cannot read was taken") };

@@ -12,7 +12,7 @@ use crate::state;
 use crate::{ioctl, KvmError};
 use kvm_bindings::kvm_userspace_memory_region;
 use kvm_ioctls::{Kvm, VcpuFd, VmFd};
-use livemig_engine::dirty::{runs_in_words, Bitmap};
+use livemig_engine::dirty::Bitmap;
 use livemig_engine::guest::{Devices, DirtyLog, Guest, GuestError, GuestMemory, HostRegion, Vcpus, PAGE_SIZE};
 use std::ptr::NonNull;
 use std::sync::{Arc, Mutex};
@@ -194,13 +194,8 @@ impl<R: VcpuRunner> DirtyLog for KvmVm<R> {
                 .vm
                 .get_dirty_log(s.slot, r.len())
                 .map_err(|e| GuestError::BadState(format!("KVM_GET_DIRTY_LOG on slot {}: {e}", s.slot)))?;
-            let pages = r.pages();
-            runs_in_words(&words, base, |run| {
-                for p in run.first..(run.first + run.count).min(base + pages) {
-                    out.set(p);
-                }
-            });
-            base += pages;
+            out.or_region(&words, base, r.pages());
+            base += r.pages();
         }
         Ok(())
     }

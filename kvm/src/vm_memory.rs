@@ -6,7 +6,7 @@
 //! a harvest swaps every word of every region's bitmap to zero (`get_and_reset`) into the engine's bitmap. The vCPUs
 //! are the VMM's own: any [`Vcpus`].
 
-use livemig_engine::dirty::{runs_in_words, Bitmap};
+use livemig_engine::dirty::Bitmap;
 use livemig_engine::guest::{Devices, DirtyLog, Guest, GuestError, GuestMemory, HostRegion, Vcpus, PAGE_SIZE};
 use std::ptr::NonNull;
 use vm_memory::bitmap::AtomicBitmap;
@@ -83,13 +83,8 @@ impl<V: Vcpus> DirtyLog for VmMemoryGuest<V> {
         for (r, host) in self.mem.iter().zip(&self.regions) {
             // Swapped to zero word by word: a write marked after this is harvested next time.
             let words = std::ops::Deref::deref(r).bitmap().get_and_reset();
-            let pages = host.pages();
-            runs_in_words(&words, base, |run| {
-                for p in run.first..(run.first + run.count).min(base + pages) {
-                    out.set(p);
-                }
-            });
-            base += pages;
+            out.or_region(&words, base, host.pages());
+            base += host.pages();
         }
         Ok(())
     }

@@ -109,6 +109,17 @@ impl Bitmap {
         }
     }
 
+    /// ORs a region's own bitmap into `self`: bit 0 of `words[0]` is page `base`, and bits past the region's `pages`
+    /// (the padding of its last word) are ignored. How an adapter joins per-region dirty logs (one per KVM slot or
+    /// vm-memory region) into the guest's.
+    pub fn or_region(&mut self, words: &[u64], base: u64, pages: u64) {
+        runs_in_words(words, base, |run| {
+            for p in run.first..(run.first + run.count).min(base + pages) {
+                self.set(p);
+            }
+        });
+    }
+
     /// Calls `f` for each run of set bits, in page order.
     pub fn for_each_run(&self, f: impl FnMut(PageRun)) {
         runs_in_words(&self.words, 0, f);
@@ -259,6 +270,16 @@ mod tests {
             }
         }
         v
+    }
+
+    #[test]
+    fn a_region_s_bits_land_at_its_base_and_its_padding_is_ignored() {
+        let mut b = Bitmap::new(200);
+        // A 70-page region at page 100: pages 0, 63, 64 and 69 set, and 70..128 (padding) set too.
+        let words = [1 | 1 << 63, 1 | 1 << 5 | !0u64 << 6];
+        b.or_region(&words, 100, 70);
+        let set: Vec<u64> = (0..200).filter(|&i| b.get(i)).collect();
+        assert_eq!(set, [100, 163, 164, 169]);
     }
 
     #[test]
