@@ -281,10 +281,8 @@ fn attempt_and_cancel(source: &Arc<Guest>, vcpu: &Vcpu, security: &SecurityPair)
     Ok(())
 }
 
-pub fn main() -> Result<(), Error> {
-    let layout = MemoryLayout { regions: REGIONS.to_vec() };
-    let mem = memory(&layout)?;
-    // Fill memory with data that does not compress, so that the bandwidth cap is what paces the copy.
+/// Fills memory with data that does not compress, so that the bandwidth cap is what paces the copy.
+fn fill(mem: &Mem) -> Result<(), Error> {
     let mut x = 0x2545_F491_4F6C_DD1Du64;
     let mut page = vec![0u8; 4096];
     for &(base, len) in &REGIONS {
@@ -298,6 +296,13 @@ pub fn main() -> Result<(), Error> {
             mem.write_slice(&page, GuestAddress(base + off))?;
         }
     }
+    Ok(())
+}
+
+pub fn main() -> Result<(), Error> {
+    let layout = MemoryLayout { regions: REGIONS.to_vec() };
+    let mem = memory(&layout)?;
+    fill(&mem)?;
     let vcpu = ToyVcpu::start(mem.clone(), false);
     let devices = Arc::new(ToyDevices::default());
     *devices.serial.lock().unwrap() = b"login: ".to_vec();

@@ -82,6 +82,26 @@ pub struct Link {
     pub zerocopy_error: Option<String>,
 }
 
+impl Downtime {
+    /// Where the pause went, for the table: each part in milliseconds, the devices' only when there are some.
+    fn parts(&self) -> String {
+        let devices = if self.device_sections.is_empty() {
+            String::new()
+        } else {
+            let bytes: u64 = self.device_sections.iter().map(|x| x.bytes).sum();
+            format!(" devices {:.1} ({} sections, {bytes} bytes),", self.device_state_ms, self.device_sections.len())
+        };
+        format!(
+            "last pages {:.1},{devices} vCPU state {:.1}, verify {:.1}, commit {:.1}; predicted {}",
+            self.last_pages_ms,
+            self.vcpu_state_ms,
+            self.verification_ms,
+            self.commit_ms,
+            self.predicted_ms.map_or("-".into(), |x| format!("{x:.1}"))
+        )
+    }
+}
+
 /// One device's state section as the report lists it.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct DeviceSection {
@@ -307,23 +327,7 @@ impl Report {
         let _ = writeln!(s, "verified    {} ({})", self.verified, self.verify_mode);
         let _ = writeln!(s, "total time  {:.3} s", self.total_time_s);
         if let (Some(d), Some(p)) = (self.downtime_ms, &self.downtime_parts) {
-            let _ = writeln!(
-                s,
-                "downtime    {:.1} ms (target {:.0}; last pages {:.1},{} vCPU state {:.1}, verify {:.1}, commit {:.1}; predicted {})",
-                d,
-                self.downtime_target_ms,
-                p.last_pages_ms,
-                if p.device_sections.is_empty() {
-                    String::new()
-                } else {
-                    let bytes: u64 = p.device_sections.iter().map(|x| x.bytes).sum();
-                    format!(" devices {:.1} ({} sections, {bytes} bytes),", p.device_state_ms, p.device_sections.len())
-                },
-                p.vcpu_state_ms,
-                p.verification_ms,
-                p.commit_ms,
-                p.predicted_ms.map_or("-".into(), |x| format!("{x:.1}"))
-            );
+            let _ = writeln!(s, "downtime    {d:.1} ms (target {:.0}; {})", self.downtime_target_ms, p.parts());
         }
         if let Some(v) = self.source_vcpus_after {
             let _ = writeln!(

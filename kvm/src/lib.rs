@@ -18,6 +18,7 @@
 //! for its state ([`state`]).
 #![deny(missing_docs)]
 
+mod cpuid;
 pub mod embed;
 // The versions this adapter is built against, for an embedder's VM to match.
 pub use kvm_bindings;
@@ -26,9 +27,12 @@ pub mod program;
 pub mod state;
 pub mod vm_memory;
 
+use cpuid::features_in;
+pub use cpuid::mask_cpuid;
+
 use kvm_bindings::{kvm_enable_cap, kvm_userspace_memory_region, KVM_MAX_CPUID_ENTRIES};
 use kvm_ioctls::{Kvm, VcpuExit, VcpuFd, VmFd};
-use livemig_engine::cpu::{CpuDescription, Reg};
+use livemig_engine::cpu::CpuDescription;
 use livemig_engine::dirty::Bitmap;
 use livemig_engine::guest::{
     host_pages, DirtyLog, Guest, GuestError, GuestMemory, HostRegion, MemoryLayout, MmapRegion, Vcpus, PAGE_SIZE,
@@ -538,42 +542,6 @@ fn vcpu_loop(vcpu: &Mutex<VcpuFd>, s: &Shared) {
                 stop_with(s, format!("KVM_RUN: {e}"));
                 return;
             }
-        }
-    }
-}
-
-/// The features (of the shared table) set in `entries`.
-fn features_in(entries: &[kvm_bindings::kvm_cpuid_entry2]) -> std::collections::BTreeSet<String> {
-    livemig_engine::cpu::FEATURES
-        .iter()
-        .filter(|&&(_, leaf, sub, reg, bit)| {
-            entries.iter().any(|e| {
-                let word = match reg {
-                    Reg::Ebx => e.ebx,
-                    Reg::Ecx => e.ecx,
-                    Reg::Edx => e.edx,
-                };
-                e.function == leaf && e.index == sub && word & (1 << bit) != 0
-            })
-        })
-        .map(|f| f.0.to_string())
-        .collect()
-}
-
-/// Clears every feature bit of the shared table that `model` lacks, so the guest sees at most the model's features.
-/// Bits livemig has no name for are left as KVM set them.
-pub fn mask_cpuid(entries: &mut [kvm_bindings::kvm_cpuid_entry2], model: &CpuDescription) {
-    for &(name, leaf, sub, reg, bit) in livemig_engine::cpu::FEATURES {
-        if model.features.contains(name) {
-            continue;
-        }
-        for e in entries.iter_mut().filter(|e| e.function == leaf && e.index == sub) {
-            let word = match reg {
-                Reg::Ebx => &mut e.ebx,
-                Reg::Ecx => &mut e.ecx,
-                Reg::Edx => &mut e.edx,
-            };
-            *word &= !(1u32 << bit);
         }
     }
 }

@@ -139,17 +139,7 @@ pub fn accept_migration<L: Listen>(
         let who = peer.clone();
         let spawned = std::thread::Builder::new().name("lm-hello".into()).spawn(move || {
             let _ticket = ticket;
-            let r = match tls::accept(stream, &security, HELLO_TIMEOUT) {
-                Err(e) => Err(ReceiveError::Tls(e)),
-                Ok(conn) => match admit_source(&conn, &opts, &taken) {
-                    Ok(h) => Ok((conn, h)),
-                    Err(e) => {
-                        refuse(&conn, &e);
-                        Err(e)
-                    }
-                },
-            };
-            let _ = tx.send(r.map_err(|e| (peer, e)));
+            let _ = tx.send(hello_of(stream, &security, &opts, &taken).map_err(|e| (peer, e)));
         });
         if let Err(e) = spawned {
             refused(&who, &ReceiveError::Wire(WireError::Io(e)));
@@ -222,6 +212,24 @@ fn read_checked_hello(conn: &Conn, opts: &DestOptions) -> Result<Hello, ReceiveE
     opts.check(&hello)?;
     let _ = conn.stream().set_nodelay(true);
     Ok(hello)
+}
+
+/// One connection of those waiting at the door: its TLS handshake, then its Hello, read and checked; a refusal after
+/// the handshake is told to the source.
+fn hello_of(
+    stream: Stream,
+    security: &DestSecurity,
+    opts: &DestOptions,
+    taken: &AtomicBool,
+) -> Result<(Conn, Hello), ReceiveError> {
+    let conn = tls::accept(stream, security, HELLO_TIMEOUT)?;
+    match admit_source(&conn, opts, taken) {
+        Ok(h) => Ok((conn, h)),
+        Err(e) => {
+            refuse(&conn, &e);
+            Err(e)
+        }
+    }
 }
 
 /// Reads and checks one connection's Hello; the first accepted one takes the destination.

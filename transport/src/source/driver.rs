@@ -88,17 +88,7 @@ impl Driver<'_> {
                 Action::SendRound { epoch, pages, last } => {
                     let throttle_pct = vcpus.throttle();
                     report.max_throttle_pct = report.max_throttle_pct.max(throttle_pct);
-                    let _round = tracing::info_span!("round", epoch, last).entered();
-                    let count = pages.count_ones();
-                    tracing::info!(pages = count, throttle_pct, "round started");
-                    self.emit(MigrationEvent::RoundStarted { round: epoch, pages: count, throttle_pct });
-                    let (counts, link_bytes) = self.send_round(epoch, &pages);
-                    let bytes = link_bytes.iter().sum::<u64>();
-                    tracing::info!(bytes, pages = counts.total(), "round sent");
-                    if self.error.is_none() {
-                        self.emit(MigrationEvent::RoundDone { round: epoch, bytes });
-                    }
-                    self.sent.push(RoundSent { counts, throttle_pct, link_bytes });
+                    self.round(epoch, &pages, last, throttle_pct);
                     if last {
                         marks.last_pages = Some(Instant::now());
                     }
@@ -144,31 +134,51 @@ impl Driver<'_> {
                     self.emit(MigrationEvent::Throttle(0.0));
                 }
                 Action::Done(outcome) => {
-                    self.finished = true;
-                    let links: u64 = self.stripe.links.iter().map(|l| l.written()).sum();
-                    self.publish_status(self.control_written.load(Ordering::Relaxed) + links);
-                    report.result = match outcome {
-                        Outcome::Completed => Ok(()),
-                        Outcome::Failed(reason) if commit_sent => Err(MigrateError::OutcomeUnknown(reason)),
-                        Outcome::Failed(reason) => Err(self.error.take().unwrap_or(MigrateError::Machine(reason))),
-                        Outcome::PauseExceeded => Err(self.error.take().unwrap_or(MigrateError::PauseBound)),
-                        Outcome::Cancelled(reason) => {
-                            self.tell_destination(&format!("cancelled: {reason}"));
-                            Err(MigrateError::Cancelled(reason))
-                        }
-                    };
-                    match &report.result {
-                        Ok(()) => tracing::info!("migration completed"),
-                        Err(e) => {
-                            tracing::warn!(error = %e, "migration ended without the destination running the guest")
-                        }
-                    }
-
+                    self.done(outcome, commit_sent, report);
                     break;
                 }
             }
         }
         self.fill_report(report, &marks);
+    }
+
+    /// Sends one round (within its tracing span), telling watchers it started and ended.
+    fn round(&mut self, epoch: u32, pages: &Bitmap, last: bool, throttle_pct: f64) {
+        let _round = tracing::info_span!("round", epoch, last).entered();
+        let count = pages.count_ones();
+        tracing::info!(pages = count, throttle_pct, "round started");
+        self.emit(MigrationEvent::RoundStarted { round: epoch, pages: count, throttle_pct });
+        let (counts, link_bytes) = self.send_round(epoch, pages);
+        let bytes = link_bytes.iter().sum::<u64>();
+        tracing::info!(bytes, pages = counts.total(), "round sent");
+        if self.error.is_none() {
+            self.emit(MigrationEvent::RoundDone { round: epoch, bytes });
+        }
+        self.sent.push(RoundSent { counts, throttle_pct, link_bytes });
+    }
+
+    /// The machine is done: the last status, and the outcome into the report (after Commit, a failure is an unknown
+    /// outcome; a cancel tells the destination why).
+    fn done(&mut self, outcome: Outcome, commit_sent: bool, report: &mut SourceReport) {
+        self.finished = true;
+        let links: u64 = self.stripe.links.iter().map(|l| l.written()).sum();
+        self.publish_status(self.control_written.load(Ordering::Relaxed) + links);
+        report.result = match outcome {
+            Outcome::Completed => Ok(()),
+            Outcome::Failed(reason) if commit_sent => Err(MigrateError::OutcomeUnknown(reason)),
+            Outcome::Failed(reason) => Err(self.error.take().unwrap_or(MigrateError::Machine(reason))),
+            Outcome::PauseExceeded => Err(self.error.take().unwrap_or(MigrateError::PauseBound)),
+            Outcome::Cancelled(reason) => {
+                self.tell_destination(&format!("cancelled: {reason}"));
+                Err(MigrateError::Cancelled(reason))
+            }
+        };
+        match &report.result {
+            Ok(()) => tracing::info!("migration completed"),
+            Err(e) => {
+                tracing::warn!(error = %e, "migration ended without the destination running the guest")
+            }
+        }
     }
 
     /// Harvests the dirty log (joining what the round's samples already took) and hands it to the machine.
@@ -195,7 +205,7 @@ impl Driver<'_> {
                 return Vec::new();
             }
         };
-        if let Err(why) = check_sections(&sections) {
+        if let Err(why) = wire::check_devices(&sections) {
             self.fail(MigrateError::Machine(why));
             return Vec::new();
         }
@@ -669,33 +679,4 @@ impl Driver<'_> {
         }
         Some(ok)
     }
-}
-
-/// Whether the wire can carry these sections: names of 1 to [`wire::MAX_DEVICE_NAME`] bytes, each once, each
-/// section within a frame, and the number and total size within the destination's bounds.
-fn check_sections(sections: &[livemig_engine::guest::DeviceSection]) -> Result<(), String> {
-    if sections.len() > wire::MAX_DEVICE_SECTIONS {
-        return Err(format!("{} device sections, over {}", sections.len(), wire::MAX_DEVICE_SECTIONS));
-    }
-    let total: u64 = sections.iter().map(|s| s.data.len() as u64).sum();
-    if total > wire::MAX_DEVICE_BYTES {
-        return Err(format!("device state of {total} bytes, over {}", wire::MAX_DEVICE_BYTES));
-    }
-    for (i, s) in sections.iter().enumerate() {
-        if s.name.is_empty() || s.name.len() > wire::MAX_DEVICE_NAME {
-            return Err(format!("device name {:?}: 1 to {} bytes", s.name, wire::MAX_DEVICE_NAME));
-        }
-        if sections[..i].iter().any(|x| x.name == s.name) {
-            return Err(format!("device {:?} saved twice", s.name));
-        }
-        if s.data.len() + 6 + s.name.len() > wire::MAX_BODY as usize {
-            return Err(format!(
-                "device {:?}: {} bytes of state, over one frame's {}",
-                s.name,
-                s.data.len(),
-                wire::MAX_BODY
-            ));
-        }
-    }
-    Ok(())
 }

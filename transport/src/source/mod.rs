@@ -116,11 +116,8 @@ pub(crate) fn run(
     let (control, initial, rtt, (data, refused)) = match setup {
         Ok(x) => x,
         Err(e) => {
-            report.result = Err(e);
-            report.total_time = start.elapsed();
-            report.bytes_on_wire = control_written.load(Ordering::Relaxed);
-            report.cpu_seconds = crate::cpu_usage::process_cpu_seconds() - cpu_start;
-            finished(opts, &report);
+            (report.result, report.bytes_on_wire) = (Err(e), control_written.load(Ordering::Relaxed));
+            finished(opts, &mut report, start, cpu_start);
             return report;
         }
     };
@@ -174,16 +171,17 @@ pub(crate) fn run(
         let _ = control.stream().shutdown(Shutdown::Both);
         drop(ev_tx);
     });
-    report.total_time = start.elapsed();
-    report.cpu_seconds = crate::cpu_usage::process_cpu_seconds() - cpu_start;
     report.send_path = policy.path();
+    finished(opts, &mut report, start, cpu_start);
     report_links(&mut report, &stripe, &link_errors, control_written.load(Ordering::Relaxed));
-    finished(opts, &report);
     report
 }
 
-/// Tells whoever watches the migration how it ended: the status's phase is "done", and the last event says how.
-fn finished(opts: &SourceOptions, report: &SourceReport) {
+/// Stamps the report with the migration's time and CPU, and tells whoever watches it how it ended: the status's
+/// phase is "done", and the last event says how.
+fn finished(opts: &SourceOptions, report: &mut SourceReport, start: Instant, cpu_start: f64) {
+    report.total_time = start.elapsed();
+    report.cpu_seconds = crate::cpu_usage::process_cpu_seconds() - cpu_start;
     let Some(controls) = opts.controls.as_ref() else { return };
     let mut status = controls.status();
     if status.phase != "done" {

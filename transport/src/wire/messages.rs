@@ -2,7 +2,7 @@
 //! HelloAck, LinkHello, Ack, Verify and Verified, a device's state section, and the Abort's reason. Every decoder reads through [`Body`], which
 //! bounds each field by what is left of the body before it is used.
 
-use super::{write_frame, Body, Kind, WireError, MAX_REASON, MAX_VCPUS};
+use super::{write_frame, Body, Kind, WireError, MAX_BODY, MAX_REASON, MAX_VCPUS};
 use livemig_engine::cpu::CpuDescription;
 use livemig_engine::dirty::Bitmap;
 use livemig_engine::guest::{DeviceSection, MemoryLayout};
@@ -392,4 +392,29 @@ pub fn decode_device(body: &[u8]) -> Result<DeviceSection, WireError> {
     let version = r.u32("the version")?;
     let data = r.take(r.b.len(), "the state")?.to_vec();
     Ok(DeviceSection { name: name.to_string(), version, data })
+}
+
+/// Whether the wire can carry these sections (the source checks before it sends): names of 1 to
+/// [`MAX_DEVICE_NAME`] bytes, each once, each section within a frame, and the number and total size within the
+/// destination's bounds.
+pub fn check_devices(sections: &[DeviceSection]) -> Result<(), String> {
+    if sections.len() > MAX_DEVICE_SECTIONS {
+        return Err(format!("{} device sections, over {}", sections.len(), MAX_DEVICE_SECTIONS));
+    }
+    let total: u64 = sections.iter().map(|s| s.data.len() as u64).sum();
+    if total > MAX_DEVICE_BYTES {
+        return Err(format!("device state of {total} bytes, over {}", MAX_DEVICE_BYTES));
+    }
+    for (i, s) in sections.iter().enumerate() {
+        if s.name.is_empty() || s.name.len() > MAX_DEVICE_NAME {
+            return Err(format!("device name {:?}: 1 to {} bytes", s.name, MAX_DEVICE_NAME));
+        }
+        if sections[..i].iter().any(|x| x.name == s.name) {
+            return Err(format!("device {:?} saved twice", s.name));
+        }
+        if s.data.len() + 6 + s.name.len() > MAX_BODY as usize {
+            return Err(format!("device {:?}: {} bytes of state, over one frame's {}", s.name, s.data.len(), MAX_BODY));
+        }
+    }
+    Ok(())
 }

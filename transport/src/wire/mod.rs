@@ -544,8 +544,9 @@ mod deadline;
 mod messages;
 pub use deadline::{read_frame_within, read_header_within, Deadline, DEADLINE_SLACK};
 pub use messages::{
-    chunk_map, decode_device, decode_reason, encode_device, write_abort, write_control, Ack, Hello, HelloAck,
-    LinkHello, Verified, Verify, CHUNK_PAGES, MAX_DEVICE_BYTES, MAX_DEVICE_NAME, MAX_DEVICE_SECTIONS, MAX_REGIONS,
+    check_devices, chunk_map, decode_device, decode_reason, encode_device, write_abort, write_control, Ack, Hello,
+    HelloAck, LinkHello, Verified, Verify, CHUNK_PAGES, MAX_DEVICE_BYTES, MAX_DEVICE_NAME, MAX_DEVICE_SECTIONS,
+    MAX_REGIONS,
 };
 
 #[cfg(test)]
