@@ -316,6 +316,14 @@ impl Address {
                             format!("{} exists and is not a socket", p.display()),
                         ));
                     }
+                    // A socket someone still answers on is theirs; only a stale one (its listener gone) is replaced.
+                    // (The probe is a connection that closes at once; a livemig listener counts it as a refusal.)
+                    if UnixStream::connect(p).is_ok() {
+                        return Err(std::io::Error::new(
+                            std::io::ErrorKind::AddrInUse,
+                            format!("{} is in use: another process listens on it", p.display()),
+                        ));
+                    }
                     std::fs::remove_file(p)?;
                 }
                 let l = UnixListener::bind(p)?;
@@ -432,6 +440,10 @@ mod tests {
         let l = addr.bind().unwrap();
         use std::os::unix::fs::PermissionsExt;
         assert_eq!(std::fs::metadata(&path).unwrap().permissions().mode() & 0o777, 0o600);
+        let e = addr.bind().unwrap_err().to_string();
+        assert!(e.contains("is in use"), "a live socket was taken over: {e}");
+        // The probe that found it in use is a connection the listener sees close at once.
+        drop(l.accept_stream().unwrap());
         let c = addr.connect(Duration::from_secs(1)).unwrap();
         let (s, peer) = l.accept_stream().unwrap();
         // SAFETY: getuid cannot fail and touches no memory.
@@ -444,6 +456,9 @@ mod tests {
         assert_eq!(&b, b"hi");
         drop(l);
         assert!(!path.exists(), "the listener's socket file outlived it");
+        // A stale socket (its listener gone without removing it) is replaced.
+        drop(std::os::unix::net::UnixListener::bind(&path).unwrap());
+        drop(addr.bind().unwrap());
         let _ = std::fs::remove_dir(&dir);
     }
 }

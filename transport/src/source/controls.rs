@@ -133,6 +133,8 @@ pub struct Controls {
     pending: Mutex<Vec<Change>>,
     status: Mutex<Status>,
     watchers: Mutex<Vec<Sender<MigrationEvent>>>,
+    /// Set when the migration has ended: a later subscriber's stream is over at once.
+    ended: std::sync::atomic::AtomicBool,
 }
 
 impl Controls {
@@ -157,17 +159,22 @@ impl Controls {
         *self.status.lock().unwrap_or_else(|e| e.into_inner()) = s;
     }
 
-    /// A stream of the events from now on. A watcher that falls [`EVENT_BACKLOG`] events behind misses newer ones
-    /// (the migration never waits for it); one that drops its receiver is forgotten.
+    /// A stream of the events from now on, ending after the last. A watcher that falls [`EVENT_BACKLOG`] events
+    /// behind misses newer ones (the migration never waits for it); one that drops its receiver is forgotten.
     pub fn subscribe(&self) -> Receiver<MigrationEvent> {
         let (tx, rx) = crossbeam::channel::bounded(EVENT_BACKLOG);
-        self.watchers.lock().unwrap_or_else(|e| e.into_inner()).push(tx);
+        let mut watchers = self.watchers.lock().unwrap_or_else(|e| e.into_inner());
+        if !self.ended.load(std::sync::atomic::Ordering::SeqCst) {
+            watchers.push(tx);
+        }
         rx
     }
 
     /// Ends every watcher's stream (after the last event): a receiver sees it disconnected once it has read all.
     pub(crate) fn close_events(&self) {
-        self.watchers.lock().unwrap_or_else(|e| e.into_inner()).clear();
+        let mut watchers = self.watchers.lock().unwrap_or_else(|e| e.into_inner());
+        self.ended.store(true, std::sync::atomic::Ordering::SeqCst);
+        watchers.clear();
     }
 
     pub(crate) fn emit(&self, event: MigrationEvent) {
@@ -184,5 +191,37 @@ impl Controls {
     #[doc(hidden)]
     pub fn take_for_test(&self) -> Vec<Change> {
         self.take()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn event_streams_end_after_the_last_event_even_for_a_late_subscriber() {
+        let c = Controls::default();
+        let early = c.subscribe();
+        c.emit(MigrationEvent::Phase("precopy"));
+        c.emit(MigrationEvent::Finished { status: "completed", error: None });
+        c.close_events();
+        let late = c.subscribe();
+        // Iterating ends (it would block for ever on a stream that never closes).
+        assert_eq!(early.iter().count(), 2);
+        assert_eq!(late.iter().count(), 0);
+    }
+
+    #[test]
+    fn out_of_range_changes_are_refused_and_change_nothing() {
+        let c = Controls::default();
+        assert!(c.push(Change::DowntimeTarget(Duration::ZERO)).is_err());
+        assert!(c.push(Change::DowntimeTarget(Duration::from_secs(61))).is_err());
+        assert!(c.push(Change::MaxBandwidth(Some(0))).is_err());
+        assert!(c.push(Change::MaxThrottle(99.5)).is_err());
+        assert!(c.push(Change::MaxThrottle(f64::NAN)).is_err());
+        assert!(c.take().is_empty());
+        c.push(Change::MaxThrottle(0.0)).unwrap();
+        c.push(Change::MaxBandwidth(None)).unwrap();
+        assert_eq!(c.take().len(), 2);
     }
 }

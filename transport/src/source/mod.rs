@@ -191,6 +191,7 @@ fn finished(opts: &SourceOptions, report: &mut SourceReport, start: Instant, cpu
     }
     let error = report.result.as_ref().err().map(ToString::to_string);
     controls.emit(MigrationEvent::Finished { status: report.status(), error });
+    controls.close_events();
 }
 
 /// What a migration starts from: the sealed control connection, the pages to send in round 0, the Hello's round
