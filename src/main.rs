@@ -274,8 +274,15 @@ fn demo(links: usize, insecure: bool, g: &GuestOpts, run: &RunOpts) -> Result<()
     let guest = make_guest(g)?;
     let opts = source_options(run, g)?;
     let (bar, update) = progress_bar();
-    let dopts =
-        DestOptions { die_after_bytes: run.x_kill_destination_after_mib.map(|m| m << 20), ..Default::default() };
+    // The destination shares this host with the source, which already holds the guest: a guest larger than the
+    // host's available memory is one the source holds sparse, and the destination (which faults in only what
+    // arrives) may take it too.
+    let defaults = DestOptions::default();
+    let dopts = DestOptions {
+        die_after_bytes: run.x_kill_destination_after_mib.map(|m| m << 20),
+        max_memory: defaults.max_memory.max(guest.memory().layout().total_bytes()),
+        ..defaults
+    };
     let out = migrate_loopback(&guest, links, &opts, &dopts, &security, &update)
         .context("setting up the loopback connection")?;
     bar.finish_and_clear();

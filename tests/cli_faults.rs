@@ -417,3 +417,20 @@ fn two_processes_on_one_host_migrate_over_a_unix_socket_under_tls() {
     println!("refused in {:?}", t.elapsed());
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+/// `demo`'s destination shares the host with a source that holds the guest sparse: a guest larger than the host's
+/// available memory, few of its pages touched, migrates (a `receive` would refuse it without --max-memory).
+#[test]
+fn demo_takes_a_sparse_guest_larger_than_the_host() {
+    let out = Command::new(BIN)
+        .args(["demo", "--memory", "64GiB", "--touched", "0.1", "--insecure", "--json"])
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let r: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!((&r["status"], &r["verified"]), (&"completed".into(), &true.into()), "{r}");
+    assert_eq!(r["guest"]["memory_bytes"], 64u64 << 30);
+    // Only the touched pages cross: 0.1 % of 64 GiB is 64 MiB, a quarter of it zero pages.
+    let wire = r["bytes_on_wire"].as_u64().unwrap();
+    assert!(wire < 80 << 20, "{wire} bytes on the wire");
+}
