@@ -191,6 +191,8 @@ fn write_corpus() {
     let blob = src.vcpus().save_state().unwrap();
     write("state_blob", "synthetic-2-vcpus", &blob);
     write("frame", "vcpu-state", &frame(Kind::VcpuState, &blob));
+    let device = livemig::engine::guest::DeviceSection { name: "virtio-net0".into(), version: 2, data: vec![7; 64] };
+    write("frame", "device-state", &frame(Kind::DeviceState, &wire::encode_device(&device)));
     #[cfg(feature = "test-guest")]
     if std::path::Path::new("/dev/kvm").exists() {
         let g = livemig::kvm::KvmGuest::new(&livemig::kvm::KvmConfig {

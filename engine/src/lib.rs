@@ -21,3 +21,4 @@ pub mod num;
 pub mod precopy;
 pub mod preflight;
 pub mod receive;
+pub mod sparse;

@@ -14,6 +14,7 @@
 
 use crate::encode::{page_hash, zero_page_hash, Codec, HashTable, PageCounts, PageEntry};
 use crate::guest::{host_pages, GuestMemory, PAGE_SIZE};
+use crate::sparse::Chunked;
 use std::sync::atomic::{AtomicU32, Ordering};
 use std::sync::{Mutex, MutexGuard};
 
@@ -261,7 +262,9 @@ impl Drop for Claims<'_, '_> {
                 // writes it; the destination's vCPUs are paused until the migration commits.
                 let now = page_hash(unsafe { std::slice::from_raw_parts(addr as *const u8, PAGE_SIZE) });
                 self.rx.hashes.set(c.page, now);
-                self.rx.epochs[crate::num::usize_from(c.page)].store(c.held, Ordering::Relaxed);
+                if let Ok(slot) = self.rx.epoch(c.page) {
+                    slot.store(c.held, Ordering::Relaxed);
+                }
             }
         }
     }
@@ -312,8 +315,8 @@ pub struct Receiver<'a> {
     mem: &'a dyn GuestMemory,
     pages: u64,
     /// Per page: 0 if never applied, else epoch + 1 of the copy it holds, and the owner while it is read in place
-    /// (see [`OWNER_SHIFT`]). Only touched under the page's stripe lock.
-    epochs: Vec<AtomicU32>,
+    /// (see [`OWNER_SHIFT`]). Only touched under the page's stripe lock. Chunks are allocated as pages arrive.
+    epochs: Chunked<AtomicU32>,
     stripes: Vec<Mutex<()>>,
     hashes: HashTable,
 }
@@ -325,7 +328,7 @@ impl<'a> Receiver<'a> {
         Receiver {
             mem,
             pages,
-            epochs: (0..pages).map(|_| AtomicU32::new(0)).collect(),
+            epochs: Chunked::new(pages, || AtomicU32::new(0)),
             stripes: (0..STRIPES).map(|_| Mutex::new(())).collect(),
             hashes: HashTable::new(pages),
         }
@@ -529,7 +532,7 @@ impl<'a> Receiver<'a> {
             // check_entry bounded the index, so only a layout that lies fails here.
             let (ptr, _) = host_pages(self.mem, e.page, 1)
                 .map_err(|_| ApplyError::PageOutOfRange { page: e.page, pages: self.pages })?;
-            let slot = &self.epochs[crate::num::usize_from(e.page)];
+            let slot = self.epoch(e.page)?;
             self.hold(&mut lock, e.page);
             let held = slot.load(Ordering::Relaxed);
             let place = match owner_of(held) {
@@ -568,7 +571,7 @@ impl<'a> Receiver<'a> {
                 }
                 self.hold(&mut lock, e.page);
                 st.torn += u64::from(computed != e.hash);
-                self.epochs[crate::num::usize_from(e.page)].store(stamp, Ordering::Relaxed);
+                self.epoch(e.page)?.store(stamp, Ordering::Relaxed);
                 self.hashes.set(e.page, computed);
                 st.counts.raw += 1;
             } else {
@@ -601,7 +604,7 @@ impl<'a> Receiver<'a> {
         st: &mut ApplyState,
     ) -> Result<Applied, ApplyError> {
         let stamp = stamp_of(epoch);
-        let slot = &self.epochs[crate::num::usize_from(e.page)];
+        let slot = self.epoch(e.page)?;
         let held = slot.load(Ordering::Relaxed);
         if let Some(owner) = owner_of(held) {
             return Err(ApplyError::Busy { page: e.page, owner });
@@ -649,6 +652,16 @@ impl<'a> Receiver<'a> {
         // the migration commits, and the stripe lock held by the caller excludes every other apply of this page.
         unsafe { std::ptr::copy_nonoverlapping(data.as_ptr(), ptr, PAGE_SIZE) };
         Ok(Applied::Written)
+    }
+
+    /// Page `page`'s epoch slot (its chunk allocated if need be).
+    fn epoch(&self, page: u64) -> Result<&AtomicU32, ApplyError> {
+        self.epochs.slot(page).ok_or(ApplyError::PageOutOfRange { page, pages: self.pages })
+    }
+
+    /// Bytes of per-page state the receiver holds: epochs and hashes, for the chunks written.
+    pub fn table_bytes(&self) -> u64 {
+        self.epochs.bytes() + self.hashes.bytes()
     }
 
     /// The receiver's hash table.

@@ -167,7 +167,7 @@ fn a_frame_read_in_place_lands_in_guest_memory_and_stale_copies_are_dropped() {
     // A page listed twice is refused, and leaves no page busy.
     let err = r.apply_frame_in_place(3, &[raw(1, &a), raw(1, &a)], 0, 0, &mut st, from(vec![])).unwrap_err();
     assert!(matches!(err, InPlaceError::Apply(ApplyError::Duplicate { page: 1 })), "{err}");
-    assert!(owner_of(r.epochs[1].load(Ordering::SeqCst)).is_none());
+    assert!(owner_of(r.epoch(1).unwrap().load(Ordering::SeqCst)).is_none());
 }
 
 #[test]
@@ -188,7 +188,7 @@ fn a_page_read_in_place_is_busy_to_others_until_its_owner_lets_go() {
             });
             assert!(matches!(res, Err(InPlaceError::Io(_))), "{res:?}");
         });
-        while owner_of(r.epochs[1].load(Ordering::SeqCst)).is_none() {
+        while owner_of(r.epoch(1).unwrap().load(Ordering::SeqCst)).is_none() {
             std::thread::yield_now();
         }
         // The resend on another link is told who holds the page, and neither waits nor writes.
@@ -200,7 +200,7 @@ fn a_page_read_in_place_is_busy_to_others_until_its_owner_lets_go() {
         assert_eq!(st.counts, PageCounts::default());
         // What the caller does about it: drop link 3. Then the resend applies the whole page.
         tx.send(()).unwrap();
-        while owner_of(r.epochs[1].load(Ordering::SeqCst)).is_some() {
+        while owner_of(r.epoch(1).unwrap().load(Ordering::SeqCst)).is_some() {
             std::thread::yield_now();
         }
         assert_eq!(r.apply(0, &raw(1, page_ref), page_ref, &mut st).unwrap(), Applied::Written);
@@ -230,7 +230,7 @@ fn a_frame_stopped_by_a_busy_page_resumes_where_it_stopped() {
             })
             .unwrap();
         });
-        while owner_of(r.epochs[1].load(Ordering::SeqCst)).is_none() {
+        while owner_of(r.epoch(1).unwrap().load(Ordering::SeqCst)).is_none() {
             std::thread::yield_now();
         }
         // An in-place frame: a raw page 3, then page 0 (zero) and page 1 (lz4) from its buffers. The raw page lands

@@ -38,10 +38,12 @@ use twox_hash::XxHash3_64;
 /// The frame magic: "LMIG".
 pub const MAGIC: [u8; 4] = *b"LMIG";
 /// The protocol version this build speaks. Version 2 added zstd frames and live (in-place) pages, whose hash a
-/// version 1 receiver would wrongly treat as corruption, so 1 is no longer spoken.
-pub const VERSION: u16 = 2;
+/// version 1 receiver would wrongly treat as corruption. Version 3 changed the root both sides compare (one digest
+/// per 2 MiB chunk of page hashes, so that untouched memory costs nothing), which a version 2 peer would report as
+/// a mismatch, and added device state; so only 3 is spoken.
+pub const VERSION: u16 = 3;
 /// The oldest version this build accepts from a peer.
-pub const MIN_VERSION: u16 = 2;
+pub const MIN_VERSION: u16 = 3;
 /// Header size in bytes.
 pub const HEADER_LEN: usize = 32;
 /// The largest body of any frame: a Pages frame of 128 raw pages is about 514 KiB, and a Hello's chunk map for a
