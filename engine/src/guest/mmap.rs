@@ -78,10 +78,93 @@ pub fn prefault_host(ptr: *mut u8, pages: u64) {
 /// Pages of a private anonymous mapping that the kernel has populated (present in RAM or in swap).
 ///
 /// A page of such a mapping that was never populated reads as zero, so the migration need not read or send it. This
-/// reads `/proc/self/pagemap` (8 bytes per page) rather than `mincore`, because `mincore` calls a swapped-out page
-/// absent and that page is not zero. Only valid for private anonymous memory: a shared or file-backed mapping keeps
-/// data in the page cache that is not mapped here.
+/// asks `/proc/self/pagemap` rather than `mincore`, because `mincore` calls a swapped-out page absent and that page
+/// is not zero. Only valid for private anonymous memory: a shared or file-backed mapping keeps data in the page cache
+/// that is not mapped here.
+///
+/// The `PAGEMAP_SCAN` ioctl (Linux 6.7) returns the populated ranges alone, so untouched memory costs nothing; on an
+/// older kernel, the pagemap is read instead, 8 bytes for every page.
 pub fn resident_pages(region: &HostRegion) -> Result<Bitmap, GuestError> {
+    let file = File::open("/proc/self/pagemap").map_err(GuestError::PageMap)?;
+    match resident_by_scan(&file, region) {
+        Err(e) if matches!(e.raw_os_error(), Some(libc::ENOTTY | libc::EINVAL)) => resident_by_read(region),
+        r => r.map_err(GuestError::PageMap),
+    }
+}
+
+/// `struct pm_scan_arg` of `<linux/fs.h>`.
+#[repr(C)]
+struct PmScanArg {
+    size: u64,
+    flags: u64,
+    start: u64,
+    end: u64,
+    walk_end: u64,
+    vec: u64,
+    vec_len: u64,
+    max_pages: u64,
+    category_inverted: u64,
+    category_mask: u64,
+    category_anyof_mask: u64,
+    return_mask: u64,
+}
+
+/// `struct page_region` of `<linux/fs.h>`: `start..end`, bytes.
+#[repr(C)]
+#[derive(Clone, Copy, Default)]
+struct PageRegion {
+    start: u64,
+    end: u64,
+    categories: u64,
+}
+
+/// `_IOWR('f', 16, struct pm_scan_arg)`.
+const PAGEMAP_SCAN: libc::c_ulong = 0xC000_0000 | ((std::mem::size_of::<PmScanArg>() as libc::c_ulong) << 16) | 0x6610;
+const PAGE_IS_PRESENT: u64 = 1 << 3;
+const PAGE_IS_SWAPPED: u64 = 1 << 4;
+
+fn resident_by_scan(pagemap: &File, region: &HostRegion) -> std::io::Result<Bitmap> {
+    use std::os::fd::AsRawFd;
+    let base = region.as_ptr() as u64;
+    let end = base + region.len() as u64;
+    let mut out = Bitmap::new(region.pages());
+    let mut found = vec![PageRegion::default(); 1024];
+    let mut at = base;
+    while at < end {
+        let mut arg = PmScanArg {
+            size: std::mem::size_of::<PmScanArg>() as u64,
+            flags: 0,
+            start: at,
+            end,
+            walk_end: 0,
+            vec: found.as_mut_ptr() as u64,
+            vec_len: found.len() as u64,
+            max_pages: 0,
+            category_inverted: 0,
+            category_mask: 0,
+            category_anyof_mask: PAGE_IS_PRESENT | PAGE_IS_SWAPPED,
+            return_mask: PAGE_IS_PRESENT | PAGE_IS_SWAPPED,
+        };
+        // SAFETY: PAGEMAP_SCAN reads `arg` and writes at most `vec_len` page regions into `found`, which lives across
+        // the call, and `walk_end` into `arg`; it only reads this process's page tables.
+        let n = unsafe { libc::ioctl(pagemap.as_raw_fd(), PAGEMAP_SCAN, &mut arg as *mut PmScanArg) };
+        let n = usize::try_from(n).map_err(|_| std::io::Error::last_os_error())?;
+        for r in &found[..n.min(found.len())] {
+            let (first, last) = (r.start.max(base), r.end.min(end));
+            for p in (first - base) / PAGE_SIZE as u64..(last - base).div_ceil(PAGE_SIZE as u64) {
+                out.set(p);
+            }
+        }
+        if arg.walk_end <= at {
+            return Err(std::io::Error::other("PAGEMAP_SCAN made no progress"));
+        }
+        at = arg.walk_end;
+    }
+    Ok(out)
+}
+
+/// The fallback: every page's pagemap entry, read.
+fn resident_by_read(region: &HostRegion) -> Result<Bitmap, GuestError> {
     const PRESENT: u64 = 1 << 63;
     const SWAPPED: u64 = 1 << 62;
     let pages = region.pages();
@@ -119,6 +202,30 @@ mod tests {
         let r = resident_pages(m.region()).unwrap();
         assert_eq!(r.count_ones(), 3);
         assert!(r.get(3) && r.get(40) && r.get(41));
+        // The scan and the read of every entry agree.
+        assert_eq!(resident_by_read(m.region()).unwrap().words(), r.words());
+    }
+
+    #[test]
+    fn a_scan_over_a_large_sparse_mapping_finds_just_what_was_touched() {
+        // 4 GiB, six pages touched, some in runs across the scan's batches.
+        let m = MmapRegion::new(0, 4 << 30, false).unwrap();
+        // SAFETY: advice on the test's own mapping: 4 KiB pages, so that a touch populates one page whatever the
+        // host's transparent huge page setting.
+        unsafe { libc::madvise(m.region().as_ptr().cast(), m.region().len(), libc::MADV_NOHUGEPAGE) };
+        let touched = [0u64, 1, 2, 513, 700_000, (1 << 20) - 1];
+        for &p in &touched {
+            // SAFETY: inside the mapping owned by `m`.
+            unsafe { m.region().as_ptr().add(crate::num::usize_from(p) * PAGE_SIZE).write_volatile(1) };
+        }
+        let file = File::open("/proc/self/pagemap").unwrap();
+        match resident_by_scan(&file, m.region()) {
+            Ok(r) => {
+                let got: Vec<u64> = touched.iter().copied().filter(|&p| r.get(p)).collect();
+                assert_eq!((got.as_slice(), r.count_ones()), (&touched[..], 6));
+            }
+            Err(e) => println!("SKIPPED: PAGEMAP_SCAN is not supported here ({e}); the pagemap is read instead"),
+        }
     }
 
     #[test]
