@@ -127,7 +127,7 @@ pub struct Status {
 
 /// The changes asked for and not yet taken. Share it (in an `Arc`) between the caller of `migrate`, through
 /// [`crate::source::SourceOptions::controls`], and whoever drives the migration: an operator's signal, a control
-/// socket, the embedder's own API.
+/// socket, the embedder's own API. One serves one migration: when it ends, its event streams close for good.
 #[derive(Debug, Default)]
 pub struct Controls {
     pending: Mutex<Vec<Change>>,
@@ -168,6 +168,11 @@ impl Controls {
             watchers.push(tx);
         }
         rx
+    }
+
+    /// True once the migration these controls served has ended.
+    pub fn has_ended(&self) -> bool {
+        self.ended.load(std::sync::atomic::Ordering::SeqCst)
     }
 
     /// Ends every watcher's stream (after the last event): a receiver sees it disconnected once it has read all.

@@ -24,7 +24,8 @@ pub struct Migration {
 impl Migration {
     /// Starts migrating `guest` to the destination at the other end of `control`, over `links`, and returns its
     /// handle. The migration uses `opts.controls` when the caller shares one (a signal handler's, say), else its own.
-    /// Fails only when the thread cannot be started; everything else ends up in the report.
+    /// Fails only when the thread cannot be started or the controls served an earlier migration; everything else
+    /// ends up in the report.
     pub fn start(
         guest: Arc<dyn Guest>,
         control: impl Into<Stream>,
@@ -33,6 +34,12 @@ impl Migration {
         security: SourceSecurity,
     ) -> std::io::Result<Migration> {
         let controls = opts.controls.get_or_insert_with(Default::default).clone();
+        if controls.has_ended() {
+            return Err(std::io::Error::new(
+                std::io::ErrorKind::InvalidInput,
+                "these controls served a migration that has ended; each migration needs its own",
+            ));
+        }
         controls.publish(Status { phase: "starting", ..Status::default() });
         let events = controls.subscribe();
         let control = control.into();

@@ -86,7 +86,9 @@ pub fn migrate(
     run(guest, control.into(), Links::Connect(links.to_vec()), opts, security, progress)
 }
 
-/// [`migrate`] over data links the caller connected to the destination's listener (at least one).
+/// [`migrate`] over data links the caller connected (at least one). Connect them to the destination's data listeners,
+/// not to the one it takes control connections from: a connection that is waiting there while the destination admits
+/// a source is taken for a source itself, and refused (its link fails, and the others carry the migration).
 pub fn migrate_streams(
     guest: &dyn Guest,
     control: impl Into<Stream>,
