@@ -8,9 +8,10 @@
 //! is created mode 0600: whoever may use it may cancel the migration.
 
 use livemig_transport::source::{Change, Controls};
+use livemig_transport::stream::{Address, Listen, Stream};
 use serde_json::{json, Value};
 use std::io::{BufRead, BufReader, Write};
-use std::os::unix::net::{UnixListener, UnixStream};
+use std::os::unix::net::UnixStream;
 use std::path::Path;
 use std::sync::Arc;
 use std::time::Duration;
@@ -45,15 +46,13 @@ pub fn parse_bandwidth(s: &str) -> Result<u64, String> {
     Ok(crate::engine::num::u64_saturating(bytes_per_s))
 }
 
-/// Binds `path` (replacing a stale socket file) and serves `controls` on it from a thread of its own.
+/// Binds `path` as `receive --listen unix:PATH` does (mode 0600; a stale socket replaced, a live one refused) and
+/// serves `controls` on it from a thread of its own.
 pub fn serve(path: &Path, controls: Arc<Controls>) -> std::io::Result<()> {
-    if std::fs::symlink_metadata(path).is_ok_and(|m| std::os::unix::fs::FileTypeExt::is_socket(&m.file_type())) {
-        std::fs::remove_file(path)?;
-    }
-    let listener = UnixListener::bind(path)?;
-    std::fs::set_permissions(path, std::os::unix::fs::PermissionsExt::from_mode(0o600))?;
-    std::thread::Builder::new().name("lm-control-socket".into()).spawn(move || {
-        for conn in listener.incoming().flatten() {
+    let listener = Address::Unix(path.to_path_buf()).bind()?;
+    std::thread::Builder::new().name("lm-control-socket".into()).spawn(move || loop {
+        // A failed accept (the peer gone already) only loses that connection.
+        if let Ok((conn, _)) = listener.accept_stream() {
             let c = controls.clone();
             let _ = std::thread::Builder::new().name("lm-control-client".into()).spawn(move || client(conn, &c));
         }
@@ -61,7 +60,7 @@ pub fn serve(path: &Path, controls: Arc<Controls>) -> std::io::Result<()> {
     Ok(())
 }
 
-fn client(conn: UnixStream, controls: &Controls) {
+fn client(conn: Stream, controls: &Controls) {
     let _ = conn.set_write_timeout(Some(Duration::from_secs(5)));
     let Ok(mut out) = conn.try_clone() else { return };
     let mut reader = BufReader::new(&conn);

@@ -153,24 +153,9 @@ impl Stream {
 
 /// The peer's credentials, or none where the kernel does not give them.
 fn local_peer(fd: BorrowedFd<'_>) -> Peer {
-    // SAFETY: ucred is plain data; all zeros is a valid value.
-    let mut cred: libc::ucred = unsafe { std::mem::zeroed() };
-    let mut len = crate::link::socklen_of::<libc::ucred>();
-    // SAFETY: getsockopt writes at most `len` bytes into `cred`, which is that large and lives across the call.
-    let rc = unsafe {
-        libc::getsockopt(
-            fd.as_raw_fd(),
-            libc::SOL_SOCKET,
-            libc::SO_PEERCRED,
-            (&mut cred as *mut libc::ucred).cast(),
-            &mut len,
-        )
-    };
-    if rc == 0 {
-        Peer::Local { pid: Some(cred.pid), uid: Some(cred.uid) }
-    } else {
-        Peer::Local { pid: None, uid: None }
-    }
+    // SAFETY: ucred is the plain C struct SO_PEERCRED fills.
+    let cred: Option<libc::ucred> = unsafe { crate::link::sockopt(&fd, libc::SOL_SOCKET, libc::SO_PEERCRED) };
+    Peer::Local { pid: cred.map(|c| c.pid), uid: cred.map(|c| c.uid) }
 }
 
 impl Read for &Stream {

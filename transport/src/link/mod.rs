@@ -81,20 +81,23 @@ pub(crate) fn socklen_of<T>() -> libc::socklen_t {
 /// A round trip timed by the application includes whatever the peer did before answering (accepting the
 /// connection, building a guest); the kernel's figure is the network's alone.
 pub fn tcp_rtt(stream: &impl std::os::fd::AsRawFd) -> Option<Duration> {
-    // SAFETY: tcp_info is plain data, so all zeros is a valid value.
-    let mut info: libc::tcp_info = unsafe { std::mem::zeroed() };
-    let mut len = socklen_of::<libc::tcp_info>();
-    // SAFETY: getsockopt writes at most `len` bytes into `info`, which is that large and lives across the call.
-    let rc = unsafe {
-        libc::getsockopt(
-            stream.as_raw_fd(),
-            libc::IPPROTO_TCP,
-            libc::TCP_INFO,
-            (&mut info as *mut libc::tcp_info).cast(),
-            &mut len,
-        )
-    };
-    (rc == 0 && info.tcpi_rtt > 0).then(|| Duration::from_micros(u64::from(info.tcpi_rtt)))
+    // SAFETY: tcp_info is the plain C struct TCP_INFO fills.
+    let info: libc::tcp_info = unsafe { sockopt(stream, libc::IPPROTO_TCP, libc::TCP_INFO) }?;
+    (info.tcpi_rtt > 0).then(|| Duration::from_micros(u64::from(info.tcpi_rtt)))
+}
+
+/// A socket option's value (`getsockopt`), or None when the socket has none (wrong family, or not supported).
+///
+/// # Safety
+/// `T` must be the plain C struct (integers only, so all-zero bytes are a valid value) that the kernel writes for
+/// option `name` at `level`.
+pub(crate) unsafe fn sockopt<T>(fd: &impl std::os::fd::AsRawFd, level: libc::c_int, name: libc::c_int) -> Option<T> {
+    // SAFETY: by the contract, all zeros is a valid `T`.
+    let mut value: T = unsafe { std::mem::zeroed() };
+    let mut len = socklen_of::<T>();
+    // SAFETY: getsockopt writes at most `len` bytes into `value`, which is that large and lives across the call.
+    let rc = unsafe { libc::getsockopt(fd.as_raw_fd(), level, name, (&mut value as *mut T).cast(), &mut len) };
+    (rc == 0).then_some(value)
 }
 
 /// Parses `[IFACE=]LOCAL>REMOTE:PORT` (or just `REMOTE:PORT`).
