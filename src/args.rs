@@ -167,6 +167,10 @@ pub(crate) struct ReceiveArgs {
     /// exceed the host's available memory.
     #[arg(long, value_parser = nonzero_size)]
     pub(crate) prealloc: Option<u64>,
+    /// How the data links' sockets are read: each link's thread makes its own calls (read), or one io_uring takes
+    /// every link's recvmsg (uring; the counterpart of `send --send-path uring`).
+    #[arg(long, value_enum, default_value = "read")]
+    pub(crate) recv_path: RecvPath,
     /// How long to let the resumed guest run before exiting, in milliseconds.
     #[arg(long, default_value_t = 500)]
     pub(crate) run_for_ms: u64,
@@ -189,7 +193,7 @@ pub(crate) struct BenchArgs {
     /// Link counts, comma-separated.
     #[arg(long, default_value = "1")]
     pub(crate) links: String,
-    /// Send paths, comma-separated: copy, vectored, zerocopy, auto.
+    /// Send paths, comma-separated: copy, vectored, zerocopy, uring, auto.
     #[arg(long, default_value = "copy,vectored,zerocopy,auto")]
     pub(crate) paths: String,
     /// Security modes, comma-separated: mtls (mutual TLS with throwaway credentials), insecure (plaintext).
@@ -334,12 +338,23 @@ pub(crate) struct GuestOpts {
     pub(crate) dirty_log: DirtyLogMethod,
 }
 
+/// `receive --recv-path`.
+#[derive(Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub(crate) enum RecvPath {
+    /// Each link's thread reads its socket.
+    Read,
+    /// One io_uring serves every link.
+    Uring,
+}
+
 /// `--send-path`: one of the library's paths, or `auto` (None: the explorer picks).
 fn parse_send_path(s: &str) -> Result<Option<SendPath>, String> {
     if s.eq_ignore_ascii_case("auto") {
         return Ok(None);
     }
-    SendPath::from_str(s, true).map(Some).map_err(|_| format!("{s:?} is not one of copy, vectored, zerocopy, auto"))
+    SendPath::from_str(s, true)
+        .map(Some)
+        .map_err(|_| format!("{s:?} is not one of copy, vectored, zerocopy, uring, auto"))
 }
 
 #[derive(Args)]
@@ -378,7 +393,8 @@ pub(crate) struct RunOpts {
     #[arg(long, value_parser = workers)]
     pub(crate) workers: Option<usize>,
     /// How raw pages leave guest memory: copied into the batch, written in place with iovecs, in place with
-    /// MSG_ZEROCOPY, or auto: try each for 200 ms and keep the one that delivers fastest (the cheapest in CPU among
+    /// MSG_ZEROCOPY, in place with every link's sendmsg submitted to one io_uring (uring; pair it with `receive
+    /// --recv-path uring`), or auto: try each but uring for 200 ms and keep the one that delivers fastest (the cheapest in CPU among
     /// near ties). The default is vectored: on every link `livemig bench` measured here it was fastest or tied, and
     /// auto's trials cost a migration that lasts a second a tenth of its time (docs/benchmarks.md).
     // Spelled out so that clap parses the value into an Option (None for auto) instead of making the flag optional.

@@ -390,6 +390,10 @@ fn migrate_once(
     recv.args(["receive", "--listen", &listen, "--prealloc", &memory, "--run-for-ms", "100", "--report"])
         .arg(&dst_report)
         .args(&security.0);
+    if path == "uring" {
+        // One ring per side.
+        recv.args(["--recv-path", "uring"]);
+    }
     let prefix = format!("[{tag} destination] ");
     let receiver = spawn_ready(&mut recv, "waiting for a migration", move |l| eprintln!("{prefix}{l}"))?;
     let mut send = cfg.hosts.wrap(&cfg.exe, false);

@@ -210,6 +210,12 @@ impl Lab {
         if let Some(bytes) = prealloc {
             recv.args(["--prealloc", &bytes.to_string()]);
         }
+        if send_args.windows(2).any(|w| w[0] == "--send-path" && w[1] == "uring")
+            || send_args.iter().any(|a| a == "--send-path=uring")
+        {
+            // One ring per side.
+            recv.args(["--recv-path", "uring"]);
+        }
         let mut send = Command::new("ip");
         send.args(["netns", "exec", &self.src()]).arg(exe).args(["send", "--to", &to]);
         for k in 1..=n {

@@ -258,6 +258,7 @@ fn source_report(guest: &AnyGuest, r: &SourceReport, run: &RunOpts, opts: &Sourc
     let mut report = Report::from_source(r, guest_info(guest), run.downtime_target as f64, opts.verify);
     let v = guest.vcpus();
     report.source_vcpus_after = Some(VcpuState { paused: v.is_paused(), throttle_pct: v.throttle() });
+    report.memory = Some(livemig::report::Memory::measure(&[guest.memory()], r.table_bytes));
     report
 }
 
@@ -281,13 +282,18 @@ fn demo(links: usize, insecure: bool, g: &GuestOpts, run: &RunOpts) -> Result<()
     let dopts = DestOptions {
         die_after_bytes: run.x_kill_destination_after_mib.map(|m| m << 20),
         max_memory: defaults.max_memory.max(guest.memory().layout().total_bytes()),
+        // A ring per side when the source uses one.
+        recv_uring: opts.send_path == Some(livemig::engine::encode::SendPath::Uring),
         ..defaults
     };
     let out = migrate_loopback(&guest, links, &opts, &dopts, &security, &update)
         .context("setting up the loopback connection")?;
     bar.finish_and_clear();
-    let report = source_report(&guest, &out.source, run, &opts);
-    if let Ok((dest, _)) = &out.dest {
+    let mut report = source_report(&guest, &out.source, run, &opts);
+    if let Ok((dest, d)) = &out.dest {
+        // One process holds both sides: both guests and both sides' tables.
+        let tables = out.source.table_bytes + d.table_bytes;
+        report.memory = Some(livemig::report::Memory::measure(&[guest.memory(), dest.memory()], tables));
         // The source guest is paused for good: its counter is the one the destination must continue from.
         let at_pause = match &guest {
             AnyGuest::Kvm(g) => Some(g.counter()),
@@ -442,7 +448,11 @@ fn preallocate(bytes: u64) -> Result<SyntheticGuest> {
 
 /// The destination's options from `receive`'s arguments, checked before anything is bound or allocated.
 fn receive_options(a: &ReceiveArgs) -> Result<DestOptions> {
-    let mut opts = DestOptions { fail_committed: a.x_fail_committed, ..Default::default() };
+    let mut opts = DestOptions {
+        fail_committed: a.x_fail_committed,
+        recv_uring: a.recv_path == args::RecvPath::Uring,
+        ..Default::default()
+    };
     if let Some(max) = a.max_memory {
         opts.max_memory = max;
     }
@@ -495,6 +505,7 @@ fn destination_report(guest: &AnyGuest, r: &DestReport, start: Instant, cpu_seco
         cpu_seconds,
         timeline: Vec::new(),
         security: livemig::report::Security::from(&r.security),
+        memory: Some(livemig::report::Memory::measure(&[guest.memory()], r.table_bytes)),
     }
 }
 

@@ -112,7 +112,7 @@ fn bench_config(a: &BenchArgs) -> Result<BenchConfig> {
     Ok(BenchConfig {
         scenarios,
         links,
-        paths: one_of("--paths", list(&a.paths), &["copy", "vectored", "zerocopy", "auto"])?,
+        paths: one_of("--paths", list(&a.paths), &["copy", "vectored", "zerocopy", "uring", "auto"])?,
         memory: a.memory,
         hosts: a.lab.then(|| Lab::new(&a.prefix)).map_or(Hosts::Loopback, Hosts::Lab),
         exe: std::env::current_exe()?,

@@ -433,4 +433,13 @@ fn demo_takes_a_sparse_guest_larger_than_the_host() {
     // Only the touched pages cross: 0.1 % of 64 GiB is 64 MiB, a quarter of it zero pages.
     let wire = r["bytes_on_wire"].as_u64().unwrap();
     assert!(wire < 80 << 20, "{wire} bytes on the wire");
+    // Both sides' per-page tables cover the 16 Ki pages written, not the 16 Mi pages of the guest: 8 bytes of hash
+    // per page on each side and 4 of epoch at the destination would be 320 MiB for the whole guest.
+    let m = &r["memory"];
+    let tables = m["page_tables_bytes"].as_u64().unwrap();
+    assert!(tables > 0 && tables < 4 << 20, "{m}");
+    // Both guests' 64 MiB are resident, and the process held little else.
+    let (guest, rss) = (m["guest_resident_bytes"].as_u64().unwrap(), m["peak_rss_bytes"].as_u64().unwrap());
+    assert!(guest >= 2 * (64 << 20) - (1 << 20) && rss >= guest, "{m}");
+    assert!(m["overhead_bytes"].as_u64().unwrap() < 256 << 20, "{m}");
 }

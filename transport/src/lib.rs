@@ -22,4 +22,5 @@ pub mod source;
 pub mod stream;
 pub mod stripe;
 pub mod tls;
+pub mod uring;
 pub mod wire;

@@ -31,10 +31,13 @@ pub enum SendPath {
     /// As `Vectored`, with `MSG_ZEROCOPY`: the kernel sends from the guest's pages and reports completion later.
     #[cfg_attr(feature = "clap", value(name = "zerocopy"))]
     ZeroCopy,
+    /// As `Vectored`, with every link's `sendmsg` submitted to one io_uring for the side. Chosen by name only:
+    /// `auto` does not try it (see docs/benchmarks.md for why).
+    Uring,
 }
 
 impl SendPath {
-    /// Every path, in the order `auto` tries them.
+    /// Every path `auto` tries, in its order (`Uring` only by name).
     pub const ALL: [SendPath; 3] = [SendPath::Vectored, SendPath::ZeroCopy, SendPath::Copy];
 
     /// The CLI name.
@@ -43,6 +46,7 @@ impl SendPath {
             SendPath::Copy => "copy",
             SendPath::Vectored => "vectored",
             SendPath::ZeroCopy => "zerocopy",
+            SendPath::Uring => "uring",
         }
     }
 
@@ -56,6 +60,7 @@ impl SendPath {
             SendPath::Copy => 0,
             SendPath::Vectored => 1,
             SendPath::ZeroCopy => 2,
+            SendPath::Uring => 3,
         }
     }
 
@@ -63,6 +68,7 @@ impl SendPath {
         match c {
             0 => SendPath::Copy,
             2 => SendPath::ZeroCopy,
+            3 => SendPath::Uring,
             _ => SendPath::Vectored,
         }
     }
@@ -395,7 +401,7 @@ mod tests {
 
     #[test]
     fn a_shared_mode_holds_every_path_and_codec_mode() {
-        for path in SendPath::ALL {
+        for path in SendPath::ALL.into_iter().chain([SendPath::Uring]) {
             for codec in [CodecMode::Model, CodecMode::Off, CodecMode::Lz4, CodecMode::Zstd] {
                 let m = Mode { path, codec };
                 let shared = SharedMode::new(Mode { path: SendPath::Copy, codec: CodecMode::Model });

@@ -129,10 +129,13 @@ fn data_link(
             return;
         }
     };
-    let stream = conn;
-    tracing::info!(%peer, link, sealed = stream.is_sealed(), "data link joined");
+    let stream = match &shared.ring {
+        Some(r) => conn.with_ring(r.io(), Some(WRITE_TIMEOUT)),
+        None => conn,
+    };
+    tracing::info!(%peer, link, sealed = stream.is_sealed(), uring = stream.on_ring(), "data link joined");
     shared.joined.store(true, Ordering::SeqCst);
-    let _ = stream.stream().set_read_timeout(None);
+    let _ = stream.set_read_timeout(None);
     let _ = stream.stream().set_nodelay(true);
     let mut st = ApplyState::default();
     let mut received = 0u64;

@@ -37,6 +37,7 @@ pub use admit::{accept_migration, admit, read_hello, MAX_PENDING, MAX_PENDING_PE
 
 use crate::stream::{Listen, Peer, Stream};
 use crate::tls::{Conn, DestSecurity};
+use crate::uring::Ring;
 use crate::wire::{self, Header, Hello, Kind, Verified, Verify, WireError};
 use admit::Admission;
 use link::accept_links;
@@ -151,6 +152,10 @@ pub struct DestReport {
     pub committed_error: Option<String>,
     /// The control connection's security: mode, cipher, the source certificate's subject.
     pub security: crate::tls::SecurityInfo,
+    /// Socket requests the side's io_uring completed (`recv_uring`; 0 otherwise).
+    pub uring_requests: u64,
+    /// Bytes of the per-page tables (hashes and epochs, allocated per chunk of written pages).
+    pub table_bytes: u64,
 }
 
 /// Options of the destination.
@@ -178,6 +183,9 @@ pub struct DestOptions {
     /// as a network that dies at that moment would make it.
     #[doc(hidden)]
     pub fail_committed: bool,
+    /// Submit the data links' socket I/O to one io_uring (`receive --recv-path uring`) rather than have each link's
+    /// thread make its own calls. Pages are still read straight into guest memory.
+    pub recv_uring: bool,
 }
 
 /// Bytes of memory this host could give a new guest without swapping (`MemAvailable`), if the kernel says.
@@ -203,6 +211,7 @@ impl Default for DestOptions {
             description: None,
             die_after_bytes: None,
             fail_committed: false,
+            recv_uring: false,
         }
     }
 }
@@ -337,6 +346,8 @@ struct Shared<'a> {
     /// How data links must authenticate, and the control session's binding secret their proofs are checked against.
     security: DestSecurity,
     binding: Option<[u8; 32]>,
+    /// The ring the data links' I/O goes through, when asked for; dropped with this, after every link thread.
+    ring: Option<Ring>,
 }
 
 /// A thread counted in `Conns::live`; dropping it (however the thread ends) gives its place back.
@@ -373,6 +384,7 @@ impl<'a> Shared<'a> {
         opts: &DestOptions,
         security: &DestSecurity,
         binding: Option<[u8; 32]>,
+        ring: Option<Ring>,
     ) -> Self {
         let conns: Arc<Mutex<Conns>> = Default::default();
         Shared {
@@ -391,6 +403,7 @@ impl<'a> Shared<'a> {
             admission: Arc::new(Admission::default()),
             security: security.clone(),
             binding,
+            ring,
         }
     }
 
@@ -417,6 +430,8 @@ impl<'a> Shared<'a> {
             full_verify,
             committed_error,
             security: crate::tls::SecurityInfo::default(),
+            uring_requests: self.ring.as_ref().map_or(0, Ring::requests),
+            table_bytes: self.rx.table_bytes(),
         }
     }
 
@@ -494,7 +509,8 @@ fn run<L: Listen>(
     security: &DestSecurity,
     refused: &(dyn Fn(&Peer, &ReceiveError) + Sync),
 ) -> Result<DestReport, ReceiveError> {
-    let shared = Shared::new(guest, hello.session, opts, security, control.binding().copied());
+    let ring = if opts.recv_uring { Some(Ring::new("lm-uring").map_err(WireError::from)?) } else { None };
+    let shared = Shared::new(guest, hello.session, opts, security, control.binding().copied(), ring);
     let (tx, msgs) = crossbeam::channel::unbounded::<Msg>();
     // The Hello was read under a deadline; from here silence is judged by the control loop, which counts data.
     control.stream().set_read_timeout(None).map_err(WireError::from)?;

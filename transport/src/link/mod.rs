@@ -63,13 +63,15 @@ impl LinkSpec {
         sock.set_send_buffer_size(SEND_BUFFER)?;
         sock.set_recv_buffer_size(RECV_BUFFER)?;
         sock.set_tcp_nodelay(true)?;
-        // No write may block for ever on a peer that stopped reading; the driver fails a silent link much sooner.
-        sock.set_write_timeout(Some(Duration::from_secs(10)))?;
+        sock.set_write_timeout(Some(WRITE_TIMEOUT))?;
         sock.connect_timeout(&SockAddr::from(self.remote), timeout)
             .map_err(|e| std::io::Error::new(e.kind(), format!("connecting {}: {e}", self.name())))?;
         Ok(sock.into())
     }
 }
+
+/// No write may block for ever on a peer that stopped reading; the driver fails a silent link much sooner.
+pub const WRITE_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// The size of `T` as a socket call's length argument.
 pub(crate) fn socklen_of<T>() -> libc::socklen_t {

@@ -33,6 +33,7 @@ use crate::link::LinkSpec;
 use crate::stream::Stream;
 use crate::stripe::Stripe;
 use crate::tls::{self, Conn, SourceSecurity};
+use crate::uring::Ring;
 use crate::wire::{Verified, WireError};
 use driver::Driver;
 use livemig_engine::encode::{EncodeError, HashTable, PageCounts, SendPath, SendPolicy};
@@ -115,7 +116,9 @@ pub(crate) fn run(
     let cpu_start = crate::cpu_usage::process_cpu_seconds();
     let control_written = AtomicU64::new(0);
     let setup = open(guest, control, links, opts, security, &control_written, &mut report.security);
-    let (control, initial, rtt, (data, refused)) = match setup {
+    // The ring is declared before the stripe that takes the links, so dropped after it: it outlives every link
+    // thread that submits to it.
+    let (control, initial, rtt, (data, refused, ring)) = match setup {
         Ok(x) => x,
         Err(e) => {
             (report.result, report.bytes_on_wire) = (Err(e), control_written.load(Ordering::Relaxed));
@@ -174,6 +177,8 @@ pub(crate) fn run(
         drop(ev_tx);
     });
     report.send_path = policy.path();
+    report.uring_requests = ring.as_ref().map_or(0, Ring::requests);
+    report.table_bytes = hashes.bytes();
     finished(opts, &mut report, start, cpu_start);
     report_links(&mut report, &stripe, &link_errors, control_written.load(Ordering::Relaxed));
     report
@@ -197,8 +202,8 @@ fn finished(opts: &SourceOptions, report: &mut SourceReport, start: Instant, cpu
 }
 
 /// What a migration starts from: the sealed control connection, the pages to send in round 0, the Hello's round
-/// trip, and the data links (with the reasons of those that could not connect).
-type Opened = (Conn, livemig_engine::dirty::Bitmap, Duration, (Vec<crate::link::data::DataLink>, Vec<Option<String>>));
+/// trip, and the data links (with the reasons of those that could not connect, and their ring).
+type Opened = (Conn, livemig_engine::dirty::Bitmap, Duration, setup::DataLinks);
 
 /// Opens the migration: the control connection's TLS handshake (its security goes to `info`), the dirty log
 /// started, the Hello answered, and the data links connected and presented.

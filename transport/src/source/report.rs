@@ -226,6 +226,10 @@ pub struct SourceReport {
     pub timeline: Vec<(f64, Vec<u64>)>,
     /// The control connection's security: mode, cipher, the destination certificate's subject.
     pub security: crate::tls::SecurityInfo,
+    /// Socket requests the side's io_uring completed (`--send-path uring`; 0 otherwise).
+    pub uring_requests: u64,
+    /// Bytes of the per-page hash table at the end (allocated per chunk of written pages).
+    pub table_bytes: u64,
 }
 
 impl SourceReport {
@@ -258,6 +262,8 @@ impl SourceReport {
             cpu_seconds: 0.0,
             timeline: Vec::new(),
             security: crate::tls::SecurityInfo::default(),
+            uring_requests: 0,
+            table_bytes: 0,
         }
     }
 }

@@ -6,9 +6,11 @@ use super::{Event, MigrateError, SourceOptions, CONNECT_TIMEOUT};
 use crate::link::data::DataLink;
 use crate::stream::Stream;
 use crate::tls::{self, Conn, SourceSecurity};
+use crate::uring::Ring;
 use crate::wire::{self, Hello, Kind, Verified, WireError};
 use crossbeam::channel::Sender;
 use livemig_engine::dirty::Bitmap;
+use livemig_engine::encode::SendPath;
 use livemig_engine::guest::Guest;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::{Duration, Instant};
@@ -81,6 +83,9 @@ pub(super) fn handshake(
 /// Opens one data link when called: connects it, or hands over the caller's stream.
 type Opener = Box<dyn FnOnce() -> std::io::Result<Stream>>;
 
+/// The data links, why any could not be used (by index), and the ring they submit to (`--send-path uring`).
+pub(super) type DataLinks = (Vec<DataLink>, Vec<Option<String>>, Option<Ring>);
+
 /// Connects the data links (or takes the caller's) and presents the session on each (under TLS: a handshake of its
 /// own, and the proof that binds it to the control connection's session). A link that cannot connect is kept,
 /// failed, so the report shows it; the migration needs at least one.
@@ -89,8 +94,13 @@ pub(super) fn connect_links(
     links: Links,
     opts: &SourceOptions,
     security: &SourceSecurity,
-) -> Result<(Vec<DataLink>, Vec<Option<String>>), MigrateError> {
+) -> Result<DataLinks, MigrateError> {
     let handshake_error = |e: std::io::Error| MigrateError::Handshake(e.into());
+    let ring = match opts.send_path {
+        Some(SendPath::Uring) => Some(Ring::new("lm-uring").map_err(|e| MigrateError::Link(WireError::Io(e)))?),
+        _ => None,
+    };
+    let ring_io = ring.as_ref().map(Ring::io);
     // Each link's name and a way to open it, in order: connecting is deferred so that links connect one by one.
     let mut openers: Vec<(String, Opener)> = Vec::new();
     match links {
@@ -122,7 +132,10 @@ pub(super) fn connect_links(
             let proof = control.binding().zip(conn.binding()).map(|(c, l)| tls::link_proof(c, l));
             let hello = wire::LinkHello { session: opts.session, link: livemig_engine::num::u32_len(i), proof };
             wire::write_control(&conn, Kind::LinkHello, &hello.encode()).map_err(|e| e.to_string())?;
-            Ok(conn)
+            Ok(match &ring_io {
+                Some(io) => conn.with_ring(io.clone(), Some(crate::link::WRITE_TIMEOUT)),
+                None => conn,
+            })
         });
         match opened {
             Ok(stream) => {
@@ -143,7 +156,7 @@ pub(super) fn connect_links(
     if errors.iter().all(Option::is_some) {
         return Err(MigrateError::AllLinksFailed(last_error));
     }
-    Ok((links, errors))
+    Ok((links, errors, ring))
 }
 
 pub(super) fn control_loop(r: &Conn, ev: &Sender<Event>, done: &AtomicBool) {

@@ -17,6 +17,7 @@
 pub mod channel;
 
 use crate::stream::Stream;
+use crate::uring::RingIo;
 use channel::{DirectionKey, Opener, Sealer};
 use ring::hmac;
 use rustls::pki_types::pem::PemObject;
@@ -24,6 +25,7 @@ pub use rustls::pki_types::ServerName;
 use rustls::pki_types::{CertificateDer, PrivateKeyDer};
 use rustls::{ClientConfig, ClientConnection, RootCertStore, ServerConfig, ServerConnection};
 use std::io::{IoSlice, IoSliceMut, Read, Write};
+use std::os::fd::AsRawFd;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -325,12 +327,42 @@ pub struct Conn {
     open: Option<Mutex<Opener>>,
     peer: Option<String>,
     binding: Option<[u8; 32]>,
+    /// Set when the socket's reads and writes go through an io_uring ([`crate::uring`]).
+    ring: Option<OnRing>,
+}
+
+/// A connection's ring, and the socket timeouts it applies itself (io_uring does not honour `SO_RCVTIMEO`).
+#[derive(Debug)]
+struct OnRing {
+    io: RingIo,
+    read_timeout: Mutex<Option<Duration>>,
+    write_timeout: Option<Duration>,
 }
 
 impl Conn {
     /// A plaintext connection.
     pub fn plain(stream: impl Into<Stream>) -> Conn {
-        Conn { stream: stream.into(), seal: None, open: None, peer: None, binding: None }
+        Conn { stream: stream.into(), seal: None, open: None, peer: None, binding: None, ring: None }
+    }
+
+    /// The connection with its socket's reads and writes submitted to `io`'s ring. Writes give up after
+    /// `write_timeout`; reads after what [`Conn::set_read_timeout`] last set (nothing until then).
+    pub fn with_ring(mut self, io: RingIo, write_timeout: Option<Duration>) -> Conn {
+        self.ring = Some(OnRing { io, read_timeout: Mutex::new(None), write_timeout });
+        self
+    }
+
+    /// Whether the socket's I/O goes through a ring.
+    pub fn on_ring(&self) -> bool {
+        self.ring.is_some()
+    }
+
+    /// How long a read may wait (None: for ever), on the socket and on the ring alike.
+    pub fn set_read_timeout(&self, t: Option<Duration>) -> std::io::Result<()> {
+        if let Some(r) = &self.ring {
+            *r.read_timeout.lock().unwrap_or_else(|e| e.into_inner()) = t;
+        }
+        self.stream.set_read_timeout(t)
     }
 
     /// The socket under it (for timeouts, shutdown, addresses).
@@ -365,8 +397,8 @@ impl Read for &Conn {
 
     fn read_vectored(&mut self, bufs: &mut [IoSliceMut<'_>]) -> std::io::Result<usize> {
         match &self.open {
-            None => (&self.stream).read_vectored(bufs),
-            Some(o) => o.lock().unwrap_or_else(|e| e.into_inner()).read_vectored_from(&mut &self.stream, bufs),
+            None => Sock(self).read_vectored(bufs),
+            Some(o) => o.lock().unwrap_or_else(|e| e.into_inner()).read_vectored_from(&mut Sock(self), bufs),
         }
     }
 }
@@ -378,9 +410,45 @@ impl Write for &Conn {
 
     fn write_vectored(&mut self, bufs: &[IoSlice<'_>]) -> std::io::Result<usize> {
         match &self.seal {
-            None => (&self.stream).write_vectored(bufs),
+            None => Sock(self).write_vectored(bufs),
             // Sealed, every write is written whole: a record cannot go out in part.
-            Some(s) => s.lock().unwrap_or_else(|e| e.into_inner()).write_all_parts(&mut &self.stream, bufs),
+            Some(s) => s.lock().unwrap_or_else(|e| e.into_inner()).write_all_parts(&mut Sock(self), bufs),
+        }
+    }
+
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
+}
+
+/// A connection's socket as its plaintext and record layers read and write it: directly, or through its ring.
+struct Sock<'a>(&'a Conn);
+
+impl Read for Sock<'_> {
+    fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
+        self.read_vectored(&mut [IoSliceMut::new(buf)])
+    }
+
+    fn read_vectored(&mut self, bufs: &mut [IoSliceMut<'_>]) -> std::io::Result<usize> {
+        match &self.0.ring {
+            None => (&self.0.stream).read_vectored(bufs),
+            Some(r) => {
+                let timeout = *r.read_timeout.lock().unwrap_or_else(|e| e.into_inner());
+                r.io.recv(self.0.stream.as_raw_fd(), bufs, timeout)
+            }
+        }
+    }
+}
+
+impl Write for Sock<'_> {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        self.write_vectored(&[IoSlice::new(buf)])
+    }
+
+    fn write_vectored(&mut self, bufs: &[IoSlice<'_>]) -> std::io::Result<usize> {
+        match &self.0.ring {
+            None => (&self.0.stream).write_vectored(bufs),
+            Some(r) => r.io.send(self.0.stream.as_raw_fd(), bufs, r.write_timeout),
         }
     }
 
@@ -544,6 +612,7 @@ fn sealed<D>(stream: Stream, tls: &rustls::ConnectionCommon<D>, client: bool) ->
         open: Some(Mutex::new(Opener::new(&receive))),
         peer,
         binding: Some(binding),
+        ring: None,
     })
 }
 

@@ -36,7 +36,7 @@ impl<'a> Deadline<'a> {
             ));
         }
         if self.set.is_none_or(|s| s > left + DEADLINE_SLACK) {
-            self.conn.stream().set_read_timeout(Some(left))?;
+            self.conn.set_read_timeout(Some(left))?;
             self.set = Some(left);
         }
         Ok(())
@@ -87,7 +87,7 @@ pub fn read_header_within(
 ) -> Result<([u8; HEADER_LEN], Header), WireError> {
     let mut h = [0u8; HEADER_LEN];
     // A previous frame's deadline may have left a timeout on the socket.
-    stream.stream().set_read_timeout(None)?;
+    stream.set_read_timeout(None)?;
     if read_full(&mut &*stream, &mut h[..1])? == 0 {
         return Err(WireError::Closed);
     }
