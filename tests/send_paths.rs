@@ -105,8 +105,8 @@ fn a_destination_killed_mid_transfer_ends_a_ring_migration_with_a_clear_error_an
     let t = std::time::Instant::now();
     let run = migrate_loopback(&src, 2, &opts, &dopts, &SecurityPair::throwaway().unwrap(), &|_| {}).unwrap();
     let e = run.source.result.expect_err("the destination died");
-    eprintln!("source: {e}");
-    assert!(e.to_string().contains("every data link failed"), "{e}");
+    // The data links or the control connection may be the first to find the destination gone; either way it says so.
+    assert!(e.to_string().contains("peer closed the connection"), "{e}");
     assert!(run.dest.is_err());
     assert!(t.elapsed() < std::time::Duration::from_secs(30), "took {:?}", t.elapsed());
     // The source keeps its guest: its vCPUs run.

@@ -33,6 +33,8 @@ const TIMEOUT_BIT: u64 = 1;
 struct Op {
     fd: RawFd,
     send: bool,
+    /// `sendmsg` / `recvmsg` flags.
+    flags: u32,
     /// The iovecs `msg` points at, owned here so that they live as long as the request.
     _iov: Vec<libc::iovec>,
     msg: libc::msghdr,
@@ -94,7 +96,6 @@ impl Ring {
     /// Sets up a ring and starts its thread (`name`).
     pub fn new(name: &str) -> std::io::Result<Ring> {
         let setup = |e: std::io::Error| std::io::Error::new(e.kind(), format!("setting up io_uring: {e}"));
-        let ring = IoUring::new(ENTRIES).map_err(setup)?;
         // SAFETY: eventfd takes no pointers; a non-negative return is a new descriptor that we alone own.
         let fd = unsafe { libc::eventfd(0, libc::EFD_CLOEXEC) };
         if fd < 0 {
@@ -110,8 +111,30 @@ impl Ring {
             done: AtomicU64::new(0),
         });
         let s = shared.clone();
-        let thread = std::thread::Builder::new().name(name.into()).spawn(move || run(ring, &s)).map_err(setup)?;
-        Ok(Ring { shared, thread: Some(thread) })
+        let (ready, made) = std::sync::mpsc::sync_channel(1);
+        // The ring is made on its own thread, the only one that ever submits to it: that is what lets the kernel
+        // run completions' work only when that thread asks for them (DEFER_TASKRUN), not by interrupting it.
+        let thread = std::thread::Builder::new()
+            .name(name.into())
+            .spawn(move || {
+                let built = IoUring::builder().setup_single_issuer().setup_defer_taskrun().build(ENTRIES);
+                match built {
+                    Ok(ring) => {
+                        let _ = ready.send(Ok(()));
+                        run(ring, &s);
+                    }
+                    Err(e) => {
+                        let _ = ready.send(Err(e));
+                    }
+                }
+            })
+            .map_err(setup)?;
+        let ring = Ring { shared, thread: Some(thread) };
+        match made.recv() {
+            Ok(Ok(())) => Ok(ring),
+            Ok(Err(e)) => Err(setup(e)),
+            Err(_) => Err(setup(std::io::Error::other("the ring's thread ended"))),
+        }
     }
 
     /// A handle for the links.
@@ -156,14 +179,23 @@ impl RingIo {
         let iov = bufs.iter().map(|b| libc::iovec { iov_base: b.as_ptr().cast_mut().cast(), iov_len: b.len() });
         // SAFETY: the iovecs describe `bufs`, which stay borrowed until `submit` returns, after the op completed;
         // the kernel only reads them.
-        unsafe { self.submit(fd, true, iov.collect(), timeout) }
+        unsafe { self.submit(fd, true, libc::MSG_NOSIGNAL, iov.collect(), timeout) }
     }
 
-    /// `recvmsg(fd, bufs)` through the ring; `timeout` as `SO_RCVTIMEO` would give it.
-    pub fn recv(&self, fd: RawFd, bufs: &mut [IoSliceMut<'_>], timeout: Option<Duration>) -> std::io::Result<usize> {
+    /// `recvmsg(fd, bufs)` through the ring; `timeout` as `SO_RCVTIMEO` would give it. With `all`, the request
+    /// completes only when `bufs` are full (`MSG_WAITALL`), the stream ends or the timeout passes: one completion
+    /// instead of one per segment, for a reader that knows how many bytes come next.
+    pub fn recv(
+        &self,
+        fd: RawFd,
+        bufs: &mut [IoSliceMut<'_>],
+        all: bool,
+        timeout: Option<Duration>,
+    ) -> std::io::Result<usize> {
         let iov = bufs.iter_mut().map(|b| libc::iovec { iov_base: b.as_mut_ptr().cast(), iov_len: b.len() });
+        let flags = if all { libc::MSG_WAITALL } else { 0 };
         // SAFETY: the iovecs describe `bufs`, borrowed mutably until `submit` returns, after the op completed.
-        unsafe { self.submit(fd, false, iov.collect(), timeout) }
+        unsafe { self.submit(fd, false, flags, iov.collect(), timeout) }
     }
 
     /// Queues one request and waits for its result.
@@ -174,6 +206,7 @@ impl RingIo {
         &self,
         fd: RawFd,
         send: bool,
+        flags: libc::c_int,
         mut iov: Vec<libc::iovec>,
         timeout: Option<Duration>,
     ) -> std::io::Result<usize> {
@@ -183,7 +216,8 @@ impl RingIo {
         msg.msg_iov = iov.as_mut_ptr();
         msg.msg_iovlen = iov.len();
         let timeout = timeout.map(|t| types::Timespec::new().sec(t.as_secs()).nsec(t.subsec_nanos()));
-        let op = Op { fd, send, _iov: iov, msg, timeout, reply: reply.clone() };
+        let flags = u32::try_from(flags).unwrap_or(0);
+        let op = Op { fd, send, flags, _iov: iov, msg, timeout, reply: reply.clone() };
         {
             let mut q = self.shared.lock();
             if q.1 {
@@ -290,11 +324,9 @@ fn start(ring: &mut IoUring, op: Box<Op>) -> Option<Box<Op>> {
     let (first, timeout) = unsafe {
         let o = &mut *op;
         let sqe = if o.send {
-            opcode::SendMsg::new(types::Fd(o.fd), &o.msg).flags(libc::MSG_NOSIGNAL as u32).build()
+            opcode::SendMsg::new(types::Fd(o.fd), &o.msg).flags(o.flags).build()
         } else {
-            // Every reader on a data link asks for exactly the bytes it expects next (a header, a record, a frame's
-            // pages), so the request may wait for all of them: one completion instead of one per segment.
-            opcode::RecvMsg::new(types::Fd(o.fd), &mut o.msg).flags(libc::MSG_WAITALL as u32).build()
+            opcode::RecvMsg::new(types::Fd(o.fd), &mut o.msg).flags(o.flags).build()
         };
         let timeout = o.timeout.as_ref().map(|ts| opcode::LinkTimeout::new(ts).build().user_data(ud | TIMEOUT_BIT));
         (sqe.user_data(ud), timeout)
@@ -366,7 +398,7 @@ mod tests {
                     assert!(got[3..].iter().all(|&x| x == 0xa0 | head[0]));
                     (&*b).write_all(b"ok").unwrap();
                     let mut back = [0u8; 2];
-                    let n = io.recv(a.as_raw_fd(), &mut [IoSliceMut::new(&mut back)], None).unwrap();
+                    let n = io.recv(a.as_raw_fd(), &mut [IoSliceMut::new(&mut back)], true, None).unwrap();
                     assert_eq!(&back[..n], &b"ok"[..n]);
                 });
             }
@@ -379,7 +411,7 @@ mod tests {
         let (a, _b) = UnixStream::pair().unwrap();
         let mut buf = [0u8; 8];
         let t = std::time::Instant::now();
-        let e = ring.io().recv(a.as_raw_fd(), &mut [IoSliceMut::new(&mut buf)], Some(Duration::from_millis(50)));
+        let e = ring.io().recv(a.as_raw_fd(), &mut [IoSliceMut::new(&mut buf)], false, Some(Duration::from_millis(50)));
         assert_eq!(e.unwrap_err().kind(), std::io::ErrorKind::WouldBlock);
         assert!(t.elapsed() >= Duration::from_millis(50));
     }
@@ -391,7 +423,7 @@ mod tests {
         let (a, _b) = UnixStream::pair().unwrap();
         let waiter = std::thread::spawn(move || {
             let mut buf = [0u8; 8];
-            io.recv(a.as_raw_fd(), &mut [IoSliceMut::new(&mut buf)], None)
+            io.recv(a.as_raw_fd(), &mut [IoSliceMut::new(&mut buf)], false, None)
         });
         std::thread::sleep(Duration::from_millis(50));
         drop(ring);

@@ -337,6 +337,38 @@ struct OnRing {
     io: RingIo,
     read_timeout: Mutex<Option<Duration>>,
     write_timeout: Option<Duration>,
+    /// Bytes received ahead of the reads that want them (see [`READ_AHEAD`]).
+    ahead: Mutex<ReadAhead>,
+}
+
+/// Reads smaller than this are served from one receive of up to this many bytes, taken without waiting for more
+/// than is there; larger ones (a frame's pages, in plaintext) go straight to their buffers. Through a ring every
+/// request costs two thread wake-ups, so the record layer's small reads (a record's length, then the record) would
+/// otherwise cost a request each.
+const READ_AHEAD: usize = 256 << 10;
+
+#[derive(Debug, Default)]
+struct ReadAhead {
+    buf: Vec<u8>,
+    pos: usize,
+    end: usize,
+}
+
+impl ReadAhead {
+    /// Copies buffered bytes into `bufs`; returns how many.
+    fn give(&mut self, bufs: &mut [IoSliceMut<'_>]) -> usize {
+        let mut given = 0;
+        for b in bufs.iter_mut() {
+            let k = b.len().min(self.end - self.pos);
+            b[..k].copy_from_slice(&self.buf[self.pos..self.pos + k]);
+            self.pos += k;
+            given += k;
+            if self.pos == self.end {
+                break;
+            }
+        }
+        given
+    }
 }
 
 impl Conn {
@@ -348,7 +380,7 @@ impl Conn {
     /// The connection with its socket's reads and writes submitted to `io`'s ring. Writes give up after
     /// `write_timeout`; reads after what [`Conn::set_read_timeout`] last set (nothing until then).
     pub fn with_ring(mut self, io: RingIo, write_timeout: Option<Duration>) -> Conn {
-        self.ring = Some(OnRing { io, read_timeout: Mutex::new(None), write_timeout });
+        self.ring = Some(OnRing { io, read_timeout: Mutex::new(None), write_timeout, ahead: Mutex::default() });
         self
     }
 
@@ -359,10 +391,14 @@ impl Conn {
 
     /// How long a read may wait (None: for ever), on the socket and on the ring alike.
     pub fn set_read_timeout(&self, t: Option<Duration>) -> std::io::Result<()> {
-        if let Some(r) = &self.ring {
-            *r.read_timeout.lock().unwrap_or_else(|e| e.into_inner()) = t;
+        match &self.ring {
+            // The ring applies it to each read itself; the socket's own timeout would cost a system call for nothing.
+            Some(r) => {
+                *r.read_timeout.lock().unwrap_or_else(|e| e.into_inner()) = t;
+                Ok(())
+            }
+            None => self.stream.set_read_timeout(t),
         }
-        self.stream.set_read_timeout(t)
     }
 
     /// The socket under it (for timeouts, shutdown, addresses).
@@ -434,7 +470,19 @@ impl Read for Sock<'_> {
             None => (&self.0.stream).read_vectored(bufs),
             Some(r) => {
                 let timeout = *r.read_timeout.lock().unwrap_or_else(|e| e.into_inner());
-                r.io.recv(self.0.stream.as_raw_fd(), bufs, timeout)
+                let fd = self.0.stream.as_raw_fd();
+                let mut ahead = r.ahead.lock().unwrap_or_else(|e| e.into_inner());
+                if ahead.pos < ahead.end {
+                    return Ok(ahead.give(bufs));
+                }
+                if bufs.iter().map(|b| b.len()).sum::<usize>() >= READ_AHEAD {
+                    return r.io.recv(fd, bufs, true, timeout);
+                }
+                let ahead = &mut *ahead;
+                ahead.buf.resize(READ_AHEAD, 0);
+                let n = r.io.recv(fd, &mut [IoSliceMut::new(&mut ahead.buf)], false, timeout)?;
+                (ahead.pos, ahead.end) = (0, n);
+                Ok(ahead.give(bufs))
             }
         }
     }
