@@ -285,9 +285,12 @@ fn run(mut ring: IoUring, shared: &Shared) {
         match ring.submit_and_wait(1) {
             Ok(_) => {}
             Err(e) if matches!(e.raw_os_error(), Some(libc::EINTR | libc::EBUSY | libc::EAGAIN)) => {}
-            // The ring itself failed: nothing in flight can be trusted to complete, and callers' buffers are
-            // borrowed until it does, so keep reaping what comes rather than leave.
-            Err(_) => std::thread::sleep(Duration::from_millis(1)),
+            // The ring itself failed. Callers' buffers stay borrowed until their requests complete, so the thread
+            // may not leave while any is in flight: it says so and keeps trying.
+            Err(e) => {
+                tracing::error!(error = %e, inflight, "io_uring_enter failed; retrying");
+                std::thread::sleep(Duration::from_millis(10));
+            }
         }
         shared.sleeping.store(false, Ordering::SeqCst);
         for cqe in ring.completion() {
