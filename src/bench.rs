@@ -143,6 +143,8 @@ pub struct Row {
     pub zerocopy: (u64, u64),
     /// The source's JSON report (of the median migration).
     pub source_report: PathBuf,
+    /// The destination's JSON report of the same migration.
+    pub dest_report: PathBuf,
     /// Every pair, in the order run.
     pub runs: Vec<Run>,
 }
@@ -433,6 +435,7 @@ fn migrate_once(
         codecs: [p.zero, p.lz4, p.zstd, p.raw],
         zerocopy: zc,
         source_report: src_report,
+        dest_report: dst_report,
         runs: Vec::new(),
     })
 }

@@ -503,6 +503,7 @@ fn destination_report(guest: &AnyGuest, r: &DestReport, start: Instant, cpu_seco
         source_vcpus_after: None,
         send_path: "-".to_string(),
         cpu_seconds,
+        uring_requests: r.uring_requests,
         timeline: Vec::new(),
         security: livemig::report::Security::from(&r.security),
         memory: Some(livemig::report::Memory::measure(&[guest.memory()], r.table_bytes)),

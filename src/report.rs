@@ -198,6 +198,10 @@ pub struct Report {
     pub send_path: String,
     /// CPU seconds (user and system) of the reporting process during the migration (an addition).
     pub cpu_seconds: f64,
+    /// Socket requests this side's io_uring completed: 0 unless the links went through one (`--send-path uring`,
+    /// `receive --recv-path uring`; an addition).
+    #[serde(default)]
+    pub uring_requests: u64,
     /// Per-link wire bytes over time: seconds since the start, cumulative bytes per link (an addition; `--plot`
     /// draws it).
     pub timeline: Vec<(f64, Vec<u64>)>,
@@ -349,6 +353,7 @@ impl Report {
             source_vcpus_after: None,
             send_path: r.send_path.name().to_string(),
             cpu_seconds: r.cpu_seconds,
+            uring_requests: r.uring_requests,
             timeline: r.timeline.clone(),
             security: Security::from(&r.security),
             memory: None,

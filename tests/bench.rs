@@ -10,7 +10,7 @@ fn bench_prints_the_matrix_writes_rows_and_draws_each_row() {
     std::fs::create_dir_all(&dir).unwrap();
     let (rows, plot) = (dir.join("rows.json"), dir.join("p.svg"));
     let out = Command::new(BIN)
-        .args(["bench", "--memory", "64MiB", "--links", "1,2", "--paths", "copy,vectored", "--output"])
+        .args(["bench", "--memory", "64MiB", "--links", "1,2", "--paths", "copy,vectored,uring", "--output"])
         .arg(&rows)
         .arg("--plot")
         .arg(&plot)
@@ -21,7 +21,7 @@ fn bench_prints_the_matrix_writes_rows_and_draws_each_row() {
     assert!(stdout.contains("TCP Gb") && stdout.contains("ratio"), "{stdout}");
     let json: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(&rows).unwrap()).unwrap();
     let rows = json["rows"].as_array().unwrap();
-    assert_eq!(rows.len(), 8, "2 link counts × 2 paths × 2 security modes");
+    assert_eq!(rows.len(), 12, "2 link counts × 3 paths × 2 security modes");
     let modes: Vec<&str> = rows.iter().map(|r| r["security"].as_str().unwrap()).collect();
     assert_eq!(modes[..2], ["mtls", "insecure"], "encrypted and plaintext rows side by side");
     for r in rows {
@@ -29,6 +29,13 @@ fn bench_prints_the_matrix_writes_rows_and_draws_each_row() {
         let report: serde_json::Value =
             serde_json::from_str(&std::fs::read_to_string(r["source_report"].as_str().unwrap()).unwrap()).unwrap();
         assert_eq!(report["security"]["mode"], r["security"], "{r}");
+        // A uring row went through a ring on each side; the others through none.
+        let dest: serde_json::Value =
+            serde_json::from_str(&std::fs::read_to_string(r["dest_report"].as_str().unwrap()).unwrap()).unwrap();
+        let uring = r["send_path"] == "uring";
+        for side in [&report, &dest] {
+            assert_eq!(side["uring_requests"].as_u64().unwrap() > 0, uring, "{r}");
+        }
         assert_eq!(r["verified"], true, "{r}");
         let (wire, base) = (r["wire_bps"].as_f64().unwrap(), r["baseline_bps"].as_f64().unwrap());
         assert!(wire > 0.0 && base > 0.0, "{r}");
