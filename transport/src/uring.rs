@@ -278,7 +278,9 @@ fn run(mut ring: IoUring, shared: &Shared) {
             return;
         }
         shared.sleeping.store(true, Ordering::SeqCst);
-        if !shared.lock().0.is_empty() {
+        // Checked after `sleeping` is set: a request queued, or a stop asked for, before this point was not woken
+        // for (its kick found `sleeping` false), so it must be seen here.
+        if !shared.lock().0.is_empty() || shared.stop.load(Ordering::SeqCst) != stopping {
             shared.sleeping.store(false, Ordering::SeqCst);
             continue;
         }
@@ -310,7 +312,7 @@ fn finish(cqe: &cqueue::Entry, inflight: &mut usize, wake_armed: &mut bool) -> b
         ud => {
             // SAFETY: `ud` is the pointer `start` leaked for this request, and a request completes once.
             let op = unsafe { Box::from_raw(ud as *mut Op) };
-            *inflight -= 1;
+            *inflight = inflight.saturating_sub(1);
             op.reply.set(cqe.result());
             return true;
         }

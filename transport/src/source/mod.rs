@@ -116,8 +116,7 @@ pub(crate) fn run(
     let cpu_start = crate::cpu_usage::process_cpu_seconds();
     let control_written = AtomicU64::new(0);
     let setup = open(guest, control, links, opts, security, &control_written, &mut report.security);
-    // The ring is declared before the stripe that takes the links, so dropped after it: it outlives every link
-    // thread that submits to it.
+    // The ring is dropped after the stripe that takes the links: it outlives every link thread that submits to it.
     let (control, initial, rtt, (data, refused, ring)) = match setup {
         Ok(x) => x,
         Err(e) => {
@@ -177,8 +176,7 @@ pub(crate) fn run(
         drop(ev_tx);
     });
     report.send_path = policy.path();
-    report.uring_requests = ring.as_ref().map_or(0, Ring::requests);
-    report.table_bytes = hashes.bytes();
+    (report.uring_requests, report.table_bytes) = (ring.as_ref().map_or(0, Ring::requests), hashes.bytes());
     finished(opts, &mut report, start, cpu_start);
     report_links(&mut report, &stripe, &link_errors, control_written.load(Ordering::Relaxed));
     report

@@ -256,18 +256,23 @@ impl Opener {
             }
             self.open_buffered(r, n, len)?;
         }
-        let mut given = 0;
-        for b in bufs.iter_mut() {
-            let k = b.len().min(self.end - self.pos);
-            b[..k].copy_from_slice(&self.buf[self.pos..self.pos + k]);
-            self.pos += k;
-            given += k;
-            if self.pos == self.end {
-                break;
-            }
-        }
-        Ok(given)
+        Ok(give(&self.buf[..self.end], &mut self.pos, bufs))
     }
+}
+
+/// Copies `src[*pos..]` into `bufs` in order, as far as they hold; advances `pos` and returns the bytes given.
+pub(crate) fn give(src: &[u8], pos: &mut usize, bufs: &mut [IoSliceMut<'_>]) -> usize {
+    let mut given = 0;
+    for b in bufs.iter_mut() {
+        let k = b.len().min(src.len() - *pos);
+        b[..k].copy_from_slice(&src[*pos..*pos + k]);
+        *pos += k;
+        given += k;
+        if *pos == src.len() {
+            break;
+        }
+    }
+    given
 }
 
 #[cfg(test)]

@@ -357,17 +357,7 @@ struct ReadAhead {
 impl ReadAhead {
     /// Copies buffered bytes into `bufs`; returns how many.
     fn give(&mut self, bufs: &mut [IoSliceMut<'_>]) -> usize {
-        let mut given = 0;
-        for b in bufs.iter_mut() {
-            let k = b.len().min(self.end - self.pos);
-            b[..k].copy_from_slice(&self.buf[self.pos..self.pos + k]);
-            self.pos += k;
-            given += k;
-            if self.pos == self.end {
-                break;
-            }
-        }
-        given
+        channel::give(&self.buf[..self.end], &mut self.pos, bufs)
     }
 }
 
