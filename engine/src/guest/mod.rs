@@ -9,6 +9,7 @@
 
 mod mmap;
 mod synthetic;
+pub mod uffd;
 
 pub use mmap::{prefault_host, resident_pages, MmapRegion};
 pub use synthetic::{fill_mix, PageKind, SyntheticConfig, SyntheticGuest, SyntheticVcpus, TEXT_WORDS, THROTTLE_SLICE};
