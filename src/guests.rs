@@ -39,6 +39,15 @@ impl AnyGuest {
         }
     }
 
+    /// Pages the guest's vCPUs have written since it was made: the synthetic guest's count, the KVM test guest's
+    /// progress counter (one page per step).
+    pub fn pages_written(&self) -> u64 {
+        match self {
+            AnyGuest::Synthetic(g) => g.vcpus().pages_written(),
+            AnyGuest::Kvm(g) => g.counter(),
+        }
+    }
+
     /// The synthetic guest, if it is one.
     pub fn synthetic(&self) -> Option<&SyntheticGuest> {
         match self {

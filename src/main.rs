@@ -254,8 +254,17 @@ fn finish(report: &Report, run_report: &Option<PathBuf>, json: bool, plot: Optio
     }
 }
 
-fn source_report(guest: &AnyGuest, r: &SourceReport, run: &RunOpts, opts: &SourceOptions) -> Report {
+/// The source's report; `written_before` is the guest's [`AnyGuest::pages_written`] when the migration started.
+fn source_report(
+    guest: &AnyGuest,
+    r: &SourceReport,
+    run: &RunOpts,
+    opts: &SourceOptions,
+    written_before: u64,
+) -> Report {
     let mut report = Report::from_source(r, guest_info(guest), run.downtime_target as f64, opts.verify);
+    let pages_written_during_migration = guest.pages_written().saturating_sub(written_before);
+    report.guest_progress = Some(livemig::report::GuestProgress { pages_written_during_migration });
     let v = guest.vcpus();
     report.source_vcpus_after = Some(VcpuState { paused: v.is_paused(), throttle_pct: v.throttle() });
     report.memory = Some(livemig::report::Memory::measure(&[guest.memory()], r.table_bytes));
@@ -286,10 +295,11 @@ fn demo(links: usize, insecure: bool, g: &GuestOpts, run: &RunOpts) -> Result<()
         recv_uring: opts.send_path == Some(livemig::engine::encode::SendPath::Uring),
         ..defaults
     };
+    let written_before = guest.pages_written();
     let out = migrate_loopback(&guest, links, &opts, &dopts, &security, &update)
         .context("setting up the loopback connection")?;
     bar.finish_and_clear();
-    let mut report = source_report(&guest, &out.source, run, &opts);
+    let mut report = source_report(&guest, &out.source, run, &opts, written_before);
     if let Ok((dest, d)) = &out.dest {
         // One process holds both sides: both guests and both sides' tables.
         let tables = out.source.table_bytes + d.table_bytes;
@@ -427,13 +437,14 @@ fn send(
     opts.controls = Some(controls);
     let stream = to.connect(Duration::from_secs(10))?;
     let (bar, update) = progress_bar();
+    let written_before = guest.pages_written();
     let r = migrate(&guest, stream, links, &opts, &security, &update);
     bar.finish_and_clear();
     if let Some(path) = control {
         // The migration is over: nothing answers on the socket any more.
         let _ = std::fs::remove_file(path);
     }
-    finish(&source_report(&guest, &r, run, &opts), &run.report, run.json, run.plot.as_deref())
+    finish(&source_report(&guest, &r, run, &opts, written_before), &run.report, run.json, run.plot.as_deref())
 }
 
 /// Creates and faults in a destination guest of `bytes` in one region (`receive --prealloc`).
@@ -507,6 +518,7 @@ fn destination_report(guest: &AnyGuest, r: &DestReport, start: Instant, cpu_seco
         timeline: Vec::new(),
         security: livemig::report::Security::from(&r.security),
         memory: Some(livemig::report::Memory::measure(&[guest.memory()], r.table_bytes)),
+        guest_progress: None,
     }
 }
 

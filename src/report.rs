@@ -209,6 +209,17 @@ pub struct Report {
     pub security: Security,
     /// What the migration cost in memory on the reporting host (an addition).
     pub memory: Option<Memory>,
+    /// What the guest got done while it migrated (the source's report), so that runs with different convergence
+    /// choices can be compared on it.
+    #[serde(default)]
+    pub guest_progress: Option<GuestProgress>,
+}
+
+/// The guest's own progress during the migration.
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+pub struct GuestProgress {
+    /// Pages the source's vCPUs wrote from the start of the migration to its end (for a completed one, to the pause).
+    pub pages_written_during_migration: u64,
 }
 
 /// Memory on the reporting host: the process's peak against the guest memory it holds.
@@ -357,6 +368,7 @@ impl Report {
             timeline: r.timeline.clone(),
             security: Security::from(&r.security),
             memory: None,
+            guest_progress: None,
         }
     }
 
@@ -380,10 +392,14 @@ impl Report {
         if let Some(v) = self.source_vcpus_after {
             let _ = writeln!(
                 s,
-                "source vCPUs {}, throttle {:.0}% (max during the run {:.0}%)",
+                "source vCPUs {}, throttle {:.0}% (max during the run {:.0}%){}",
                 if v.paused { "stopped (handed over)" } else { "running" },
                 v.throttle_pct,
-                self.max_throttle_pct
+                self.max_throttle_pct,
+                self.guest_progress.as_ref().map_or(String::new(), |g| format!(
+                    "; {} pages written during the migration",
+                    g.pages_written_during_migration
+                ))
             );
         }
         let ratio = self.bytes_on_wire as f64 / self.guest.memory_bytes.max(1) as f64;
