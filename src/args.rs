@@ -394,9 +394,10 @@ pub(crate) struct RunOpts {
     pub(crate) workers: Option<usize>,
     /// How raw pages leave guest memory: copied into the batch, written in place with iovecs, in place with
     /// MSG_ZEROCOPY, in place with every link's sendmsg submitted to one io_uring (uring; pair it with `receive
-    /// --recv-path uring`), or auto: try each but uring for 200 ms and keep the one that delivers fastest (the cheapest in CPU among
-    /// near ties). The default is vectored: on every link `livemig bench` measured here it was fastest or tied, and
-    /// auto's trials cost a migration that lasts a second a tenth of its time (docs/benchmarks.md).
+    /// --recv-path uring`), or auto: try each but uring for 200 ms and keep the one that delivers fastest (the
+    /// cheapest in CPU among near ties). The default is vectored: on every link `livemig bench` measured here it was
+    /// fastest or tied, and auto's trials cost a migration that lasts a second a tenth of its time
+    /// (docs/benchmarks.md).
     // Spelled out so that clap parses the value into an Option (None for auto) instead of making the flag optional.
     #[arg(long, value_parser = parse_send_path, default_value = "vectored")]
     pub(crate) send_path: std::option::Option<SendPath>,
