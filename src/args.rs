@@ -2,7 +2,7 @@
 
 use clap::{Args, Parser, Subcommand, ValueEnum};
 use livemig::engine::encode::SendPath;
-use livemig::engine::precopy::OnTimeout;
+use livemig::engine::precopy::{OnTimeout, PostcopyMode};
 use livemig::kvm::DirtyLogMethod;
 use livemig::report::parse_size;
 use livemig::transport::link::LinkSpec;
@@ -379,10 +379,16 @@ pub(crate) struct RunOpts {
     /// spread by their capacity, and convergence is planned at it.
     #[arg(long, value_parser = livemig::control::parse_bandwidth)]
     pub(crate) max_bandwidth: Option<u64>,
-    /// The highest vCPU throttle convergence may use, percent (0 to 99). A guest that cannot converge under it
-    /// reaches --max-rounds/--max-time and --on-timeout instead of being slowed further.
-    #[arg(long, value_name = "PCT", default_value_t = 99.0, value_parser = parse_pct)]
-    pub(crate) max_throttle: f64,
+    /// The highest vCPU throttle convergence may use, percent (0 to 99; default 99, or 50 with --postcopy auto). A
+    /// guest that cannot converge under it reaches --max-rounds/--max-time and --on-timeout, or post-copy, instead
+    /// of being slowed further.
+    #[arg(long, value_name = "PCT", value_parser = parse_pct)]
+    pub(crate) max_throttle: Option<f64>,
+    /// Post-copy: off; auto, when pre-copy cannot meet the downtime target under --max-throttle; or always, after
+    /// round 0. The destination then runs the guest at once and pulls the pages it touches before they arrive (it
+    /// needs userfaultfd: root, or vm.unprivileged_userfaultfd = 1).
+    #[arg(long, value_enum, default_value = "off")]
+    pub(crate) postcopy: PostcopyMode,
     /// How the switchover verifies destination memory.
     #[arg(long, value_enum, default_value = "tables")]
     pub(crate) verify: VerifyMode,

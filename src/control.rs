@@ -112,7 +112,10 @@ pub fn answer(line: &str, controls: &Controls) -> Value {
             Ok(()) => json!({"ok": true}),
             Err(e) => refuse(e.to_string()),
         },
-        Some("postcopy") => refuse("post-copy is not available in this build"),
+        Some("postcopy") => match controls.push(Change::PostcopyNow) {
+            Ok(()) => json!({"ok": true}),
+            Err(e) => refuse(e.to_string()),
+        },
         Some("set") => set(&req, controls),
         Some(other) => refuse(format!("unknown command {other:?} (status, cancel, switchover, postcopy, set)")),
         None => refuse("no \"cmd\""),
@@ -190,6 +193,7 @@ mod tests {
         assert_eq!(answer(r#"{"cmd":"set","downtime_target_ms":100}"#, &c), json!({"ok": true}));
         assert_eq!(answer(r#"{"cmd":"set","max_throttle_pct":40}"#, &c), json!({"ok": true}));
         assert_eq!(answer(r#"{"cmd":"switchover"}"#, &c), json!({"ok": true}));
+        assert_eq!(answer(r#"{"cmd":"postcopy"}"#, &c), json!({"ok": true}));
         assert_eq!(answer(r#"{"cmd":"cancel"}"#, &c), json!({"ok": true}));
         let taken = c.take_for_test();
         assert_eq!(
@@ -199,6 +203,7 @@ mod tests {
                 Change::DowntimeTarget(Duration::from_millis(100)),
                 Change::MaxThrottle(40.0),
                 Change::SwitchoverNow,
+                Change::PostcopyNow,
                 Change::Cancel("cancelled through the control socket".into())
             ]
         );
@@ -214,7 +219,6 @@ mod tests {
             (r#"{"cmd":"set","max_bandwidth":"100mbit","max_throttle_pct":-1}"#, "max_throttle_pct: throttle"),
             (r#"{"cmd":"set","workers":4}"#, "cannot set"),
             (r#"{"cmd":"set"}"#, "set what"),
-            (r#"{"cmd":"postcopy"}"#, "post-copy"),
         ] {
             let a = answer(bad, &c);
             assert_eq!(a["ok"], false, "{bad}");

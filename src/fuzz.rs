@@ -73,7 +73,24 @@ fn decode_frame(data: &[u8]) {
                 assert_eq!(wire::decode_device(&wire::encode_device(&d)).ok(), Some(d), "a device section round trip");
             }
         }
-        Kind::StateAck | Kind::Commit | Kind::Committed => {}
+        Kind::Missing => {
+            let mut into = livemig_engine::dirty::Bitmap::new(1 << 20);
+            if wire::postcopy::decode_missing(&body, &mut into).is_ok() {
+                assert!(into.count_ones() > 0 || body.len() > 8, "an empty Missing body was taken");
+            }
+        }
+        Kind::PageRequest => {
+            if let Ok(p) = wire::postcopy::decode_request(&body, 1 << 20) {
+                assert!(p.iter().all(|&p| p < 1 << 20) && p.len() <= wire::postcopy::REQUEST_PAGES);
+            }
+        }
+        Kind::PostcopyStats => {
+            if let Ok(s) = wire::postcopy::decode_stats(&body) {
+                let again = wire::postcopy::decode_stats(&wire::postcopy::encode_stats(&s)).ok();
+                assert_eq!(again, Some(s), "post-copy stats round trip");
+            }
+        }
+        Kind::StateAck | Kind::Commit | Kind::Committed | Kind::Switch | Kind::Switched => {}
     }
 }
 

@@ -11,7 +11,7 @@ use livemig::baseline;
 
 use livemig::engine::cpu::{self, CpuDescription};
 use livemig::engine::guest::{Guest, GuestMemory, MemoryLayout, SyntheticConfig, SyntheticGuest};
-use livemig::engine::precopy::PrecopyConfig;
+use livemig::engine::precopy::{PostcopyMode, PrecopyConfig};
 use livemig::engine::preflight::{self, DestDescription, PortGroup};
 use livemig::guests::AnyGuest;
 use livemig::kvm::{DirtyLogMethod, KvmConfig, KvmGuest};
@@ -189,7 +189,11 @@ fn source_options(run: &RunOpts, g: &GuestOpts) -> Result<SourceOptions> {
             on_timeout: run.on_timeout,
             throttle: !run.no_throttle,
             max_bandwidth: run.max_bandwidth,
-            max_throttle: run.max_throttle,
+            max_throttle: run.max_throttle.unwrap_or(match run.postcopy {
+                PostcopyMode::Auto => 50.0,
+                _ => livemig::engine::precopy::MAX_THROTTLE,
+            }),
+            postcopy: run.postcopy,
             ..Default::default()
         },
         verify: run.verify,
@@ -519,6 +523,9 @@ fn destination_report(guest: &AnyGuest, r: &DestReport, start: Instant, cpu_seco
         security: livemig::report::Security::from(&r.security),
         memory: Some(livemig::report::Memory::measure(&[guest.memory()], r.table_bytes)),
         guest_progress: None,
+        postcopy: r.postcopy.as_ref().map(|(s, pulled)| {
+            livemig::report::Postcopy::from_destination(s, *pulled, r.resumed_at.duration_since(start))
+        }),
     }
 }
 

@@ -1,6 +1,7 @@
 //! The JSON report (docs/interfaces.md), built from the drivers' reports, and the terminal table.
 
 use livemig_engine::encode::PageCounts;
+use livemig_engine::receive::postcopy::PostcopyStats;
 use livemig_transport::source::{MigrateError, SourceReport, VerifyMode};
 use serde::{Deserialize, Serialize};
 
@@ -213,6 +214,88 @@ pub struct Report {
     /// choices can be compared on it.
     #[serde(default)]
     pub guest_progress: Option<GuestProgress>,
+    /// Post-copy's figures; null when the migration did not switch to it.
+    #[serde(default)]
+    pub postcopy: Option<Postcopy>,
+}
+
+/// What post-copy did (docs/interfaces.md).
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+pub struct Postcopy {
+    /// Seconds from the migration's start to the destination running the guest.
+    pub switched_at_s: f64,
+    /// Faults on missing pages, each asked of the source once.
+    pub faults: u64,
+    /// From a fault's arrival at the destination to its page placed, microseconds.
+    pub fault_latency_us: Latency,
+    /// Pages sent in answer to faults (the urgent path).
+    pub pages_pulled: u64,
+    /// Pages the background push sent.
+    pub pages_pushed: u64,
+    /// Faults on zero pages, placed by the destination alone (an addition).
+    pub zero_faults: u64,
+    /// Fault latency histogram: (upper bound in microseconds, faults), powers of two (an addition; `--plot` draws
+    /// it).
+    pub fault_latency_histogram: Vec<(u64, u64)>,
+}
+
+/// Latency percentiles.
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+pub struct Latency {
+    /// Median.
+    pub p50: f64,
+    /// 99th percentile.
+    pub p99: f64,
+    /// Largest.
+    pub max: f64,
+}
+
+impl Postcopy {
+    /// From the source's figures (and the destination's, which it sent before its verdict).
+    pub fn from_source(p: &livemig_transport::source::PostcopyReport) -> Postcopy {
+        let d = p.destination.clone().unwrap_or_default();
+        Postcopy {
+            pages_pulled: p.pages_pulled,
+            pages_pushed: p.pages_pushed,
+            ..Postcopy::from_destination(&d, p.pages_pulled, p.switched_at)
+        }
+    }
+
+    /// From the destination's own figures: it sees the faults, and which pages came on the urgent path (the push is
+    /// what else it placed).
+    pub fn from_destination(s: &PostcopyStats, pulled: u64, switched_at: std::time::Duration) -> Postcopy {
+        Postcopy {
+            switched_at_s: switched_at.as_secs_f64(),
+            faults: s.faults,
+            fault_latency_us: Latency { p50: s.latency_us[0], p99: s.latency_us[1], max: s.latency_us[2] },
+            pages_pulled: pulled,
+            pages_pushed: s.placed.saturating_sub(pulled),
+            zero_faults: s.zero_faults,
+            fault_latency_histogram: histogram(&s.histogram),
+        }
+    }
+
+    /// The report's lines for a terminal.
+    pub fn lines(&self) -> String {
+        let l = &self.fault_latency_us;
+        format!(
+            "post-copy   switched at {:.3} s; {} faults (latency p50 {:.0} µs, p99 {:.0} µs, max {:.0} µs), {} zero \
+             pages placed here; {} pages pulled, {} pushed\n",
+            self.switched_at_s,
+            self.faults,
+            l.p50,
+            l.p99,
+            l.max,
+            self.zero_faults,
+            self.pages_pulled,
+            self.pages_pushed
+        )
+    }
+}
+
+/// Non-empty histogram buckets as (upper bound in µs, count).
+fn histogram(counts: &[u64]) -> Vec<(u64, u64)> {
+    counts.iter().enumerate().filter(|(_, &c)| c > 0).map(|(i, &c)| (1u64 << i, c)).collect()
 }
 
 /// The guest's own progress during the migration.
@@ -369,6 +452,7 @@ impl Report {
             security: Security::from(&r.security),
             memory: None,
             guest_progress: None,
+            postcopy: r.postcopy.as_ref().map(Postcopy::from_source),
         }
     }
 
@@ -403,6 +487,7 @@ impl Report {
             );
         }
         let ratio = self.bytes_on_wire as f64 / self.guest.memory_bytes.max(1) as f64;
+        s.push_str(&self.postcopy.as_ref().map(Postcopy::lines).unwrap_or_default());
         let _ = writeln!(s, "on the wire {:.1} MiB ({:.3} × guest memory)", mib(self.bytes_on_wire), ratio);
         let _ = writeln!(
             s,

@@ -2,7 +2,7 @@
 //! dirties pages at a fixed rate over a hot set. No sockets, threads or sleeps; time is a number.
 
 use livemig_engine::dirty::Bitmap;
-use livemig_engine::precopy::{Action, OnTimeout, Outcome, Precopy, PrecopyConfig, MAX_PAUSE};
+use livemig_engine::precopy::{Action, OnTimeout, Outcome, PostcopyMode, Precopy, PrecopyConfig, MAX_PAUSE};
 use std::time::{Duration, Instant};
 
 const PAGE: u64 = 4096;
@@ -144,6 +144,8 @@ impl Sim {
                     m.paused(self.now);
                 }
                 Action::SendState => m.state_delivered(),
+                // Post-copy: the destination runs the guest from here; the source stays paused.
+                Action::Switch { pages } => m.switched(pages, self.now),
                 Action::Verify => m.verified(digest_ok),
                 Action::Commit => m.committed(),
                 Action::ResumeSource => {
@@ -287,6 +289,7 @@ fn failure_after_commit_is_sent_keeps_the_source_paused() {
             Action::Harvest => m.harvested(Bitmap::new(8), Instant::now()),
             Action::Pause => m.paused(Instant::now()),
             Action::SendState => m.state_delivered(),
+            Action::Switch { .. } => panic!("post-copy is off"),
             Action::Verify => m.verified(true),
             Action::Commit => {
                 saw_commit = true;
@@ -552,4 +555,81 @@ fn a_live_change_is_a_new_plan_so_the_eta_starts_afresh() {
     let (o, _) = sim.run(cfg(300, 30), None, true);
     assert_eq!(o, Outcome::Completed);
     assert!(checked.get(), "the change was never made");
+}
+
+#[test]
+fn postcopy_always_switches_after_round_zero_and_pushes_what_is_left() {
+    let mut sim = outrun();
+    let c = PrecopyConfig { postcopy: PostcopyMode::Always, ..cfg(300, 30) };
+    let (o, m) = sim.run(c, None, true);
+    assert_eq!(o, Outcome::Completed);
+    assert_eq!(
+        sim.actions,
+        ["SendRound", "Harvest", "Pause", "Harvest", "SendState", "Switch", "SendRound", "Verify", "Commit", "Done"]
+    );
+    let r = m.rounds();
+    assert_eq!(r.len(), 2);
+    // The push is every page dirtied during round 0 (and none twice), sent after the switch.
+    assert!(r[1].last && r[1].dirty_pages > 0 && r[1].dirty_pages <= (1 << 19) / 10, "{:?}", r[1]);
+    assert!(m.switched_at().is_some() && m.is_postcopy());
+    assert_eq!(sim.max_throttle, 0.0, "post-copy never throttles");
+    assert!(!sim.resumed, "the source never resumes once the destination runs the guest");
+}
+
+#[test]
+fn postcopy_auto_switches_instead_of_throttling_past_the_limit() {
+    // The guest outruns the link: pre-copy alone would throttle it past 50 %; auto switches instead.
+    let mut sim = outrun();
+    let c = PrecopyConfig { postcopy: PostcopyMode::Auto, max_throttle: 50.0, ..cfg(300, 30) };
+    let (o, m) = sim.run(c, None, true);
+    assert_eq!(o, Outcome::Completed);
+    assert!(sim.actions.contains(&"Switch".to_string()), "{:?}", sim.actions);
+    assert!(sim.max_throttle <= 50.0, "throttle {}", sim.max_throttle);
+    assert!(m.switched_at().is_some());
+    // A guest the link keeps up with converges by pre-copy, auto or not.
+    let mut calm = Sim::new(1 << 18, 125e6, 5000.0, (1 << 18) / 10);
+    let c = PrecopyConfig { postcopy: PostcopyMode::Auto, max_throttle: 50.0, ..cfg(50, 30) };
+    let (o, m) = calm.run(c, None, true);
+    assert_eq!(o, Outcome::Completed);
+    assert!(m.switched_at().is_none() && !calm.actions.contains(&"Switch".to_string()), "{:?}", calm.actions);
+}
+
+#[test]
+fn a_failure_after_the_switch_never_resumes_the_source() {
+    // A link dies during the push: the destination runs the guest, so the source stays paused and keeps memory.
+    let mut sim = outrun();
+    let c = PrecopyConfig { postcopy: PostcopyMode::Always, ..cfg(300, 30) };
+    let round0_batches = (1u64 << 19).div_ceil(64);
+    let (o, _) = sim.run(c.clone(), Some(round0_batches + 3), true);
+    assert!(matches!(o, Outcome::Failed(ref r) if r.contains("post-copy") && r.contains("stays paused")), "{o:?}");
+    assert!(!sim.resumed && !sim.actions.contains(&"ResumeSource".to_string()), "{:?}", sim.actions);
+    // A digest mismatch after the switch is a failure, loudly, and still no resume.
+    let mut sim = outrun();
+    let (o, _) = sim.run(c.clone(), None, false);
+    assert!(matches!(o, Outcome::Failed(ref r) if r.contains("digest") && r.contains("post-copy")), "{o:?}");
+    assert!(!sim.resumed);
+    // Nor can an operator cancel once the switch is under way.
+    let mut m = Precopy::new(c, Bitmap::new(8), Instant::now());
+    let mut cancel_refused = false;
+    while let Some(a) = m.poll() {
+        match a {
+            Action::SendRound { .. } => m.round_delivered(Instant::now()),
+            Action::Harvest => m.harvested(Bitmap::new(8), Instant::now()),
+            Action::Pause => m.paused(Instant::now()),
+            Action::SendState => m.state_delivered(),
+            Action::Switch { pages } => {
+                cancel_refused = !m.cancel("operator".into());
+                m.switched(pages, Instant::now());
+            }
+            Action::Verify => m.verified(true),
+            Action::Commit => m.committed(),
+            Action::ResumeSource => panic!("resumed after the switch"),
+            Action::SetThrottle(_) => {}
+            Action::Done(o) => {
+                assert_eq!(o, Outcome::Completed);
+                break;
+            }
+        }
+    }
+    assert!(cancel_refused, "a cancel after the switch must be refused");
 }

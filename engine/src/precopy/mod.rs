@@ -57,6 +57,23 @@ pub struct PrecopyConfig {
     /// The highest vCPU throttle the machine may ask for, percent (`--max-throttle`; at most [`MAX_THROTTLE`]). A
     /// guest that cannot converge under it reaches the timeout rule instead of being starved further.
     pub max_throttle: f64,
+    /// Whether and when to switch to post-copy (`--postcopy`).
+    pub postcopy: PostcopyMode,
+}
+
+/// When the machine switches to post-copy: the destination runs the guest before every page has arrived, and pulls
+/// what it touches first.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+#[cfg_attr(feature = "clap", derive(clap::ValueEnum))]
+pub enum PostcopyMode {
+    /// Never: pre-copy converges (throttling the guest up to the limit) or the timeout rule applies.
+    #[default]
+    Off,
+    /// When pre-copy cannot meet the downtime target under the throttle limit: the guest would need a higher
+    /// throttle than [`PrecopyConfig::max_throttle`], or the timeout rule would cancel.
+    Auto,
+    /// After round 0.
+    Always,
 }
 
 impl Default for PrecopyConfig {
@@ -71,6 +88,7 @@ impl Default for PrecopyConfig {
             peer_timeout: Duration::from_secs(10),
             max_bandwidth: None,
             max_throttle: MAX_THROTTLE,
+            postcopy: PostcopyMode::Off,
         }
     }
 }
@@ -96,6 +114,13 @@ pub enum Action {
     Pause,
     /// Send the vCPU state and report with [`Precopy::state_delivered`].
     SendState,
+    /// Post-copy: the vCPUs are paused and their state delivered. Tell the destination that `pages` are still to
+    /// come and to resume the guest now, registering them missing; report with [`Precopy::switched`]. The pages follow
+    /// as a [`Action::SendRound`] (the push) while the destination asks for those its guest touches first.
+    Switch {
+        /// The pages the destination does not hold yet (their latest copies are on the source).
+        pages: Bitmap,
+    },
     /// Ask the destination to compare digests and report its verdict with [`Precopy::verified`].
     Verify,
     /// Tell the destination to resume the guest; report its acknowledgement with [`Precopy::committed`].
@@ -142,6 +167,8 @@ enum Phase {
     FinalHarvest,
     FinalRound,
     State,
+    /// Post-copy: waiting for the destination to resume the guest.
+    Switching,
     Verifying,
     Committing,
     Done,
@@ -172,6 +199,9 @@ pub struct Precopy {
     sampled_rate: Option<f64>,
     /// The operator asked to switch over at the end of the round in flight, as long as the pause fits the bound.
     switchover_asked: bool,
+    /// Post-copy was decided (at the pause), and when the destination resumed the guest (the switch).
+    postcopy: bool,
+    switched_at: Option<Instant>,
     /// The last sign of progress from the destination (or the start of the current wait for it).
     heard: Instant,
     /// The last time-to-finish estimate handed out ([`Precopy::eta`]), which the next may not exceed.
@@ -216,6 +246,8 @@ impl Precopy {
             throttle: 0.0,
             sampled_rate: None,
             switchover_asked: false,
+            postcopy: false,
+            switched_at: None,
             heard: now,
             eta: None,
         };
@@ -256,6 +288,11 @@ impl Precopy {
         self.rounds.push(stats);
         match self.phase {
             Phase::Rounds => self.actions.push_back(Action::Harvest),
+            Phase::FinalRound if self.switched_at.is_some() => {
+                // The push is done: the destination holds every page, and the state went before the switch.
+                self.phase = Phase::Verifying;
+                self.actions.push_back(Action::Verify);
+            }
             Phase::FinalRound => {
                 self.phase = Phase::State;
                 self.actions.push_back(Action::SendState);
@@ -289,6 +326,13 @@ impl Precopy {
                 };
                 let forced = self.switchover_asked && predicted <= MAX_PAUSE;
                 let decision = if forced { Decision::StopAndCopy } else { self.policy.decide(&o, &self.cfg) };
+                if self.wants_postcopy(&decision, predicted) {
+                    self.postcopy = true;
+                    self.pending_final = Some(dirty);
+                    self.phase = Phase::Pausing;
+                    self.actions.push_back(Action::Pause);
+                    return;
+                }
                 match decision {
                     Decision::StopAndCopy => {
                         // The harvest is not lost: the final harvest after the pause ORs it back in.
@@ -314,6 +358,13 @@ impl Precopy {
             Phase::FinalHarvest => {
                 let mut all = self.pending_final.take().unwrap_or_else(|| Bitmap::new(dirty.len()));
                 all.or_assign(&dirty);
+                if self.postcopy {
+                    // The state goes first; the pages follow the switch.
+                    self.pending_final = Some(all);
+                    self.phase = Phase::State;
+                    self.actions.push_back(Action::SendState);
+                    return;
+                }
                 let pages = all.count_ones();
                 self.phase = Phase::FinalRound;
                 self.start_round(all, pages, now, true);
@@ -342,10 +393,56 @@ impl Precopy {
 
     /// The vCPU state reached the destination.
     pub fn state_delivered(&mut self) {
-        if self.phase == Phase::State {
+        if self.phase != Phase::State {
+            return;
+        }
+        if self.postcopy {
+            let pages = self.pending_final.take().unwrap_or_else(|| Bitmap::new(0));
+            self.phase = Phase::Switching;
+            self.actions.push_back(Action::Switch { pages });
+        } else {
             self.phase = Phase::Verifying;
             self.actions.push_back(Action::Verify);
         }
+    }
+
+    /// Post-copy: the destination resumed the guest at `now`. The pages it lacks go out as the last round (the push).
+    pub fn switched(&mut self, pages: Bitmap, now: Instant) {
+        if self.phase != Phase::Switching {
+            return;
+        }
+        self.switched_at = Some(now);
+        let count = pages.count_ones();
+        self.phase = Phase::FinalRound;
+        self.start_round(pages, count, now, true);
+    }
+
+    /// Whether a decision taken after a pre-copy harvest should become a switch to post-copy instead: `always`
+    /// switches at the first, `auto` when pre-copy would need more throttle than allowed, or would give up. A guest
+    /// that fits the target as it is stops and copies whatever the mode.
+    fn wants_postcopy(&self, decision: &Decision, predicted: Duration) -> bool {
+        match self.cfg.postcopy {
+            PostcopyMode::Off => false,
+            PostcopyMode::Always => true,
+            PostcopyMode::Auto => match decision {
+                Decision::StopAndCopy => false,
+                Decision::Cancel(_) => true,
+                Decision::Continue { throttle_pct } => {
+                    *throttle_pct > self.cfg.max_throttle
+                        || (self.throttle >= self.cfg.max_throttle && predicted > self.cfg.downtime_target)
+                }
+            },
+        }
+    }
+
+    /// When the destination resumed the guest in post-copy, if it did.
+    pub fn switched_at(&self) -> Option<Instant> {
+        self.switched_at
+    }
+
+    /// Whether this migration switches (or switched) to post-copy.
+    pub fn is_postcopy(&self) -> bool {
+        self.postcopy
     }
 
     /// The destination's verdict on the digests.
@@ -359,6 +456,11 @@ impl Precopy {
         } else {
             self.fail("destination memory digest differs from the source's".into());
         }
+    }
+
+    /// Past the switch, the destination runs the guest: the source must never resume it, whatever happens.
+    fn past_switch(&self) -> bool {
+        self.switched_at.is_some() || self.phase == Phase::Switching
     }
 
     /// The destination acknowledged the commit: it runs the guest now.
@@ -410,6 +512,7 @@ impl Precopy {
 
     fn pause_deadline(&self) -> Option<Instant> {
         match self.phase {
+            _ if self.switched_at.is_some() => None,
             Phase::FinalHarvest | Phase::FinalRound | Phase::State | Phase::Verifying => {
                 self.paused_at.map(|p| p + MAX_PAUSE)
             }
@@ -447,9 +550,15 @@ impl Precopy {
             return;
         }
         let committing = self.phase == Phase::Committing;
+        let switched = self.past_switch();
         self.phase = Phase::Done;
         self.actions.clear();
-        if committing {
+        if switched {
+            self.actions.push_back(Action::Done(Outcome::Failed(format!(
+                "post-copy failed after the switch ({reason}); the destination may be running the guest without \
+                 every page, so the source stays paused and keeps the guest's memory"
+            ))));
+        } else if committing {
             self.actions.push_back(Action::Done(Outcome::Failed(format!(
                 "commit not acknowledged ({reason}); the source stays paused because the destination may be running"
             ))));
@@ -462,7 +571,7 @@ impl Precopy {
     /// Calls the migration off at the operator's request: the source resumes (unthrottled) and keeps the guest. Too
     /// late once Commit is sent (the destination may be running the guest) or the machine is done: then false.
     pub fn cancel(&mut self, reason: String) -> bool {
-        if matches!(self.phase, Phase::Done | Phase::Committing) {
+        if matches!(self.phase, Phase::Done | Phase::Committing) || self.past_switch() {
             return false;
         }
         self.phase = Phase::Done;
@@ -497,6 +606,16 @@ impl Precopy {
             return false;
         }
         self.switchover_asked = true;
+        true
+    }
+
+    /// Asks to switch to post-copy at the end of the round in flight (the operator's `postcopy` command, QEMU's
+    /// `migrate-start-postcopy`). False once pre-copy is over.
+    pub fn postcopy_now(&mut self) -> bool {
+        if self.phase != Phase::Rounds {
+            return false;
+        }
+        self.cfg.postcopy = PostcopyMode::Always;
         true
     }
 

@@ -16,7 +16,10 @@ use crate::encode::{page_hash, zero_page_hash, Codec, HashTable, PageCounts, Pag
 use crate::guest::{host_pages, GuestMemory, PAGE_SIZE};
 use crate::sparse::Chunked;
 use std::sync::atomic::{AtomicU32, Ordering};
-use std::sync::{Mutex, MutexGuard};
+use std::sync::{Arc, Mutex, MutexGuard, OnceLock};
+
+pub mod postcopy;
+use postcopy::Placer;
 
 /// A page entry the receiver cannot apply.
 #[derive(Debug, Clone, thiserror::Error, PartialEq, Eq)]
@@ -69,6 +72,14 @@ pub enum ApplyError {
         /// The frame's zstd pages.
         pages: usize,
         /// What went wrong.
+        reason: String,
+    },
+    /// Post-copy could not place the page (the kernel refused the userfaultfd call).
+    #[error("page {page}: post-copy placement failed: {reason}")]
+    Place {
+        /// The page.
+        page: u64,
+        /// What the kernel said.
         reason: String,
     },
     /// Another link is reading the page in place. Not a fault in the frame: only a resend racing its original after
@@ -319,6 +330,8 @@ pub struct Receiver<'a> {
     epochs: Chunked<AtomicU32>,
     stripes: Vec<Mutex<()>>,
     hashes: HashTable,
+    /// Set at a post-copy switch: pages are placed through it, never written or read in place.
+    placer: OnceLock<Arc<dyn Placer>>,
 }
 
 impl<'a> Receiver<'a> {
@@ -331,7 +344,14 @@ impl<'a> Receiver<'a> {
             epochs: Chunked::new(pages, || AtomicU32::new(0)),
             stripes: (0..STRIPES).map(|_| Mutex::new(())).collect(),
             hashes: HashTable::new(pages),
+            placer: OnceLock::new(),
         }
+    }
+
+    /// Switches to post-copy: from now on every page is placed through `placer`. Call it with no frame being
+    /// applied. False if a placer was already set.
+    pub fn set_placer(&self, placer: Arc<dyn Placer>) -> bool {
+        self.placer.set(placer).is_ok()
     }
 
     /// Checks an entry against the layout and its codec, before any of its payload is touched.
@@ -466,6 +486,9 @@ impl<'a> Receiver<'a> {
         if st.rest_pending.take() == Some(key) {
             return self.apply_rest(key, st);
         }
+        if self.placer.get().is_some() {
+            return self.apply_frame_buffered(key, entries, zstd_len, st, read);
+        }
         let mut others_len = 0usize;
         for e in entries {
             self.check_entry(e)?;
@@ -498,6 +521,30 @@ impl<'a> Receiver<'a> {
         st.claims = std::mem::take(&mut claims.list);
         st.others.clear();
         st.others.extend(entries.iter().filter(|e| e.codec != Codec::Raw));
+        self.apply_rest(key, st)
+    }
+
+    /// Post-copy's form of [`Receiver::apply_frame_in_place`]: a page must be placed whole by the kernel, so the whole
+    /// payload is read into buffers first and the frame applied from them.
+    fn apply_frame_buffered(
+        &self,
+        key: FrameKey,
+        entries: &[PageEntry],
+        zstd_len: usize,
+        st: &mut ApplyState,
+        read: impl FnOnce(&mut [std::io::IoSliceMut<'_>]) -> std::io::Result<()>,
+    ) -> Result<(), InPlaceError> {
+        let mut len = 0usize;
+        for e in entries {
+            self.check_entry(e)?;
+            len += e.len as usize;
+        }
+        st.payload.resize(len, 0);
+        st.zin.resize(zstd_len, 0);
+        read(&mut [std::io::IoSliceMut::new(&mut st.payload), std::io::IoSliceMut::new(&mut st.zin)])
+            .map_err(InPlaceError::Io)?;
+        st.others.clear();
+        st.others.extend_from_slice(entries);
         self.apply_rest(key, st)
     }
 
@@ -639,18 +686,20 @@ impl<'a> Receiver<'a> {
             }
             st.torn += 1;
         }
+        if let Some(p) = self.placer.get() {
+            // Post-copy: the kernel places the page whole (a zero page too: a vCPU may be waiting on it).
+            p.place(e.page, (e.codec != Codec::Zero).then_some(data))?;
+        } else if e.codec != Codec::Zero || held != 0 {
+            // (Fresh destination memory is already zero: writing a zero page there would only fault it in.)
+            let (ptr, _) = host_pages(self.mem, e.page, 1)
+                .map_err(|_| ApplyError::PageOutOfRange { page: e.page, pages: self.pages })?;
+            // SAFETY: host_pages points at one whole page of the destination's live mapping. Its vCPUs are paused
+            // until the migration commits, and the stripe lock held by the caller excludes every other apply of it.
+            unsafe { std::ptr::copy_nonoverlapping(data.as_ptr(), ptr, PAGE_SIZE) };
+        }
         slot.store(stamp, Ordering::Relaxed);
         self.hashes.set(e.page, computed);
         st.counts.count(e.codec);
-        // Fresh destination memory is already zero: writing a zero page there would only fault it in.
-        if e.codec == Codec::Zero && held == 0 {
-            return Ok(Applied::Written);
-        }
-        let (ptr, _) = host_pages(self.mem, e.page, 1)
-            .map_err(|_| ApplyError::PageOutOfRange { page: e.page, pages: self.pages })?;
-        // SAFETY: host_pages points at one whole page of the destination's live mapping. Its vCPUs are paused until
-        // the migration commits, and the stripe lock held by the caller excludes every other apply of this page.
-        unsafe { std::ptr::copy_nonoverlapping(data.as_ptr(), ptr, PAGE_SIZE) };
         Ok(Applied::Written)
     }
 

@@ -33,6 +33,7 @@
 mod admit;
 mod link;
 mod options;
+mod postcopy;
 
 pub use admit::{accept_migration, admit, read_hello, MAX_PENDING, MAX_PENDING_PER_PEER};
 
@@ -91,6 +92,21 @@ pub enum ReceiveError {
     /// was applied, and the destination can wait for another source.
     #[error("the source called the migration off at the handshake: {0}")]
     RefusedBySource(String),
+    /// Post-copy could not start here (userfaultfd unavailable or refused); the guest did not run here.
+    #[error("post-copy: {0}")]
+    Postcopy(String),
+    /// Post-copy ended with pages that never arrived: the guest ran here without them and cannot go on. Its vCPUs are
+    /// stopped; the source holds the only complete copy of its memory.
+    #[error(
+        "post-copy incomplete: {missing} pages never arrived ({reason}); the guest cannot continue here and is \
+         stopped, and the source holds the only complete copy of its memory"
+    )]
+    PostcopyIncomplete {
+        /// Pages still missing.
+        missing: u64,
+        /// What ended the transfer.
+        reason: String,
+    },
     /// The data threads did not all stop within the bound when the source asked to verify.
     #[error("data links did not stop within {0:?} of Verify")]
     Quiesce(Duration),
@@ -157,6 +173,8 @@ pub struct DestReport {
     pub uring_requests: u64,
     /// Bytes of the per-page tables (hashes and epochs, allocated per chunk of written pages).
     pub table_bytes: u64,
+    /// Post-copy's figures, when the migration switched to it, and the pages that came on the urgent path.
+    pub postcopy: Option<(livemig_engine::receive::postcopy::PostcopyStats, u64)>,
 }
 
 /// How long a new connection has to present its first frame (a Hello, or a data link's LinkHello), whole.
@@ -258,6 +276,11 @@ struct Shared<'a> {
     binding: Option<[u8; 32]>,
     /// The ring the data links' I/O goes through, when asked for; dropped with this, after every link thread.
     ring: Option<Ring>,
+    /// Set at a post-copy switch, under the lock the pre-fault holds while it faults a chunk in: no page is faulted in
+    /// once the switch has begun.
+    prefault_stopped: Mutex<bool>,
+    /// Held by every control write from a post-copy switch on.
+    control_write: Mutex<()>,
 }
 
 /// A thread counted in `Conns::live`; dropping it (however the thread ends) gives its place back.
@@ -314,6 +337,8 @@ impl<'a> Shared<'a> {
             security: security.clone(),
             binding,
             ring,
+            prefault_stopped: Mutex::new(false),
+            control_write: Mutex::new(()),
         }
     }
 
@@ -342,6 +367,7 @@ impl<'a> Shared<'a> {
             security: crate::tls::SecurityInfo::default(),
             uring_requests: self.ring.as_ref().map_or(0, Ring::requests),
             table_bytes: self.rx.table_bytes(),
+            postcopy: None,
         }
     }
 
@@ -427,8 +453,9 @@ fn run<L: Listen>(
     for l in listeners {
         l.set_nonblocking(true).map_err(WireError::from)?;
     }
+    let mut pc = postcopy::PostcopyState::default();
     let outcome = std::thread::scope(|s| {
-        let shared = &shared;
+        let (shared, pc) = (&shared, &mut pc);
         let spawn = |name: &str| std::thread::Builder::new().name(name.to_string());
         if let Some(live) = shared.enter() {
             let chunks = &hello.chunks;
@@ -447,9 +474,9 @@ fn run<L: Listen>(
         }
         let t = tx.clone();
         spawn("lm-control").spawn_scoped(s, move || read_control(control, &t)).map_err(WireError::from)?;
-        let result = control_loop(control, guest, shared, &msgs, opts);
+        let result = control_loop(s, control, guest, shared, &msgs, opts, pc);
         // However the loop ended, every data thread and helper stops before the guest may run (it already has, after
-        // a successful Verify) and before this scope joins them.
+        // a successful Verify or a post-copy switch) and before this scope joins them.
         let stopped = shared.quiesce(MAX_PAUSE);
         let _ = control.stream().shutdown(Shutdown::Read);
         let full_verify = result?;
@@ -458,17 +485,33 @@ fn run<L: Listen>(
     for l in listeners {
         let _ = l.set_nonblocking(false);
     }
-    let full_verify = outcome?;
+    let mut unfinished = None;
+    let full_verify = match (pc.end(guest, outcome), pc.resumed_at) {
+        // Post-copy failed with every page here: the guest runs on, and no error may drop it.
+        (Err(e), Some(_)) if !matches!(e, ReceiveError::PostcopyIncomplete { .. }) => {
+            unfinished = Some(format!("post-copy: every page arrived, but the migration did not finish: {e}"));
+            false
+        }
+        (r, _) => r?,
+    };
     // Every data thread has been joined: resume. From here the guest runs, and no error may drop it.
-    guest.vcpus().resume();
-    let resumed_at = Instant::now();
+    let resumed_at = match pc.resumed_at {
+        Some(at) => at,
+        None => {
+            guest.vcpus().resume();
+            Instant::now()
+        }
+    };
     if opts.fail_committed {
         let _ = control.stream().shutdown(Shutdown::Write);
     }
-    let committed_error =
-        wire::write_control(control, Kind::Committed, &[]).err().map(|e| format!("sending Committed: {e}"));
+    let committed_error = match unfinished {
+        Some(why) => Some(why),
+        None => wire::write_control(control, Kind::Committed, &[]).err().map(|e| format!("sending Committed: {e}")),
+    };
     let mut report = shared.report(hello, resumed_at, full_verify, committed_error);
     report.security = control.info();
+    report.postcopy = pc.stats().map(|s| (s, pc.pulled));
     Ok(report)
 }
 
@@ -481,11 +524,13 @@ fn prefault(guest: &dyn Guest, chunks: &livemig_engine::dirty::Bitmap, shared: &
         available_memory().unwrap_or(0).saturating_sub(PREFAULT_RESERVE) / (PAGE_SIZE as u64) / wire::CHUNK_PAGES;
     chunks.for_each_run(|run| {
         for c in run.first..run.first + run.count {
-            if shared.stop.load(Ordering::Relaxed) || budget == 0 {
+            let stopped = shared.prefault_stopped.lock().unwrap_or_else(|e| e.into_inner());
+            if *stopped || shared.stop.load(Ordering::Relaxed) || budget == 0 {
                 return;
             }
             budget -= 1;
             guest.memory().prefault(c * wire::CHUNK_PAGES, wire::CHUNK_PAGES);
+            drop(stopped);
         }
     });
 }
@@ -551,12 +596,14 @@ impl DeviceSections {
 
 /// The control connection's side of the migration: device and vCPU state, verification, commit. Returns whether the
 /// verification was a full one, once Commit arrives after equal digests.
-fn control_loop(
-    control: &Conn,
+fn control_loop<'s, 'e: 's, 'a: 'e>(
+    s: &'s std::thread::Scope<'s, 'e>,
+    control: &'e Conn,
     guest: &dyn Guest,
-    shared: &Shared<'_>,
+    shared: &'e Shared<'a>,
     msgs: &crossbeam::channel::Receiver<Msg>,
     opts: &DestOptions,
+    pc: &mut postcopy::PostcopyState,
 ) -> Result<bool, ReceiveError> {
     let mut verified: Option<bool> = None;
     let mut devices = DeviceSections::default();
@@ -588,6 +635,28 @@ fn control_loop(
                 devices.restore(guest)?;
                 guest.vcpus().restore_state(&body)?;
                 wire::write_control(control, Kind::StateAck, &[]).map_err(WireError::from)?;
+            }
+            Kind::Missing if devices.restored && pc.armed.is_none() => {
+                pc.missing(&body, guest.memory().total_pages())?;
+            }
+            Kind::Switch if devices.restored && pc.armed.is_none() => pc.switch(s, control, guest, shared)?,
+            Kind::Pages if pc.armed.is_some() => pc.urgent(&h, &body, shared)?,
+            Kind::Verify if pc.armed.is_some() => {
+                // Post-copy: the guest runs, so only the tables can be compared; every page must be here.
+                let want = Verify::decode(&body)?;
+                pc.before_verify(shared, control)?;
+                let table_root = shared.rx.root();
+                let equal = table_root == want.table_root && !want.full;
+                if !equal {
+                    tracing::error!(
+                        ours = table_root,
+                        theirs = want.table_root,
+                        "post-copy: the guest's memory differs from the source's, and it has run here already"
+                    );
+                }
+                verified = equal.then_some(false);
+                let v = Verified { equal, table_root, memory_root: 0 };
+                postcopy::send(shared, control, Kind::Verified, &v.encode())?;
             }
             Kind::Verify => {
                 let want = Verify::decode(&body)?;

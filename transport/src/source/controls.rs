@@ -19,6 +19,8 @@ pub enum Change {
     MaxBandwidth(Option<u64>),
     /// Switch over at the end of the round in flight, whatever the target, once the pause fits the 2 s bound.
     SwitchoverNow,
+    /// Switch to post-copy at the end of the round in flight (QEMU's `migrate-start-postcopy`).
+    PostcopyNow,
     /// A new throttle ceiling, percent; a throttle in force above it is lowered at once.
     MaxThrottle(f64),
 }

@@ -49,6 +49,8 @@ pub(super) struct Driver<'a> {
     pub(super) timeline: Vec<(f64, Vec<u64>)>,
     /// The phase the status last showed, so that a change of it is an event.
     pub(super) phase: &'static str,
+    /// Post-copy's figures, from the switch on.
+    pub(super) postcopy: Option<super::PostcopyReport>,
 }
 
 /// One round as the driver sent it: pages by codec, the vCPU throttle, and wire bytes per link.
@@ -111,7 +113,14 @@ impl Driver<'_> {
                     self.send_state();
                     marks.vcpu_state = Some(Instant::now());
                 }
+                Action::Switch { pages } => {
+                    self.switch(pages);
+                    marks.commit = Some(Instant::now());
+                }
                 Action::Verify => {
+                    if self.machine.switched_at().is_some() {
+                        self.close_links();
+                    }
                     if let Some(ok) = self.verify() {
                         report.verified = ok;
                         self.machine.verified(ok);
@@ -220,11 +229,18 @@ impl Driver<'_> {
         sent
     }
 
-    /// Saves the paused vCPUs and delivers their state.
-    fn send_state(&mut self) {
-        // Every page is acknowledged: the data links have done their work, and their closing is no failure.
+    /// Every page is acknowledged: the data links have done their work, and their closing is no failure.
+    fn close_links(&self) {
         for l in &self.stripe.links {
             l.close();
+        }
+    }
+
+    /// Saves the paused vCPUs and delivers their state.
+    fn send_state(&mut self) {
+        // In post-copy the links carry the push next.
+        if !self.machine.is_postcopy() {
+            self.close_links();
         }
         match self.guest.vcpus().save_state() {
             Ok(blob) => {
@@ -258,7 +274,20 @@ impl Driver<'_> {
         for r in &report.rounds {
             report.pages.add(&r.counts);
         }
-        if let (Some(paused), Ok(())) = (m.paused_at(), &report.result) {
+        report.postcopy = self.postcopy.clone();
+        if let (Some(paused), Some(switched)) = (m.paused_at(), m.switched_at()) {
+            // Post-copy: the guest was down from the pause to the destination's resume (its answer to Switch).
+            let state = marks.vcpu_state.unwrap_or(paused);
+            let devices = marks.device_state.unwrap_or(paused);
+            report.downtime = Some(switched.saturating_duration_since(paused));
+            report.downtime_parts = DowntimeParts {
+                last_pages: Duration::ZERO,
+                device_state: devices.saturating_duration_since(paused),
+                vcpu_state: state.saturating_duration_since(devices),
+                verification: Duration::ZERO,
+                commit: switched.saturating_duration_since(state),
+            };
+        } else if let (Some(paused), Ok(())) = (m.paused_at(), &report.result) {
             let at = |mark: Option<Instant>| mark.unwrap_or(paused);
             let (last_pages, devices, state, verified, committed) = (
                 at(marks.last_pages),
@@ -278,7 +307,7 @@ impl Driver<'_> {
         }
     }
 
-    fn fail(&mut self, e: MigrateError) {
+    pub(super) fn fail(&mut self, e: MigrateError) {
         let reason = e.to_string();
         self.halt(&reason, e);
         self.machine.fail(reason);
@@ -319,6 +348,10 @@ impl Driver<'_> {
                     tracing::info!("switchover asked for");
                     self.machine.switchover_now();
                 }
+                Change::PostcopyNow => {
+                    tracing::info!("post-copy asked for");
+                    self.machine.postcopy_now();
+                }
                 Change::MaxBandwidth(cap) => {
                     tracing::info!(max_bandwidth = ?cap, "bandwidth cap changed");
                     self.machine.set_max_bandwidth(cap);
@@ -344,7 +377,7 @@ impl Driver<'_> {
         let _ = wire::write_abort(self.control, reason);
     }
 
-    fn send_control(&mut self, kind: Kind, body: &[u8]) -> bool {
+    pub(super) fn send_control(&mut self, kind: Kind, body: &[u8]) -> bool {
         match wire::write_control(self.control, kind, body) {
             Ok(n) => {
                 self.control_written.fetch_add(n as u64, Ordering::Relaxed);
@@ -358,7 +391,7 @@ impl Driver<'_> {
     }
 
     /// Waits for the event `want` picks out, handling failures and the peer timeout. None after a failure.
-    fn wait_for<T>(&mut self, want: impl Fn(&Event) -> Option<T>) -> Option<T> {
+    pub(super) fn wait_for<T>(&mut self, want: impl Fn(&Event) -> Option<T>) -> Option<T> {
         self.machine.heard(Instant::now());
         loop {
             match self.next_event() {
@@ -382,6 +415,12 @@ impl Driver<'_> {
         match e {
             Event::ControlFailed(e) => self.fail(e),
             Event::Link(LinkEvent::Failed { link, error }) => self.link_failed(link, error.to_string()),
+            Event::PageRequest(pages) => self.serve_request(&pages),
+            Event::PostcopyStats(s) => {
+                if let Some(pc) = self.postcopy.as_mut() {
+                    pc.destination = Some(s);
+                }
+            }
             _ => {}
         }
     }
@@ -469,7 +508,12 @@ impl Driver<'_> {
             Ok(e) => {
                 if matches!(
                     e,
-                    Event::Link(LinkEvent::Acked { .. }) | Event::StateAck | Event::Verified(_) | Event::Committed
+                    Event::Link(LinkEvent::Acked { .. })
+                        | Event::StateAck
+                        | Event::Verified(_)
+                        | Event::Committed
+                        | Event::Switched
+                        | Event::PageRequest(_)
                 ) {
                     self.machine.heard(Instant::now());
                 }
@@ -576,6 +620,8 @@ impl Driver<'_> {
             "done"
         } else if self.machine.in_precopy() {
             "precopy"
+        } else if self.machine.switched_at().is_some() {
+            "postcopy"
         } else {
             "switchover"
         };
@@ -655,9 +701,11 @@ impl Driver<'_> {
     /// Sends the source's roots and returns whether the destination's match.
     fn verify(&mut self) -> Option<bool> {
         let table_root = self.hashes.root();
-        let memory_root = match self.opts.verify {
-            VerifyMode::Tables => 0,
-            VerifyMode::Full => match memory_root(self.guest.memory()) {
+        // After a post-copy switch the destination's guest runs: only the tables can be compared.
+        let full = self.opts.verify == VerifyMode::Full && self.machine.switched_at().is_none();
+        let memory_root = match full {
+            false => 0,
+            true => match memory_root(self.guest.memory()) {
                 Ok(r) => r,
                 Err(e) => {
                     self.fail(e.into());
@@ -665,7 +713,7 @@ impl Driver<'_> {
                 }
             },
         };
-        let ours = Verify { full: self.opts.verify == VerifyMode::Full, table_root, memory_root };
+        let ours = Verify { full, table_root, memory_root };
         if !self.send_control(Kind::Verify, &ours.encode()) {
             return None;
         }

@@ -90,6 +90,12 @@ impl Migration {
         let _ = self.controls.push(Change::SwitchoverNow);
     }
 
+    /// Switches to post-copy at the end of the round in flight: the destination runs the guest from then on and pulls
+    /// the pages it touches first (QEMU's `migrate-start-postcopy`). Nothing happens once pre-copy is over.
+    pub fn postcopy(&self) {
+        let _ = self.controls.push(Change::PostcopyNow);
+    }
+
     /// The controls it runs under, to hand to another thread (a signal handler, a control socket).
     pub fn controls(&self) -> Arc<Controls> {
         self.controls.clone()

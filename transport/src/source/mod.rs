@@ -18,13 +18,15 @@
 pub mod controls;
 mod driver;
 mod handle;
+mod postcopy;
 mod report;
 mod setup;
 
 pub use controls::{Change, ChangeError, Controls, MigrationEvent, Status};
 pub use handle::Migration;
 pub use report::{
-    session_id, DowntimeParts, LinkReport, MigrateError, Progress, RoundReport, SourceOptions, SourceReport, VerifyMode,
+    session_id, DowntimeParts, LinkReport, MigrateError, PostcopyReport, Progress, RoundReport, SourceOptions,
+    SourceReport, VerifyMode,
 };
 
 use crate::cpu_usage::CpuMeter;
@@ -50,7 +52,17 @@ enum Event {
     Verified(Verified),
     Committed,
     ControlFailed(MigrateError),
-    ScanDone { batches: u32, counts: PageCounts, error: Option<EncodeError> },
+    /// Post-copy: the destination runs the guest.
+    Switched,
+    /// Post-copy: pages the destination's guest faulted on.
+    PageRequest(Vec<u64>),
+    /// Post-copy: the destination's figures.
+    PostcopyStats(livemig_engine::receive::postcopy::PostcopyStats),
+    ScanDone {
+        batches: u32,
+        counts: PageCounts,
+        error: Option<EncodeError>,
+    },
 }
 
 /// How often the dirty log is sampled during a round: short enough that a hot set does not saturate in between.
@@ -133,7 +145,7 @@ pub(crate) fn run(
     let mut link_errors: Vec<Option<String>> = refused;
     std::thread::scope(|s| {
         let (stripe, done, control) = (&stripe, &done, &control);
-        let spawned = spawn_link_threads(s, stripe, &policy, &ev_tx, done, control);
+        let spawned = spawn_link_threads(s, stripe, &policy, &ev_tx, done, control, guest.memory().total_pages());
         if let Err(e) = spawned {
             report.result = Err(MigrateError::Link(WireError::Io(e)));
         } else {
@@ -161,6 +173,7 @@ pub(crate) fn run(
                 start,
                 timeline: Vec::new(),
                 phase: "starting",
+                postcopy: None,
             };
             d.run(&mut report, rtt);
             d.sample_links(true);
@@ -234,6 +247,7 @@ fn spawn_link_threads<'s, 'e: 's>(
     ev_tx: &crossbeam::channel::Sender<Event>,
     done: &'e AtomicBool,
     control: &'e Conn,
+    pages: u64,
 ) -> std::io::Result<()> {
     let spawn = |name: String| std::thread::Builder::new().name(name);
     for (i, link) in stripe.links.iter().enumerate() {
@@ -248,7 +262,7 @@ fn spawn_link_threads<'s, 'e: 's>(
         spawn(format!("lm-read{i}")).spawn_scoped(s, move || link.read_loop(i, &to_driver, &pool, done))?;
     }
     let ev = ev_tx.clone();
-    spawn("lm-control".into()).spawn_scoped(s, move || control_loop(control, &ev, done))?;
+    spawn("lm-control".into()).spawn_scoped(s, move || control_loop(control, &ev, done, pages))?;
     Ok(())
 }
 

@@ -230,6 +230,23 @@ pub struct SourceReport {
     pub uring_requests: u64,
     /// Bytes of the per-page hash table at the end (allocated per chunk of written pages).
     pub table_bytes: u64,
+    /// Post-copy's figures, when the migration switched to it.
+    pub postcopy: Option<PostcopyReport>,
+}
+
+/// What post-copy did: when it switched, what the pages cost, and the destination's faults.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct PostcopyReport {
+    /// From the migration's start to the destination running the guest.
+    pub switched_at: Duration,
+    /// Pages the source sent in answer to fault requests (the urgent path).
+    pub pages_pulled: u64,
+    /// Pages the background push sent.
+    pub pages_pushed: u64,
+    /// Fault requests that arrived.
+    pub requests: u64,
+    /// The destination's figures (faults, latency), as it sent them before its verdict.
+    pub destination: Option<livemig_engine::receive::postcopy::PostcopyStats>,
 }
 
 impl SourceReport {
@@ -264,6 +281,7 @@ impl SourceReport {
             security: crate::tls::SecurityInfo::default(),
             uring_requests: 0,
             table_bytes: 0,
+            postcopy: None,
         }
     }
 }

@@ -7,7 +7,7 @@ use crate::link::data::DataLink;
 use crate::stream::Stream;
 use crate::tls::{self, Conn, SourceSecurity};
 use crate::uring::Ring;
-use crate::wire::{self, Hello, Kind, Verified, WireError};
+use crate::wire::{self, postcopy, Hello, Kind, Verified, WireError};
 use crossbeam::channel::Sender;
 use livemig_engine::dirty::Bitmap;
 use livemig_engine::encode::SendPath;
@@ -159,7 +159,7 @@ pub(super) fn connect_links(
     Ok((links, errors, ring))
 }
 
-pub(super) fn control_loop(r: &Conn, ev: &Sender<Event>, done: &AtomicBool) {
+pub(super) fn control_loop(r: &Conn, ev: &Sender<Event>, done: &AtomicBool, pages: u64) {
     let mut buf = Vec::new();
     let mut r = r;
     loop {
@@ -179,6 +179,15 @@ pub(super) fn control_loop(r: &Conn, ev: &Sender<Event>, done: &AtomicBool) {
                 Err(e) => Event::ControlFailed(MigrateError::Link(e)),
             },
             Kind::Committed => Event::Committed,
+            Kind::Switched => Event::Switched,
+            Kind::PageRequest => match postcopy::decode_request(&buf, pages) {
+                Ok(p) => Event::PageRequest(p),
+                Err(e) => Event::ControlFailed(MigrateError::Link(e)),
+            },
+            Kind::PostcopyStats => match postcopy::decode_stats(&buf) {
+                Ok(s) => Event::PostcopyStats(s),
+                Err(e) => Event::ControlFailed(MigrateError::Link(e)),
+            },
             Kind::Abort => Event::ControlFailed(MigrateError::Link(WireError::PeerAbort(wire::decode_reason(&buf)))),
             got => {
                 Event::ControlFailed(MigrateError::Link(WireError::Unexpected { got, expected: "a control answer" }))

@@ -95,6 +95,16 @@ pub enum Kind {
     LinkHello = 12,
     /// Source → destination, before the vCPU state: one device's state section (name, version, bytes).
     DeviceState = 13,
+    /// Source → destination, post-copy, after the vCPU state: a piece of the bitmap of pages still to come.
+    Missing = 14,
+    /// Source → destination: resume the guest now, with the missing pages registered (post-copy's switch).
+    Switch = 15,
+    /// Destination → source: the guest runs here; ask for pages from now on.
+    Switched = 16,
+    /// Destination → source: pages the guest faulted on, wanted ahead of the push.
+    PageRequest = 17,
+    /// Destination → source, before Verified in post-copy: what the faults cost.
+    PostcopyStats = 18,
 }
 
 impl Kind {
@@ -111,7 +121,10 @@ impl Kind {
             // Session and link index, then (under TLS) the 32-byte proof that binds the link to the control session.
             LinkHello => 44,
             Verify | Verified => 17,
-            StateAck | Commit | Committed => 0,
+            StateAck | Commit | Committed | Switch | Switched => 0,
+            Missing => postcopy::MISSING_MAX_BODY,
+            PageRequest => postcopy::REQUEST_MAX_BODY,
+            PostcopyStats => postcopy::STATS_LEN,
         }
     }
 
@@ -131,6 +144,11 @@ impl Kind {
             11 => Abort,
             12 => LinkHello,
             13 => DeviceState,
+            14 => Missing,
+            15 => Switch,
+            16 => Switched,
+            17 => PageRequest,
+            18 => PostcopyStats,
             _ => return None,
         })
     }
@@ -544,6 +562,7 @@ pub fn decode_table(h: &Header, table: &[u8], entries: &mut Vec<PageEntry>) -> R
 
 mod deadline;
 mod messages;
+pub mod postcopy;
 pub use deadline::{read_frame_within, read_header_within, Deadline, DEADLINE_SLACK};
 pub use messages::{
     check_devices, chunk_map, decode_device, decode_reason, encode_device, write_abort, write_control, Ack, Hello,

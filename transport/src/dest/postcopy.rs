@@ -1,0 +1,153 @@
+//! The destination's side of post-copy, driven by the control loop.
+//!
+//! After the vCPU state, the source sends the bitmap of the pages it still holds (Missing frames) and Switch. At the
+//! switch nothing writes guest memory: the vCPUs are paused, the data links are idle (the source switches only once
+//! every earlier page was acknowledged), and the pre-fault helper is stopped first. The destination drops the old
+//! copies of the missing pages, takes guest memory under userfaultfd ([`Postcopy::arm`]), makes it the receiver's
+//! placer, resumes the vCPUs and answers Switched.
+//!
+//! From then on a fault thread reads the vCPUs' faults and asks the source for missing pages (PageRequest on the
+//! control connection; zero pages are placed at once), the source's answers come back on the control connection as
+//! Pages frames applied here, and the push arrives on the data links as before. Every page is placed whole by the
+//! kernel, once. At Verify every page must have arrived; the destination sends its figures and its roots (over the
+//! tables: the guest runs, so memory itself cannot be re-hashed), and after Commit closes the userfaultfd.
+//!
+//! If the migration fails after the switch, the guest cannot go back to the source. With every page here it runs
+//! on; with pages missing it cannot, and the destination stops its vCPUs and says so.
+
+use super::{Live, ReceiveError, Shared};
+use crate::tls::Conn;
+use crate::wire::{self, postcopy as msg, Header, Kind, WireError};
+use livemig_engine::dirty::Bitmap;
+use livemig_engine::guest::Guest;
+use livemig_engine::receive::postcopy::{Fault, Postcopy, PostcopyStats};
+use livemig_engine::receive::ApplyState;
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+/// How long the fault thread waits for a fault before it looks at the stop flag again.
+const FAULT_POLL: Duration = Duration::from_millis(20);
+
+/// Post-copy as the control loop sees it.
+#[derive(Default)]
+pub(super) struct PostcopyState {
+    missing: Option<Bitmap>,
+    pub(super) armed: Option<Arc<Postcopy>>,
+    urgent: ApplyState,
+    pub(super) resumed_at: Option<Instant>,
+    entries: Vec<livemig_engine::encode::PageEntry>,
+    /// Pages that came on the urgent path.
+    pub(super) pulled: u64,
+}
+
+/// Writes one control frame. The fault thread writes on the control connection too, and a plaintext connection's
+/// writes are not atomic: every write from the switch on takes the shared lock.
+pub(super) fn send(shared: &Shared<'_>, control: &Conn, kind: Kind, body: &[u8]) -> Result<(), WireError> {
+    let _w = shared.control_write.lock().unwrap_or_else(|e| e.into_inner());
+    wire::write_control(control, kind, body).map(drop).map_err(WireError::from)
+}
+
+impl PostcopyState {
+    /// A Missing frame: more of the bitmap.
+    pub(super) fn missing(&mut self, body: &[u8], pages: u64) -> Result<(), ReceiveError> {
+        let into = self.missing.get_or_insert_with(|| Bitmap::new(pages));
+        Ok(msg::decode_missing(body, into)?)
+    }
+
+    /// The switch: arms userfaultfd over guest memory, resumes the guest, starts the fault thread, answers Switched.
+    pub(super) fn switch<'s, 'e: 's, 'a: 'e>(
+        &mut self,
+        s: &'s std::thread::Scope<'s, 'e>,
+        control: &'e Conn,
+        guest: &dyn Guest,
+        shared: &'e Shared<'a>,
+    ) -> Result<(), ReceiveError> {
+        let missing = self.missing.take().unwrap_or_else(|| Bitmap::new(guest.memory().total_pages()));
+        *shared.prefault_stopped.lock().unwrap_or_else(|e| e.into_inner()) = true;
+        let pc = Postcopy::arm(guest.memory(), &missing).map_err(|e| ReceiveError::Postcopy(e.to_string()))?;
+        let pc = Arc::new(pc);
+        shared.rx.set_placer(pc.clone());
+        self.armed = Some(pc.clone());
+        let live = shared.enter().ok_or_else(|| ReceiveError::Postcopy("the migration is stopping".into()))?;
+        std::thread::Builder::new()
+            .name("lm-faults".into())
+            .spawn_scoped(s, move || serve_faults(&pc, control, shared, live))
+            .map_err(WireError::from)?;
+        guest.vcpus().resume();
+        self.resumed_at = Some(Instant::now());
+        tracing::info!(missing = missing.count_ones(), "post-copy: the guest runs here; pulling what it touches");
+        send(shared, control, Kind::Switched, &[])?;
+        Ok(())
+    }
+
+    /// Pages the source sent on the control connection in answer to faults.
+    pub(super) fn urgent(&mut self, h: &Header, body: &[u8], shared: &Shared<'_>) -> Result<(), ReceiveError> {
+        let p = wire::decode_pages(h, body, &mut self.entries)?;
+        shared.rx.apply_frame(h.epoch, &self.entries, p.entries, p.zstd, &mut self.urgent)?;
+        self.pulled += self.entries.len() as u64;
+        Ok(())
+    }
+
+    /// At Verify: every page must have arrived. Sends the figures.
+    pub(super) fn before_verify(&self, shared: &Shared<'_>, control: &Conn) -> Result<(), ReceiveError> {
+        let Some(pc) = &self.armed else { return Ok(()) };
+        let left = pc.remaining();
+        if left > 0 {
+            return Err(ReceiveError::PostcopyIncomplete {
+                missing: left,
+                reason: "the source asked to verify with pages still missing".into(),
+            });
+        }
+        send(shared, control, Kind::PostcopyStats, &msg::encode_stats(&pc.stats()))?;
+        Ok(())
+    }
+
+    /// The figures so far.
+    pub(super) fn stats(&self) -> Option<PostcopyStats> {
+        self.armed.as_ref().map(|pc| pc.stats())
+    }
+
+    /// The end, whatever it was, with every other thread stopped: the guest runs on with every page, or, missing
+    /// some, is stopped and the error says so.
+    pub(super) fn end<T>(&self, guest: &dyn Guest, result: Result<T, ReceiveError>) -> Result<T, ReceiveError> {
+        let Some(pc) = &self.armed else { return result };
+        // Closing the descriptor wakes any vCPU still waiting; with pages missing they must not run on.
+        pc.finish();
+        let left = pc.remaining();
+        match result {
+            Err(e) if left > 0 => {
+                guest.vcpus().pause();
+                Err(match e {
+                    e @ ReceiveError::PostcopyIncomplete { .. } => e,
+                    e => ReceiveError::PostcopyIncomplete { missing: left, reason: e.to_string() },
+                })
+            }
+            r => r,
+        }
+    }
+}
+
+/// The fault thread: reads faults, asks the source for missing pages, until the migration stops.
+fn serve_faults(pc: &Postcopy, control: &Conn, shared: &Shared<'_>, live: Live<'_, '_>) {
+    let _live = live;
+    while !shared.stop.load(Ordering::Relaxed) {
+        let faults = match pc.next_faults(FAULT_POLL, msg::REQUEST_PAGES) {
+            Ok(f) => f,
+            Err(e) => {
+                tracing::error!(error = %e, "post-copy: reading faults failed");
+                return;
+            }
+        };
+        let asked: Vec<u64> =
+            faults.iter().filter_map(|f| if let Fault::Request(p) = f { Some(*p) } else { None }).collect();
+        if asked.is_empty() {
+            continue;
+        }
+        if let Err(e) = send(shared, control, Kind::PageRequest, &msg::encode_request(&asked)) {
+            // The control loop sees the connection fail too, and ends the migration.
+            tracing::warn!(error = %e, "post-copy: a page request could not be sent");
+            return;
+        }
+    }
+}
