@@ -107,6 +107,18 @@ pub enum ReceiveError {
         /// What ended the transfer.
         reason: String,
     },
+    /// Post-copy's verification found the guest's memory different from the source's, after the guest had run here:
+    /// it is stopped, and the source keeps the only trustworthy copy.
+    #[error(
+        "post-copy: the guest's memory differs from the source's (tables {ours:#018x} here, {theirs:#018x} there) \
+         after it ran here; it is stopped"
+    )]
+    PostcopyMismatch {
+        /// This side's root.
+        ours: u64,
+        /// The source's.
+        theirs: u64,
+    },
     /// The data threads did not all stop within the bound when the source asked to verify.
     #[error("data links did not stop within {0:?} of Verify")]
     Quiesce(Duration),
@@ -488,7 +500,9 @@ fn run<L: Listen>(
     let mut unfinished = None;
     let full_verify = match (pc.end(guest, outcome), pc.resumed_at) {
         // Post-copy failed with every page here: the guest runs on, and no error may drop it.
-        (Err(e), Some(_)) if !matches!(e, ReceiveError::PostcopyIncomplete { .. }) => {
+        (Err(e), Some(_))
+            if !matches!(e, ReceiveError::PostcopyIncomplete { .. } | ReceiveError::PostcopyMismatch { .. }) =>
+        {
             unfinished = Some(format!("post-copy: every page arrived, but the migration did not finish: {e}"));
             false
         }
@@ -647,16 +661,12 @@ fn control_loop<'s, 'e: 's, 'a: 'e>(
                 pc.before_verify(shared, control)?;
                 let table_root = shared.rx.root();
                 let equal = table_root == want.table_root && !want.full;
-                if !equal {
-                    tracing::error!(
-                        ours = table_root,
-                        theirs = want.table_root,
-                        "post-copy: the guest's memory differs from the source's, and it has run here already"
-                    );
-                }
-                verified = equal.then_some(false);
                 let v = Verified { equal, table_root, memory_root: 0 };
                 postcopy::send(shared, control, Kind::Verified, &v.encode())?;
+                if !equal {
+                    return Err(ReceiveError::PostcopyMismatch { ours: table_root, theirs: want.table_root });
+                }
+                verified = Some(false);
             }
             Kind::Verify => {
                 let want = Verify::decode(&body)?;

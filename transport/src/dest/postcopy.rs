@@ -13,7 +13,8 @@
 //! tables: the guest runs, so memory itself cannot be re-hashed), and after Commit closes the userfaultfd.
 //!
 //! If the migration fails after the switch, the guest cannot go back to the source. With every page here it runs
-//! on; with pages missing it cannot, and the destination stops its vCPUs and says so.
+//! on; with pages missing it cannot, and the destination stops its vCPUs and says so. A verification that finds the
+//! tables different stops it too: it ran on memory that is not the source's.
 
 use super::{Live, ReceiveError, Shared};
 use crate::tls::Conn;
@@ -116,12 +117,13 @@ impl PostcopyState {
         pc.finish();
         let left = pc.remaining();
         match result {
+            Err(e @ (ReceiveError::PostcopyMismatch { .. } | ReceiveError::PostcopyIncomplete { .. })) => {
+                guest.vcpus().pause();
+                Err(e)
+            }
             Err(e) if left > 0 => {
                 guest.vcpus().pause();
-                Err(match e {
-                    e @ ReceiveError::PostcopyIncomplete { .. } => e,
-                    e => ReceiveError::PostcopyIncomplete { missing: left, reason: e.to_string() },
-                })
+                Err(ReceiveError::PostcopyIncomplete { missing: left, reason: e.to_string() })
             }
             r => r,
         }

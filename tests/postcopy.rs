@@ -1,0 +1,175 @@
+//! Post-copy end to end on loopback: real sockets, real userfaultfd, guests that keep writing on both sides. A link
+//! cut during the push, a digest mismatch found after the guest ran on the destination, and a source killed after
+//! the switch.
+
+mod common;
+
+use common::frames::{self, frame, raw_page};
+use common::Relay;
+use livemig::engine::dirty::Bitmap;
+use livemig::engine::encode::HashTable;
+use livemig::engine::guest::uffd::Uffd;
+use livemig::engine::guest::{MemoryLayout, SyntheticConfig, SyntheticGuest, Vcpus};
+use livemig::engine::precopy::{PostcopyMode, PrecopyConfig};
+use livemig::transport::dest::{DestOptions, ReceiveError};
+use livemig::transport::link::LinkSpec;
+use livemig::transport::source::{migrate, SourceOptions};
+use livemig::transport::tls::SourceSecurity;
+use livemig::transport::wire::{self, postcopy, Kind, Verified, Verify};
+use std::io::{BufRead, BufReader, Write};
+use std::net::{TcpListener, TcpStream};
+use std::process::{Command, Stdio};
+use std::sync::atomic::Ordering;
+use std::time::Duration;
+
+fn uffd_here() -> bool {
+    match Uffd::new() {
+        Ok(_) => true,
+        Err(e) => {
+            println!("SKIPPED: userfaultfd unavailable here ({e})");
+            false
+        }
+    }
+}
+
+#[test]
+fn postcopy_over_three_links_survives_a_link_cut_during_the_push() {
+    if !uffd_here() {
+        return;
+    }
+    let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = listener.local_addr().unwrap();
+    let proxy = Relay::start(addr, true);
+    let src = SyntheticGuest::new(&SyntheticConfig {
+        memory_bytes: 256 << 20,
+        dirty_rate: 40_000,
+        hot_set_pct: 20.0,
+        ..Default::default()
+    })
+    .unwrap();
+    // Capped so that the push lasts long enough to be cut in the middle.
+    let precopy = PrecopyConfig { postcopy: PostcopyMode::Always, max_bandwidth: Some(60 << 20), ..Default::default() };
+    let opts = SourceOptions { precopy, link_timeout: Duration::from_millis(500), ..Default::default() };
+    let links = [LinkSpec::to(addr), LinkSpec::to(proxy.addr), LinkSpec::to(addr)];
+    let cut = proxy.cut.clone();
+    let (report, dest) = std::thread::scope(|s| {
+        let dest = s.spawn(|| common::receive_one(&listener, &DestOptions::default()));
+        let r = migrate(&src, TcpStream::connect(addr).unwrap(), &links, &opts, &SourceSecurity::Insecure, &|p| {
+            // Round 1 is the push: the destination runs the guest by now.
+            if p.epoch == 1 && p.round_pages_done > 0 {
+                cut.store(true, Ordering::SeqCst);
+            }
+        });
+        (r, dest.join().unwrap())
+    });
+    assert!(cut.load(Ordering::SeqCst), "the link was never cut during the push");
+    assert!(report.result.is_ok(), "{:?}", report.result);
+    assert!(report.verified);
+    assert_eq!(report.links.iter().map(|l| l.failed).collect::<Vec<_>>(), [false, true, false]);
+    let pc = report.postcopy.as_ref().expect("a post-copy section");
+    assert!(pc.pages_pushed > 0, "{pc:?}");
+    let d = pc.destination.as_ref().expect("the destination's figures");
+    // Faults are the guest's own doing; every one that came was served (its latency recorded), none is left.
+    assert_eq!(d.histogram.iter().sum::<u64>(), d.faults, "{d:?}");
+    let (g, r) = dest.expect("the destination completed");
+    assert!(r.postcopy.is_some());
+    // The guest runs on the destination, writing memory.
+    let before = g.vcpus().pages_written();
+    std::thread::sleep(Duration::from_millis(200));
+    assert!(g.vcpus().pages_written() > before && !g.vcpus().is_paused());
+    assert!(src.vcpus().is_paused(), "the source must stay paused once the destination runs the guest");
+}
+
+/// Plays a source by hand up to post-copy's Verify, with a table root that is right or not.
+fn hand_played(root_right: bool) -> Result<(), ReceiveError> {
+    let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = listener.local_addr().unwrap();
+    let pages = 64;
+    std::thread::scope(|s| {
+        let dest = s.spawn(|| common::receive_one(&listener, &DestOptions::default()));
+        let mut c = TcpStream::connect(addr).unwrap();
+        let mut buf = Vec::new();
+        c.write_all(&frame(Kind::Hello, &frames::hello(42, pages).encode())).unwrap();
+        assert_eq!(wire::read_frame(&mut c, &mut buf).unwrap().kind, Kind::HelloAck);
+        let layout = MemoryLayout { regions: vec![(0, pages * 4096)] };
+        let state = SyntheticGuest::destination(&layout, 1).unwrap().vcpus().save_state().unwrap();
+        c.write_all(&frame(Kind::VcpuState, &state)).unwrap();
+        assert_eq!(wire::read_frame(&mut c, &mut buf).unwrap().kind, Kind::StateAck);
+        let mut missing = Bitmap::new(pages);
+        missing.set(5);
+        for body in postcopy::encode_missing(&missing) {
+            c.write_all(&frame(Kind::Missing, &body)).unwrap();
+        }
+        c.write_all(&frame(Kind::Switch, &[])).unwrap();
+        assert_eq!(wire::read_frame(&mut c, &mut buf).unwrap().kind, Kind::Switched);
+        // The page comes on the urgent path, as an answer to a fault would.
+        let (e, data) = raw_page(5, 0x5a);
+        c.write_all(&frames::pages(1, vec![e], data)).unwrap();
+        let table = HashTable::new(pages);
+        table.set(5, e.hash);
+        let table_root = if root_right { table.root() } else { table.root() ^ 1 };
+        c.write_all(&frame(Kind::Verify, &Verify { full: false, table_root, memory_root: 0 }.encode())).unwrap();
+        assert_eq!(wire::read_frame(&mut c, &mut buf).unwrap().kind, Kind::PostcopyStats);
+        let stats = postcopy::decode_stats(&buf).unwrap();
+        assert_eq!(stats.placed, 1, "{stats:?}");
+        assert_eq!(wire::read_frame(&mut c, &mut buf).unwrap().kind, Kind::Verified);
+        assert_eq!(Verified::decode(&buf).unwrap().equal, root_right);
+        if root_right {
+            c.write_all(&frame(Kind::Commit, &[])).unwrap();
+            assert_eq!(wire::read_frame(&mut c, &mut buf).unwrap().kind, Kind::Committed);
+        } else {
+            c.write_all(&frame(Kind::Abort, b"digest mismatch")).unwrap();
+        }
+        let (g, _) = dest.join().unwrap()?;
+        assert!(!g.vcpus().is_paused(), "a verified post-copy guest runs on");
+        Ok(())
+    })
+}
+
+#[test]
+fn a_mismatch_found_after_the_switch_is_reported_and_the_guest_stopped() {
+    if !uffd_here() {
+        return;
+    }
+    assert!(hand_played(true).is_ok());
+    let e = hand_played(false).expect_err("a mismatch must not pass");
+    assert!(matches!(e, ReceiveError::PostcopyMismatch { .. }), "{e:?}");
+    let text = e.to_string();
+    assert!(text.contains("differs from the source's") && text.contains("stopped"), "{text}");
+}
+
+#[test]
+fn a_source_killed_after_the_switch_leaves_a_destination_that_says_the_guest_cannot_complete() {
+    if !uffd_here() {
+        return;
+    }
+    let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = listener.local_addr().unwrap();
+    let opts = DestOptions { idle_timeout: Duration::from_secs(5), ..Default::default() };
+    std::thread::scope(|s| {
+        let dest = s.spawn(|| common::receive_one(&listener, &opts));
+        let mut send = Command::new(env!("CARGO_BIN_EXE_livemig"))
+            .args(["send", "--to", &addr.to_string(), "--insecure", "-v", "--memory", "256MiB"])
+            .args(["--dirty-rate", "40000", "--hot-set", "20", "--postcopy", "always", "--max-bandwidth", "200mbit"])
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap();
+        let lines = BufReader::new(send.stderr.take().unwrap()).lines();
+        let mut switched = false;
+        for l in lines.map_while(Result::ok) {
+            if l.contains("pushing the rest") {
+                switched = true;
+                break;
+            }
+        }
+        send.kill().unwrap();
+        send.wait().unwrap();
+        assert!(switched, "the source never switched to post-copy");
+        let e = dest.join().unwrap().expect_err("a destination missing pages must not report success");
+        let ReceiveError::PostcopyIncomplete { missing, .. } = &e else { panic!("{e:?}") };
+        assert!(*missing > 0);
+        let text = e.to_string();
+        assert!(text.contains("cannot continue") && text.contains("source holds the only complete copy"), "{text}");
+    });
+}
