@@ -21,7 +21,7 @@ fn guest() -> Option<SyntheticGuest> {
 }
 
 fn raw(page: u64, data: &[u8]) -> (PageEntry, &[u8]) {
-    (PageEntry::new(page, Codec::Raw, PAGE_SIZE as u32, page_hash(data)), data)
+    (PageEntry::new(page, Codec::Raw, 4096, page_hash(data)), data)
 }
 
 /// A "vCPU": reads byte 0 of `page` (faulting if it is missing), then writes `mark` at byte 100 unless it is None.
