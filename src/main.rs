@@ -267,7 +267,11 @@ fn source_report(
     written_before: u64,
 ) -> Report {
     let mut report = Report::from_source(r, guest_info(guest), run.downtime_target as f64, opts.verify);
-    let pages_written_during_migration = guest.pages_written().saturating_sub(written_before);
+    // After a post-copy switch the guest went on writing on the destination until the last page arrived: its count
+    // there (which carries on from the source's) is where the migration ended.
+    let at_end = r.postcopy.as_ref().and_then(|p| p.destination.as_ref()).map(|d| d.guest_pages_written);
+    let pages_written_during_migration =
+        at_end.filter(|&n| n > 0).unwrap_or_else(|| guest.pages_written()).saturating_sub(written_before);
     report.guest_progress = Some(livemig::report::GuestProgress { pages_written_during_migration });
     let v = guest.vcpus();
     report.source_vcpus_after = Some(VcpuState { paused: v.is_paused(), throttle_pct: v.throttle() });

@@ -301,7 +301,8 @@ fn histogram(counts: &[u64]) -> Vec<(u64, u64)> {
 /// The guest's own progress during the migration.
 #[derive(Debug, Clone, Default, Serialize, Deserialize)]
 pub struct GuestProgress {
-    /// Pages the source's vCPUs wrote from the start of the migration to its end (for a completed one, to the pause).
+    /// Pages the guest's vCPUs wrote from the start of the migration to its end: on the source until the pause, and
+    /// after a post-copy switch on the destination too, until the last page arrived.
     pub pages_written_during_migration: u64,
 }
 

@@ -650,6 +650,10 @@ impl Vcpus for KvmGuest {
         ctl.ready = true;
         Ok(())
     }
+
+    fn pages_written(&self) -> Option<u64> {
+        Some(self.counter())
+    }
 }
 
 impl Guest for KvmGuest {

@@ -291,6 +291,11 @@ pub trait Vcpus: Send + Sync {
     fn save_state(&self) -> Result<Vec<u8>, GuestError>;
     /// Loads a blob from [`Vcpus::save_state`] on the destination, before [`Vcpus::resume`].
     fn restore_state(&self, blob: &[u8]) -> Result<(), GuestError>;
+    /// How far the guest has got, in pages written since it was made, where the guest keeps count (carried over by
+    /// the state blob, so a destination goes on from the source's count); None where it does not.
+    fn pages_written(&self) -> Option<u64> {
+        None
+    }
 }
 
 /// One device's saved state, as the VMM's device model hands it over: a name unique within the VM, the version of

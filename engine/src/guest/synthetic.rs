@@ -474,6 +474,10 @@ impl Vcpus for SyntheticVcpus {
         }
         Ok(())
     }
+
+    fn pages_written(&self) -> Option<u64> {
+        Some(SyntheticVcpus::pages_written(self))
+    }
 }
 
 impl Drop for SyntheticVcpus {

@@ -55,6 +55,8 @@ pub struct PostcopyStats {
     pub placed: u64,
     /// Copies that found their page already present (a push racing its pull).
     pub already_present: u64,
+    /// The guest's own count of pages written, read when every page had arrived (0 where the guest keeps none).
+    pub guest_pages_written: u64,
     /// Fault latency in microseconds, from the fault's arrival to its page's placement: p50, p99 and max.
     pub latency_us: [f64; 3],
     /// Fault latency histogram ([`LATENCY_BUCKETS`] buckets, powers of two in microseconds).
@@ -205,6 +207,7 @@ impl Postcopy {
             zero_faults: self.zero_faults.load(Ordering::Relaxed),
             placed: self.placed.load(Ordering::Relaxed),
             already_present: self.already.load(Ordering::Relaxed),
+            guest_pages_written: 0,
             latency_us: percentiles(samples),
             histogram,
         }

@@ -658,7 +658,7 @@ fn control_loop<'s, 'e: 's, 'a: 'e>(
             Kind::Verify if pc.armed.is_some() => {
                 // Post-copy: the guest runs, so only the tables can be compared; every page must be here.
                 let want = Verify::decode(&body)?;
-                pc.before_verify(shared, control)?;
+                pc.before_verify(shared, control, guest)?;
                 let table_root = shared.rx.root();
                 let equal = table_root == want.table_root && !want.full;
                 let v = Verified { equal, table_root, memory_root: 0 };

@@ -91,7 +91,12 @@ impl PostcopyState {
     }
 
     /// At Verify: every page must have arrived. Sends the figures.
-    pub(super) fn before_verify(&self, shared: &Shared<'_>, control: &Conn) -> Result<(), ReceiveError> {
+    pub(super) fn before_verify(
+        &self,
+        shared: &Shared<'_>,
+        control: &Conn,
+        guest: &dyn Guest,
+    ) -> Result<(), ReceiveError> {
         let Some(pc) = &self.armed else { return Ok(()) };
         let left = pc.remaining();
         if left > 0 {
@@ -100,7 +105,9 @@ impl PostcopyState {
                 reason: "the source asked to verify with pages still missing".into(),
             });
         }
-        send(shared, control, Kind::PostcopyStats, &msg::encode_stats(&pc.stats()))?;
+        // Every page is here: reading the guest's counter cannot fault.
+        let stats = PostcopyStats { guest_pages_written: guest.vcpus().pages_written().unwrap_or(0), ..pc.stats() };
+        send(shared, control, Kind::PostcopyStats, &msg::encode_stats(&stats))?;
         Ok(())
     }
 

@@ -14,12 +14,12 @@ pub const MISSING_MAX_BODY: u32 = 8 + 8 * (1 << 16);
 pub const REQUEST_PAGES: usize = 256;
 /// A PageRequest body: the pages, 8 bytes each.
 pub const REQUEST_MAX_BODY: u32 = 8 * 256;
-/// A PostcopyStats body: four counts, three latencies, the histogram.
-pub const STATS_LEN: u32 = 8 * (4 + 3 + 26);
+/// A PostcopyStats body: five counts, three latencies, the histogram.
+pub const STATS_LEN: u32 = 8 * (5 + 3 + 26);
 const _: () = assert!(
     MISSING_MAX_BODY as usize == 8 + 8 * MISSING_WORDS
         && REQUEST_MAX_BODY as usize == 8 * REQUEST_PAGES
-        && STATS_LEN as usize == 8 * (4 + 3 + LATENCY_BUCKETS)
+        && STATS_LEN as usize == 8 * (5 + 3 + LATENCY_BUCKETS)
 );
 
 /// The Missing frames' bodies for `pages`: only pieces with a page in them are sent.
@@ -91,7 +91,7 @@ pub fn decode_request(body: &[u8], total: u64) -> Result<Vec<u64>, WireError> {
 /// A PostcopyStats body.
 pub fn encode_stats(s: &PostcopyStats) -> Vec<u8> {
     let mut b = Vec::with_capacity(usize_from(u64::from(STATS_LEN)));
-    for v in [s.faults, s.zero_faults, s.placed, s.already_present] {
+    for v in [s.faults, s.zero_faults, s.placed, s.already_present, s.guest_pages_written] {
         b.extend_from_slice(&v.to_le_bytes());
     }
     s.latency_us.iter().for_each(|v| b.extend_from_slice(&v.to_le_bytes()));
@@ -107,6 +107,7 @@ pub fn decode_stats(body: &[u8]) -> Result<PostcopyStats, WireError> {
         zero_faults: r.u64("zero faults")?,
         placed: r.u64("placed")?,
         already_present: r.u64("already present")?,
+        guest_pages_written: r.u64("guest pages written")?,
         ..Default::default()
     };
     for v in &mut s.latency_us {
