@@ -90,7 +90,7 @@ fn decode_frame(data: &[u8]) {
                 assert_eq!(again, Some(s), "post-copy stats round trip");
             }
         }
-        Kind::StateAck | Kind::Commit | Kind::Committed | Kind::Switch | Kind::Switched => {}
+        Kind::StateAck | Kind::Commit | Kind::Committed | Kind::Switch | Kind::Switched | Kind::MissingAck => {}
     }
 }
 

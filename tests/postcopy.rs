@@ -99,6 +99,7 @@ fn hand_played(root_right: bool) -> Result<(), ReceiveError> {
         missing.set(5);
         for body in postcopy::encode_missing(&missing) {
             c.write_all(&frame(Kind::Missing, &body)).unwrap();
+            assert_eq!(wire::read_frame(&mut c, &mut buf).unwrap().kind, Kind::MissingAck);
         }
         c.write_all(&frame(Kind::Switch, &[])).unwrap();
         assert_eq!(wire::read_frame(&mut c, &mut buf).unwrap().kind, Kind::Switched);

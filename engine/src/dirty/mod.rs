@@ -101,6 +101,13 @@ impl Bitmap {
         &self.words
     }
 
+    /// Clears every bit set in `other` (both must cover the same number of pages).
+    pub fn and_not_assign(&mut self, other: &Bitmap) {
+        for (w, o) in self.words.iter_mut().zip(&other.words) {
+            *w &= !o;
+        }
+    }
+
     /// ORs `other` into `self` (both must cover the same number of pages).
     pub fn or_assign(&mut self, other: &Bitmap) {
         debug_assert_eq!(self.bits, other.bits);

@@ -435,6 +435,12 @@ impl Precopy {
         }
     }
 
+    /// Post-copy, between the decision and the pause: the pages the guest wrote during the last round, which the
+    /// destination will lack (the final harvest adds what the guest writes until the pause).
+    pub fn pending_missing(&self) -> Option<&Bitmap> {
+        self.pending_final.as_ref().filter(|_| self.postcopy && self.phase == Phase::Pausing)
+    }
+
     /// When the destination resumed the guest in post-copy, if it did.
     pub fn switched_at(&self) -> Option<Instant> {
         self.switched_at

@@ -1,8 +1,8 @@
 //! The destination's side of post-copy: guest memory under userfaultfd, the pages still missing, and the faults.
 //!
-//! At the switch the destination learns which pages the source still holds the only current copy of. [`Postcopy::arm`]
-//! drops whatever older copy of them guest memory holds (`MADV_DONTNEED`), registers every region in missing mode and
-//! hands itself to the [`super::Receiver`] as its [`Placer`]: from then on every page the receiver applies is placed
+//! Before the switch the destination learns which pages the source still holds the only current copy of, and
+//! [`discard`]s whatever older copy of them guest memory holds (`MADV_DONTNEED`). At the switch [`Postcopy::arm`]
+//! registers every region in missing mode and is handed to the [`super::Receiver`] as its [`Placer`]: from then on every page the receiver applies is placed
 //! whole by the kernel (`UFFDIO_COPY`, `UFFDIO_ZEROPAGE`), which wakes any vCPU waiting on it, and a page already
 //! present is left alone (so a page pushed and also pulled is placed once, and never over a write the guest made).
 //!
@@ -85,29 +85,42 @@ pub struct Postcopy {
     already: AtomicU64,
 }
 
+/// Drops whatever copy guest memory holds of `pages` (`MADV_DONTNEED`), so that once [`Postcopy::arm`]ed a touch of
+/// one faults instead of reading stale bytes. Call it with nothing reading or writing those pages: the vCPUs paused
+/// (or not yet started) and no page being applied. It costs a system call per run of pages (about a microsecond
+/// here), so the destination drops the pages it learns of before the source pauses, and only the rest in the pause.
+pub fn discard(mem: &dyn GuestMemory, pages: &Bitmap) {
+    let regions = regions_of(mem);
+    pages.for_each_run(|run| {
+        let mut page = run.first;
+        let end = run.first + run.count;
+        while page < end {
+            let Some((addr, n)) = host_range(&regions, page, end - page) else { return };
+            // SAFETY: the range lies inside a live anonymous private mapping of guest memory, and nothing reads or
+            // writes it now (the caller's contract); dropping its pages only makes them read as missing (or zero).
+            unsafe { libc::madvise(addr as *mut libc::c_void, usize_from(n) * PAGE_SIZE, libc::MADV_DONTNEED) };
+            page += n;
+        }
+    });
+}
+
+/// Per region: host address, length, first page.
+fn regions_of(mem: &dyn GuestMemory) -> Vec<(usize, usize, u64)> {
+    let mut regions = Vec::new();
+    let mut base = 0u64;
+    for r in mem.regions() {
+        regions.push((r.as_ptr() as usize, r.len(), base));
+        base += r.pages();
+    }
+    regions
+}
+
 impl Postcopy {
-    /// Takes `mem` under userfaultfd with `missing` pages still to come. Call it with nothing writing guest memory:
-    /// the vCPUs paused and no page being applied.
+    /// Takes `mem` under userfaultfd with `missing` pages still to come, which must have been [`discard`]ed. Call it
+    /// with nothing writing guest memory: the vCPUs paused and no page being applied.
     pub fn arm(mem: &dyn GuestMemory, missing: &Bitmap) -> Result<Postcopy, UffdError> {
         let uffd = Uffd::new()?;
-        let mut regions = Vec::new();
-        let mut base = 0u64;
-        for r in mem.regions() {
-            regions.push((r.as_ptr() as usize, r.len(), base));
-            base += r.pages();
-        }
-        // Older copies of the missing pages go first, so that a touch of one faults instead of reading stale bytes.
-        missing.for_each_run(|run| {
-            let mut page = run.first;
-            let end = run.first + run.count;
-            while page < end {
-                let Some((addr, n)) = host_range(&regions, page, end - page) else { return };
-                // SAFETY: the range lies inside a live anonymous private mapping of guest memory, and nothing reads
-                // or writes it now (the caller's contract); dropping its pages only makes them read as missing.
-                unsafe { libc::madvise(addr as *mut libc::c_void, usize_from(n) * PAGE_SIZE, libc::MADV_DONTNEED) };
-                page += n;
-            }
-        });
+        let regions = regions_of(mem);
         for &(addr, len, _) in &regions {
             // SAFETY: each region is a whole, page-aligned anonymous private mapping that outlives this object (the
             // guest owns it for the migration and after).

@@ -650,9 +650,7 @@ fn control_loop<'s, 'e: 's, 'a: 'e>(
                 guest.vcpus().restore_state(&body)?;
                 wire::write_control(control, Kind::StateAck, &[]).map_err(WireError::from)?;
             }
-            Kind::Missing if devices.restored && pc.armed.is_none() => {
-                pc.missing(&body, guest.memory().total_pages())?;
-            }
+            Kind::Missing if pc.armed.is_none() => pc.missing(&body, guest, shared, control)?,
             Kind::Switch if devices.restored && pc.armed.is_none() => pc.switch(s, control, guest, shared)?,
             Kind::Pages if pc.armed.is_some() => pc.urgent(&h, &body, shared)?,
             Kind::Verify if pc.armed.is_some() => {

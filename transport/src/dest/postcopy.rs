@@ -1,10 +1,11 @@
 //! The destination's side of post-copy, driven by the control loop.
 //!
-//! After the vCPU state, the source sends the bitmap of the pages it still holds (Missing frames) and Switch. At the
-//! switch nothing writes guest memory: the vCPUs are paused, the data links are idle (the source switches only once
-//! every earlier page was acknowledged), and the pre-fault helper is stopped first. The destination drops the old
-//! copies of the missing pages, takes guest memory under userfaultfd ([`Postcopy::arm`]), makes it the receiver's
-//! placer, resumes the vCPUs and answers Switched.
+//! The source sends the bitmap of the pages it still holds (Missing frames): most of it as it decides to switch,
+//! before it pauses, and what its guest wrote since after the pause, with the vCPU state, then Switch. Nothing writes
+//! guest memory meanwhile: the vCPUs here have not run, the data links are idle (the source switches only once every
+//! earlier page was acknowledged), and the pre-fault helper is stopped at the first Missing frame. The destination
+//! drops the old copies of the missing pages as each frame comes; at Switch it takes guest memory under
+//! userfaultfd ([`Postcopy::arm`]), makes it the receiver's placer, resumes the vCPUs and answers Switched.
 //!
 //! From then on a fault thread reads the vCPUs' faults and asks the source for missing pages (PageRequest on the
 //! control connection; zero pages are placed at once), the source's answers come back on the control connection as
@@ -21,7 +22,7 @@ use crate::tls::Conn;
 use crate::wire::{self, postcopy as msg, Header, Kind, WireError};
 use livemig_engine::dirty::Bitmap;
 use livemig_engine::guest::Guest;
-use livemig_engine::receive::postcopy::{Fault, Postcopy, PostcopyStats};
+use livemig_engine::receive::postcopy::{discard, Fault, Postcopy, PostcopyStats};
 use livemig_engine::receive::ApplyState;
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
@@ -50,10 +51,24 @@ pub(super) fn send(shared: &Shared<'_>, control: &Conn, kind: Kind, body: &[u8])
 }
 
 impl PostcopyState {
-    /// A Missing frame: more of the bitmap.
-    pub(super) fn missing(&mut self, body: &[u8], pages: u64) -> Result<(), ReceiveError> {
-        let into = self.missing.get_or_insert_with(|| Bitmap::new(pages));
-        Ok(msg::decode_missing(body, into)?)
+    /// A Missing frame: more pages the source holds the only current copy of. Their old copies go at once (the
+    /// first frames come before the source pauses, so that little of this is left for the pause).
+    pub(super) fn missing(
+        &mut self,
+        body: &[u8],
+        guest: &dyn Guest,
+        shared: &Shared<'_>,
+        control: &Conn,
+    ) -> Result<(), ReceiveError> {
+        let pages = guest.memory().total_pages();
+        let mut more = Bitmap::new(pages);
+        msg::decode_missing(body, &mut more)?;
+        // From the first Missing frame nothing may fault pages in: a dropped page must stay missing.
+        *shared.prefault_stopped.lock().unwrap_or_else(|e| e.into_inner()) = true;
+        // The vCPUs have not run here yet, and the data links are idle: every page sent before was acknowledged.
+        discard(guest.memory(), &more);
+        self.missing.get_or_insert_with(|| Bitmap::new(pages)).or_assign(&more);
+        Ok(send(shared, control, Kind::MissingAck, &[])?)
     }
 
     /// The switch: arms userfaultfd over guest memory, resumes the guest, starts the fault thread, answers Switched.
@@ -65,8 +80,9 @@ impl PostcopyState {
         shared: &'e Shared<'a>,
     ) -> Result<(), ReceiveError> {
         let missing = self.missing.take().unwrap_or_else(|| Bitmap::new(guest.memory().total_pages()));
-        *shared.prefault_stopped.lock().unwrap_or_else(|e| e.into_inner()) = true;
+        let t = Instant::now();
         let pc = Postcopy::arm(guest.memory(), &missing).map_err(|e| ReceiveError::Postcopy(e.to_string()))?;
+        tracing::info!(arm_us = t.elapsed().as_micros(), "post-copy: guest memory under userfaultfd");
         let pc = Arc::new(pc);
         shared.rx.set_placer(pc.clone());
         self.armed = Some(pc.clone());

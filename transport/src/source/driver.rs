@@ -51,6 +51,10 @@ pub(super) struct Driver<'a> {
     pub(super) phase: &'static str,
     /// Post-copy's figures, from the switch on.
     pub(super) postcopy: Option<super::PostcopyReport>,
+    /// Post-copy: the bandwidth the push is paced from and the links that measured it (None: not paced by it).
+    pub(super) push_pace: Option<(f64, usize)>,
+    /// Post-copy: the missing pages the destination was told of before the pause.
+    pub(super) announced: Option<Bitmap>,
 }
 
 /// One round as the driver sent it: pages by codec, the vCPU throttle, and wire bytes per link.
@@ -104,6 +108,9 @@ impl Driver<'_> {
                 Action::Pause => {
                     report.predicted_downtime = self.machine.last_prediction();
                     tracing::info!(predicted_ms = ?report.predicted_downtime.map(|d| d.as_secs_f64() * 1e3), "pausing");
+                    if let Some(pages) = self.machine.pending_missing().cloned() {
+                        self.announce_missing(&pages);
+                    }
                     vcpus.pause();
                     self.machine.paused(Instant::now());
                 }
@@ -441,6 +448,7 @@ impl Driver<'_> {
             return;
         }
         self.reroute(i);
+        self.repace();
     }
 
     /// Routes again what the failed link `i` holds. The driver must get back to its events, so a batch that no link
@@ -513,6 +521,7 @@ impl Driver<'_> {
                         | Event::Verified(_)
                         | Event::Committed
                         | Event::Switched
+                        | Event::MissingAck
                         | Event::PageRequest(_)
                 ) {
                     self.machine.heard(Instant::now());

@@ -54,6 +54,8 @@ enum Event {
     ControlFailed(MigrateError),
     /// Post-copy: the destination runs the guest.
     Switched,
+    /// Post-copy: the destination dropped the old copies of a Missing frame's pages.
+    MissingAck,
     /// Post-copy: pages the destination's guest faulted on.
     PageRequest(Vec<u64>),
     /// Post-copy: the destination's figures.
@@ -174,6 +176,8 @@ pub(crate) fn run(
                 timeline: Vec::new(),
                 phase: "starting",
                 postcopy: None,
+                push_pace: None,
+                announced: None,
             };
             d.run(&mut report, rtt);
             d.sample_links(true);

@@ -19,15 +19,62 @@ use std::sync::atomic::Ordering;
 use std::sync::Mutex;
 use std::time::Instant;
 
+/// Announcements of missing pages before the pause, at most, and the size under which the pause takes the rest.
+const ANNOUNCE_PASSES: usize = 4;
+const ANNOUNCE_ENOUGH: u64 = 1024;
+
 /// The push's share of the measured bandwidth: what is left drains the links' queues, so that an urgent page waits
 /// behind little.
 const PUSH_SHARE: f64 = 0.9;
 
 impl Driver<'_> {
-    /// Carries out the switch: the missing bitmap, Switch, and the wait for Switched; then the pacing of the push.
-    pub(super) fn switch(&mut self, pages: Bitmap) {
+    /// Before the pause: tells the destination which pages it will lack (those the guest wrote during the last
+    /// round) and waits until it has dropped their old copies, which costs a system call per run of pages: while the
+    /// guest still runs here, not in the pause. What the guest writes meanwhile is announced the same way, a few
+    /// times over while it is large, so that the pause is left little to drop.
+    pub(super) fn announce_missing(&mut self, pages: &Bitmap) {
         tracing::info!(pages = pages.count_ones(), "switching to post-copy");
-        for body in postcopy::encode_missing(&pages) {
+        let mut announced = Bitmap::new(pages.len());
+        let mut next = pages.clone();
+        for _ in 0..ANNOUNCE_PASSES {
+            let frames = postcopy::encode_missing(&next);
+            for body in &frames {
+                if !self.send_control(Kind::Missing, body) {
+                    return;
+                }
+            }
+            for _ in &frames {
+                if self.wait_for(|e| matches!(e, Event::MissingAck).then_some(())).is_none() {
+                    return;
+                }
+            }
+            announced.or_assign(&next);
+            // What the guest wrote meanwhile; it joins the final harvest (as the driver's rate samples do).
+            let mut span = Bitmap::new(pages.len());
+            if let Err(e) = self.guest.dirty_log().harvest(&mut span) {
+                self.fail(e.into());
+                return;
+            }
+            let (mut bm, since) = self.sampled.take().unwrap_or_else(|| (Bitmap::new(pages.len()), Instant::now()));
+            bm.or_assign(&span);
+            self.sampled = Some((bm, since));
+            span.and_not_assign(&announced);
+            next = span;
+            if next.count_ones() < ANNOUNCE_ENOUGH {
+                break;
+            }
+        }
+        self.announced = Some(announced);
+    }
+
+    /// Carries out the switch: the rest of the missing bitmap, Switch, and the wait for Switched; then the pacing of
+    /// the push.
+    pub(super) fn switch(&mut self, pages: Bitmap) {
+        let mut rest = pages.clone();
+        if let Some(a) = self.announced.take() {
+            rest.and_not_assign(&a);
+        }
+        for body in postcopy::encode_missing(&rest) {
             if !self.send_control(Kind::Missing, &body) {
                 return;
             }
@@ -35,22 +82,31 @@ impl Driver<'_> {
         if !self.send_control(Kind::Switch, &[]) {
             return;
         }
+        // The acks of the frames just sent come first; the driver's handler takes them.
         if self.wait_for(|e| matches!(e, Event::Switched).then_some(())).is_none() {
             return;
         }
         let now = Instant::now();
-        if self.stripe.pacer.rate().is_none() {
-            if let Some(bw) = self.machine.measured_bandwidth() {
-                self.stripe.pacer.set_rate(Some(livemig_engine::num::u64_saturating(bw * PUSH_SHARE)));
-            }
-        }
+        // Measured over every link; a link lost later takes its share off (see `repace`).
+        let paced = self.machine.measured_bandwidth().filter(|_| self.stripe.pacer.rate().is_none());
         self.postcopy = Some(PostcopyReport {
             switched_at: now.saturating_duration_since(self.start),
             pages_pushed: pages.count_ones(),
             ..Default::default()
         });
+        self.push_pace = paced.map(|bw| (bw, self.stripe.links.len()));
+        self.repace();
         tracing::info!("the destination runs the guest; pushing the rest");
         self.machine.switched(pages, now);
+    }
+
+    /// Paces the push at its share of the bandwidth the links still alive measured: the links' queues must stay short
+    /// for the urgent pages, and a lost link's share would otherwise pile up in front of them on the others.
+    pub(super) fn repace(&mut self) {
+        let Some((bw, links)) = self.push_pace else { return };
+        let alive = self.stripe.links.iter().filter(|l| !l.is_failed()).count();
+        let rate = bw * PUSH_SHARE * alive as f64 / links.max(1) as f64;
+        self.stripe.pacer.set_rate(Some(livemig_engine::num::u64_saturating(rate)));
     }
 
     /// Answers a fault request: the pages, raw, in one or more Pages frames on the control connection.

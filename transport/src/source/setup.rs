@@ -180,6 +180,7 @@ pub(super) fn control_loop(r: &Conn, ev: &Sender<Event>, done: &AtomicBool, page
             },
             Kind::Committed => Event::Committed,
             Kind::Switched => Event::Switched,
+            Kind::MissingAck => Event::MissingAck,
             Kind::PageRequest => match postcopy::decode_request(&buf, pages) {
                 Ok(p) => Event::PageRequest(p),
                 Err(e) => Event::ControlFailed(MigrateError::Link(e)),

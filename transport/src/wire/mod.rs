@@ -105,6 +105,8 @@ pub enum Kind {
     PageRequest = 17,
     /// Destination → source, before Verified in post-copy: what the faults cost.
     PostcopyStats = 18,
+    /// Destination → source: the old copies of a Missing frame's pages are dropped.
+    MissingAck = 19,
 }
 
 impl Kind {
@@ -121,7 +123,7 @@ impl Kind {
             // Session and link index, then (under TLS) the 32-byte proof that binds the link to the control session.
             LinkHello => 44,
             Verify | Verified => 17,
-            StateAck | Commit | Committed | Switch | Switched => 0,
+            StateAck | Commit | Committed | Switch | Switched | MissingAck => 0,
             Missing => postcopy::MISSING_MAX_BODY,
             PageRequest => postcopy::REQUEST_MAX_BODY,
             PostcopyStats => postcopy::STATS_LEN,
@@ -149,6 +151,7 @@ impl Kind {
             16 => Switched,
             17 => PageRequest,
             18 => PostcopyStats,
+            19 => MissingAck,
             _ => return None,
         })
     }
