@@ -382,8 +382,7 @@ impl KvmGuest {
         u64::from_le_bytes(b)
     }
 
-    /// The progress counter when the vCPU state was restored (a destination restores after the last page is applied,
-    /// so this is the source's counter at its pause); `None` if never restored.
+    /// The source's progress counter at its pause, as its state blob carried it; `None` if never restored.
     pub fn counter_at_restore(&self) -> Option<u64> {
         Some(self.restored_counter.load(Ordering::SeqCst)).filter(|&c| c > 0)
     }
@@ -633,18 +632,25 @@ impl Vcpus for KvmGuest {
     fn save_state(&self) -> Result<Vec<u8>, GuestError> {
         let rate = self.lock().rate;
         let vcpu = self.lock_vcpu();
-        state::save(&vcpu, &self.msrs, rate).map_err(|e| GuestError::BadState(e.to_string()))
+        let mut blob = state::save(&vcpu, &self.msrs, rate).map_err(|e| GuestError::BadState(e.to_string()))?;
+        // The counter at the pause travels with the state: the destination must not read guest memory to learn it
+        // (in post-copy the page holding it has not arrived when the state is restored).
+        blob.extend_from_slice(&self.counter().to_le_bytes());
+        Ok(blob)
     }
 
     fn restore_state(&self, blob: &[u8]) -> Result<(), GuestError> {
         if !self.lock().paused {
             return Err(GuestError::BadState("vCPU must be paused to restore its state".into()));
         }
+        let Some((blob, counter)) = blob.split_last_chunk::<8>() else {
+            return Err(GuestError::BadState("state blob too short for its counter".into()));
+        };
         let rate = {
             let vcpu = self.lock_vcpu();
             state::restore(&vcpu, blob).map_err(|e| GuestError::BadState(e.to_string()))?
         };
-        self.restored_counter.store(self.counter(), Ordering::SeqCst);
+        self.restored_counter.store(u64::from_le_bytes(*counter), Ordering::SeqCst);
         let mut ctl = self.lock();
         ctl.rate = rate;
         ctl.ready = true;

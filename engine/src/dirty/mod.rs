@@ -101,6 +101,13 @@ impl Bitmap {
         &self.words
     }
 
+    /// Keeps only the bits also set in `other` (both must cover the same number of pages).
+    pub fn and_assign(&mut self, other: &Bitmap) {
+        for (w, o) in self.words.iter_mut().zip(&other.words) {
+            *w &= o;
+        }
+    }
+
     /// Clears every bit set in `other` (both must cover the same number of pages).
     pub fn and_not_assign(&mut self, other: &Bitmap) {
         for (w, o) in self.words.iter_mut().zip(&other.words) {

@@ -17,7 +17,7 @@
 use super::ApplyError;
 use crate::dirty::Bitmap;
 use crate::guest::uffd::{Placed, Uffd, UffdError};
-use crate::guest::{GuestMemory, PAGE_SIZE};
+use crate::guest::{GuestError, GuestMemory, PAGE_SIZE};
 use crate::num::usize_from;
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -102,6 +102,21 @@ pub fn discard(mem: &dyn GuestMemory, pages: &Bitmap) {
             page += n;
         }
     });
+}
+
+/// Drops again any of `missing` that came back since [`discard`] (something read or wrote it: a guest's restore that
+/// looks at its memory), so that every missing page faults once armed. Returns how many there were.
+pub fn discard_touched(mem: &dyn GuestMemory, missing: &Bitmap) -> Result<u64, GuestError> {
+    let mut present = Bitmap::new(missing.len());
+    let mut base = 0u64;
+    for r in mem.regions() {
+        let resident = crate::guest::resident_pages(r)?;
+        present.or_region(resident.words(), base, r.pages());
+        base += r.pages();
+    }
+    present.and_assign(missing);
+    discard(mem, &present);
+    Ok(present.count_ones())
 }
 
 /// Per region: host address, length, first page.

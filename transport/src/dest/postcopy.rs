@@ -22,7 +22,7 @@ use crate::tls::Conn;
 use crate::wire::{self, postcopy as msg, Header, Kind, WireError};
 use livemig_engine::dirty::Bitmap;
 use livemig_engine::guest::Guest;
-use livemig_engine::receive::postcopy::{discard, Fault, Postcopy, PostcopyStats};
+use livemig_engine::receive::postcopy::{discard, discard_touched, Fault, Postcopy, PostcopyStats};
 use livemig_engine::receive::ApplyState;
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
@@ -81,8 +81,9 @@ impl PostcopyState {
     ) -> Result<(), ReceiveError> {
         let missing = self.missing.take().unwrap_or_else(|| Bitmap::new(guest.memory().total_pages()));
         let t = Instant::now();
+        let touched = discard_touched(guest.memory(), &missing)?;
         let pc = Postcopy::arm(guest.memory(), &missing).map_err(|e| ReceiveError::Postcopy(e.to_string()))?;
-        tracing::info!(arm_us = t.elapsed().as_micros(), "post-copy: guest memory under userfaultfd");
+        tracing::info!(arm_us = t.elapsed().as_micros(), touched, "post-copy: guest memory under userfaultfd");
         let pc = Arc::new(pc);
         shared.rx.set_placer(pc.clone());
         self.armed = Some(pc.clone());
