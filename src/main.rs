@@ -194,6 +194,7 @@ fn source_options(run: &RunOpts, g: &GuestOpts) -> Result<SourceOptions> {
                 _ => livemig::engine::precopy::MAX_THROTTLE,
             }),
             postcopy: run.postcopy,
+            postcopy_wait: Duration::from_secs(run.postcopy_wait),
             ..Default::default()
         },
         verify: run.verify,
@@ -470,6 +471,7 @@ fn receive_options(a: &ReceiveArgs) -> Result<DestOptions> {
     let mut opts = DestOptions {
         fail_committed: a.x_fail_committed,
         recv_uring: a.recv_path == args::RecvPath::Uring,
+        postcopy_wait: Duration::from_secs(a.postcopy_wait),
         ..Default::default()
     };
     if let Some(max) = a.max_memory {

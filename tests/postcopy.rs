@@ -80,6 +80,64 @@ fn postcopy_over_three_links_survives_a_link_cut_during_the_push() {
     assert!(src.vcpus().is_paused(), "the source must stay paused once the destination runs the guest");
 }
 
+#[test]
+fn postcopy_waits_out_every_link_lost_and_resumes_when_they_return() {
+    if !uffd_here() {
+        return;
+    }
+    let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = listener.local_addr().unwrap();
+    // The control connection and both data links go through relays that stop forwarding, as a network that went
+    // away does: no reset, the connections stay open and silent.
+    let relays = [Relay::start(addr, false), Relay::start(addr, false), Relay::start(addr, false)];
+    let src = SyntheticGuest::new(&SyntheticConfig {
+        memory_bytes: 256 << 20,
+        dirty_rate: 40_000,
+        hot_set_pct: 20.0,
+        ..Default::default()
+    })
+    .unwrap();
+    let precopy = PrecopyConfig {
+        postcopy: PostcopyMode::Always,
+        max_bandwidth: Some(60 << 20),
+        postcopy_wait: Duration::from_secs(25),
+        ..Default::default()
+    };
+    let opts = SourceOptions { precopy, link_timeout: Duration::from_millis(500), ..Default::default() };
+    let links = [LinkSpec::to(relays[1].addr), LinkSpec::to(relays[2].addr)];
+    // Longer than every timeout that applies before the switch (10 s), so that only post-copy's wait can cover it.
+    let outage = Duration::from_secs(12);
+    let cut_at = std::sync::Mutex::new(None::<std::time::Instant>);
+    let dopts = DestOptions { postcopy_wait: Duration::from_secs(60), ..Default::default() };
+    let (report, dest) = std::thread::scope(|s| {
+        let dest = s.spawn(|| common::receive_one(&listener, &dopts));
+        let control = TcpStream::connect(relays[0].addr).unwrap();
+        let r = migrate(&src, control, &links, &opts, &SourceSecurity::Insecure, &|p| {
+            let mut at = cut_at.lock().unwrap();
+            if p.epoch == 1 && p.round_pages_done > 0 && at.is_none() {
+                *at = Some(std::time::Instant::now());
+                relays.iter().for_each(|r| r.cut.store(true, Ordering::SeqCst));
+                let cuts: Vec<_> = relays.iter().map(|r| r.cut.clone()).collect();
+                std::thread::spawn(move || {
+                    std::thread::sleep(outage);
+                    cuts.iter().for_each(|c| c.store(false, Ordering::SeqCst));
+                });
+            }
+        });
+        (r, dest.join().unwrap())
+    });
+    let cut_at = cut_at.lock().unwrap().expect("the links were never cut during the push");
+    assert!(cut_at.elapsed() >= outage, "the migration ended during the outage");
+    assert!(report.result.is_ok(), "{:?}", report.result);
+    assert!(report.verified);
+    assert!(report.links.iter().any(|l| !l.failed), "a link must have carried the push to its end");
+    let (g, r) = dest.expect("the destination completed after the outage");
+    assert!(r.postcopy.is_some());
+    let before = g.vcpus().pages_written();
+    std::thread::sleep(Duration::from_millis(200));
+    assert!(g.vcpus().pages_written() > before, "the destination's guest runs");
+}
+
 /// Plays a source by hand up to post-copy's Verify, with a table root that is right or not.
 fn hand_played(root_right: bool) -> Result<(), ReceiveError> {
     let listener = TcpListener::bind("127.0.0.1:0").unwrap();

@@ -59,7 +59,13 @@ pub struct PrecopyConfig {
     pub max_throttle: f64,
     /// Whether and when to switch to post-copy (`--postcopy`).
     pub postcopy: PostcopyMode,
+    /// After the switch, how long a destination may stay silent (every link down) before the migration is given up:
+    /// neither side can finish alone, so both wait for the network to come back (`--postcopy-wait`).
+    pub postcopy_wait: Duration,
 }
+
+/// How long post-copy waits for a network that went away, by default.
+pub const POSTCOPY_WAIT: Duration = Duration::from_secs(600);
 
 /// When the machine switches to post-copy: the destination runs the guest before every page has arrived, and pulls
 /// what it touches first.
@@ -89,6 +95,7 @@ impl Default for PrecopyConfig {
             max_bandwidth: None,
             max_throttle: MAX_THROTTLE,
             postcopy: PostcopyMode::Off,
+            postcopy_wait: POSTCOPY_WAIT,
         }
     }
 }
@@ -508,11 +515,20 @@ impl Precopy {
     /// guest is paused and nothing is committed, the end of the pause bound ([`MAX_PAUSE`] after the pause). The driver
     /// waits for its events no later than this, as quinn's connection asks its driver to.
     pub fn poll_timeout(&self) -> Option<Instant> {
-        let silence = (self.phase != Phase::Done).then(|| self.heard + self.cfg.peer_timeout);
+        let silence = (self.phase != Phase::Done).then(|| self.heard + self.silence_bound());
         let pause = self.pause_deadline();
         match (pause, silence) {
             (Some(p), Some(s)) => Some(p.min(s)),
             (p, s) => p.or(s),
+        }
+    }
+
+    /// How long the destination may be silent: after the switch, as long as post-copy waits for the network.
+    fn silence_bound(&self) -> Duration {
+        if self.switched_at.is_some() {
+            self.cfg.postcopy_wait
+        } else {
+            self.cfg.peer_timeout
         }
     }
 
@@ -540,8 +556,8 @@ impl Precopy {
             self.actions.push_back(Action::Done(Outcome::PauseExceeded));
             return Some(Timeout::PauseBound);
         }
-        if self.phase != Phase::Done && now >= self.heard + self.cfg.peer_timeout {
-            let t = self.cfg.peer_timeout;
+        if self.phase != Phase::Done && now >= self.heard + self.silence_bound() {
+            let t = self.silence_bound();
             self.fail(format!("destination made no progress for {t:?}"));
             return Some(Timeout::PeerSilent(t));
         }

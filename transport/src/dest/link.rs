@@ -2,7 +2,7 @@
 //! session, and reading, checking, applying and acknowledging its Pages frames. Bad data ends the link it came on.
 
 use super::admit::{refuse, transient_accept_error, Ticket, ACCEPT_RETRY};
-use super::{Msg, ReceiveError, Shared, HELLO_TIMEOUT, MID_FRAME_TIMEOUT, WRITE_TIMEOUT};
+use super::{Msg, ReceiveError, Shared, HELLO_TIMEOUT, WRITE_TIMEOUT};
 use crate::stream::{Listen, Peer, Stream};
 use crate::tls::{self, Conn};
 use crate::wire::{self, Deadline, Header, Kind, WireError, HEADER_LEN};
@@ -181,7 +181,7 @@ fn serve_frames(
 ) -> Result<(), ReceiveError> {
     let mut frame = FrameBuffers::default();
     loop {
-        let (raw, h) = match wire::read_header_within(stream, MID_FRAME_TIMEOUT, "Pages frame") {
+        let (raw, h) = match wire::read_header_after(stream, &|| shared.frame_timeout(), "Pages frame") {
             Ok(x) => x,
             // The link died or was closed: the source sends its batches again elsewhere.
             Err(e) if e.is_link_loss() => return Ok(()),
@@ -198,7 +198,7 @@ fn serve_frames(
         }
         // Inside a frame the bytes are already on their way: a frame that stops arriving is a dead link, and this
         // thread may be holding pages busy that other links wait for (see read_pages).
-        let mut r = Deadline::new(stream, Instant::now() + MID_FRAME_TIMEOUT, "Pages frame");
+        let mut r = Deadline::new(stream, Instant::now() + shared.frame_timeout(), "Pages frame");
         match read_pages(&mut r, &raw, &h, owner, shared, st, &mut frame) {
             Ok(()) => {}
             Err(None) => return Ok(()),

@@ -293,6 +293,10 @@ struct Shared<'a> {
     prefault_stopped: Mutex<bool>,
     /// Held by every control write from a post-copy switch on.
     control_write: Mutex<()>,
+    /// Set at the first Missing frame: post-copy is coming, and from then a frame may take as long as post-copy waits
+    /// for the network (`postcopy_wait`) rather than [`MID_FRAME_TIMEOUT`].
+    postcopy: AtomicBool,
+    postcopy_wait: Duration,
 }
 
 /// A thread counted in `Conns::live`; dropping it (however the thread ends) gives its place back.
@@ -351,6 +355,18 @@ impl<'a> Shared<'a> {
             ring,
             prefault_stopped: Mutex::new(false),
             control_write: Mutex::new(()),
+            postcopy: AtomicBool::new(false),
+            postcopy_wait: opts.postcopy_wait,
+        }
+    }
+
+    /// How long a frame may take once its first byte is in: longer once post-copy is coming, when neither side can
+    /// finish alone and both wait out a network that went away.
+    fn frame_timeout(&self) -> Duration {
+        if self.postcopy.load(Ordering::Relaxed) {
+            self.postcopy_wait.max(MID_FRAME_TIMEOUT)
+        } else {
+            MID_FRAME_TIMEOUT
         }
     }
 
@@ -485,7 +501,7 @@ fn run<L: Listen>(
                 .map_err(WireError::from)?;
         }
         let t = tx.clone();
-        spawn("lm-control").spawn_scoped(s, move || read_control(control, &t)).map_err(WireError::from)?;
+        spawn("lm-control").spawn_scoped(s, move || read_control(control, &t, shared)).map_err(WireError::from)?;
         let result = control_loop(s, control, guest, shared, &msgs, opts, pc);
         // However the loop ended, every data thread and helper stops before the guest may run (it already has, after
         // a successful Verify or a post-copy switch) and before this scope joins them.
@@ -551,10 +567,10 @@ fn prefault(guest: &dyn Guest, chunks: &livemig_engine::dirty::Bitmap, shared: &
 
 /// Reads control frames (each complete within [`MID_FRAME_TIMEOUT`] once begun) and hands them to the control loop,
 /// until the connection fails or closes.
-fn read_control(control: &Conn, to: &crossbeam::channel::Sender<Msg>) {
+fn read_control(control: &Conn, to: &crossbeam::channel::Sender<Msg>, shared: &Shared<'_>) {
     let mut buf = Vec::new();
     loop {
-        let r = wire::read_frame_within(control, &mut buf, MID_FRAME_TIMEOUT, "control frame")
+        let r = wire::read_frame_after(control, &mut buf, &|| shared.frame_timeout(), "control frame")
             .map(|h| (h, std::mem::take(&mut buf)));
         let end = r.is_err();
         if to.send(Msg::Control(r)).is_err() || end {
@@ -624,7 +640,9 @@ fn control_loop<'s, 'e: 's, 'a: 'e>(
     // Rounds can keep the control connection quiet for long: the source is silent only when the data links are too.
     let mut seen = shared.bytes.load(Ordering::Relaxed);
     loop {
-        let msg = match msgs.recv_timeout(opts.idle_timeout) {
+        // After the switch the source may be silent as long as post-copy waits for the network.
+        let silence = if pc.armed.is_some() { opts.postcopy_wait.max(opts.idle_timeout) } else { opts.idle_timeout };
+        let msg = match msgs.recv_timeout(silence) {
             Ok(m) => m,
             Err(_) => {
                 let now = shared.bytes.load(Ordering::Relaxed);
@@ -634,7 +652,7 @@ fn control_loop<'s, 'e: 's, 'a: 'e>(
                 }
                 return Err(WireError::Io(std::io::Error::new(
                     std::io::ErrorKind::TimedOut,
-                    format!("source silent for {:?}", opts.idle_timeout),
+                    format!("source silent for {silence:?}"),
                 ))
                 .into());
             }

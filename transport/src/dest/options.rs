@@ -11,6 +11,9 @@ use std::time::Duration;
 pub struct DestOptions {
     /// A source silent this long (no control frame and no data) is declared gone.
     pub idle_timeout: Duration,
+    /// After a post-copy switch, how long a silent source (every link down) is waited for: the guest runs here
+    /// without all its pages and cannot finish alone (`receive --postcopy-wait`).
+    pub postcopy_wait: Duration,
     /// The largest guest accepted, in bytes. A Hello sizes the destination's tables and guest, so it is checked before
     /// any of them is allocated. Defaults to this host's available memory ([`available_memory`]); an operator may set
     /// more for a sparse guest on an overcommitted host (pre-faulting still stops at what is available).
@@ -53,6 +56,7 @@ impl Default for DestOptions {
     fn default() -> Self {
         DestOptions {
             idle_timeout: Duration::from_secs(10),
+            postcopy_wait: livemig_engine::precopy::POSTCOPY_WAIT,
             max_memory: available_memory().unwrap_or(u64::MAX),
             max_connections: 64,
             host_cpu: None,

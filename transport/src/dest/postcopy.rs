@@ -65,6 +65,7 @@ impl PostcopyState {
         msg::decode_missing(body, &mut more)?;
         // From the first Missing frame nothing may fault pages in: a dropped page must stay missing.
         *shared.prefault_stopped.lock().unwrap_or_else(|e| e.into_inner()) = true;
+        shared.postcopy.store(true, Ordering::Relaxed);
         // The vCPUs have not run here yet, and the data links are idle: every page sent before was acknowledged.
         discard(guest.memory(), &more);
         self.missing.get_or_insert_with(|| Bitmap::new(pages)).or_assign(&more);

@@ -101,6 +101,11 @@ pub struct DataLink {
 }
 
 impl DataLink {
+    /// How long a write may block from now on.
+    pub fn set_write_timeout(&self, t: Option<Duration>) -> std::io::Result<()> {
+        self.stream.set_write_timeout(t)
+    }
+
     /// Wraps a connected data socket.
     pub fn new(name: String, stream: Conn) -> Self {
         let (tx, rx) = bounded(QUEUE_BATCHES);

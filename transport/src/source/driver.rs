@@ -55,6 +55,10 @@ pub(super) struct Driver<'a> {
     pub(super) push_pace: Option<(f64, usize)>,
     /// Post-copy: the missing pages the destination was told of before the pause.
     pub(super) announced: Option<Bitmap>,
+    /// Post-copy: since when every link has been silent (the migration waits for the network).
+    pub(super) network_down: Option<Instant>,
+    /// Post-copy: batches of failed links that no live link could take yet.
+    pub(super) parked: Vec<crate::link::data::Queued>,
 }
 
 /// One round as the driver sent it: pages by codec, the vCPU throttle, and wire bytes per link.
@@ -455,11 +459,20 @@ impl Driver<'_> {
     /// takes within the link timeout (every other link full and stalled) fails the migration.
     fn reroute(&mut self, i: usize) {
         for item in self.stripe.links[i].take_back() {
+            if self.machine.switched_at().is_some() {
+                // After a post-copy switch a batch waits for a link to take it (see `waits_for_network`).
+                self.parked.push(item);
+                continue;
+            }
             let deadline = Instant::now() + self.opts.link_timeout;
-            if !self.stripe.route(item, Some(deadline)) && self.error.is_none() {
-                let why = self.link_errors[i].clone().unwrap_or_default();
-                self.fail(MigrateError::AllLinksFailed(why));
-                return;
+            match self.stripe.try_route(item, Some(deadline)) {
+                Ok(()) => {}
+                Err(_) if self.error.is_none() => {
+                    let why = self.link_errors[i].clone().unwrap_or_default();
+                    self.fail(MigrateError::AllLinksFailed(why));
+                    return;
+                }
+                Err(_) => {}
             }
         }
     }
@@ -494,6 +507,7 @@ impl Driver<'_> {
                 return None;
             }
         }
+        self.unpark();
         for i in 0..self.stripe.links.len() {
             let l = &self.stripe.links[i];
             if l.is_failed() {
@@ -503,6 +517,9 @@ impl Driver<'_> {
             } else if l.held() == 0 {
                 self.link_progress[i] = now;
             } else if now.duration_since(self.link_progress[i]) > self.opts.link_timeout {
+                if self.waits_for_network(i) {
+                    continue;
+                }
                 let why = format!("no acknowledgement for {:?} with data outstanding", self.opts.link_timeout);
                 self.link_failed(i, why);
             }
@@ -670,6 +687,7 @@ impl Driver<'_> {
     /// bandwidth, the codec policy's figures. Returns the machine's bandwidth estimate.
     fn acked(&mut self, link: usize, bytes: u64, pages: u64, at: Instant) -> f64 {
         self.link_progress[link] = at;
+        self.network_back();
         self.link_rates[link].record(at, bytes);
         if let Some(r) = self.link_rates[link].rate() {
             self.stripe.links[link].set_rate(r);

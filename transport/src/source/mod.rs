@@ -178,6 +178,8 @@ pub(crate) fn run(
                 postcopy: None,
                 push_pace: None,
                 announced: None,
+                network_down: None,
+                parked: Vec::new(),
             };
             d.run(&mut report, rtt);
             d.sample_links(true);

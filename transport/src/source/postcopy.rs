@@ -23,6 +23,9 @@ use std::time::Instant;
 const ANNOUNCE_PASSES: usize = 4;
 const ANNOUNCE_ENOUGH: u64 = 1024;
 
+/// How long a parked batch is offered to the links at a time (one offer's wait).
+const PARKED_OFFER: std::time::Duration = std::time::Duration::from_millis(1);
+
 /// The push's share of the measured bandwidth: what is left drains the links' queues, so that an urgent page waits
 /// behind little.
 const PUSH_SHARE: f64 = 0.9;
@@ -96,6 +99,12 @@ impl Driver<'_> {
         });
         self.push_pace = paced.map(|bw| (bw, self.stripe.links.len()));
         self.repace();
+        // From here the sockets wait as long as post-copy waits for the network.
+        let wait = Some(self.opts.precopy.postcopy_wait);
+        let _ = self.control.set_write_timeout(wait);
+        for l in &self.stripe.links {
+            let _ = l.set_write_timeout(wait);
+        }
         tracing::info!("the destination runs the guest; pushing the rest");
         self.machine.switched(pages, now);
     }
@@ -107,6 +116,45 @@ impl Driver<'_> {
         let alive = self.stripe.links.iter().filter(|l| !l.is_failed()).count();
         let rate = bw * PUSH_SHARE * alive as f64 / links.max(1) as f64;
         self.stripe.pacer.set_rate(Some(livemig_engine::num::u64_saturating(rate)));
+    }
+
+    /// Post-copy: whether the stalled link `i` is the last one alive, which is kept rather than failed. Neither side
+    /// can finish alone after the switch, so when the network goes away both wait (up to `--postcopy-wait`, which the
+    /// machine's silence bound and every socket's write timeout follow) and go on where they were when it returns.
+    pub(super) fn waits_for_network(&mut self, i: usize) -> bool {
+        let last = self.stripe.links.iter().enumerate().all(|(j, l)| j == i || l.is_failed());
+        if self.machine.switched_at().is_none() || !last {
+            return false;
+        }
+        if self.network_down.is_none() {
+            tracing::warn!(
+                wait_s = self.opts.precopy.postcopy_wait.as_secs(),
+                "post-copy paused: no link is delivering; the destination's vCPUs wait for their pages, and the \
+                 transfer goes on when the network returns"
+            );
+            self.network_down = Some(Instant::now());
+        }
+        true
+    }
+
+    /// Post-copy: offers the batches no link could take again, in order, until one is refused (the links are full,
+    /// or still silent): the driver waits at most one short offer for it.
+    pub(super) fn unpark(&mut self) {
+        let mut parked = std::mem::take(&mut self.parked).into_iter();
+        for item in parked.by_ref() {
+            if let Err(item) = self.stripe.try_route(item, Some(Instant::now() + PARKED_OFFER)) {
+                self.parked.push(item);
+                break;
+            }
+        }
+        self.parked.extend(parked);
+    }
+
+    /// Post-copy: a link delivered again after every one was silent.
+    pub(super) fn network_back(&mut self) {
+        if let Some(since) = self.network_down.take() {
+            tracing::warn!(down_s = since.elapsed().as_secs_f64(), "post-copy resumed: a link delivers again");
+        }
     }
 
     /// Answers a fault request: the pages, raw, in one or more Pages frames on the control connection.

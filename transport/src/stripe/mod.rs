@@ -81,16 +81,21 @@ impl Stripe {
     /// Routes a batch (new, or taken back from a failed link) to a live link. False when every link has failed, the
     /// migration is over, or (with a deadline) no link took it in time.
     pub fn route(&self, item: Queued, deadline: Option<Instant>) -> bool {
+        self.try_route(item, deadline).is_ok()
+    }
+
+    /// [`Stripe::route`], handing the batch back when no link took it.
+    pub fn try_route(&self, item: Queued, deadline: Option<Instant>) -> Result<(), Queued> {
         let bytes = frame_len(&item.1);
         let mut item = item;
         loop {
             if self.abort.load(Ordering::Relaxed) || deadline.is_some_and(|d| Instant::now() > d) {
-                return false;
+                return Err(item);
             }
-            let Some(i) = self.pick(bytes) else { return false };
+            let Some(i) = self.pick(bytes) else { return Err(item) };
             // A short wait, then a new choice: the chosen link may fill up, fail, or be overtaken meanwhile.
             match self.links[i].offer(item, bytes, Duration::from_millis(20)) {
-                Ok(()) => return true,
+                Ok(()) => return Ok(()),
                 Err(back) => item = back,
             }
         }

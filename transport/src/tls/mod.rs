@@ -336,7 +336,7 @@ pub struct Conn {
 struct OnRing {
     io: RingIo,
     read_timeout: Mutex<Option<Duration>>,
-    write_timeout: Option<Duration>,
+    write_timeout: Mutex<Option<Duration>>,
     /// Bytes received ahead of the reads that want them (see [`READ_AHEAD`]).
     ahead: Mutex<ReadAhead>,
 }
@@ -370,6 +370,7 @@ impl Conn {
     /// The connection with its socket's reads and writes submitted to `io`'s ring. Writes give up after
     /// `write_timeout`; reads after what [`Conn::set_read_timeout`] last set (nothing until then).
     pub fn with_ring(mut self, io: RingIo, write_timeout: Option<Duration>) -> Conn {
+        let write_timeout = Mutex::new(write_timeout);
         self.ring = Some(OnRing { io, read_timeout: Mutex::new(None), write_timeout, ahead: Mutex::default() });
         self
     }
@@ -388,6 +389,17 @@ impl Conn {
                 Ok(())
             }
             None => self.stream.set_read_timeout(t),
+        }
+    }
+
+    /// How long a write may block (None: for ever), on the socket and on the ring alike.
+    pub fn set_write_timeout(&self, t: Option<Duration>) -> std::io::Result<()> {
+        match &self.ring {
+            Some(r) => {
+                *r.write_timeout.lock().unwrap_or_else(|e| e.into_inner()) = t;
+                Ok(())
+            }
+            None => self.stream.set_write_timeout(t),
         }
     }
 
@@ -486,7 +498,10 @@ impl Write for Sock<'_> {
     fn write_vectored(&mut self, bufs: &[IoSlice<'_>]) -> std::io::Result<usize> {
         match &self.0.ring {
             None => (&self.0.stream).write_vectored(bufs),
-            Some(r) => r.io.send(self.0.stream.as_raw_fd(), bufs, r.write_timeout),
+            Some(r) => {
+                let timeout = *r.write_timeout.lock().unwrap_or_else(|e| e.into_inner());
+                r.io.send(self.0.stream.as_raw_fd(), bufs, timeout)
+            }
         }
     }
 

@@ -72,8 +72,19 @@ pub fn read_frame_within(
     within: std::time::Duration,
     what: &'static str,
 ) -> Result<Header, WireError> {
-    let (raw, header) = read_header_within(stream, within, what)?;
-    let mut d = Deadline::new(stream, std::time::Instant::now() + within, what);
+    read_frame_after(stream, body, &|| within, what)
+}
+
+/// [`read_frame_within`] with the time the frame is given asked for when its first byte arrives: a reader waiting
+/// for the next frame learns of a change made meanwhile.
+pub fn read_frame_after(
+    stream: &Conn,
+    body: &mut Vec<u8>,
+    within: &dyn Fn() -> std::time::Duration,
+    what: &'static str,
+) -> Result<Header, WireError> {
+    let (raw, header) = read_header_after(stream, within, what)?;
+    let mut d = Deadline::new(stream, std::time::Instant::now() + within(), what);
     read_body(&mut d, body, header.len as usize)?;
     check_sum(&raw, &header, &body[..header.checked_len as usize])?;
     Ok(header)
@@ -85,13 +96,22 @@ pub fn read_header_within(
     within: std::time::Duration,
     what: &'static str,
 ) -> Result<([u8; HEADER_LEN], Header), WireError> {
+    read_header_after(stream, &|| within, what)
+}
+
+/// [`read_header_within`] with the time asked for when the first byte arrives (see [`read_frame_after`]).
+pub fn read_header_after(
+    stream: &Conn,
+    within: &dyn Fn() -> std::time::Duration,
+    what: &'static str,
+) -> Result<([u8; HEADER_LEN], Header), WireError> {
     let mut h = [0u8; HEADER_LEN];
     // A previous frame's deadline may have left a timeout on the socket.
     stream.set_read_timeout(None)?;
     if read_full(&mut &*stream, &mut h[..1])? == 0 {
         return Err(WireError::Closed);
     }
-    let mut d = Deadline::new(stream, std::time::Instant::now() + within, what);
+    let mut d = Deadline::new(stream, std::time::Instant::now() + within(), what);
     let got = 1 + read_full(&mut d, &mut h[1..])?;
     if got < HEADER_LEN {
         return Err(WireError::Truncated { part: "header", needed: HEADER_LEN, got });

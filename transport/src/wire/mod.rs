@@ -566,7 +566,9 @@ pub fn decode_table(h: &Header, table: &[u8], entries: &mut Vec<PageEntry>) -> R
 mod deadline;
 mod messages;
 pub mod postcopy;
-pub use deadline::{read_frame_within, read_header_within, Deadline, DEADLINE_SLACK};
+pub use deadline::{
+    read_frame_after, read_frame_within, read_header_after, read_header_within, Deadline, DEADLINE_SLACK,
+};
 pub use messages::{
     check_devices, chunk_map, decode_device, decode_reason, encode_device, write_abort, write_control, Ack, Hello,
     HelloAck, LinkHello, Verified, Verify, CHUNK_PAGES, MAX_DEVICE_BYTES, MAX_DEVICE_NAME, MAX_DEVICE_SECTIONS,
