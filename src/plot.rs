@@ -1,5 +1,5 @@
 //! `--plot FILE.svg`: one migration drawn from its report: wire throughput per link over time (one line per link),
-//! and the pages sent and the vCPU throttle per round.
+//! the pages sent and the vCPU throttle per round, and, after a post-copy switch, the fault latency histogram.
 //!
 //! The data comes from the report ([`PlotData::from_report`], read back from its JSON where another process wrote it), so `demo`, `send`, `lab run` and `bench` draw the
 //! same picture from the same file format. SVG only (plotters' SVG backend): no font files, no bitmap libraries.
@@ -17,6 +17,8 @@ pub struct PlotData {
     pub throughput: Vec<Vec<(f64, f64)>>,
     /// Per round: (index, pages sent, throttle percent).
     pub rounds: Vec<(u32, u64, f64)>,
+    /// Post-copy's fault latency: (bucket's upper bound in µs, faults), powers of two; empty without post-copy.
+    pub fault_latency: Vec<(u64, u64)>,
 }
 
 /// Why a plot could not be drawn.
@@ -45,16 +47,22 @@ impl PlotData {
             }
         }
         let rounds = r.rounds.iter().map(|x| (x.index, x.dirty_pages, x.throttle_pct)).collect();
-        PlotData { links, throughput, rounds }
+        let fault_latency = r.postcopy.as_ref().map(|p| p.fault_latency_histogram.clone()).unwrap_or_default();
+        PlotData { links, throughput, rounds, fault_latency }
     }
 }
 
 /// Draws `d` into the SVG file `path`.
 pub fn draw(d: &PlotData, path: &Path) -> Result<(), PlotError> {
     let err = |e: &dyn std::fmt::Display| PlotError { path: path.display().to_string(), why: e.to_string() };
-    let root = SVGBackend::new(path, (1000, 720)).into_drawing_area();
+    let height = if d.fault_latency.is_empty() { 720 } else { 1020 };
+    let root = SVGBackend::new(path, (1000, height)).into_drawing_area();
     root.fill(&WHITE).map_err(|e| err(&e))?;
-    let (top, bottom) = root.split_vertically(420);
+    let (top, rest) = root.split_vertically(420);
+    let (bottom, faults) = rest.split_vertically(300);
+    if !d.fault_latency.is_empty() {
+        draw_faults(&d.fault_latency, &faults).map_err(|e| err(&e))?;
+    }
 
     let t_max = d.throughput.iter().flatten().map(|p| p.0).fold(0.1, f64::max);
     let g_max = d.throughput.iter().flatten().map(|p| p.1).fold(0.1, f64::max) * 1.15;
@@ -119,5 +127,35 @@ pub fn draw(d: &PlotData, path: &Path) -> Result<(), PlotError> {
         .legend(|(x, y)| PathElement::new(vec![(x, y), (x + 20, y)], RED.stroke_width(2)));
     chart.configure_series_labels().background_style(WHITE.mix(0.8)).border_style(BLACK).draw().map_err(|e| err(&e))?;
     root.present().map_err(|e| err(&e))?;
+    Ok(())
+}
+
+/// Post-copy's fault latency histogram: one bar per power-of-two bucket, from the first to the last that has faults.
+fn draw_faults(hist: &[(u64, u64)], area: &DrawingArea<SVGBackend<'_>, plotters::coord::Shift>) -> Result<(), String> {
+    let e = |x: &dyn std::fmt::Display| x.to_string();
+    let bucket = |upper: u64| i32::try_from(upper.max(1).ilog2()).unwrap_or(0);
+    let (lo, hi) = (hist.first().map_or(0, |b| bucket(b.0)), hist.last().map_or(0, |b| bucket(b.0)));
+    let c_max = hist.iter().map(|b| b.1).max().unwrap_or(1) as f64 * 1.15;
+    let mut chart = ChartBuilder::on(area)
+        .caption("Post-copy fault latency (fault to page placed)", ("sans-serif", 22))
+        .margin(12)
+        .x_label_area_size(40)
+        .y_label_area_size(75)
+        .build_cartesian_2d((lo - 2)..(hi + 1), 0f64..c_max)
+        .map_err(|x| e(&x))?;
+    chart
+        .configure_mesh()
+        .x_desc("latency up to (µs)")
+        .y_desc("faults")
+        .x_labels(usize::try_from(hi - lo + 4).unwrap_or(4))
+        .x_label_formatter(&|b| if *b >= 0 { format!("{}", 1u64 << b) } else { String::new() })
+        .draw()
+        .map_err(|x| e(&x))?;
+    let bars = hist.iter().map(|&(upper, n)| {
+        let b = bucket(upper);
+        // The bucket holds latencies up to 2^b µs: its bar ends at the tick labelled so.
+        Rectangle::new([(b - 1, 0.0), (b, n as f64)], BLUE.mix(0.6).filled())
+    });
+    chart.draw_series(bars).map_err(|x| e(&x))?;
     Ok(())
 }

@@ -84,8 +84,17 @@ pub struct Link {
 }
 
 impl Downtime {
-    /// Where the pause went, for the table: each part in milliseconds, the devices' only when there are some.
-    fn parts(&self) -> String {
+    /// Where the pause went, for the table: each part in milliseconds, the devices' only when there are some. After a
+    /// post-copy switch: the state, and the switch (the missing pages the pause added, and the destination's resume).
+    fn parts(&self, postcopy: bool) -> String {
+        if postcopy {
+            // The last pages come after the resume, and the switch stands where the commit would.
+            return format!(
+                "vCPU state {:.1}, switch {:.1}",
+                self.vcpu_state_ms + self.device_state_ms,
+                self.commit_ms
+            );
+        }
         let devices = if self.device_sections.is_empty() {
             String::new()
         } else {
@@ -129,7 +138,8 @@ pub struct Downtime {
     pub vcpu_state_ms: f64,
     /// Digest comparison.
     pub verification_ms: f64,
-    /// Commit round trip.
+    /// Commit round trip; after a post-copy switch, the switch (the last missing pages named, the destination's
+    /// resume and its answer), while the verification comes after the resume and is not part of the downtime.
     pub commit_ms: f64,
     /// What the controller predicted when it stopped pre-copy.
     pub predicted_ms: Option<f64>,
@@ -472,7 +482,12 @@ impl Report {
         let _ = writeln!(s, "verified    {} ({})", self.verified, self.verify_mode);
         let _ = writeln!(s, "total time  {:.3} s", self.total_time_s);
         if let (Some(d), Some(p)) = (self.downtime_ms, &self.downtime_parts) {
-            let _ = writeln!(s, "downtime    {d:.1} ms (target {:.0}; {})", self.downtime_target_ms, p.parts());
+            let _ = writeln!(
+                s,
+                "downtime    {d:.1} ms (target {:.0}; {})",
+                self.downtime_target_ms,
+                p.parts(self.postcopy.is_some())
+            );
         }
         if let Some(v) = self.source_vcpus_after {
             let _ = writeln!(
@@ -583,7 +598,11 @@ impl Report {
                 rate,
                 r.throttle_pct,
                 links,
-                if r.last { "  (paused)" } else { "" }
+                match (r.last, self.postcopy.is_some()) {
+                    (true, true) => "  (post-copy push: the guest runs on the destination)",
+                    (true, false) => "  (paused)",
+                    _ => "",
+                }
             );
         }
         s
