@@ -94,6 +94,9 @@ pub struct DestDescription {
     pub port_groups: Vec<PortGroup>,
     /// Its CPU.
     pub cpu: CpuDescription,
+    /// Why it cannot take a post-copy migration (userfaultfd refused), or None if it can.
+    #[serde(default)]
+    pub postcopy_unavailable: Option<String>,
 }
 
 /// One requirement that does not hold.
@@ -223,6 +226,7 @@ mod tests {
             datastores: vec!["ds1".into()],
             port_groups: vec![PortGroup { name: "vm-net".into(), uplinks: 2 }],
             cpu: cpu("GenuineIntel"),
+            postcopy_unavailable: None,
         };
         (vm, dest)
     }

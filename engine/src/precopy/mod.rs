@@ -471,8 +471,9 @@ impl Precopy {
         }
     }
 
-    /// Past the switch, the destination runs the guest: the source must never resume it, whatever happens.
-    fn past_switch(&self) -> bool {
+    /// Whether the switch to post-copy was asked of the destination: from then it may run the guest, and the source
+    /// must never resume it, whatever happens.
+    pub fn past_switch(&self) -> bool {
         self.switched_at.is_some() || self.phase == Phase::Switching
     }
 

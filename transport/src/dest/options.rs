@@ -80,6 +80,7 @@ impl DestOptions {
                 datastores: Vec::new(),
                 port_groups: Vec::new(),
                 cpu: self.host_cpu.clone().unwrap_or_else(livemig_engine::cpu::host),
+                postcopy_unavailable: livemig_engine::guest::uffd::Uffd::new().err().map(|e| e.to_string()),
             }
         })
     }

@@ -99,7 +99,8 @@ const EVENT_BACKLOG: usize = 4096;
 /// How a running migration stands, as the driver last published it (at least every 100 ms while it runs).
 #[derive(Debug, Clone, Default, PartialEq)]
 pub struct Status {
-    /// "starting", "precopy", "switchover" (the source is paused) or "done".
+    /// "starting", "precopy", "switchover" (the source is paused), "postcopy" (the destination runs the guest and
+    /// pulls what it lacks), "postcopy-paused" (no link delivers; both sides wait for the network) or "done".
     pub phase: &'static str,
     /// The round in flight.
     pub round: u32,

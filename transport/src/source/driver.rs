@@ -185,7 +185,9 @@ impl Driver<'_> {
         self.publish_status(self.control_written.load(Ordering::Relaxed) + links);
         report.result = match outcome {
             Outcome::Completed => Ok(()),
-            Outcome::Failed(reason) if commit_sent => Err(MigrateError::OutcomeUnknown(reason)),
+            Outcome::Failed(reason) if commit_sent || self.machine.past_switch() => {
+                Err(MigrateError::OutcomeUnknown(reason))
+            }
             Outcome::Failed(reason) => Err(self.error.take().unwrap_or(MigrateError::Machine(reason))),
             Outcome::PauseExceeded => Err(self.error.take().unwrap_or(MigrateError::PauseBound)),
             Outcome::Cancelled(reason) => {
@@ -646,6 +648,8 @@ impl Driver<'_> {
             "done"
         } else if self.machine.in_precopy() {
             "precopy"
+        } else if self.network_down.is_some() {
+            "postcopy-paused"
         } else if self.machine.switched_at().is_some() {
             "postcopy"
         } else {

@@ -127,7 +127,8 @@ impl Driver<'_> {
             return false;
         }
         if self.network_down.is_none() {
-            tracing::warn!(
+            // An error, so that it shows without -v: the operator has the network to restore.
+            tracing::error!(
                 wait_s = self.opts.precopy.postcopy_wait.as_secs(),
                 "post-copy paused: no link is delivering; the destination's vCPUs wait for their pages, and the \
                  transfer goes on when the network returns"

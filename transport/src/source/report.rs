@@ -113,8 +113,9 @@ pub enum MigrateError {
     /// The pause ran past the hard bound before the commit; the source resumed.
     #[error("pause exceeded the {} ms bound before commit; switchover cancelled", MAX_PAUSE.as_millis())]
     PauseBound,
-    /// Commit was sent but not acknowledged: the destination may be running the guest, so the source stays paused
-    /// and an operator must find out which side runs it.
+    /// Commit was sent but not acknowledged, or post-copy failed after the switch: the destination may be running the
+    /// guest, so the source stays paused (keeping the guest's memory) and an operator must find out which side runs
+    /// it.
     #[error("outcome unknown: {0}")]
     OutcomeUnknown(String),
     /// The control connection's TLS handshake failed: the destination refused our certificate, its own was refused,

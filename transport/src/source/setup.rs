@@ -12,6 +12,7 @@ use crossbeam::channel::Sender;
 use livemig_engine::dirty::Bitmap;
 use livemig_engine::encode::SendPath;
 use livemig_engine::guest::Guest;
+use livemig_engine::precopy::PostcopyMode;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
@@ -61,6 +62,14 @@ pub(super) fn handshake(
                     kind: Kind::HelloAck,
                     why: format!("session {session:#x} echoed, {:#x} sent", opts.session),
                 }));
+            }
+            if let (Some(why), true) = (&dest.postcopy_unavailable, opts.precopy.postcopy != PostcopyMode::Off) {
+                let e = MigrateError::Machine(format!(
+                    "the destination cannot take post-copy ({why}); migrate with --postcopy off, or fix the \
+                     destination"
+                ));
+                let _ = wire::write_abort(stream, &e.to_string());
+                return Err(e);
             }
             if let Some(vm) = &opts.manifest {
                 let failures = livemig_engine::preflight::check(vm, &dest);

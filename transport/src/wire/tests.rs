@@ -289,6 +289,7 @@ fn every_control_message_round_trips_and_refuses_a_short_or_long_body() {
         datastores: vec!["ds1".into()],
         port_groups: Vec::new(),
         cpu: livemig_engine::cpu::host(),
+        postcopy_unavailable: None,
     };
     let hello_ack = HelloAck { session: 9, dest };
     assert_eq!(HelloAck::decode(&hello_ack.encode()).unwrap(), hello_ack);
