@@ -5,7 +5,7 @@ use livemig_engine::dirty::Bitmap;
 use livemig_engine::encode::{page_hash, zero_page_hash, Codec, PageEntry};
 use livemig_engine::guest::uffd::Uffd;
 use livemig_engine::guest::{host_pages, MemoryLayout, SyntheticGuest, PAGE_SIZE};
-use livemig_engine::receive::postcopy::{discard, Fault, Postcopy};
+use livemig_engine::receive::postcopy::{discard, discard_touched, Fault, Postcopy};
 use livemig_engine::receive::{ApplyState, Receiver};
 use std::sync::Arc;
 use std::time::Duration;
@@ -114,5 +114,29 @@ fn faults_on_zero_pages_are_served_with_zeros() {
     assert_eq!(vcpu.join().unwrap(), 0, "a missing zero page must read as zeros, not as its old copy");
     let s = pc.stats();
     assert_eq!((s.zero_faults, s.faults, s.placed, pc.remaining()), (1, 1, 1, 0));
+    pc.finish();
+}
+
+#[test]
+fn a_missing_page_read_before_the_switch_still_faults() {
+    let Some(g) = guest() else { return };
+    let rx = Receiver::new(&g);
+    let mut st = ApplyState::default();
+    let (e, d) = raw(3, &[0x33u8; PAGE_SIZE]);
+    rx.apply(0, &e, d, &mut st).unwrap();
+    let mut missing = Bitmap::new(PAGES);
+    missing.set(3);
+    discard(&g, &missing);
+    // Something reads the dropped page before the switch (a restore that looks at guest memory): the kernel maps
+    // the zero page there, which a missing-mode registration would take for present.
+    assert_eq!(read_byte(&g, 3, 0), 0);
+    assert_eq!(discard_touched(&g, &missing).unwrap(), 1, "the page that came back is dropped again");
+    let pc = Arc::new(Postcopy::arm(&g, &missing).unwrap());
+    rx.set_placer(pc.clone());
+    let vcpu = touch(&g, 3, None);
+    assert_eq!(faults(&pc), [Fault::Request(3)], "the page must fault, not read as zeros");
+    let (e, d) = raw(3, &[0x44u8; PAGE_SIZE]);
+    rx.apply(1, &e, d, &mut st).unwrap();
+    assert_eq!(vcpu.join().unwrap(), 0x44);
     pc.finish();
 }
