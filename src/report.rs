@@ -536,6 +536,13 @@ impl Report {
             ("insecure", _) => writeln!(s, "security    none (--insecure): the pages crossed in clear"),
             _ => Ok(()),
         };
+        s + &self.link_lines()
+    }
+
+    /// A line per link for [`Report::table`]: its bytes and rate, zero-copy, and why it failed.
+    fn link_lines(&self) -> String {
+        use std::fmt::Write;
+        let mut s = String::new();
         for l in &self.links {
             let zc = match (&l.zerocopy_error, l.zerocopy_sends) {
                 (Some(e), _) => format!(", zero-copy off: {e}"),
@@ -546,7 +553,7 @@ impl Report {
                 s,
                 "link        {} {:.1} MiB at {:.2} Gbit/s{}{}",
                 l.name,
-                mib(l.bytes_on_wire),
+                l.bytes_on_wire as f64 / (1u64 << 20) as f64,
                 l.throughput_bps / 1e9,
                 zc,
                 l.error.as_ref().map_or(String::new(), |e| format!(" FAILED: {e}"))

@@ -348,12 +348,6 @@ impl<'a> Receiver<'a> {
         }
     }
 
-    /// Switches to post-copy: from now on every page is placed through `placer`. Call it with no frame being
-    /// applied. False if a placer was already set.
-    pub fn set_placer(&self, placer: Arc<dyn Placer>) -> bool {
-        self.placer.set(placer).is_ok()
-    }
-
     /// Checks an entry against the layout and its codec, before any of its payload is touched.
     pub fn check_entry(&self, e: &PageEntry) -> Result<(), ApplyError> {
         if e.page >= self.pages {
@@ -521,30 +515,6 @@ impl<'a> Receiver<'a> {
         st.claims = std::mem::take(&mut claims.list);
         st.others.clear();
         st.others.extend(entries.iter().filter(|e| e.codec != Codec::Raw));
-        self.apply_rest(key, st)
-    }
-
-    /// Post-copy's form of [`Receiver::apply_frame_in_place`]: a page must be placed whole by the kernel, so the whole
-    /// payload is read into buffers first and the frame applied from them.
-    fn apply_frame_buffered(
-        &self,
-        key: FrameKey,
-        entries: &[PageEntry],
-        zstd_len: usize,
-        st: &mut ApplyState,
-        read: impl FnOnce(&mut [std::io::IoSliceMut<'_>]) -> std::io::Result<()>,
-    ) -> Result<(), InPlaceError> {
-        let mut len = 0usize;
-        for e in entries {
-            self.check_entry(e)?;
-            len += e.len as usize;
-        }
-        st.payload.resize(len, 0);
-        st.zin.resize(zstd_len, 0);
-        read(&mut [std::io::IoSliceMut::new(&mut st.payload), std::io::IoSliceMut::new(&mut st.zin)])
-            .map_err(InPlaceError::Io)?;
-        st.others.clear();
-        st.others.extend_from_slice(entries);
         self.apply_rest(key, st)
     }
 

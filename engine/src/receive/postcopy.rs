@@ -2,9 +2,11 @@
 //!
 //! Before the switch the destination learns which pages the source still holds the only current copy of, and
 //! [`discard`]s whatever older copy of them guest memory holds (`MADV_DONTNEED`). At the switch [`Postcopy::arm`]
-//! registers every region in missing mode and is handed to the [`super::Receiver`] as its [`Placer`]: from then on every page the receiver applies is placed
-//! whole by the kernel (`UFFDIO_COPY`, `UFFDIO_ZEROPAGE`), which wakes any vCPU waiting on it, and a page already
-//! present is left alone (so a page pushed and also pulled is placed once, and never over a write the guest made).
+//! registers every region in missing mode and is handed to the [`super::Receiver`] as its [`Placer`]: from then on
+//! every page the receiver applies is placed whole by the kernel (`UFFDIO_COPY`, `UFFDIO_ZEROPAGE`), which wakes any
+//! vCPU waiting on it, and a page already present is left alone (so a page pushed and also pulled is placed once, and
+//! never over a write the guest made). The receiver reads such frames whole into buffers first
+//! ([`super::Receiver::apply_frame_in_place`] does so once a placer is set).
 //!
 //! A vCPU that touches a page not populated stops in the kernel and the fault comes out of the descriptor
 //! ([`Postcopy::next_faults`]). A page still missing is asked of the source (the driver sends the request); any other
@@ -14,14 +16,15 @@
 //! When every page has arrived the driver [`Postcopy::finish`]es: the descriptor is closed and the guest's memory
 //! behaves as plain memory again.
 
-use super::ApplyError;
+use super::{ApplyError, ApplyState, FrameKey, InPlaceError};
 use crate::dirty::Bitmap;
+use crate::encode::PageEntry;
 use crate::guest::uffd::{Placed, Uffd, UffdError};
 use crate::guest::{GuestError, GuestMemory, PAGE_SIZE};
 use crate::num::usize_from;
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Mutex, RwLock};
+use std::sync::{Arc, Mutex, RwLock};
 use std::time::{Duration, Instant};
 
 /// Where the receiver puts a checked page in post-copy, instead of writing it in place.
@@ -288,6 +291,38 @@ impl Placer for Postcopy {
         };
         self.record_latency(page);
         Ok(placed)
+    }
+}
+
+impl super::Receiver<'_> {
+    /// Switches to post-copy: from now on every page is placed through `placer`. Call it with no frame being
+    /// applied. False if a placer was already set.
+    pub fn set_placer(&self, placer: Arc<dyn Placer>) -> bool {
+        self.placer.set(placer).is_ok()
+    }
+
+    /// Post-copy's form of [`Receiver::apply_frame_in_place`]: a page must be placed whole by the kernel, so the whole
+    /// payload is read into buffers first and the frame applied from them.
+    pub(super) fn apply_frame_buffered(
+        &self,
+        key: FrameKey,
+        entries: &[PageEntry],
+        zstd_len: usize,
+        st: &mut ApplyState,
+        read: impl FnOnce(&mut [std::io::IoSliceMut<'_>]) -> std::io::Result<()>,
+    ) -> Result<(), InPlaceError> {
+        let mut len = 0usize;
+        for e in entries {
+            self.check_entry(e)?;
+            len += e.len as usize;
+        }
+        st.payload.resize(len, 0);
+        st.zin.resize(zstd_len, 0);
+        read(&mut [std::io::IoSliceMut::new(&mut st.payload), std::io::IoSliceMut::new(&mut st.zin)])
+            .map_err(InPlaceError::Io)?;
+        st.others.clear();
+        st.others.extend_from_slice(entries);
+        self.apply_rest(key, st)
     }
 }
 

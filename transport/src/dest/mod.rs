@@ -360,16 +360,6 @@ impl<'a> Shared<'a> {
         }
     }
 
-    /// How long a frame may take once its first byte is in: longer once post-copy is coming, when neither side can
-    /// finish alone and both wait out a network that went away.
-    fn frame_timeout(&self) -> Duration {
-        if self.postcopy.load(Ordering::Relaxed) {
-            self.postcopy_wait.max(MID_FRAME_TIMEOUT)
-        } else {
-            MID_FRAME_TIMEOUT
-        }
-    }
-
     /// What the destination saw, once every thread has ended.
     fn report(
         self,
@@ -672,17 +662,7 @@ fn control_loop<'s, 'e: 's, 'a: 'e>(
             Kind::Switch if devices.restored && pc.armed.is_none() => pc.switch(s, control, guest, shared)?,
             Kind::Pages if pc.armed.is_some() => pc.urgent(&h, &body, shared)?,
             Kind::Verify if pc.armed.is_some() => {
-                // Post-copy: the guest runs, so only the tables can be compared; every page must be here.
-                let want = Verify::decode(&body)?;
-                pc.before_verify(shared, control, guest)?;
-                let table_root = shared.rx.root();
-                let equal = table_root == want.table_root && !want.full;
-                let v = Verified { equal, table_root, memory_root: 0 };
-                postcopy::send(shared, control, Kind::Verified, &v.encode())?;
-                if !equal {
-                    return Err(ReceiveError::PostcopyMismatch { ours: table_root, theirs: want.table_root });
-                }
-                verified = Some(false);
+                verified = Some(pc.verify(&Verify::decode(&body)?, shared, control, guest)?)
             }
             Kind::Verify => {
                 let want = Verify::decode(&body)?;

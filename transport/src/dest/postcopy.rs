@@ -17,9 +17,9 @@
 //! on; with pages missing it cannot, and the destination stops its vCPUs and says so. A verification that finds the
 //! tables different stops it too: it ran on memory that is not the source's.
 
-use super::{Live, ReceiveError, Shared};
+use super::{Live, ReceiveError, Shared, MID_FRAME_TIMEOUT};
 use crate::tls::Conn;
-use crate::wire::{self, postcopy as msg, Header, Kind, WireError};
+use crate::wire::{self, postcopy as msg, Header, Kind, Verified, Verify, WireError};
 use livemig_engine::dirty::Bitmap;
 use livemig_engine::guest::Guest;
 use livemig_engine::receive::postcopy::{discard, discard_touched, Fault, Postcopy, PostcopyStats};
@@ -108,13 +108,28 @@ impl PostcopyState {
         Ok(())
     }
 
-    /// At Verify: every page must have arrived. Sends the figures.
-    pub(super) fn before_verify(
+    /// Post-copy's Verify: every page must have arrived; the figures go first, then the verdict on the tables (the
+    /// guest runs, so memory cannot be re-hashed). Different tables stop the migration here: the guest ran on memory
+    /// that is not the source's. Returns whether the verification was a full one (never).
+    pub(super) fn verify(
         &self,
+        want: &Verify,
         shared: &Shared<'_>,
         control: &Conn,
         guest: &dyn Guest,
-    ) -> Result<(), ReceiveError> {
+    ) -> Result<bool, ReceiveError> {
+        self.before_verify(shared, control, guest)?;
+        let table_root = shared.rx.root();
+        let equal = table_root == want.table_root && !want.full;
+        send(shared, control, Kind::Verified, &Verified { equal, table_root, memory_root: 0 }.encode())?;
+        if !equal {
+            return Err(ReceiveError::PostcopyMismatch { ours: table_root, theirs: want.table_root });
+        }
+        Ok(false)
+    }
+
+    /// Every page must have arrived. Sends the figures.
+    fn before_verify(&self, shared: &Shared<'_>, control: &Conn, guest: &dyn Guest) -> Result<(), ReceiveError> {
         let Some(pc) = &self.armed else { return Ok(()) };
         let left = pc.remaining();
         if left > 0 {
@@ -151,6 +166,18 @@ impl PostcopyState {
                 Err(ReceiveError::PostcopyIncomplete { missing: left, reason: e.to_string() })
             }
             r => r,
+        }
+    }
+}
+
+impl Shared<'_> {
+    /// How long a frame may take once its first byte is in: longer once post-copy is coming, when neither side can
+    /// finish alone and both wait out a network that went away.
+    pub(super) fn frame_timeout(&self) -> Duration {
+        if self.postcopy.load(Ordering::Relaxed) {
+            self.postcopy_wait.max(MID_FRAME_TIMEOUT)
+        } else {
+            MID_FRAME_TIMEOUT
         }
     }
 }

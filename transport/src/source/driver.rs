@@ -49,16 +49,8 @@ pub(super) struct Driver<'a> {
     pub(super) timeline: Vec<(f64, Vec<u64>)>,
     /// The phase the status last showed, so that a change of it is an event.
     pub(super) phase: &'static str,
-    /// Post-copy's figures, from the switch on.
-    pub(super) postcopy: Option<super::PostcopyReport>,
-    /// Post-copy: the bandwidth the push is paced from and the links that measured it (None: not paced by it).
-    pub(super) push_pace: Option<(f64, usize)>,
-    /// Post-copy: the missing pages the destination was told of before the pause.
-    pub(super) announced: Option<Bitmap>,
-    /// Post-copy: since when every link has been silent (the migration waits for the network).
-    pub(super) network_down: Option<Instant>,
-    /// Post-copy: batches of failed links that no live link could take yet.
-    pub(super) parked: Vec<crate::link::data::Queued>,
+    /// Post-copy's state, from the decision to switch on.
+    pub(super) pc: super::postcopy::PostcopyDriver,
 }
 
 /// One round as the driver sent it: pages by codec, the vCPU throttle, and wire bytes per link.
@@ -79,7 +71,7 @@ struct PauseMarks {
 }
 
 /// How often the per-link byte counters are sampled for the report's timeline (and `--plot`).
-const TIMELINE_EVERY: Duration = Duration::from_millis(100);
+pub(super) const TIMELINE_EVERY: Duration = Duration::from_millis(100);
 
 impl Driver<'_> {
     /// Runs the machine until it is done and fills `report` with the outcome, the rounds and the downtime.
@@ -287,7 +279,7 @@ impl Driver<'_> {
         for r in &report.rounds {
             report.pages.add(&r.counts);
         }
-        report.postcopy = self.postcopy.clone();
+        report.postcopy = self.pc.report.clone();
         if let (Some(paused), Some(switched)) = (m.paused_at(), m.switched_at()) {
             // Post-copy: the guest was down from the pause to the destination's resume (its answer to Switch).
             let state = marks.vcpu_state.unwrap_or(paused);
@@ -430,7 +422,7 @@ impl Driver<'_> {
             Event::Link(LinkEvent::Failed { link, error }) => self.link_failed(link, error.to_string()),
             Event::PageRequest(pages) => self.serve_request(&pages),
             Event::PostcopyStats(s) => {
-                if let Some(pc) = self.postcopy.as_mut() {
+                if let Some(pc) = self.pc.report.as_mut() {
                     pc.destination = Some(s);
                 }
             }
@@ -463,7 +455,7 @@ impl Driver<'_> {
         for item in self.stripe.links[i].take_back() {
             if self.machine.switched_at().is_some() {
                 // After a post-copy switch a batch waits for a link to take it (see `waits_for_network`).
-                self.parked.push(item);
+                self.pc.parked.push(item);
                 continue;
             }
             let deadline = Instant::now() + self.opts.link_timeout;
@@ -476,18 +468,6 @@ impl Driver<'_> {
                 }
                 Err(_) => {}
             }
-        }
-    }
-
-    /// Records each link's wire bytes so far, every [`TIMELINE_EVERY`] (or now, with `force`).
-    pub(super) fn sample_links(&mut self, force: bool) {
-        let t = self.start.elapsed().as_secs_f64();
-        let due = self.timeline.last().is_none_or(|(last, _)| t - last >= TIMELINE_EVERY.as_secs_f64());
-        if force || due {
-            let bytes: Vec<u64> = self.stripe.links.iter().map(|l| l.written()).collect();
-            let total = self.control_written.load(Ordering::Relaxed) + bytes.iter().sum::<u64>();
-            self.timeline.push((t, bytes));
-            self.publish_status(total);
         }
     }
 
@@ -629,56 +609,6 @@ impl Driver<'_> {
             self.machine.round_delivered(Instant::now());
         }
         (counts, link_bytes)
-    }
-
-    /// Tells the embedder how far round `epoch` has got.
-    fn report_progress(&mut self, epoch: u32, round_pages: u64, round_pages_done: u64, rate_bps: f64) {
-        let bytes_on_wire =
-            self.control_written.load(Ordering::Relaxed) + self.stripe.links.iter().map(|l| l.written()).sum::<u64>();
-        (self.progress)(&Progress { epoch, round_pages, round_pages_done, bytes_on_wire, rate_bps });
-        self.remaining_pages = round_pages.saturating_sub(round_pages_done);
-        self.publish_status(bytes_on_wire);
-    }
-
-    /// Publishes how the migration stands to whoever holds its controls, and a change of phase as an event.
-    pub(super) fn publish_status(&mut self, bytes_on_wire: u64) {
-        let Some(controls) = self.opts.controls.as_ref() else { return };
-        let remaining_pages = self.remaining_pages;
-        let phase = if self.error.is_some() || self.finished {
-            "done"
-        } else if self.machine.in_precopy() {
-            "precopy"
-        } else if self.network_down.is_some() {
-            "postcopy-paused"
-        } else if self.machine.switched_at().is_some() {
-            "postcopy"
-        } else {
-            "switchover"
-        };
-        if phase != self.phase {
-            self.phase = phase;
-            controls.emit(MigrationEvent::Phase(phase));
-        }
-        let eta = self.machine.eta(remaining_pages).map(|d| d.as_secs_f64());
-        let m = &self.machine;
-        let failed = |i: usize| self.stripe.links[i].is_failed();
-        let link_throughput_bps =
-            self.link_rates.iter().enumerate().map(|(i, r)| if failed(i) { 0.0 } else { r.rate().unwrap_or(0.0) });
-        controls.publish(super::controls::Status {
-            phase,
-            round: m.epoch(),
-            remaining_pages,
-            dirty_rate_pps: m.dirty_rate().unwrap_or(0.0),
-            throughput_bps: m.measured_bandwidth().unwrap_or(0.0),
-            predicted_downtime_ms: m.last_prediction().map(|d| d.as_secs_f64() * 1e3),
-            throttle_pct: m.throttle(),
-            eta_s: eta,
-            bytes_on_wire,
-            downtime_target_ms: m.config().downtime_target.as_secs_f64() * 1e3,
-            max_bandwidth: m.config().max_bandwidth,
-            max_throttle_pct: m.config().max_throttle,
-            link_throughput_bps: link_throughput_bps.collect(),
-        });
     }
 
     fn emit(&self, event: MigrationEvent) {

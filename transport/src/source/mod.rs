@@ -21,6 +21,7 @@ mod handle;
 mod postcopy;
 mod report;
 mod setup;
+mod status;
 
 pub use controls::{Change, ChangeError, Controls, MigrationEvent, Status};
 pub use handle::Migration;
@@ -175,11 +176,7 @@ pub(crate) fn run(
                 start,
                 timeline: Vec::new(),
                 phase: "starting",
-                postcopy: None,
-                push_pace: None,
-                announced: None,
-                network_down: None,
-                parked: Vec::new(),
+                pc: Default::default(),
             };
             d.run(&mut report, rtt);
             d.sample_links(true);
@@ -188,9 +185,7 @@ pub(crate) fn run(
         done.store(true, Ordering::SeqCst);
         stripe.abort.store(true, Ordering::SeqCst);
         // Ends every reader and writer: by now the destination has answered all it will.
-        for l in &stripe.links {
-            l.close();
-        }
+        stripe.links.iter().for_each(|l| l.close());
         let _ = control.stream().shutdown(Shutdown::Both);
         drop(ev_tx);
     });

@@ -30,6 +30,21 @@ const PARKED_OFFER: std::time::Duration = std::time::Duration::from_millis(1);
 /// behind little.
 const PUSH_SHARE: f64 = 0.9;
 
+/// Post-copy as the driver keeps it.
+#[derive(Default)]
+pub(super) struct PostcopyDriver {
+    /// The figures, from the switch on.
+    pub(super) report: Option<PostcopyReport>,
+    /// The bandwidth the push is paced from and the links that measured it (None: not paced by it).
+    pace: Option<(f64, usize)>,
+    /// The missing pages the destination was told of before the pause.
+    announced: Option<Bitmap>,
+    /// Since when no link has delivered (the migration waits for the network).
+    pub(super) network_down: Option<Instant>,
+    /// Batches of failed links that no live link could take yet.
+    pub(super) parked: Vec<crate::link::data::Queued>,
+}
+
 impl Driver<'_> {
     /// Before the pause: tells the destination which pages it will lack (those the guest wrote during the last
     /// round) and waits until it has dropped their old copies, which costs a system call per run of pages: while the
@@ -67,14 +82,14 @@ impl Driver<'_> {
                 break;
             }
         }
-        self.announced = Some(announced);
+        self.pc.announced = Some(announced);
     }
 
     /// Carries out the switch: the rest of the missing bitmap, Switch, and the wait for Switched; then the pacing of
     /// the push.
     pub(super) fn switch(&mut self, pages: Bitmap) {
         let mut rest = pages.clone();
-        if let Some(a) = self.announced.take() {
+        if let Some(a) = self.pc.announced.take() {
             rest.and_not_assign(&a);
         }
         for body in postcopy::encode_missing(&rest) {
@@ -92,12 +107,12 @@ impl Driver<'_> {
         let now = Instant::now();
         // Measured over every link; a link lost later takes its share off (see `repace`).
         let paced = self.machine.measured_bandwidth().filter(|_| self.stripe.pacer.rate().is_none());
-        self.postcopy = Some(PostcopyReport {
+        self.pc.report = Some(PostcopyReport {
             switched_at: now.saturating_duration_since(self.start),
             pages_pushed: pages.count_ones(),
             ..Default::default()
         });
-        self.push_pace = paced.map(|bw| (bw, self.stripe.links.len()));
+        self.pc.pace = paced.map(|bw| (bw, self.stripe.links.len()));
         self.repace();
         // From here the sockets wait as long as post-copy waits for the network.
         let wait = Some(self.opts.precopy.postcopy_wait);
@@ -112,7 +127,7 @@ impl Driver<'_> {
     /// Paces the push at its share of the bandwidth the links still alive measured: the links' queues must stay short
     /// for the urgent pages, and a lost link's share would otherwise pile up in front of them on the others.
     pub(super) fn repace(&mut self) {
-        let Some((bw, links)) = self.push_pace else { return };
+        let Some((bw, links)) = self.pc.pace else { return };
         let alive = self.stripe.links.iter().filter(|l| !l.is_failed()).count();
         let rate = bw * PUSH_SHARE * alive as f64 / links.max(1) as f64;
         self.stripe.pacer.set_rate(Some(livemig_engine::num::u64_saturating(rate)));
@@ -126,14 +141,14 @@ impl Driver<'_> {
         if self.machine.switched_at().is_none() || !last {
             return false;
         }
-        if self.network_down.is_none() {
+        if self.pc.network_down.is_none() {
             // An error, so that it shows without -v: the operator has the network to restore.
             tracing::error!(
                 wait_s = self.opts.precopy.postcopy_wait.as_secs(),
                 "post-copy paused: no link is delivering; the destination's vCPUs wait for their pages, and the \
                  transfer goes on when the network returns"
             );
-            self.network_down = Some(Instant::now());
+            self.pc.network_down = Some(Instant::now());
         }
         true
     }
@@ -141,26 +156,26 @@ impl Driver<'_> {
     /// Post-copy: offers the batches no link could take again, in order, until one is refused (the links are full,
     /// or still silent): the driver waits at most one short offer for it.
     pub(super) fn unpark(&mut self) {
-        let mut parked = std::mem::take(&mut self.parked).into_iter();
+        let mut parked = std::mem::take(&mut self.pc.parked).into_iter();
         for item in parked.by_ref() {
             if let Err(item) = self.stripe.try_route(item, Some(Instant::now() + PARKED_OFFER)) {
-                self.parked.push(item);
+                self.pc.parked.push(item);
                 break;
             }
         }
-        self.parked.extend(parked);
+        self.pc.parked.extend(parked);
     }
 
     /// Post-copy: a link delivered again after every one was silent.
     pub(super) fn network_back(&mut self) {
-        if let Some(since) = self.network_down.take() {
+        if let Some(since) = self.pc.network_down.take() {
             tracing::warn!(down_s = since.elapsed().as_secs_f64(), "post-copy resumed: a link delivers again");
         }
     }
 
     /// Answers a fault request: the pages, raw, in one or more Pages frames on the control connection.
     pub(super) fn serve_request(&mut self, pages: &[u64]) {
-        let Some(pc) = self.postcopy.as_mut() else { return };
+        let Some(pc) = self.pc.report.as_mut() else { return };
         pc.requests += 1;
         pc.pages_pulled += pages.len() as u64;
         let policy = SendPolicy::new(false, vec![SendPath::Copy]);
