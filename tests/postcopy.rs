@@ -32,6 +32,19 @@ fn uffd_here() -> bool {
     }
 }
 
+/// A guest that writes faster than the capped links carry: its hot set is still largely on the source after the switch.
+fn busy_guest() -> SyntheticGuest {
+    let cfg = SyntheticConfig { memory_bytes: 256 << 20, dirty_rate: 40_000, hot_set_pct: 20.0, ..Default::default() };
+    SyntheticGuest::new(&cfg).unwrap()
+}
+
+/// The destination's guest runs on after the migration: its vCPUs write memory.
+fn assert_runs(g: &SyntheticGuest) {
+    let before = g.vcpus().pages_written();
+    std::thread::sleep(Duration::from_millis(200));
+    assert!(g.vcpus().pages_written() > before && !g.vcpus().is_paused(), "the destination's guest does not run");
+}
+
 #[test]
 fn postcopy_over_three_links_survives_a_link_cut_during_the_push() {
     if !uffd_here() {
@@ -40,13 +53,7 @@ fn postcopy_over_three_links_survives_a_link_cut_during_the_push() {
     let listener = TcpListener::bind("127.0.0.1:0").unwrap();
     let addr = listener.local_addr().unwrap();
     let proxy = Relay::start(addr, true);
-    let src = SyntheticGuest::new(&SyntheticConfig {
-        memory_bytes: 256 << 20,
-        dirty_rate: 40_000,
-        hot_set_pct: 20.0,
-        ..Default::default()
-    })
-    .unwrap();
+    let src = busy_guest();
     // Capped so that the push lasts long enough to be cut in the middle.
     let precopy = PrecopyConfig { postcopy: PostcopyMode::Always, max_bandwidth: Some(60 << 20), ..Default::default() };
     let opts = SourceOptions { precopy, link_timeout: Duration::from_millis(500), ..Default::default() };
@@ -73,10 +80,7 @@ fn postcopy_over_three_links_survives_a_link_cut_during_the_push() {
     assert_eq!(d.histogram.iter().sum::<u64>(), d.faults, "{d:?}");
     let (g, r) = dest.expect("the destination completed");
     assert!(r.postcopy.is_some());
-    // The guest runs on the destination, writing memory.
-    let before = g.vcpus().pages_written();
-    std::thread::sleep(Duration::from_millis(200));
-    assert!(g.vcpus().pages_written() > before && !g.vcpus().is_paused());
+    assert_runs(&g);
     assert!(src.vcpus().is_paused(), "the source must stay paused once the destination runs the guest");
 }
 
@@ -90,13 +94,7 @@ fn postcopy_waits_out_every_link_lost_and_resumes_when_they_return() {
     // The control connection and both data links go through relays that stop forwarding, as a network that went
     // away does: no reset, the connections stay open and silent.
     let relays = [Relay::start(addr, false), Relay::start(addr, false), Relay::start(addr, false)];
-    let src = SyntheticGuest::new(&SyntheticConfig {
-        memory_bytes: 256 << 20,
-        dirty_rate: 40_000,
-        hot_set_pct: 20.0,
-        ..Default::default()
-    })
-    .unwrap();
+    let src = busy_guest();
     let precopy = PrecopyConfig {
         postcopy: PostcopyMode::Always,
         max_bandwidth: Some(60 << 20),
@@ -133,9 +131,7 @@ fn postcopy_waits_out_every_link_lost_and_resumes_when_they_return() {
     assert!(report.links.iter().any(|l| !l.failed), "a link must have carried the push to its end");
     let (g, r) = dest.expect("the destination completed after the outage");
     assert!(r.postcopy.is_some());
-    let before = g.vcpus().pages_written();
-    std::thread::sleep(Duration::from_millis(200));
-    assert!(g.vcpus().pages_written() > before, "the destination's guest runs");
+    assert_runs(&g);
 }
 
 /// Plays a source by hand up to post-copy's Verify, with a table root that is right or not.

@@ -57,20 +57,26 @@ fn read_byte(g: &SyntheticGuest, page: u64, at: usize) -> u8 {
     unsafe { host_pages(g, page, 1).unwrap().0.add(at).read_volatile() }
 }
 
+/// Pre-copy left an old copy (`fill` bytes) of page `page`; it was dirtied again, so it is missing at the switch: the
+/// old copy dropped, guest memory armed, and the receiver placing through it.
+fn switched(g: &SyntheticGuest, rx: &Receiver<'_>, st: &mut ApplyState, page: u64, fill: u8) -> Arc<Postcopy> {
+    let old = [fill; PAGE_SIZE];
+    let (e, d) = raw(page, &old);
+    rx.apply(0, &e, d, st).unwrap();
+    let mut missing = Bitmap::new(PAGES);
+    missing.set(page);
+    discard(g, &missing);
+    let pc = Arc::new(Postcopy::arm(g, &missing).unwrap());
+    assert!(rx.set_placer(pc.clone()));
+    pc
+}
+
 #[test]
 fn a_page_pulled_and_also_pushed_is_placed_once_and_keeps_the_guests_write() {
     let Some(g) = guest() else { return };
     let rx = Receiver::new(&g);
     let mut st = ApplyState::default();
-    // Pre-copy left an old copy of page 5; it was dirtied again, so it is missing at the switch.
-    let old = vec![0xAAu8; PAGE_SIZE];
-    let (e, d) = raw(5, &old);
-    rx.apply(0, &e, d, &mut st).unwrap();
-    let mut missing = Bitmap::new(PAGES);
-    missing.set(5);
-    discard(&g, &missing);
-    let pc = Arc::new(Postcopy::arm(&g, &missing).unwrap());
-    assert!(rx.set_placer(pc.clone()));
+    let pc = switched(&g, &rx, &mut st, 5, 0xAA);
     let vcpu = touch(&g, 5, Some(0xEE));
     assert_eq!(faults(&pc), [Fault::Request(5)], "a touch of a missing page asks for it");
     // The urgent copy arrives first and wakes the vCPU, which writes the page.
@@ -95,14 +101,7 @@ fn faults_on_zero_pages_are_served_with_zeros() {
     let Some(g) = guest() else { return };
     let rx = Receiver::new(&g);
     let mut st = ApplyState::default();
-    let old = vec![0x11u8; PAGE_SIZE];
-    let (e, d) = raw(9, &old);
-    rx.apply(0, &e, d, &mut st).unwrap();
-    let mut missing = Bitmap::new(PAGES);
-    missing.set(9);
-    discard(&g, &missing);
-    let pc = Arc::new(Postcopy::arm(&g, &missing).unwrap());
-    rx.set_placer(pc.clone());
+    let pc = switched(&g, &rx, &mut st, 9, 0x11);
     // Page 7 was never sent (zero on the source) and is not missing: placed here as zeros, nothing asked.
     let vcpu = touch(&g, 7, None);
     assert_eq!(faults(&pc), [Fault::Zero(7)]);
