@@ -128,7 +128,9 @@ fn postcopy_waits_out_every_link_lost_and_resumes_when_they_return() {
     assert!(cut_at.elapsed() >= outage, "the migration ended during the outage");
     assert!(report.result.is_ok(), "{:?}", report.result);
     assert!(report.verified);
-    assert!(report.links.iter().any(|l| !l.failed), "a link must have carried the push to its end");
+    // Silent links are suspended, not failed: when the network returns each goes on where it stopped.
+    assert!(report.links.iter().all(|l| !l.failed), "{:?}", report.links);
+    assert!(report.links.iter().all(|l| l.bytes_on_wire > 0));
     let (g, r) = dest.expect("the destination completed after the outage");
     assert!(r.postcopy.is_some());
     assert_runs(&g);

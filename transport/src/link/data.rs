@@ -91,6 +91,8 @@ pub struct DataLink {
     /// Bytes written to the socket.
     written: AtomicU64,
     failed: AtomicBool,
+    /// Silent, after a post-copy switch: takes no batch until it acknowledges one again (see [`DataLink::suspend`]).
+    suspended: AtomicBool,
     stop: AtomicBool,
     writer_done: AtomicBool,
     /// Set by whichever of the writer and the reader reports the link's failure first, with the reason.
@@ -119,6 +121,7 @@ impl DataLink {
             rate_bps: AtomicU64::new(0),
             written: AtomicU64::new(0),
             failed: AtomicBool::new(false),
+            suspended: AtomicBool::new(false),
             stop: AtomicBool::new(false),
             writer_done: AtomicBool::new(false),
             reported: AtomicBool::new(false),
@@ -130,6 +133,19 @@ impl DataLink {
     /// Whether the link has been declared failed.
     pub fn is_failed(&self) -> bool {
         self.failed.load(Ordering::SeqCst)
+    }
+
+    /// Stops routing batches to a link that went silent without failing it: its connection stays open, its writer
+    /// may still be blocked in a write, and the first acknowledgement it reads makes it usable again. Post-copy uses
+    /// this, since a network that went away comes back to the same connections. The caller takes its batches back
+    /// ([`DataLink::take_back`]) and sends them elsewhere; a copy the link delivers late is placed once all the same.
+    pub fn suspend(&self) {
+        self.suspended.store(true, Ordering::SeqCst);
+    }
+
+    /// Whether the link is suspended ([`DataLink::suspend`]).
+    pub fn is_suspended(&self) -> bool {
+        self.suspended.load(Ordering::SeqCst)
     }
 
     /// Frame bytes the link holds.
@@ -160,7 +176,7 @@ impl DataLink {
     /// What the scheduler weighs: whether the link can take batches, the bytes it holds, its measured goodput.
     pub fn load(&self) -> LinkLoad {
         LinkLoad {
-            open: !self.is_failed() && !self.writer_done.load(Ordering::SeqCst),
+            open: !self.is_failed() && !self.is_suspended() && !self.writer_done.load(Ordering::SeqCst),
             held: self.held(),
             rate_bps: self.rate_bps.load(Ordering::Relaxed),
         }
@@ -292,7 +308,11 @@ impl DataLink {
                 got => Err(WireError::Unexpected { got, expected: "an Ack on a data link" }),
             });
             let (h, bytes, pages) = match result {
-                Ok(x) => x,
+                Ok(x) => {
+                    // The link answers again: it takes batches from now on.
+                    self.suspended.store(false, Ordering::SeqCst);
+                    x
+                }
                 Err(error) => {
                     if !done.load(Ordering::SeqCst) && !self.is_failed() && !self.stop.load(Ordering::SeqCst) {
                         self.report_failure(index, error, events);
@@ -346,10 +366,11 @@ impl DataLink {
     }
 
     /// Takes back every batch the failed link holds, queued or unacknowledged, once its writer has stopped (so that
-    /// none is in its hands). Batches routed to it later are taken by later calls.
+    /// none is in its hands; a suspended link's writer may be in a write for long, and keeps its own reference to the
+    /// batch). Batches routed to it later are taken by later calls.
     pub fn take_back(&self) -> Vec<Queued> {
         let deadline = Instant::now() + Duration::from_secs(2);
-        while !self.writer_done.load(Ordering::SeqCst) && Instant::now() < deadline {
+        while !self.writer_done.load(Ordering::SeqCst) && !self.is_suspended() && Instant::now() < deadline {
             std::thread::sleep(Duration::from_millis(1));
         }
         let mut out: Vec<Queued> = self.unacked().drain(..).collect();

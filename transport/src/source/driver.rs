@@ -451,10 +451,10 @@ impl Driver<'_> {
 
     /// Routes again what the failed link `i` holds. The driver must get back to its events, so a batch that no link
     /// takes within the link timeout (every other link full and stalled) fails the migration.
-    fn reroute(&mut self, i: usize) {
+    pub(super) fn reroute(&mut self, i: usize) {
         for item in self.stripe.links[i].take_back() {
             if self.machine.switched_at().is_some() {
-                // After a post-copy switch a batch waits for a link to take it (see `waits_for_network`).
+                // After a post-copy switch a batch waits for a link to take it (see `suspend_link`).
                 self.pc.parked.push(item);
                 continue;
             }
@@ -499,7 +499,8 @@ impl Driver<'_> {
             } else if l.held() == 0 {
                 self.link_progress[i] = now;
             } else if now.duration_since(self.link_progress[i]) > self.opts.link_timeout {
-                if self.waits_for_network(i) {
+                if self.machine.switched_at().is_some() {
+                    self.suspend_link(i);
                     continue;
                 }
                 let why = format!("no acknowledgement for {:?} with data outstanding", self.opts.link_timeout);

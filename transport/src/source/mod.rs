@@ -275,7 +275,8 @@ fn report_links(report: &mut SourceReport, stripe: &Stripe, link_errors: &[Optio
         let bytes = l.written();
         total += bytes;
         let (zerocopy, zerocopy_error) = l.zerocopy();
-        let error = link_errors[i].clone().or_else(|| l.error());
+        let silent = || l.is_suspended().then(|| "silent since it stopped acknowledging (post-copy)".to_string());
+        let error = link_errors[i].clone().or_else(|| l.error()).or_else(silent);
         report.links.push(LinkReport {
             name: l.name().to_string(),
             bytes_on_wire: bytes,

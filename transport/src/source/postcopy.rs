@@ -1,10 +1,14 @@
 //! The source's side of post-copy: the switch, and the urgent path.
 //!
+//! Once the machine has decided to switch, and before the pause, the driver names the pages the destination will
+//! lack (Missing frames; the destination drops their old copies and acknowledges) while the guest still runs here.
 //! When the machine asks for the switch ([`Action::Switch`](livemig_engine::precopy::Action::Switch)), the vCPUs are
-//! paused and their state delivered. The driver sends the bitmap of the pages the destination lacks (Missing frames)
-//! and Switch, and waits for Switched: the destination runs the guest from then on, and the source never resumes it.
-//! The machine then asks for the push, the last round, sent over the data links as every round is, but paced below
-//! the measured bandwidth so that the links' queues stay short.
+//! paused and their state delivered. The driver names the rest of the missing pages and sends Switch, and waits for
+//! Switched: the destination runs the guest from then on, and the source never resumes it. The machine then asks for
+//! the push, the last round, sent over the data links as every round is, but paced below the measured bandwidth so
+//! that the links' queues stay short. A link that errors is failed; one that falls silent is suspended, its batches
+//! sent on the others (or parked until one takes them), and used again as soon as it answers. When every link falls
+//! silent (the network went away) everything waits (up to `--postcopy-wait`), since neither side can finish alone.
 //!
 //! Pages the destination's guest faults on come as PageRequests on the control connection. The driver answers each at
 //! once, ahead of the push, with a Pages frame on the control connection itself: raw (no time spent compressing), and
@@ -113,6 +117,7 @@ impl Driver<'_> {
             ..Default::default()
         });
         self.pc.pace = paced.map(|bw| (bw, self.stripe.links.len()));
+        self.stripe.wait_for_links.store(true, Ordering::Relaxed);
         self.repace();
         // From here the sockets wait as long as post-copy waits for the network.
         let wait = Some(self.opts.precopy.postcopy_wait);
@@ -128,20 +133,30 @@ impl Driver<'_> {
     /// for the urgent pages, and a lost link's share would otherwise pile up in front of them on the others.
     pub(super) fn repace(&mut self) {
         let Some((bw, links)) = self.pc.pace else { return };
-        let alive = self.stripe.links.iter().filter(|l| !l.is_failed()).count();
+        let alive = self.stripe.links.iter().filter(|l| !l.is_failed() && !l.is_suspended()).count();
         let rate = bw * PUSH_SHARE * alive as f64 / links.max(1) as f64;
         self.stripe.pacer.set_rate(Some(livemig_engine::num::u64_saturating(rate)));
     }
 
-    /// Post-copy: whether the stalled link `i` is the last one alive, which is kept rather than failed. Neither side
-    /// can finish alone after the switch, so when the network goes away both wait (up to `--postcopy-wait`, which the
-    /// machine's silence bound and every socket's write timeout follow) and go on where they were when it returns.
-    pub(super) fn waits_for_network(&mut self, i: usize) -> bool {
-        let last = self.stripe.links.iter().enumerate().all(|(j, l)| j == i || l.is_failed());
-        if self.machine.switched_at().is_none() || !last {
-            return false;
+    /// Post-copy: a link that went silent is suspended rather than failed, and its batches go to the others (or wait
+    /// for one to take them). Neither side can finish alone after the switch, so a network that went away is waited
+    /// for (up to `--postcopy-wait`, which the machine's silence bound and every socket's write timeout follow), and
+    /// each link takes batches again as soon as it acknowledges one: on the same connection, where it stopped.
+    pub(super) fn suspend_link(&mut self, i: usize) {
+        let link = &self.stripe.links[i];
+        if link.is_suspended() {
+            return;
         }
-        if self.pc.network_down.is_none() {
+        link.suspend();
+        tracing::warn!(
+            link = i,
+            name = link.name(),
+            "data link silent; its batches go out on the others until it answers"
+        );
+        self.reroute(i);
+        self.repace();
+        let usable = self.stripe.links.iter().any(|l| !l.is_failed() && !l.is_suspended());
+        if !usable && self.pc.network_down.is_none() {
             // An error, so that it shows without -v: the operator has the network to restore.
             tracing::error!(
                 wait_s = self.opts.precopy.postcopy_wait.as_secs(),
@@ -150,7 +165,6 @@ impl Driver<'_> {
             );
             self.pc.network_down = Some(Instant::now());
         }
-        true
     }
 
     /// Post-copy: offers the batches no link could take again, in order, until one is refused (the links are full,
@@ -200,6 +214,7 @@ impl Driver<'_> {
                 .iter()
                 .filter_map(|p| match *p {
                     Part::Owned { off, len } => Some(&b.payload[off..off + len]),
+                    // The copy path puts every byte in the batch's own buffer: it makes no guest parts.
                     Part::Guest(_) => None,
                 })
                 .collect();

@@ -48,6 +48,9 @@ pub struct Stripe {
     pub round_batches: AtomicU32,
     /// Set when the migration is over or failed: encoders stop.
     pub abort: AtomicBool,
+    /// Set after a post-copy switch: while no link takes batches but some are suspended rather than failed, an
+    /// encoder's batch waits for one to answer again instead of ending the round.
+    pub wait_for_links: AtomicBool,
     /// The bandwidth cap over all links, which each link's writer takes its frames' slots from.
     pub pacer: Pacer,
 }
@@ -64,6 +67,7 @@ impl Stripe {
             round_batches: AtomicU32::new(0),
             abort: AtomicBool::new(false),
             pacer: Pacer::new(max_bandwidth),
+            wait_for_links: AtomicBool::new(false),
         }
     }
 
@@ -92,13 +96,26 @@ impl Stripe {
             if self.abort.load(Ordering::Relaxed) || deadline.is_some_and(|d| Instant::now() > d) {
                 return Err(item);
             }
-            let Some(i) = self.pick(bytes) else { return Err(item) };
+            let Some(i) = self.pick(bytes) else {
+                if deadline.is_none() && self.waits_for_links() {
+                    std::thread::sleep(Duration::from_millis(10));
+                    continue;
+                }
+                return Err(item);
+            };
             // A short wait, then a new choice: the chosen link may fill up, fail, or be overtaken meanwhile.
             match self.links[i].offer(item, bytes, Duration::from_millis(20)) {
                 Ok(()) => return Ok(()),
                 Err(back) => item = back,
             }
         }
+    }
+}
+
+impl Stripe {
+    /// Whether a batch no link takes should wait: post-copy, and some link is suspended rather than failed.
+    fn waits_for_links(&self) -> bool {
+        self.wait_for_links.load(Ordering::Relaxed) && self.links.iter().any(|l| !l.is_failed())
     }
 }
 
