@@ -508,8 +508,9 @@ fn destination_report(guest: &AnyGuest, r: &DestReport, start: Instant, cpu_seco
         status: Status::Completed,
         error: r.committed_error.clone(),
         outcome_unknown: r.committed_error.is_some(),
-        // receive() only returns after a Commit, and refuses a Commit that did not follow equal digests.
-        verified: true,
+        // receive() returns after a Commit, which it refuses unless the digests were equal; or, after a post-copy
+        // switch, with every page here but the source lost before the tables were compared (then it says so).
+        verified: r.verified,
         verify_mode: if r.full_verify { "full" } else { "tables" }.to_string(),
         guest: guest_info(guest),
         total_time_s: r.resumed_at.duration_since(start).as_secs_f64(),

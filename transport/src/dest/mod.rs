@@ -176,6 +176,9 @@ pub struct DestReport {
     pub resumed_at: Instant,
     /// Whether the verification also compared re-hashed memory (`--verify full`).
     pub full_verify: bool,
+    /// Whether the tables were compared and found equal: false only after a post-copy switch whose source was lost
+    /// once every page had arrived (the guest runs on here, unverified; `committed_error` says why).
+    pub verified: bool,
     /// Set when the guest was resumed but `Committed` could not be sent: the guest runs here, and the source, which
     /// did not hear so, stays paused and reports the outcome as unknown. An operator must stop one side.
     pub committed_error: Option<String>,
@@ -381,6 +384,7 @@ impl<'a> Shared<'a> {
             link_errors: self.link_errors.into_inner().unwrap_or_else(|e| e.into_inner()),
             resumed_at,
             full_verify,
+            verified: true,
             committed_error,
             security: crate::tls::SecurityInfo::default(),
             uring_requests: self.ring.as_ref().map_or(0, Ring::requests),
@@ -525,12 +529,13 @@ fn run<L: Listen>(
     if opts.fail_committed {
         let _ = control.stream().shutdown(Shutdown::Write);
     }
+    let verified = unfinished.is_none();
     let committed_error = match unfinished {
         Some(why) => Some(why),
         None => wire::write_control(control, Kind::Committed, &[]).err().map(|e| format!("sending Committed: {e}")),
     };
     let mut report = shared.report(hello, resumed_at, full_verify, committed_error);
-    report.security = control.info();
+    (report.security, report.verified) = (control.info(), verified);
     report.postcopy = pc.stats().map(|s| (s, pc.pulled));
     Ok(report)
 }
@@ -555,8 +560,8 @@ fn prefault(guest: &dyn Guest, chunks: &livemig_engine::dirty::Bitmap, shared: &
     });
 }
 
-/// Reads control frames (each complete within [`MID_FRAME_TIMEOUT`] once begun) and hands them to the control loop,
-/// until the connection fails or closes.
+/// Reads control frames (each complete within the frame timeout once begun: [`MID_FRAME_TIMEOUT`], or post-copy's
+/// wait) and hands them to the control loop, until the connection fails or closes.
 fn read_control(control: &Conn, to: &crossbeam::channel::Sender<Msg>, shared: &Shared<'_>) {
     let mut buf = Vec::new();
     loop {
