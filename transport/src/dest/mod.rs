@@ -519,13 +519,10 @@ fn run<L: Listen>(
         (r, _) => r?,
     };
     // Every data thread has been joined: resume. From here the guest runs, and no error may drop it.
-    let resumed_at = match pc.resumed_at {
-        Some(at) => at,
-        None => {
-            guest.vcpus().resume();
-            Instant::now()
-        }
-    };
+    let resumed_at = pc.resumed_at.unwrap_or_else(|| {
+        guest.vcpus().resume();
+        Instant::now()
+    });
     if opts.fail_committed {
         let _ = control.stream().shutdown(Shutdown::Write);
     }
