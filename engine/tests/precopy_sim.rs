@@ -31,6 +31,8 @@ struct Sim {
     /// The operator cancels when the machine first asks for this action (instead of doing it, if the cancel holds).
     cancel_on: Option<&'static str>,
     cancel_held: Option<bool>,
+    /// The connection fails when the machine first asks for this action (instead of doing it).
+    fail_on: Option<&'static str>,
     /// A live change the operator makes when the machine asks for round N (before the round is sent).
     change_at_round: Option<(u32, Change)>,
     /// (round, ETA) after every delivered batch, as an operator's status would show it.
@@ -57,6 +59,7 @@ impl Sim {
             actions: Vec::new(),
             cancel_on: None,
             cancel_held: None,
+            fail_on: None,
             change_at_round: None,
             etas: Vec::new(),
             round_throttle: Vec::new(),
@@ -103,6 +106,12 @@ impl Sim {
                     self.actions.push(format!("cancel@{name}"));
                     continue;
                 }
+            }
+            if self.fail_on == Some(name.as_str()) {
+                self.fail_on = None;
+                self.actions.push(format!("fail@{name}"));
+                m.fail("connection reset".into());
+                continue;
             }
             self.actions.push(name);
             match a {
@@ -608,6 +617,12 @@ fn a_failure_after_the_switch_never_resumes_the_source() {
     let (o, _) = sim.run(c.clone(), None, false);
     assert!(matches!(o, Outcome::Failed(ref r) if r.contains("digest") && r.contains("post-copy")), "{o:?}");
     assert!(!sim.resumed);
+    // A connection lost while the destination answers the switch: it may be running the guest already.
+    let mut sim = outrun();
+    sim.fail_on = Some("Switch");
+    let (o, m) = sim.run(c.clone(), None, true);
+    assert!(matches!(o, Outcome::Failed(ref r) if r.contains("stays paused")), "{o:?}");
+    assert!(m.past_switch() && !sim.resumed, "{:?}", sim.actions);
     // Nor can an operator cancel once the switch is asked of the destination: the migration goes on to the end.
     let mut sim = outrun();
     sim.cancel_on = Some("Switch");

@@ -1,4 +1,4 @@
-//! userfaultfd: the kernel interface post-copy is built on (issue 15; not yet used by the migration).
+//! userfaultfd: the kernel interface post-copy is built on (`receive::postcopy` drives it).
 //!
 //! A destination that resumes its guest before every page has arrived registers the guest's memory with a
 //! [`Uffd`] in missing mode. A vCPU (a thread of the synthetic guest, or KVM on behalf of a real one) that touches a

@@ -141,8 +141,9 @@ pub struct Precopy {
     sampled_rate: Option<f64>,
     /// The operator asked to switch over at the end of the round in flight, as long as the pause fits the bound.
     switchover_asked: bool,
-    /// Post-copy was decided (at the pause), and when the destination resumed the guest (the switch).
+    /// Post-copy was decided (at the pause), the switch was asked of the destination, and when it resumed the guest.
     postcopy: bool,
+    switch_asked: bool,
     switched_at: Option<Instant>,
     /// The last sign of progress from the destination (or the start of the current wait for it).
     heard: Instant,
@@ -189,6 +190,7 @@ impl Precopy {
             sampled_rate: None,
             switchover_asked: false,
             postcopy: false,
+            switch_asked: false,
             switched_at: None,
             heard: now,
             eta: None,
@@ -341,6 +343,7 @@ impl Precopy {
         if self.postcopy {
             let pages = self.pending_final.take().unwrap_or_else(|| Bitmap::new(0));
             self.phase = Phase::Switching;
+            self.switch_asked = true;
             self.actions.push_back(Action::Switch { pages });
         } else {
             self.phase = Phase::Verifying;
@@ -409,7 +412,7 @@ impl Precopy {
     /// Whether the switch to post-copy was asked of the destination: from then it may run the guest, and the source
     /// must never resume it, whatever happens.
     pub fn past_switch(&self) -> bool {
-        self.switched_at.is_some() || self.phase == Phase::Switching
+        self.switch_asked
     }
 
     /// The destination acknowledged the commit: it runs the guest now.
@@ -459,9 +462,10 @@ impl Precopy {
         }
     }
 
-    /// How long the destination may be silent: after the switch, as long as post-copy waits for the network.
+    /// How long the destination may be silent: once the switch is asked (it may run the guest), as long as post-copy
+    /// waits for the network.
     fn silence_bound(&self) -> Duration {
-        if self.switched_at.is_some() {
+        if self.switch_asked {
             self.cfg.postcopy_wait
         } else {
             self.cfg.peer_timeout
