@@ -230,3 +230,25 @@ fn a_source_killed_after_the_switch_leaves_a_destination_that_says_the_guest_can
         assert!(text.contains("cannot continue") && text.contains("source holds the only complete copy"), "{text}");
     });
 }
+
+#[test]
+fn a_destination_without_userfaultfd_is_refused_before_anything_moves() {
+    let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = listener.local_addr().unwrap();
+    let mut description = DestOptions::default().describe();
+    description.postcopy_unavailable = Some("userfaultfd: Operation not permitted".into());
+    let dopts = DestOptions { description: Some(description), ..Default::default() };
+    let src = busy_guest();
+    let precopy = PrecopyConfig { postcopy: PostcopyMode::Auto, ..Default::default() };
+    let opts = SourceOptions { precopy, ..Default::default() };
+    let (report, dest) = std::thread::scope(|s| {
+        let dest = s.spawn(|| common::receive_one(&listener, &dopts));
+        let r = migrate(&src, TcpStream::connect(addr).unwrap(), &[], &opts, &SourceSecurity::Insecure, &|_| {});
+        (r, dest.join().unwrap())
+    });
+    let e = report.result.expect_err("a post-copy source must refuse such a destination");
+    assert!(e.to_string().contains("cannot take post-copy (userfaultfd: Operation not permitted)"), "{e}");
+    assert_eq!(report.rounds.len(), 0, "nothing was sent");
+    assert!(dest.is_err_and(|e| e.is_refusal()), "the destination was told, and may wait for another source");
+    common::assert_running_unthrottled(&src);
+}
