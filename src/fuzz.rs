@@ -74,9 +74,19 @@ fn decode_frame(data: &[u8]) {
             }
         }
         Kind::Missing => {
-            let mut into = livemig_engine::dirty::Bitmap::new(1 << 20);
-            if wire::postcopy::decode_missing(&body, &mut into).is_ok() {
-                assert!(into.count_ones() > 0 || body.len() > 8, "an empty Missing body was taken");
+            const PAGES: u64 = 1 << 20;
+            if let Ok((first, words)) = wire::postcopy::decode_missing(&body, PAGES) {
+                // What it names survives encoding again, and lies inside the guest.
+                let mut into = livemig_engine::dirty::Bitmap::new(PAGES);
+                into.or_region(&words, first, PAGES.saturating_sub(first));
+                let mut again = livemig_engine::dirty::Bitmap::new(PAGES);
+                for b in wire::postcopy::encode_missing(&into) {
+                    let (f, w) = wire::postcopy::decode_missing(&b, PAGES).expect("an encoded bitmap decodes");
+                    again.or_region(&w, f, PAGES - f);
+                }
+                assert_eq!(again.words(), into.words(), "a Missing bitmap does not survive encode and decode");
+                let named: u64 = words.iter().map(|w| u64::from(w.count_ones())).sum();
+                assert_eq!(into.count_ones(), named, "a Missing body named a page past the guest");
             }
         }
         Kind::PageRequest => {

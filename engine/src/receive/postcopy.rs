@@ -17,10 +17,10 @@
 //! behaves as plain memory again.
 
 use super::{ApplyError, ApplyState, FrameKey, InPlaceError};
-use crate::dirty::Bitmap;
+use crate::dirty::{runs_in_words, Bitmap};
 use crate::encode::PageEntry;
 use crate::guest::uffd::{Placed, Uffd, UffdError};
-use crate::guest::{GuestError, GuestMemory, PAGE_SIZE};
+use crate::guest::{host_pages, GuestError, GuestMemory, PAGE_SIZE};
 use crate::num::usize_from;
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -79,8 +79,10 @@ pub struct Postcopy {
     /// Pages not yet placed, one bit each.
     missing: Vec<AtomicU64>,
     remaining: AtomicU64,
-    /// Missing pages asked for, and when their first fault arrived.
+    /// Missing pages asked for, and when their first fault arrived; a bit per page says which are in the map, so that
+    /// placing a page nobody asked for (most of the push) takes no lock.
     asked: Mutex<HashMap<u64, Instant>>,
+    asked_bits: Vec<AtomicU64>,
     latencies: Mutex<(Vec<u32>, Vec<u64>)>,
     faults: AtomicU64,
     zero_faults: AtomicU64,
@@ -93,15 +95,19 @@ pub struct Postcopy {
 /// (or not yet started) and no page being applied. It costs a system call per run of pages (about a microsecond
 /// here), so the destination drops the pages it learns of before the source pauses, and only the rest in the pause.
 pub fn discard(mem: &dyn GuestMemory, pages: &Bitmap) {
-    let regions = regions_of(mem);
-    pages.for_each_run(|run| {
+    discard_words(mem, pages.words(), 0);
+}
+
+/// [`discard`] for the pages of bitmap words whose first bit is page `base` (a Missing frame's, as it came).
+pub fn discard_words(mem: &dyn GuestMemory, words: &[u64], base: u64) {
+    runs_in_words(words, base, |run| {
         let mut page = run.first;
         let end = run.first + run.count;
         while page < end {
-            let Some((addr, n)) = host_range(&regions, page, end - page) else { return };
+            let Ok((addr, n)) = host_pages(mem, page, end - page) else { return };
             // SAFETY: the range lies inside a live anonymous private mapping of guest memory, and nothing reads or
             // writes it now (the caller's contract); dropping its pages only makes them read as missing (or zero).
-            unsafe { libc::madvise(addr as *mut libc::c_void, usize_from(n) * PAGE_SIZE, libc::MADV_DONTNEED) };
+            unsafe { libc::madvise(addr.cast(), usize_from(n) * PAGE_SIZE, libc::MADV_DONTNEED) };
             page += n;
         }
     });
@@ -145,12 +151,14 @@ impl Postcopy {
             unsafe { uffd.register_missing(addr as *mut u8, len) }?;
         }
         let words: Vec<AtomicU64> = missing.words().iter().map(|&w| AtomicU64::new(w)).collect();
+        let asked_bits = missing.words().iter().map(|_| AtomicU64::new(0)).collect();
         Ok(Postcopy {
             uffd: RwLock::new(Some(uffd)),
             regions,
             missing: words,
             remaining: AtomicU64::new(missing.count_ones()),
             asked: Mutex::new(HashMap::new()),
+            asked_bits,
             latencies: Mutex::new((Vec::new(), vec![0; LATENCY_BUCKETS])),
             faults: AtomicU64::new(0),
             zero_faults: AtomicU64::new(0),
@@ -198,10 +206,13 @@ impl Postcopy {
                 return Ok(Fault::Waiting(page));
             }
             asked.insert(page, Instant::now());
+            if let Some(w) = self.asked_bits.get(usize_from(page / 64)) {
+                w.fetch_or(1 << (page % 64), Ordering::AcqRel);
+            }
             self.faults.fetch_add(1, Ordering::Relaxed);
             return Ok(Fault::Request(page));
         }
-        if let Some((addr, _)) = host_range(&self.regions, page, 1) {
+        if let Some(addr) = host_addr(&self.regions, page) {
             let u = self.uffd.read().unwrap_or_else(|e| e.into_inner());
             if let Some(u) = u.as_ref() {
                 // SAFETY: one page inside a registered region of guest memory; the kernel places it atomically.
@@ -245,6 +256,12 @@ impl Postcopy {
     }
 
     fn record_latency(&self, page: u64) {
+        let bit = 1 << (page % 64);
+        let asked =
+            self.asked_bits.get(usize_from(page / 64)).is_some_and(|w| w.fetch_and(!bit, Ordering::AcqRel) & bit != 0);
+        if !asked {
+            return;
+        }
         let Some(at) = self.asked.lock().unwrap_or_else(|e| e.into_inner()).remove(&page) else { return };
         let us = u32::try_from(at.elapsed().as_micros()).unwrap_or(u32::MAX);
         let bucket = (32 - us.leading_zeros() as usize).min(LATENCY_BUCKETS - 1);
@@ -258,7 +275,7 @@ impl Postcopy {
 
 impl Placer for Postcopy {
     fn place(&self, page: u64, data: Option<&[u8]>) -> Result<Placed, ApplyError> {
-        let Some((dst, _)) = host_range(&self.regions, page, 1) else {
+        let Some(dst) = host_addr(&self.regions, page) else {
             return Err(ApplyError::Place { page, reason: "not in guest memory".into() });
         };
         if data.is_some_and(|d| d.len() != PAGE_SIZE) {
@@ -326,12 +343,10 @@ impl super::Receiver<'_> {
     }
 }
 
-/// The host range of up to `count` pages from `page`, within one region.
-fn host_range(regions: &[(usize, usize, u64)], page: u64, count: u64) -> Option<(usize, u64)> {
+/// The host address of page `page`.
+fn host_addr(regions: &[(usize, usize, u64)], page: u64) -> Option<usize> {
     regions.iter().find_map(|&(addr, len, first)| {
-        let pages = (len / PAGE_SIZE) as u64;
-        (page >= first && page < first + pages)
-            .then(|| (addr + usize_from(page - first) * PAGE_SIZE, count.min(first + pages - page)))
+        (page >= first && page < first + (len / PAGE_SIZE) as u64).then(|| addr + usize_from(page - first) * PAGE_SIZE)
     })
 }
 

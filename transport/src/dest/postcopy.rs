@@ -22,7 +22,7 @@ use crate::tls::Conn;
 use crate::wire::{self, postcopy as msg, Header, Kind, Verified, Verify, WireError};
 use livemig_engine::dirty::Bitmap;
 use livemig_engine::guest::Guest;
-use livemig_engine::receive::postcopy::{discard, discard_touched, Fault, Postcopy, PostcopyStats};
+use livemig_engine::receive::postcopy::{discard_touched, discard_words, Fault, Postcopy, PostcopyStats};
 use livemig_engine::receive::ApplyState;
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
@@ -61,14 +61,13 @@ impl PostcopyState {
         control: &Conn,
     ) -> Result<(), ReceiveError> {
         let pages = guest.memory().total_pages();
-        let mut more = Bitmap::new(pages);
-        msg::decode_missing(body, &mut more)?;
+        let (first, words) = msg::decode_missing(body, pages)?;
         // From the first Missing frame nothing may fault pages in: a dropped page must stay missing.
         *shared.prefault_stopped.lock().unwrap_or_else(|e| e.into_inner()) = true;
         shared.postcopy.store(true, Ordering::Relaxed);
         // The vCPUs have not run here yet, and the data links are idle: every page sent before was acknowledged.
-        discard(guest.memory(), &more);
-        self.missing.get_or_insert_with(|| Bitmap::new(pages)).or_assign(&more);
+        discard_words(guest.memory(), &words, first);
+        self.missing.get_or_insert_with(|| Bitmap::new(pages)).or_region(&words, first, pages - first);
         Ok(send(shared, control, Kind::MissingAck, &[])?)
     }
 

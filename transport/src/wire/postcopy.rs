@@ -38,31 +38,32 @@ pub fn encode_missing(pages: &Bitmap) -> Vec<Vec<u8>> {
     out
 }
 
-/// Adds a Missing body to `into` (whose length is the guest's pages): every bit must name a page of the guest.
-pub fn decode_missing(body: &[u8], into: &mut Bitmap) -> Result<(), WireError> {
+/// Parses a Missing body for a guest of `pages` pages: the first page its words cover, and the words (bit `i` of
+/// word `k` is page `first + 64k + i`). Every set bit must name a page of the guest.
+pub fn decode_missing(body: &[u8], pages: u64) -> Result<(u64, Vec<u64>), WireError> {
     let bad = |why: String| WireError::Malformed { kind: Kind::Missing, why };
     let mut r = Body { kind: Kind::Missing, b: body };
-    let first = r.u64("first word")?;
+    let first = r.u64("first word")?.checked_mul(64).ok_or_else(|| bad("first word out of range".into()))?;
     if r.b.is_empty() || !r.b.len().is_multiple_of(8) {
         return Err(bad(format!("{} bytes of words", r.b.len())));
     }
-    let count = (r.b.len() / 8) as u64;
-    let pages = into.len();
-    let end_bit = first.checked_add(count).and_then(|w| w.checked_mul(64)).ok_or_else(|| bad("overflow".into()))?;
-    for i in 0..count {
+    let mut words = Vec::with_capacity(r.b.len() / 8);
+    while !r.b.is_empty() {
         let w = r.u64("word")?;
-        let base = (first + i) * 64;
-        for b in 0..64 {
-            if w & (1 << b) == 0 {
-                continue;
-            }
-            if base + b >= pages {
-                return Err(bad(format!("page {} past the guest's {pages} (bits up to {end_bit})", base + b)));
-            }
-            into.set(base + b);
+        let base = first.saturating_add(words.len() as u64 * 64);
+        // The bits a guest of `pages` pages has in this word; any other set bit names a page past its end.
+        let valid = match pages.saturating_sub(base) {
+            0 => 0,
+            n if n >= 64 => u64::MAX,
+            n => (1u64 << n) - 1,
+        };
+        if w & !valid != 0 {
+            let page = base + u64::from((w & !valid).trailing_zeros());
+            return Err(bad(format!("page {page} past the guest's {pages}")));
         }
+        words.push(w);
     }
-    r.end()
+    Ok((first, words))
 }
 
 /// A PageRequest body.

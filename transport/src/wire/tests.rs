@@ -351,3 +351,23 @@ fn device_sections_round_trip_and_bad_ones_say_what_is_wrong() {
     assert!(why(&[2, 0, 0xff, 0xfe, 1, 0, 0, 0]).contains("not in UTF-8"));
     assert!(why(&[1, 0, b'a', 1, 0]).contains("body ends inside the version"));
 }
+
+#[test]
+fn missing_bitmaps_round_trip_and_pages_past_the_guest_are_refused() {
+    use super::postcopy::{decode_missing, encode_missing};
+    let mut pages = livemig_engine::dirty::Bitmap::new(200);
+    for p in [0, 63, 64, 130, 199] {
+        pages.set(p);
+    }
+    let frames = encode_missing(&pages);
+    assert_eq!(frames.len(), 1);
+    let (first, words) = decode_missing(&frames[0], 200).unwrap();
+    assert_eq!((first, words.as_slice()), (0, pages.words()));
+    // Page 200 of a 200-page guest: the bit after its last.
+    let mut past = 0u64.to_le_bytes().to_vec();
+    past.extend_from_slice(&[0u64, 0, 0, 1 << 8].iter().flat_map(|w| w.to_le_bytes()).collect::<Vec<_>>());
+    let e = decode_missing(&past, 200).unwrap_err().to_string();
+    assert!(e.contains("page 200 past the guest's 200"), "{e}");
+    // A first word whose page index overflows.
+    assert!(decode_missing(&[u64::MAX.to_le_bytes(), 1u64.to_le_bytes()].concat(), 200).is_err());
+}
