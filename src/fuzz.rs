@@ -100,6 +100,16 @@ fn decode_frame(data: &[u8]) {
                 assert_eq!(again, Some(s), "post-copy stats round trip");
             }
         }
+        Kind::Resume => {
+            if let Ok(r) = wire::LinkHello::decode_as(Kind::Resume, &body) {
+                assert_eq!(wire::LinkHello::decode_as(Kind::Resume, &r.encode()).ok(), Some(r), "a Resume round trip");
+            }
+        }
+        Kind::Resumed => {
+            if let Ok(n) = wire::postcopy::decode_resumed(&body, 1 << 20) {
+                assert!(n <= 1 << 20, "a Resumed count past the guest was accepted");
+            }
+        }
         Kind::StateAck | Kind::Commit | Kind::Committed | Kind::Switch | Kind::Switched | Kind::MissingAck => {}
     }
 }

@@ -328,7 +328,13 @@ impl LinkHello {
 
     /// Parses a body.
     pub fn decode(body: &[u8]) -> Result<LinkHello, WireError> {
-        let mut r = Body { kind: Kind::LinkHello, b: body };
+        Self::decode_as(Kind::LinkHello, body)
+    }
+
+    /// Parses the body of a frame that carries a LinkHello's fields: a LinkHello, or a [`Kind::Resume`] (whose link
+    /// index is 0 and unused).
+    pub fn decode_as(kind: Kind, body: &[u8]) -> Result<LinkHello, WireError> {
+        let mut r = Body { kind, b: body };
         let (session, link) = (r.u64("session")?, r.u32("link index")?);
         let proof = if body.len() > 12 {
             let mut p = [0u8; 32];

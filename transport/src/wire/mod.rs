@@ -107,6 +107,11 @@ pub enum Kind {
     PostcopyStats = 18,
     /// Destination → source: the old copies of a Missing frame's pages are dropped.
     MissingAck = 19,
+    /// Source → destination, first frame of a new control connection after post-copy lost the old one: the session,
+    /// and (under TLS) the proof that binds it to the first control connection, as a LinkHello carries.
+    Resume = 20,
+    /// Destination → source: the new control connection replaces the old one; the pages still missing here.
+    Resumed = 21,
 }
 
 impl Kind {
@@ -121,7 +126,8 @@ impl Kind {
             Abort => MAX_REASON_LEN,
             Ack => 12,
             // Session and link index, then (under TLS) the 32-byte proof that binds the link to the control session.
-            LinkHello => 44,
+            LinkHello | Resume => 44,
+            Resumed => 8,
             Verify | Verified => 17,
             StateAck | Commit | Committed | Switch | Switched | MissingAck => 0,
             Missing => postcopy::MISSING_MAX_BODY,
@@ -152,6 +158,8 @@ impl Kind {
             17 => PageRequest,
             18 => PostcopyStats,
             19 => MissingAck,
+            20 => Resume,
+            21 => Resumed,
             _ => return None,
         })
     }

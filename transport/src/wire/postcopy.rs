@@ -1,5 +1,5 @@
-//! Post-copy's control frames: the missing-page bitmap sent at the switch, the destination's page requests, and its
-//! figures at the end. Each body is bounded by what it can hold, and checked against the guest's layout.
+//! Post-copy's control frames: the missing-page bitmap sent at the switch, the destination's page requests, its
+//! figures at the end, and its answer to a Resume (the pages it still lacks). Each body is bounded by what it can hold, and checked against the guest's layout.
 
 use super::{Body, Kind, WireError};
 use livemig_engine::dirty::Bitmap;
@@ -120,4 +120,23 @@ pub fn decode_stats(body: &[u8]) -> Result<PostcopyStats, WireError> {
     s.histogram = (0..LATENCY_BUCKETS).map(|_| r.u64("histogram")).collect::<Result<_, _>>()?;
     r.end()?;
     Ok(s)
+}
+
+/// A Resumed body: the pages the destination still lacks when it takes the new control connection.
+pub fn encode_resumed(missing: u64) -> [u8; 8] {
+    missing.to_le_bytes()
+}
+
+/// Parses a Resumed body; the count cannot exceed the guest's `pages`.
+pub fn decode_resumed(body: &[u8], pages: u64) -> Result<u64, WireError> {
+    let mut r = Body { kind: Kind::Resumed, b: body };
+    let missing = r.u64("missing pages")?;
+    r.end()?;
+    if missing > pages {
+        return Err(WireError::Malformed {
+            kind: Kind::Resumed,
+            why: format!("{missing} pages missing of a {pages}-page guest"),
+        });
+    }
+    Ok(missing)
 }
