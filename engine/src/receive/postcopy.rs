@@ -232,6 +232,15 @@ impl Postcopy {
             .map(|&(a, _, first)| first + ((addr - a) / PAGE_SIZE) as u64)
     }
 
+    /// Pages asked of the source and not placed yet, in order. After the connection the requests went on was lost,
+    /// they are asked again on the new one: the answers may have been lost with it.
+    pub fn awaited(&self) -> Vec<u64> {
+        let asked = self.asked.lock().unwrap_or_else(|e| e.into_inner());
+        let mut pages: Vec<u64> = asked.keys().copied().filter(|&p| self.is_missing(p)).collect();
+        pages.sort_unstable();
+        pages
+    }
+
     /// Closes the descriptor: any vCPU still waiting retries, and from now on memory faults in as plain memory. Call
     /// it when every page has arrived, or, when the migration failed, with the vCPUs paused.
     pub fn finish(&self) {

@@ -65,34 +65,48 @@ pub(super) fn accept_links<'s, 'e: 's, L: Listen>(
     }
 }
 
-/// Reads a new connection's first frame, within [`HELLO_TIMEOUT`], and returns the link index its LinkHello
-/// presents. Under TLS the LinkHello must carry the proof that the link belongs to this migration's control session.
-/// Another source's Hello is told the destination is busy; anything else is refused for what it is.
-fn present(conn: &Conn, shared: &Shared<'_>) -> Result<u32, ReceiveError> {
+/// What a new connection on the migration's listeners presented itself as.
+enum Presented {
+    /// A data link, with its index at the source.
+    Link(u32),
+    /// The source's new control connection, after post-copy lost the first one.
+    Resume,
+}
+
+/// Reads a new connection's first frame, within [`HELLO_TIMEOUT`], and says what it is: a data link (LinkHello) or,
+/// once post-copy runs, the source's new control connection (Resume). Either must present the session and, under
+/// TLS, the proof that it belongs to this migration's first control session. Another source's Hello is told the
+/// destination is busy; anything else is refused for what it is.
+fn present(conn: &Conn, shared: &Shared<'_>) -> Result<Presented, ReceiveError> {
     let mut body = Vec::new();
     let mut d = Deadline::new(conn, Instant::now() + HELLO_TIMEOUT, "LinkHello");
     let h = wire::read_frame(&mut d, &mut body)?;
-    match h.kind {
-        Kind::LinkHello => {
-            let l = wire::LinkHello::decode(&body)?;
-            if l.session != shared.session {
-                return Err(WireError::WrongSession { got: l.session }.into());
-            }
-            if let Some(control) = &shared.binding {
-                let (Some(link), Some(proof)) = (conn.binding(), &l.proof) else {
-                    return Err(ReceiveError::Unbound("it carries no proof of this migration's control session"));
-                };
-                if !tls::check_link_proof(control, link, proof) {
-                    return Err(ReceiveError::Unbound(
-                        "its proof does not match this migration's control session (a link of another session)",
-                    ));
-                }
-            }
-            Ok(l.link)
-        }
-        Kind::Hello => Err(ReceiveError::Busy),
-        got => Err(WireError::Unexpected { got, expected: "LinkHello" }.into()),
+    let what = match h.kind {
+        Kind::LinkHello => "link",
+        Kind::Resume if shared.armed.load(Ordering::SeqCst) => "control connection",
+        Kind::Resume => return Err(ReceiveError::Unbound("a Resume, and no post-copy runs here to resume")),
+        Kind::Hello => return Err(ReceiveError::Busy),
+        got => return Err(WireError::Unexpected { got, expected: "LinkHello" }.into()),
+    };
+    let l = wire::LinkHello::decode_as(h.kind, &body)?;
+    if l.session != shared.session {
+        return Err(WireError::WrongSession { got: l.session }.into());
     }
+    if let Some(control) = &shared.binding {
+        let (Some(link), Some(proof)) = (conn.binding(), &l.proof) else {
+            return Err(ReceiveError::Unbound("it carries no proof of this migration's control session"));
+        };
+        if !tls::check_link_proof(control, link, proof) {
+            tracing::warn!(what, "a connection's proof does not match this migration's control session");
+            return Err(ReceiveError::Unbound(
+                "its proof does not match this migration's control session (a connection of another session)",
+            ));
+        }
+    }
+    Ok(match h.kind {
+        Kind::Resume => Presented::Resume,
+        _ => Presented::Link(l.link),
+    })
 }
 
 /// One connection: checks that it presents the session, then applies and acknowledges Pages frames until it closes.
@@ -122,7 +136,14 @@ fn data_link(
     let presented = present(&conn, shared);
     drop(ticket);
     let link = match presented {
-        Ok(link) => link,
+        Ok(Presented::Link(link)) => link,
+        Ok(Presented::Resume) => {
+            // The control loop takes the connection over; this thread and its place in the count end here (so that
+            // stopping the data links at the end leaves it open for Committed).
+            tracing::warn!(%peer, "post-copy: the source reconnected its control connection");
+            let _ = tx.send(Msg::Resumed(std::sync::Arc::new(conn)));
+            return;
+        }
         Err(e) => {
             refuse(&conn, &e);
             refused(&peer, &e);

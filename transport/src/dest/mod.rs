@@ -31,6 +31,7 @@
 //! [`DestReport::committed_error`] beside the running guest.
 
 mod admit;
+mod devices;
 mod link;
 mod options;
 mod postcopy;
@@ -42,9 +43,10 @@ use crate::tls::{Conn, DestSecurity};
 use crate::uring::Ring;
 use crate::wire::{self, Header, Hello, Kind, Verified, Verify, WireError};
 use admit::Admission;
+use devices::DeviceSections;
 use link::accept_links;
 use livemig_engine::encode::{memory_root, PageCounts};
-use livemig_engine::guest::{DeviceSection, Guest, GuestError, PAGE_SIZE};
+use livemig_engine::guest::{Guest, GuestError, PAGE_SIZE};
 use livemig_engine::precopy::MAX_PAUSE;
 use livemig_engine::receive::{ApplyError, ApplyState, Receiver, MAX_OWNERS};
 pub use options::{available_memory, DestOptions};
@@ -300,6 +302,10 @@ struct Shared<'a> {
     /// for the network (`postcopy_wait`) rather than [`MID_FRAME_TIMEOUT`].
     postcopy: AtomicBool,
     postcopy_wait: Duration,
+    /// Set at the switch: from then a Resume may replace a lost control connection.
+    armed: AtomicBool,
+    /// The control connection the source reconnected after post-copy lost the first one; writes go to it.
+    resumed: Mutex<Option<Arc<Conn>>>,
 }
 
 /// A thread counted in `Conns::live`; dropping it (however the thread ends) gives its place back.
@@ -360,6 +366,8 @@ impl<'a> Shared<'a> {
             control_write: Mutex::new(()),
             postcopy: AtomicBool::new(false),
             postcopy_wait: opts.postcopy_wait,
+            armed: AtomicBool::new(false),
+            resumed: Mutex::new(None),
         }
     }
 
@@ -391,6 +399,11 @@ impl<'a> Shared<'a> {
             table_bytes: self.rx.table_bytes(),
             postcopy: None,
         }
+    }
+
+    /// The control connection the source reconnected, if post-copy lost the first.
+    fn resumed(&self) -> Option<Arc<Conn>> {
+        self.resumed.lock().unwrap_or_else(|e| e.into_inner()).clone()
     }
 
     fn lock_conns(&self) -> MutexGuard<'_, Conns> {
@@ -454,8 +467,12 @@ impl<'a> Shared<'a> {
 }
 
 enum Msg {
-    Control(Result<(Header, Vec<u8>), WireError>),
+    /// A frame (or the end) of the control connection of this generation: 0 is the first, and each Resume makes a
+    /// new one, so that the last words of a replaced connection are told apart.
+    Control(u32, Result<(Header, Vec<u8>), WireError>),
     Fatal(ReceiveError),
+    /// Post-copy: the source's new control connection, presented with a Resume.
+    Resumed(Arc<Conn>),
 }
 
 fn run<L: Listen>(
@@ -495,29 +512,24 @@ fn run<L: Listen>(
                 .map_err(WireError::from)?;
         }
         let t = tx.clone();
-        spawn("lm-control").spawn_scoped(s, move || read_control(control, &t, shared)).map_err(WireError::from)?;
-        let result = control_loop(s, control, guest, shared, &msgs, opts, pc);
+        spawn("lm-control").spawn_scoped(s, move || read_control(control, &t, shared, 0)).map_err(WireError::from)?;
+        let result = control_loop(s, control, guest, shared, (&tx, &msgs), opts, pc);
         // However the loop ended, every data thread and helper stops before the guest may run (it already has, after
         // a successful Verify or a post-copy switch) and before this scope joins them.
         let stopped = shared.quiesce(MAX_PAUSE);
-        let _ = control.stream().shutdown(Shutdown::Read);
+        for c in [Some(control), shared.resumed().as_deref()].into_iter().flatten() {
+            let _ = c.stream().shutdown(Shutdown::Read);
+        }
         let full_verify = result?;
         stopped.map(|()| full_verify)
     });
     for l in listeners {
         let _ = l.set_nonblocking(false);
     }
-    let mut unfinished = None;
-    let full_verify = match (pc.end(guest, outcome), pc.resumed_at) {
-        // Post-copy failed with every page here: the guest runs on, and no error may drop it.
-        (Err(e), Some(_))
-            if !matches!(e, ReceiveError::PostcopyIncomplete { .. } | ReceiveError::PostcopyMismatch { .. }) =>
-        {
-            unfinished = Some(format!("post-copy: every page arrived, but the migration did not finish: {e}"));
-            false
-        }
-        (r, _) => r?,
-    };
+    let (full_verify, unfinished) = pc.outcome(guest, &shared, outcome)?;
+    // After a Resume the source listens on the new connection: answers go there.
+    let resumed = shared.resumed();
+    let control = resumed.as_deref().unwrap_or(control);
     // Every data thread has been joined: resume. From here the guest runs, and no error may drop it.
     let resumed_at = pc.resumed_at.unwrap_or_else(|| {
         guest.vcpus().resume();
@@ -559,61 +571,40 @@ fn prefault(guest: &dyn Guest, chunks: &livemig_engine::dirty::Bitmap, shared: &
 
 /// Reads control frames (each complete within the frame timeout once begun: [`MID_FRAME_TIMEOUT`], or post-copy's
 /// wait) and hands them to the control loop, until the connection fails or closes.
-fn read_control(control: &Conn, to: &crossbeam::channel::Sender<Msg>, shared: &Shared<'_>) {
+fn read_control(control: &Conn, to: &crossbeam::channel::Sender<Msg>, shared: &Shared<'_>, generation: u32) {
     let mut buf = Vec::new();
     loop {
         let r = wire::read_frame_after(control, &mut buf, &|| shared.frame_timeout(), "control frame")
             .map(|h| (h, std::mem::take(&mut buf)));
         let end = r.is_err();
-        if to.send(Msg::Control(r)).is_err() || end {
+        if to.send(Msg::Control(generation, r)).is_err() || end {
             return;
         }
     }
 }
 
-/// The device sections received so far, bounded in number and bytes, and whether they have been restored (with the
-/// vCPU state, once).
-#[derive(Default)]
-struct DeviceSections {
-    sections: Vec<DeviceSection>,
-    bytes: u64,
-    restored: bool,
-}
-
-impl DeviceSections {
-    fn add(&mut self, s: DeviceSection) -> Result<(), ReceiveError> {
-        let bad = |why: String| ReceiveError::Wire(WireError::Malformed { kind: Kind::DeviceState, why });
-        if self.sections.len() >= wire::MAX_DEVICE_SECTIONS {
-            return Err(bad(format!("more than {} device sections", wire::MAX_DEVICE_SECTIONS)));
-        }
-        self.bytes += s.data.len() as u64;
-        if self.bytes > wire::MAX_DEVICE_BYTES {
-            return Err(bad(format!("device state over {} bytes in all", wire::MAX_DEVICE_BYTES)));
-        }
-        if self.sections.iter().any(|x| x.name == s.name) {
-            return Err(bad(format!("device {:?} sent twice", s.name)));
-        }
-        self.sections.push(s);
-        Ok(())
+/// The control loop's next message, within the source's silence bound (None: the bound passed, but data came in
+/// meanwhile). After the switch the source may be silent as long as post-copy waits for the network, and has that
+/// long to reconnect a lost control connection.
+fn next_msg(
+    msgs: &crossbeam::channel::Receiver<Msg>,
+    shared: &Shared<'_>,
+    opts: &DestOptions,
+    pc: &postcopy::PostcopyState,
+    seen: &mut u64,
+) -> Result<Option<Msg>, ReceiveError> {
+    let silence = if pc.armed.is_some() { opts.postcopy_wait.max(opts.idle_timeout) } else { opts.idle_timeout };
+    if let Ok(m) = msgs.recv_timeout(pc.reconnect_left(opts).map_or(silence, |left| left.min(silence))) {
+        return Ok(Some(m));
     }
-
-    /// Hands the sections to the guest's devices, before its vCPUs get their state. Sections for a guest that
-    /// takes none are an error: state would be dropped silently.
-    fn restore(&mut self, guest: &dyn Guest) -> Result<(), ReceiveError> {
-        self.restored = true;
-        match guest.devices() {
-            Some(d) => Ok(d.restore(&self.sections)?),
-            None if self.sections.is_empty() => Ok(()),
-            None => {
-                let names: Vec<&str> = self.sections.iter().map(|s| s.name.as_str()).collect();
-                Err(GuestError::BadState(format!(
-                    "the source sent device state ({}) and this destination's guest takes none",
-                    names.join(", ")
-                ))
-                .into())
-            }
-        }
+    pc.check_reconnect(opts)?;
+    let now = shared.bytes.load(Ordering::Relaxed);
+    if now != *seen {
+        *seen = now;
+        return Ok(None);
     }
+    Err(WireError::Io(std::io::Error::new(std::io::ErrorKind::TimedOut, format!("source silent for {silence:?}")))
+        .into())
 }
 
 /// The control connection's side of the migration: device and vCPU state, verification, commit. Returns whether the
@@ -623,7 +614,7 @@ fn control_loop<'s, 'e: 's, 'a: 'e>(
     control: &'e Conn,
     guest: &dyn Guest,
     shared: &'e Shared<'a>,
-    msgs: &crossbeam::channel::Receiver<Msg>,
+    (tx, msgs): (&crossbeam::channel::Sender<Msg>, &crossbeam::channel::Receiver<Msg>),
     opts: &DestOptions,
     pc: &mut postcopy::PostcopyState,
 ) -> Result<bool, ReceiveError> {
@@ -632,26 +623,20 @@ fn control_loop<'s, 'e: 's, 'a: 'e>(
     // Rounds can keep the control connection quiet for long: the source is silent only when the data links are too.
     let mut seen = shared.bytes.load(Ordering::Relaxed);
     loop {
-        // After the switch the source may be silent as long as post-copy waits for the network.
-        let silence = if pc.armed.is_some() { opts.postcopy_wait.max(opts.idle_timeout) } else { opts.idle_timeout };
-        let msg = match msgs.recv_timeout(silence) {
-            Ok(m) => m,
-            Err(_) => {
-                let now = shared.bytes.load(Ordering::Relaxed);
-                if now != seen {
-                    seen = now;
-                    continue;
-                }
-                return Err(WireError::Io(std::io::Error::new(
-                    std::io::ErrorKind::TimedOut,
-                    format!("source silent for {silence:?}"),
-                ))
-                .into());
-            }
-        };
+        let Some(msg) = next_msg(msgs, shared, opts, pc, &mut seen)? else { continue };
         let (h, body) = match msg {
             Msg::Fatal(e) => return Err(e),
-            Msg::Control(r) => r?,
+            Msg::Control(generation, _) if generation != pc.generation => continue,
+            // After the switch a lost control connection is waited for: the source reconnects it.
+            Msg::Control(_, Err(e)) if pc.armed.is_some() => {
+                pc.control_lost(&e, opts);
+                continue;
+            }
+            Msg::Control(_, r) => r?,
+            Msg::Resumed(conn) => {
+                pc.resume(s, conn, control, shared, tx)?;
+                continue;
+            }
         };
         match h.kind {
             Kind::DeviceState if !devices.restored => devices.add(wire::decode_device(&body)?)?,

@@ -41,13 +41,19 @@ pub(super) struct PostcopyState {
     entries: Vec<livemig_engine::encode::PageEntry>,
     /// Pages that came on the urgent path.
     pub(super) pulled: u64,
+    /// The control connection's generation: 0 for the first, one more for each the source reconnected.
+    pub(super) generation: u32,
+    /// When the control connection was lost after the switch; the source has `postcopy_wait` to reconnect it.
+    lost: Option<Instant>,
 }
 
-/// Writes one control frame. The fault thread writes on the control connection too, and a plaintext connection's
-/// writes are not atomic: every write from the switch on takes the shared lock.
+/// Writes one control frame, on the connection the source reconnected if there is one. The fault thread writes on
+/// the control connection too, and a plaintext connection's writes are not atomic: every write from the switch on
+/// takes the shared lock.
 pub(super) fn send(shared: &Shared<'_>, control: &Conn, kind: Kind, body: &[u8]) -> Result<(), WireError> {
     let _w = shared.control_write.lock().unwrap_or_else(|e| e.into_inner());
-    wire::write_control(control, kind, body).map(drop).map_err(WireError::from)
+    let resumed = shared.resumed();
+    wire::write_control(resumed.as_deref().unwrap_or(control), kind, body).map(drop).map_err(WireError::from)
 }
 
 impl PostcopyState {
@@ -88,6 +94,7 @@ impl PostcopyState {
         shared.rx.set_placer(pc.clone());
         self.armed = Some(pc.clone());
         let live = shared.enter().ok_or_else(|| ReceiveError::Postcopy("the migration is stopping".into()))?;
+        shared.armed.store(true, Ordering::SeqCst);
         std::thread::Builder::new()
             .name("lm-faults".into())
             .spawn_scoped(s, move || serve_faults(&pc, control, shared, live))
@@ -96,6 +103,82 @@ impl PostcopyState {
         self.resumed_at = Some(Instant::now());
         tracing::info!(missing = missing.count_ones(), "post-copy: the guest runs here; pulling what it touches");
         send(shared, control, Kind::Switched, &[])?;
+        Ok(())
+    }
+
+    /// The control connection failed after the switch. The guest runs here and the source holds its missing pages, so
+    /// neither side gives up: the source reconnects (a Resume on any of the migration's listeners) within
+    /// `postcopy_wait`, and the data links go on meanwhile.
+    pub(super) fn control_lost(&mut self, e: &WireError, opts: &super::DestOptions) {
+        if self.lost.is_none() {
+            tracing::error!(
+                error = %e,
+                wait_s = opts.postcopy_wait.as_secs(),
+                missing = self.armed.as_ref().map_or(0, |pc| pc.remaining()),
+                "post-copy: the control connection was lost; the guest's faults wait until the source reconnects"
+            );
+            self.lost = Some(Instant::now());
+        }
+    }
+
+    /// How long the source has left to reconnect a lost control connection.
+    pub(super) fn reconnect_left(&self, opts: &super::DestOptions) -> Option<Duration> {
+        self.lost.map(|at| (at + opts.postcopy_wait).saturating_duration_since(Instant::now()))
+    }
+
+    /// Ends the wait for a reconnect once `postcopy_wait` has passed.
+    pub(super) fn check_reconnect(&self, opts: &super::DestOptions) -> Result<(), ReceiveError> {
+        match self.reconnect_left(opts) {
+            Some(left) if left.is_zero() => Err(ReceiveError::Wire(WireError::Io(std::io::Error::new(
+                std::io::ErrorKind::TimedOut,
+                format!(
+                    "the control connection was lost and the source did not reconnect within {:?}",
+                    opts.postcopy_wait
+                ),
+            )))),
+            _ => Ok(()),
+        }
+    }
+
+    /// A Resume: the source's new control connection (checked like a data link: the session, and under TLS the proof
+    /// of the first control session) replaces the old one, which is shut if this side still held it open. The source
+    /// hears how many pages are still missing, and every page a fault asked for and that has not arrived is asked
+    /// again: its answer may have been lost with the old connection.
+    pub(super) fn resume<'s, 'e: 's, 'a: 'e>(
+        &mut self,
+        s: &'s std::thread::Scope<'s, 'e>,
+        conn: Arc<Conn>,
+        control: &Conn,
+        shared: &'e Shared<'a>,
+        tx: &crossbeam::channel::Sender<super::Msg>,
+    ) -> Result<(), ReceiveError> {
+        let Some(pc) = self.armed.clone() else {
+            return Err(ReceiveError::Unbound("a Resume before the switch"));
+        };
+        // Shut first: a write blocked on the old connection holds the write lock, and this unblocks it.
+        let _ = shared.resumed().as_deref().unwrap_or(control).stream().shutdown(std::net::Shutdown::Both);
+        {
+            let _w = shared.control_write.lock().unwrap_or_else(|e| e.into_inner());
+            *shared.resumed.lock().unwrap_or_else(|e| e.into_inner()) = Some(conn.clone());
+        }
+        conn.stream().set_write_timeout(Some(super::WRITE_TIMEOUT)).map_err(WireError::from)?;
+        conn.stream().set_read_timeout(None).map_err(WireError::from)?;
+        let _ = conn.stream().set_nodelay(true);
+        self.generation += 1;
+        let (generation, t) = (self.generation, tx.clone());
+        std::thread::Builder::new()
+            .name("lm-control".into())
+            .spawn_scoped(s, move || super::read_control(&conn, &t, shared, generation))
+            .map_err(WireError::from)?;
+        tracing::warn!(
+            missing = pc.remaining(),
+            down_s = self.lost.take().map_or(0.0, |at| at.elapsed().as_secs_f64()),
+            "post-copy: resumed on the source's new control connection"
+        );
+        send(shared, control, Kind::Resumed, &msg::encode_resumed(pc.remaining()))?;
+        for pages in pc.awaited().chunks(msg::REQUEST_PAGES) {
+            send(shared, control, Kind::PageRequest, &msg::encode_request(pages))?;
+        }
         Ok(())
     }
 
@@ -148,9 +231,31 @@ impl PostcopyState {
         self.armed.as_ref().map(|pc| pc.stats())
     }
 
-    /// The end, whatever it was, with every other thread stopped: the guest runs on with every page, or, missing
-    /// some, is stopped and the error says so.
-    pub(super) fn end<T>(&self, guest: &dyn Guest, result: Result<T, ReceiveError>) -> Result<T, ReceiveError> {
+    /// The end, whatever it was, with every other thread stopped: whether the verification was a full one, and when
+    /// post-copy failed with every page here, why it did not finish (the guest runs on: no error may drop it). With
+    /// pages missing the guest is stopped and the error says so (to the source too, on the connection it
+    /// reconnected, if it did).
+    pub(super) fn outcome(
+        &self,
+        guest: &dyn Guest,
+        shared: &Shared<'_>,
+        result: Result<bool, ReceiveError>,
+    ) -> Result<(bool, Option<String>), ReceiveError> {
+        let result = self.stop_guest(guest, result);
+        if let (Err(e), Some(c)) = (&result, shared.resumed()) {
+            let _ = wire::write_abort(&*c, &e.to_string());
+        }
+        match (result, self.resumed_at) {
+            (Err(e), Some(_))
+                if !matches!(e, ReceiveError::PostcopyIncomplete { .. } | ReceiveError::PostcopyMismatch { .. }) =>
+            {
+                Ok((false, Some(format!("post-copy: every page arrived, but the migration did not finish: {e}"))))
+            }
+            (r, _) => r.map(|full| (full, None)),
+        }
+    }
+
+    fn stop_guest<T>(&self, guest: &dyn Guest, result: Result<T, ReceiveError>) -> Result<T, ReceiveError> {
         let Some(pc) = &self.armed else { return result };
         // Closing the descriptor wakes any vCPU still waiting; with pages missing they must not run on.
         pc.finish();
@@ -198,9 +303,9 @@ fn serve_faults(pc: &Postcopy, control: &Conn, shared: &Shared<'_>, live: Live<'
             continue;
         }
         if let Err(e) = send(shared, control, Kind::PageRequest, &msg::encode_request(&asked)) {
-            // The control loop sees the connection fail too, and ends the migration.
+            // The control loop sees the connection fail too, and waits for the source to reconnect; these pages are
+            // asked again on the new connection.
             tracing::warn!(error = %e, "post-copy: a page request could not be sent");
-            return;
         }
     }
 }
