@@ -171,8 +171,9 @@ pub(crate) struct ReceiveArgs {
     /// every link's recvmsg (uring; the counterpart of `send --send-path uring`).
     #[arg(long, value_enum, default_value = "read")]
     pub(crate) recv_path: RecvPath,
-    /// After a post-copy switch, how long to wait for a source that went silent (every link down), in seconds: the
-    /// guest runs here without all its pages, and its vCPUs wait for them until then.
+    /// After a post-copy switch, how long to wait for a source that went silent (every link down), or to reconnect a
+    /// control connection that was lost, in seconds: the guest runs here without all its pages, and its vCPUs wait
+    /// for them until then.
     #[arg(long, value_name = "SECS", default_value_t = 600, value_parser = clap::value_parser!(u64).range(1..))]
     pub(crate) postcopy_wait: u64,
     /// How long to let the resumed guest run before exiting, in milliseconds.
@@ -393,8 +394,9 @@ pub(crate) struct RunOpts {
     /// needs userfaultfd: root, or vm.unprivileged_userfaultfd = 1).
     #[arg(long, value_enum, default_value = "off")]
     pub(crate) postcopy: PostcopyMode,
-    /// After a post-copy switch, how long to wait for a destination that went silent (every link down), in
-    /// seconds: neither side has the whole guest, so the transfer goes on when the network returns.
+    /// After a post-copy switch, how long to wait for a destination that went silent (every link down), or to
+    /// reconnect a connection that was reset, in seconds: neither side has the whole guest, so the transfer goes on
+    /// when the network returns.
     #[arg(long, value_name = "SECS", default_value_t = 600, value_parser = clap::value_parser!(u64).range(1..))]
     pub(crate) postcopy_wait: u64,
     /// How the switchover verifies destination memory.

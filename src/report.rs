@@ -247,6 +247,10 @@ pub struct Postcopy {
     /// Fault latency histogram: (upper bound in microseconds, faults), powers of two (an addition; `--plot` draws
     /// it).
     pub fault_latency_histogram: Vec<(u64, u64)>,
+    /// Connections the source dialled again after post-copy lost them: the control connection and data links, each
+    /// time (an addition; 0 on the destination's own report).
+    #[serde(default)]
+    pub reconnects: u64,
 }
 
 /// Latency percentiles.
@@ -267,6 +271,7 @@ impl Postcopy {
         Postcopy {
             pages_pulled: p.pages_pulled,
             pages_pushed: p.pages_pushed,
+            reconnects: p.reconnects,
             ..Postcopy::from_destination(&d, p.pages_pulled, p.switched_at)
         }
     }
@@ -282,6 +287,7 @@ impl Postcopy {
             pages_pushed: s.placed.saturating_sub(pulled),
             zero_faults: s.zero_faults,
             fault_latency_histogram: histogram(&s.histogram),
+            reconnects: 0,
         }
     }
 
@@ -290,7 +296,7 @@ impl Postcopy {
         let l = &self.fault_latency_us;
         format!(
             "post-copy   switched at {:.3} s; {} faults (latency p50 {:.0} µs, p99 {:.0} µs, max {:.0} µs), {} zero \
-             pages placed here; {} pages pulled, {} pushed\n",
+             pages placed here; {} pages pulled, {} pushed{}\n",
             self.switched_at_s,
             self.faults,
             l.p50,
@@ -298,7 +304,11 @@ impl Postcopy {
             l.max,
             self.zero_faults,
             self.pages_pulled,
-            self.pages_pushed
+            self.pages_pushed,
+            match self.reconnects {
+                0 => String::new(),
+                n => format!("; {n} connections reconnected"),
+            }
         )
     }
 }

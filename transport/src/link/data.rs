@@ -5,6 +5,10 @@
 //! Batches are shared (`Arc`) between a link's queue, its writer and its unacknowledged list, so a batch is never
 //! copied: when a link fails, the driver takes back its queue and its unacknowledged list and routes those same
 //! batches again. Acks come back in order on each link, so the unacknowledged list is a FIFO.
+//!
+//! After a post-copy switch a failed link can be given a new connection ([`DataLink::revive`]): its writer and reader
+//! threads, which wait once their connection fails, go on with the new one. Each connection is a generation, and
+//! what a thread meets on an older one (the error of a connection already replaced) is not reported.
 
 use super::zerocopy::{Buffers, ZeroCopy, ZeroCopyStats};
 use crate::stripe::pacer::Pacer;
@@ -15,8 +19,8 @@ use livemig_engine::encode::{EncodedBatch, SendPath, BATCH_PAGES};
 use std::collections::VecDeque;
 use std::io::IoSlice;
 use std::net::Shutdown;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, RwLock};
 use std::time::{Duration, Instant};
 
 /// A batch on its way: its sequence number and the shared batch.
@@ -83,7 +87,9 @@ pub struct DataLink {
     name: String,
     tx: Sender<Queued>,
     rx: Receiver<Queued>,
-    stream: Conn,
+    /// The connection, replaced when the link is revived; `generation` counts the replacements.
+    stream: RwLock<Arc<Conn>>,
+    generation: AtomicU32,
     unacked: Mutex<VecDeque<Queued>>,
     /// Frame bytes handed to the link and not yet acknowledged.
     held: AtomicU64,
@@ -105,7 +111,43 @@ pub struct DataLink {
 impl DataLink {
     /// How long a write may block from now on.
     pub fn set_write_timeout(&self, t: Option<Duration>) -> std::io::Result<()> {
-        self.stream.set_write_timeout(t)
+        self.conn().set_write_timeout(t)
+    }
+
+    /// The link's connection now, and its generation.
+    fn current(&self) -> (Arc<Conn>, u32) {
+        let c = self.stream.read().unwrap_or_else(|e| e.into_inner());
+        (c.clone(), self.generation.load(Ordering::SeqCst))
+    }
+
+    fn conn(&self) -> Arc<Conn> {
+        self.current().0
+    }
+
+    /// Gives a failed link a new connection (post-copy's reconnect), once the driver has taken its batches back: its
+    /// threads go on with it, and it takes batches again.
+    pub fn revive(&self, stream: Conn) {
+        *self.stream.write().unwrap_or_else(|e| e.into_inner()) = Arc::new(stream);
+        self.unacked().clear();
+        self.held.store(0, Ordering::Relaxed);
+        *self.error.lock().unwrap_or_else(|e| e.into_inner()) = None;
+        self.reported.store(false, Ordering::SeqCst);
+        self.suspended.store(false, Ordering::SeqCst);
+        self.generation.fetch_add(1, Ordering::SeqCst);
+        self.failed.store(false, Ordering::SeqCst);
+    }
+
+    /// Waits until the link is revived past `generation` (true) or the migration ends (false).
+    fn await_revival(&self, generation: u32, done: &AtomicBool) -> bool {
+        loop {
+            if self.stop.load(Ordering::SeqCst) || done.load(Ordering::SeqCst) {
+                return false;
+            }
+            if self.generation.load(Ordering::SeqCst) != generation && !self.is_failed() {
+                return true;
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
     }
 
     /// Wraps a connected data socket.
@@ -115,7 +157,8 @@ impl DataLink {
             name,
             tx,
             rx,
-            stream,
+            stream: RwLock::new(Arc::new(stream)),
+            generation: AtomicU32::new(0),
             unacked: Mutex::new(VecDeque::new()),
             held: AtomicU64::new(0),
             rate_bps: AtomicU64::new(0),
@@ -211,8 +254,29 @@ impl DataLink {
         events: &(dyn Fn(LinkEvent) + Sync),
         kernel_copied: &(dyn Fn() + Sync),
     ) {
+        loop {
+            let (conn, generation) = self.current();
+            self.writer_done.store(false, Ordering::SeqCst);
+            self.write_session(&conn, generation, index, pacer, events, kernel_copied);
+            self.writer_done.store(true, Ordering::SeqCst);
+            if !self.await_revival(generation, &self.stop) {
+                return;
+            }
+        }
+    }
+
+    /// The writer on one connection, until it fails or the link stops.
+    fn write_session(
+        &self,
+        conn: &Conn,
+        generation: u32,
+        index: usize,
+        pacer: &Pacer,
+        events: &(dyn Fn(LinkEvent) + Sync),
+        kernel_copied: &(dyn Fn() + Sync),
+    ) {
         let mut table = Vec::with_capacity(wire::TABLE_HEADER_LEN + BATCH_PAGES * wire::ENTRY_LEN);
-        let mut w = &self.stream;
+        let mut w = conn;
         let mut zc: Option<ZeroCopy> = None;
         let mut zc_tried = false;
         while !self.is_failed() && !self.stop.load(Ordering::SeqCst) {
@@ -230,7 +294,7 @@ impl DataLink {
             let zero_copy = batch.path == Some(SendPath::ZeroCopy) && batch.has_guest_parts();
             if zero_copy && !zc_tried {
                 zc_tried = true;
-                zc = self.start_zero_copy();
+                zc = self.start_zero_copy(conn);
             }
             let result = match zc.as_mut().filter(|_| zero_copy) {
                 Some(z) => {
@@ -262,7 +326,7 @@ impl DataLink {
                     while !self.reported.load(Ordering::SeqCst) && Instant::now() < until {
                         std::thread::sleep(Duration::from_millis(1));
                     }
-                    self.report_failure(index, e.into(), events);
+                    self.report_failure(index, generation, e.into(), events);
                     break;
                 }
             }
@@ -271,17 +335,16 @@ impl DataLink {
             z.drain();
             self.zerocopy.lock().unwrap_or_else(|e| e.into_inner()).0 = z.stats;
         }
-        self.writer_done.store(true, Ordering::SeqCst);
     }
 
     /// Turns on `MSG_ZEROCOPY` for the link's socket, or records why it stays off.
-    fn start_zero_copy(&self) -> Option<ZeroCopy> {
-        let refused = if self.stream.is_sealed() {
+    fn start_zero_copy(&self, conn: &Conn) -> Option<ZeroCopy> {
+        let refused = if conn.is_sealed() {
             // Sealing copies each page into the record buffer it is encrypted in: the kernel has nothing of the
             // guest's left to send from.
             "zero-copy does not apply to an encrypted link; sending vectored".to_string()
         } else {
-            match ZeroCopy::new(self.stream.stream()) {
+            match ZeroCopy::new(conn.stream()) {
                 Ok(z) => return Some(z),
                 Err(e) => format!("SO_ZEROCOPY refused ({e}); sending vectored"),
             }
@@ -299,8 +362,27 @@ impl DataLink {
         pool: &Sender<EncodedBatch>,
         done: &AtomicBool,
     ) {
+        loop {
+            let (conn, generation) = self.current();
+            self.read_session(&conn, generation, index, events, pool, done);
+            if !self.await_revival(generation, done) {
+                return;
+            }
+        }
+    }
+
+    /// The reader on one connection, until it fails or closes.
+    fn read_session(
+        &self,
+        conn: &Conn,
+        generation: u32,
+        index: usize,
+        events: &(dyn Fn(LinkEvent) + Sync),
+        pool: &Sender<EncodedBatch>,
+        done: &AtomicBool,
+    ) {
         let mut buf = Vec::new();
-        let mut r = &self.stream;
+        let mut r = conn;
         loop {
             let result = wire::read_frame(&mut r, &mut buf).and_then(|h| match h.kind {
                 Kind::Ack => wire::Ack::decode(&buf).map(|a| (h, a.bytes, u64::from(a.pages))),
@@ -315,7 +397,7 @@ impl DataLink {
                 }
                 Err(error) => {
                     if !done.load(Ordering::SeqCst) && !self.is_failed() && !self.stop.load(Ordering::SeqCst) {
-                        self.report_failure(index, error, events);
+                        self.report_failure(index, generation, error, events);
                     }
                     return;
                 }
@@ -338,10 +420,11 @@ impl DataLink {
         }
     }
 
-    /// Reports the link's failure once, whichever of its threads meets it first, and keeps the reason: the driver may
-    /// have finished (the control connection failed at the same moment) before it reads the event.
-    fn report_failure(&self, index: usize, error: WireError, events: &(dyn Fn(LinkEvent) + Sync)) {
-        if self.reported.swap(true, Ordering::SeqCst) {
+    /// Reports the failure of the link's connection `generation` once, whichever of its threads meets it first, and
+    /// keeps the reason: the driver may have finished (the control connection failed at the same moment) before it
+    /// reads the event. A connection already replaced is not reported.
+    fn report_failure(&self, index: usize, generation: u32, error: WireError, events: &(dyn Fn(LinkEvent) + Sync)) {
+        if self.generation.load(Ordering::SeqCst) != generation || self.reported.swap(true, Ordering::SeqCst) {
             return;
         }
         *self.error.lock().unwrap_or_else(|e| e.into_inner()) = Some(error.to_string());
@@ -356,13 +439,13 @@ impl DataLink {
     /// Declares the link failed and closes its socket, which ends its reader and writer.
     pub fn fail(&self) {
         self.failed.store(true, Ordering::SeqCst);
-        let _ = self.stream.stream().shutdown(Shutdown::Both);
+        let _ = self.conn().stream().shutdown(Shutdown::Both);
     }
 
     /// Stops the writer and closes the socket at the end of a migration.
     pub fn close(&self) {
         self.stop.store(true, Ordering::SeqCst);
-        let _ = self.stream.stream().shutdown(Shutdown::Both);
+        let _ = self.conn().stream().shutdown(Shutdown::Both);
     }
 
     /// Takes back every batch the failed link holds, queued or unacknowledged, once its writer has stopped (so that

@@ -100,7 +100,8 @@ const EVENT_BACKLOG: usize = 4096;
 #[derive(Debug, Clone, Default, PartialEq)]
 pub struct Status {
     /// "starting", "precopy", "switchover" (the source is paused), "postcopy" (the destination runs the guest and
-    /// pulls what it lacks), "postcopy-paused" (no link delivers; both sides wait for the network) or "done".
+    /// pulls what it lacks), "postcopy-paused" (no link delivers, or the control connection is being reconnected;
+    /// both sides wait for the network) or "done".
     pub phase: &'static str,
     /// The round in flight.
     pub round: u32,

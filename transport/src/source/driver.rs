@@ -133,9 +133,7 @@ impl Driver<'_> {
                 Action::Commit => {
                     // From here the destination may run the guest: the machine's pause bound no longer applies.
                     commit_sent = true;
-                    if self.send_control(Kind::Commit, &[])
-                        && self.wait_for(|e| matches!(e, Event::Committed).then_some(())).is_some()
-                    {
+                    if self.ask(Kind::Commit, &[], |e| matches!(e, Event::Committed).then_some(())).is_some() {
                         self.machine.committed();
                     }
                     marks.commit = Some(Instant::now());
@@ -152,6 +150,7 @@ impl Driver<'_> {
             }
         }
         self.fill_report(report, &marks);
+        self.pc.close_control();
     }
 
     /// Sends one round (within its tracing span), telling watchers it started and ended.
@@ -329,7 +328,7 @@ impl Driver<'_> {
         for l in &self.stripe.links {
             l.close();
         }
-        let _ = self.control.stream().shutdown(Shutdown::Both);
+        let _ = self.ctl().stream().shutdown(Shutdown::Both);
     }
 
     /// Hands the live changes asked for since the last event to the machine (and the cap to the pacer as well).
@@ -375,50 +374,16 @@ impl Driver<'_> {
         }
     }
 
-    /// Best effort: tells the destination why the migration is off, so that it reports the reason rather than a
-    /// closed connection. Bounded, because the destination may be the thing that stopped reading.
-    fn tell_destination(&self, reason: &str) {
-        let _ = self.control.stream().set_write_timeout(Some(Duration::from_millis(200)));
-        let _ = wire::write_abort(self.control, reason);
-    }
-
-    pub(super) fn send_control(&mut self, kind: Kind, body: &[u8]) -> bool {
-        match wire::write_control(self.control, kind, body) {
-            Ok(n) => {
-                self.control_written.fetch_add(n as u64, Ordering::Relaxed);
-                true
-            }
-            Err(e) => {
-                self.fail(MigrateError::Link(e.into()));
-                false
-            }
-        }
-    }
-
-    /// Waits for the event `want` picks out, handling failures and the peer timeout. None after a failure.
-    pub(super) fn wait_for<T>(&mut self, want: impl Fn(&Event) -> Option<T>) -> Option<T> {
-        self.machine.heard(Instant::now());
-        loop {
-            match self.next_event() {
-                Some(e) => {
-                    if let Some(t) = want(&e) {
-                        return Some(t);
-                    }
-                    self.handle(e);
-                }
-                None if self.error.is_some() => return None,
-                None => {}
-            }
-            if self.error.is_some() {
-                return None;
-            }
-        }
-    }
-
     /// Events every phase handles the same way: failures, and link failures that leave other links.
-    fn handle(&mut self, e: Event) {
+    pub(super) fn handle(&mut self, e: Event) {
         match e {
             Event::ControlFailed(e) => self.fail(e),
+            // The last words of a connection already replaced.
+            Event::ControlEnded(generation, _) if generation != self.pc.generation => {}
+            Event::ControlEnded(_, e) => self.control_lost(e),
+            Event::ControlBack(conn, missing) => self.control_back(conn, missing),
+            Event::LinkBack(i, conn) => self.link_back(i, conn),
+            Event::RedialGaveUp(link, why) => self.gave_up(link, &why),
             Event::Link(LinkEvent::Failed { link, error }) => self.link_failed(link, error.to_string()),
             Event::PageRequest(pages) => self.serve_request(&pages),
             Event::PostcopyStats(s) => {
@@ -441,12 +406,17 @@ impl Driver<'_> {
         self.emit(MigrationEvent::LinkFailed { link: i, name, error: why.clone() });
         link.fail();
         self.link_errors[i] = Some(why.clone());
-        if self.stripe.links.iter().all(DataLink::is_failed) {
+        // After a post-copy switch a link that errors is dialled again; the migration waits for it.
+        let redialing = self.machine.switched_at().is_some() && self.redial_link(i);
+        if self.stripe.links.iter().all(DataLink::is_failed) && !self.pc.dialing.iter().any(|&d| d) {
             self.fail(MigrateError::AllLinksFailed(why));
             return;
         }
         self.reroute(i);
         self.repace();
+        if redialing {
+            self.note_network_down();
+        }
     }
 
     /// Routes again what the failed link `i` holds. The driver must get back to its events, so a batch that no link
@@ -473,7 +443,7 @@ impl Driver<'_> {
 
     /// The next event, or None after 50 ms without one. Also the driver's clock: it fails links that stall, takes
     /// back what encoders routed to failed links, and fails the migration when the peer has been silent too long.
-    fn next_event(&mut self) -> Option<Event> {
+    pub(super) fn next_event(&mut self) -> Option<Event> {
         self.take_controls();
         self.sample_links(false);
         let now = Instant::now();
@@ -676,10 +646,8 @@ impl Driver<'_> {
             },
         };
         let ours = Verify { full, table_root, memory_root };
-        if !self.send_control(Kind::Verify, &ours.encode()) {
-            return None;
-        }
-        let theirs = self.wait_for(|e| if let Event::Verified(v) = e { Some(*v) } else { None })?;
+        let theirs =
+            self.ask(Kind::Verify, &ours.encode(), |e| if let Event::Verified(v) = e { Some(*v) } else { None })?;
         let ok = theirs.equal && theirs.table_root == table_root && (!ours.full || theirs.memory_root == memory_root);
         if !ok {
             self.error = Some(MigrateError::DigestMismatch {

@@ -13,12 +13,15 @@
 //!
 //! Any failure that leaves no way forward (the control connection, every data link, a stalled peer, a digest mismatch)
 //! goes to the machine as `fail`, and before commit the machine answers with `ResumeSource`: the source's vCPUs run
-//! again, unthrottled, and the report carries the reason.
+//! again, unthrottled, and the report carries the reason. After a post-copy switch a lost connection is dialled again
+//! instead (`reconnect`), and the source never resumes.
 
 pub mod controls;
 mod driver;
+mod exchange;
 mod handle;
 mod postcopy;
+mod reconnect;
 mod report;
 mod setup;
 mod status;
@@ -52,7 +55,16 @@ enum Event {
     StateAck,
     Verified(Verified),
     Committed,
+    /// The destination refused something, or sent what cannot be read: the migration ends.
     ControlFailed(MigrateError),
+    /// The control connection of this generation failed or closed.
+    ControlEnded(u32, MigrateError),
+    /// Post-copy: the control connection was reconnected; the destination still lacks this many pages.
+    ControlBack(std::sync::Arc<Conn>, u64),
+    /// Post-copy: data link `i` was reconnected.
+    LinkBack(usize, Box<Conn>),
+    /// Post-copy: a data link (or, None, the control connection) could not be reconnected in time.
+    RedialGaveUp(Option<usize>, String),
     /// Post-copy: the destination runs the guest.
     Switched,
     /// Post-copy: the destination dropped the old copies of a Missing frame's pages.
@@ -132,7 +144,7 @@ pub(crate) fn run(
     let control_written = AtomicU64::new(0);
     let setup = open(guest, control, links, opts, security, &control_written, &mut report.security);
     // The ring is dropped after the stripe that takes the links: it outlives every link thread that submits to it.
-    let (control, initial, rtt, (data, refused, ring)) = match setup {
+    let (control, initial, rtt, (data, refused, ring, dials)) = match setup {
         Ok(x) => x,
         Err(e) => {
             (report.result, report.bytes_on_wire) = (Err(e), control_written.load(Ordering::Relaxed));
@@ -146,6 +158,7 @@ pub(crate) fn run(
     let hashes = HashTable::new(guest.memory().total_pages());
     let policy = SendPolicy::new(opts.compress, opts.send_path.map_or_else(|| SendPath::ALL.to_vec(), |p| vec![p]));
     let mut link_errors: Vec<Option<String>> = refused;
+    let redial = reconnect::Redialer::new(&control, dials, security, opts, ring.as_ref(), guest);
     std::thread::scope(|s| {
         let (stripe, done, control) = (&stripe, &done, &control);
         let spawned = spawn_link_threads(s, stripe, &policy, &ev_tx, done, control, guest.memory().total_pages());
@@ -176,7 +189,7 @@ pub(crate) fn run(
                 start,
                 timeline: Vec::new(),
                 phase: "starting",
-                pc: Default::default(),
+                pc: postcopy::PostcopyDriver::new(redial),
             };
             d.run(&mut report, rtt);
             d.sample_links(true);
@@ -263,7 +276,7 @@ fn spawn_link_threads<'s, 'e: 's>(
         spawn(format!("lm-read{i}")).spawn_scoped(s, move || link.read_loop(i, &to_driver, &pool, done))?;
     }
     let ev = ev_tx.clone();
-    spawn("lm-control".into()).spawn_scoped(s, move || control_loop(control, &ev, done, pages))?;
+    spawn("lm-control".into()).spawn_scoped(s, move || control_loop(control, &ev, done, pages, 0))?;
     Ok(())
 }
 

@@ -6,8 +6,9 @@
 //! paused and their state delivered. The driver names the rest of the missing pages and sends Switch, and waits for
 //! Switched: the destination runs the guest from then on, and the source never resumes it. The machine then asks for
 //! the push, the last round, sent over the data links as every round is, but paced below the measured bandwidth so
-//! that the links' queues stay short. A link that errors is failed; one that falls silent is suspended, its batches
-//! sent on the others (or parked until one takes them), and used again as soon as it answers. When every link falls
+//! that the links' queues stay short. A link that errors is failed and dialled again (see `reconnect`, which also
+//! reconnects the control connection); one that falls silent is suspended, its batches sent on the others (or parked
+//! until one takes them), and used again as soon as it answers. When every link falls
 //! silent (the network went away) everything waits (up to `--postcopy-wait`), since neither side can finish alone.
 //!
 //! Pages the destination's guest faults on come as PageRequests on the control connection. The driver answers each at
@@ -15,12 +16,14 @@
 //! never behind the push's queued bytes in a data link's socket.
 
 use super::driver::Driver;
+use super::reconnect::Redialer;
 use super::{Event, PostcopyReport};
+use crate::tls::Conn;
 use crate::wire::{self, postcopy, Kind};
 use livemig_engine::dirty::Bitmap;
 use livemig_engine::encode::{BatchEncoder, EncodedBatch, HashTable, Part, SendPath, SendPolicy};
 use std::sync::atomic::Ordering;
-use std::sync::Mutex;
+use std::sync::{Arc, Mutex};
 use std::time::Instant;
 
 /// Announcements of missing pages before the pause, at most, and the size under which the pause takes the rest.
@@ -35,7 +38,6 @@ const PARKED_OFFER: std::time::Duration = std::time::Duration::from_millis(1);
 const PUSH_SHARE: f64 = 0.9;
 
 /// Post-copy as the driver keeps it.
-#[derive(Default)]
 pub(super) struct PostcopyDriver {
     /// The figures, from the switch on.
     pub(super) report: Option<PostcopyReport>,
@@ -47,6 +49,41 @@ pub(super) struct PostcopyDriver {
     pub(super) network_down: Option<Instant>,
     /// Batches of failed links that no live link could take yet.
     pub(super) parked: Vec<crate::link::data::Queued>,
+    /// How to dial lost connections again (see `reconnect`).
+    pub(super) redial: Redialer,
+    /// The control connection the reconnect made, which replaces the first.
+    pub(super) control: Option<Arc<Conn>>,
+    /// The control connection's generation: one more each time it was lost.
+    pub(super) generation: u32,
+    /// Since when the control connection has been lost (a reconnect runs).
+    pub(super) lost: Option<Instant>,
+    /// Per data link: whether it is being dialled again.
+    pub(super) dialing: Vec<bool>,
+}
+
+impl PostcopyDriver {
+    pub(super) fn new(redial: Redialer) -> Self {
+        let dialing = vec![false; redial.links.len()];
+        PostcopyDriver {
+            report: None,
+            pace: None,
+            announced: None,
+            network_down: None,
+            parked: Vec::new(),
+            redial,
+            control: None,
+            generation: 0,
+            lost: None,
+            dialing,
+        }
+    }
+
+    /// Closes the control connection the reconnect made, at the end: its reader ends.
+    pub(super) fn close_control(&self) {
+        if let Some(c) = &self.control {
+            let _ = c.stream().shutdown(std::net::Shutdown::Both);
+        }
+    }
 }
 
 impl Driver<'_> {
@@ -121,7 +158,7 @@ impl Driver<'_> {
         self.repace();
         // From here the sockets wait as long as post-copy waits for the network.
         let wait = Some(self.opts.precopy.postcopy_wait);
-        let _ = self.control.set_write_timeout(wait);
+        let _ = self.ctl().set_write_timeout(wait);
         for l in &self.stripe.links {
             let _ = l.set_write_timeout(wait);
         }
@@ -155,6 +192,11 @@ impl Driver<'_> {
         );
         self.reroute(i);
         self.repace();
+        self.note_network_down();
+    }
+
+    /// Post-copy: when no link is left delivering, says (once) that the transfer waits for the network.
+    pub(super) fn note_network_down(&mut self) {
         let usable = self.stripe.links.iter().any(|l| !l.is_failed() && !l.is_suspended());
         if !usable && self.pc.network_down.is_none() {
             // An error, so that it shows without -v: the operator has the network to restore.
@@ -189,6 +231,10 @@ impl Driver<'_> {
 
     /// Answers a fault request: the pages, raw, in one or more Pages frames on the control connection.
     pub(super) fn serve_request(&mut self, pages: &[u64]) {
+        // With the control connection lost, the destination asks again on the new one.
+        if self.pc.lost.is_some() {
+            return;
+        }
         let Some(pc) = self.pc.report.as_mut() else { return };
         pc.requests += 1;
         pc.pages_pulled += pages.len() as u64;
@@ -218,12 +264,12 @@ impl Driver<'_> {
                     Part::Guest(_) => None,
                 })
                 .collect();
-            match wire::write_pages(&mut &*self.control, epoch, 0, &table, &parts) {
+            match wire::write_pages(&mut self.ctl(), epoch, 0, &table, &parts) {
                 Ok(n) => {
                     self.control_written.fetch_add(n as u64, Ordering::Relaxed);
                 }
                 Err(e) => {
-                    self.fail(super::MigrateError::Link(e.into()));
+                    self.control_lost(super::MigrateError::Link(e.into()));
                     return;
                 }
             }

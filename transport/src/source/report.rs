@@ -246,6 +246,8 @@ pub struct PostcopyReport {
     pub pages_pushed: u64,
     /// Fault requests that arrived.
     pub requests: u64,
+    /// Connections dialled again after they were lost (the control connection and data links, each time).
+    pub reconnects: u64,
     /// The destination's figures (faults, latency), as it sent them before its verdict.
     pub destination: Option<livemig_engine::receive::postcopy::PostcopyStats>,
 }

@@ -1,12 +1,13 @@
 //! Opening a migration: the dirty log cleared and the populated pages read, the handshake on the control
 //! connection, the data links connected and presented; and the control connection's reader.
 
+use super::reconnect::Dial;
 use super::Links;
 use super::{Event, MigrateError, SourceOptions, CONNECT_TIMEOUT};
 use crate::link::data::DataLink;
 use crate::stream::Stream;
 use crate::tls::{self, Conn, SourceSecurity};
-use crate::uring::Ring;
+use crate::uring::{Ring, RingIo};
 use crate::wire::{self, postcopy, Hello, Kind, Verified, WireError};
 use crossbeam::channel::Sender;
 use livemig_engine::dirty::Bitmap;
@@ -14,6 +15,7 @@ use livemig_engine::encode::SendPath;
 use livemig_engine::guest::Guest;
 use livemig_engine::precopy::PostcopyMode;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 /// Clears the dirty log, then reads which pages may be non-zero: every write after the clear is harvested later, and
@@ -89,11 +91,9 @@ pub(super) fn handshake(
     Ok(rtt)
 }
 
-/// Opens one data link when called: connects it, or hands over the caller's stream.
-type Opener = Box<dyn FnOnce() -> std::io::Result<Stream>>;
-
-/// The data links, why any could not be used (by index), and the ring they submit to (`--send-path uring`).
-pub(super) type DataLinks = (Vec<DataLink>, Vec<Option<String>>, Option<Ring>);
+/// The data links, why any could not be used (by index), their ring (`--send-path uring`), and how to dial each
+/// again (None for a stream the caller connected).
+pub(super) type DataLinks = (Vec<DataLink>, Vec<Option<String>>, Option<Ring>, Vec<Option<Dial>>);
 
 /// Connects the data links (or takes the caller's) and presents the session on each (under TLS: a handshake of its
 /// own, and the proof that binds it to the control connection's session). A link that cannot connect is kept,
@@ -110,41 +110,41 @@ pub(super) fn connect_links(
         _ => None,
     };
     let ring_io = ring.as_ref().map(Ring::io);
-    // Each link's name and a way to open it, in order: connecting is deferred so that links connect one by one.
-    let mut openers: Vec<(String, Opener)> = Vec::new();
+    // Each link's name, how to dial it, and the caller's stream if it gave one: links connect one by one, in order.
+    let mut openers: Vec<(String, Option<Dial>, Option<Stream>)> = Vec::new();
     match links {
         Links::Connect(specs) if specs.is_empty() => {
             let peer = control.stream().peer_address().map_err(handshake_error)?;
-            openers.push((peer.to_string(), Box::new(move || peer.connect(CONNECT_TIMEOUT))));
+            let name = peer.to_string();
+            openers.push((name, Some(Arc::new(move || peer.connect(CONNECT_TIMEOUT))), None));
         }
         Links::Connect(specs) => {
             for spec in specs {
-                openers.push((spec.name(), Box::new(move || spec.connect(CONNECT_TIMEOUT).map(Stream::Tcp))));
+                let name = spec.name();
+                openers.push((name, Some(Arc::new(move || spec.connect(CONNECT_TIMEOUT).map(Stream::Tcp))), None));
             }
         }
         Links::Streams(streams) => {
             for (i, s) in streams.into_iter().enumerate() {
                 let name = s.peer().map_or_else(|_| format!("stream {i}"), |p| format!("stream {i} to {p}"));
-                openers.push((name, Box::new(move || Ok(s))));
+                openers.push((name, None, Some(s)));
             }
         }
     }
     if openers.is_empty() {
         return Err(MigrateError::AllLinksFailed("no data link given".into()));
     }
-    let mut links = Vec::new();
-    let mut errors = Vec::new();
+    let (mut links, mut errors, mut dials) = (Vec::new(), Vec::new(), Vec::new());
     let mut last_error = String::new();
-    for (i, (name, open)) in openers.into_iter().enumerate() {
-        let opened = open().map_err(|e| e.to_string()).and_then(|stream| {
-            let conn = tls::connect(stream, security, CONNECT_TIMEOUT).map_err(|e| e.to_string())?;
-            let proof = control.binding().zip(conn.binding()).map(|(c, l)| tls::link_proof(c, l));
-            let hello = wire::LinkHello { session: opts.session, link: livemig_engine::num::u32_len(i), proof };
-            wire::write_control(&conn, Kind::LinkHello, &hello.encode()).map_err(|e| e.to_string())?;
-            Ok(match &ring_io {
-                Some(io) => conn.with_ring(io.clone(), Some(crate::link::WRITE_TIMEOUT)),
-                None => conn,
-            })
+    for (i, (name, dial, given)) in openers.into_iter().enumerate() {
+        let stream = match (given, &dial) {
+            (Some(s), _) => Ok(s),
+            (None, Some(d)) => d().map_err(|e| e.to_string()),
+            (None, None) => Err("nothing to connect".to_string()),
+        };
+        let index = livemig_engine::num::u32_len(i);
+        let opened = stream.and_then(|stream| {
+            present_link(stream, security, opts.session, control.binding(), index, ring_io.as_ref())
         });
         match opened {
             Ok(stream) => {
@@ -161,14 +161,37 @@ pub(super) fn connect_links(
                 errors.push(Some(last_error.clone()));
             }
         }
+        dials.push(dial);
     }
     if errors.iter().all(Option::is_some) {
         return Err(MigrateError::AllLinksFailed(last_error));
     }
-    Ok((links, errors, ring))
+    Ok((links, errors, ring, dials))
 }
 
-pub(super) fn control_loop(r: &Conn, ev: &Sender<Event>, done: &AtomicBool, pages: u64) {
+/// Presents a new data link: its TLS handshake, then the LinkHello with the session, the link's index and (under
+/// TLS) the proof of the control session whose binding secret is `binding`.
+pub(super) fn present_link(
+    stream: Stream,
+    security: &SourceSecurity,
+    session: u64,
+    binding: Option<&[u8; 32]>,
+    index: u32,
+    ring: Option<&RingIo>,
+) -> Result<Conn, String> {
+    let conn = tls::connect(stream, security, CONNECT_TIMEOUT).map_err(|e| e.to_string())?;
+    let proof = binding.zip(conn.binding()).map(|(c, l)| tls::link_proof(c, l));
+    let hello = wire::LinkHello { session, link: index, proof };
+    wire::write_control(&conn, Kind::LinkHello, &hello.encode()).map_err(|e| e.to_string())?;
+    Ok(match ring {
+        Some(io) => conn.with_ring(io.clone(), Some(crate::link::WRITE_TIMEOUT)),
+        None => conn,
+    })
+}
+
+/// Reads the control connection (of `generation`: 0 for the first, one more for each post-copy reconnected) and
+/// hands the driver what arrives, until it fails, closes, or Committed comes.
+pub(super) fn control_loop(r: &Conn, ev: &Sender<Event>, done: &AtomicBool, pages: u64, generation: u32) {
     let mut buf = Vec::new();
     let mut r = r;
     loop {
@@ -176,7 +199,7 @@ pub(super) fn control_loop(r: &Conn, ev: &Sender<Event>, done: &AtomicBool, page
             Ok(h) => h,
             Err(e) => {
                 if !done.load(Ordering::SeqCst) {
-                    let _ = ev.send(Event::ControlFailed(MigrateError::Link(e)));
+                    let _ = ev.send(Event::ControlEnded(generation, MigrateError::Link(e)));
                 }
                 return;
             }

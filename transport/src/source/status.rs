@@ -36,7 +36,7 @@ impl Driver<'_> {
             "done"
         } else if self.machine.in_precopy() {
             "precopy"
-        } else if self.pc.network_down.is_some() {
+        } else if self.pc.network_down.is_some() || self.pc.lost.is_some() {
             "postcopy-paused"
         } else if self.machine.switched_at().is_some() {
             "postcopy"
