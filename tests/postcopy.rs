@@ -19,7 +19,7 @@ use livemig::transport::wire::{self, postcopy, Kind, Verified, Verify};
 use std::io::{BufRead, BufReader, Write};
 use std::net::{TcpListener, TcpStream};
 use std::process::{Command, Stdio};
-use std::sync::atomic::Ordering;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
 fn uffd_here() -> bool {
@@ -136,51 +136,165 @@ fn postcopy_waits_out_every_link_lost_and_resumes_when_they_return() {
     assert_runs(&g);
 }
 
-/// Plays a source by hand up to post-copy's Verify, with a table root that is right or not.
+#[test]
+fn postcopy_reconnects_every_connection_lost_during_the_push() {
+    if !uffd_here() {
+        return;
+    }
+    let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = listener.local_addr().unwrap();
+    // The control connection and both data links go through relays that end every connection at once, as a reset
+    // does: unlike a silent network, the connections are gone and must be made again.
+    let relays = [Relay::start(addr, false), Relay::start(addr, false), Relay::start(addr, false)];
+    let src = busy_guest();
+    let precopy = PrecopyConfig {
+        postcopy: PostcopyMode::Always,
+        max_bandwidth: Some(60 << 20),
+        postcopy_wait: Duration::from_secs(30),
+        ..Default::default()
+    };
+    let opts = SourceOptions { precopy, link_timeout: Duration::from_millis(500), ..Default::default() };
+    let links = [LinkSpec::to(relays[1].addr), LinkSpec::to(relays[2].addr)];
+    let closed = AtomicBool::new(false);
+    let dopts = DestOptions { postcopy_wait: Duration::from_secs(30), ..Default::default() };
+    let (report, dest) = std::thread::scope(|s| {
+        let dest = s.spawn(|| common::receive_one(&listener, &dopts));
+        let control = TcpStream::connect(relays[0].addr).unwrap();
+        let r = migrate(&src, control, &links, &opts, &SourceSecurity::Insecure, &|p| {
+            if p.epoch == 1 && p.round_pages_done > 0 && !closed.swap(true, Ordering::SeqCst) {
+                relays.iter().for_each(Relay::close_all);
+            }
+        });
+        (r, dest.join().unwrap())
+    });
+    assert!(closed.load(Ordering::SeqCst), "the connections were never closed during the push");
+    assert!(report.result.is_ok(), "{:?}", report.result);
+    assert!(report.verified);
+    let pc = report.postcopy.as_ref().expect("a post-copy section");
+    // Every connection was made again: the control connection and both links, once each.
+    assert_eq!(pc.reconnects, 3, "{pc:?}");
+    assert!(relays.iter().all(|r| r.accepted.load(Ordering::SeqCst) == 2));
+    assert!(report.links.iter().all(|l| !l.failed), "{:?}", report.links);
+    let (g, r) = dest.expect("the destination completed on the new connections");
+    assert!(r.verified && r.committed_error.is_none(), "{:?}", r.committed_error);
+    assert_runs(&g);
+}
+
+/// Plays a source by hand (session 42, a `pages`-page guest) through post-copy's switch, with page 5 missing;
+/// `before` runs once the vCPU state is delivered.
+fn switch_by_hand(addr: std::net::SocketAddr, pages: u64, before: impl FnOnce()) -> TcpStream {
+    let mut c = TcpStream::connect(addr).unwrap();
+    let mut buf = Vec::new();
+    c.write_all(&frame(Kind::Hello, &frames::hello(42, pages).encode())).unwrap();
+    assert_eq!(wire::read_frame(&mut c, &mut buf).unwrap().kind, Kind::HelloAck);
+    let layout = MemoryLayout { regions: vec![(0, pages * 4096)] };
+    let state = SyntheticGuest::destination(&layout, 1).unwrap().vcpus().save_state().unwrap();
+    c.write_all(&frame(Kind::VcpuState, &state)).unwrap();
+    assert_eq!(wire::read_frame(&mut c, &mut buf).unwrap().kind, Kind::StateAck);
+    before();
+    let mut missing = Bitmap::new(pages);
+    missing.set(5);
+    for body in postcopy::encode_missing(&missing) {
+        c.write_all(&frame(Kind::Missing, &body)).unwrap();
+        assert_eq!(wire::read_frame(&mut c, &mut buf).unwrap().kind, Kind::MissingAck);
+    }
+    c.write_all(&frame(Kind::Switch, &[])).unwrap();
+    assert_eq!(wire::read_frame(&mut c, &mut buf).unwrap().kind, Kind::Switched);
+    c
+}
+
+/// The next control frame's kind, past the page requests the destination's guest makes (it runs, and may fault).
+fn next_answer(c: &mut TcpStream, buf: &mut Vec<u8>) -> Kind {
+    loop {
+        let h = wire::read_frame(c, buf).unwrap();
+        if h.kind != Kind::PageRequest {
+            return h.kind;
+        }
+    }
+}
+
+/// Plays the rest of the source's part after the switch: page 5 on the urgent path, as an answer to a fault would
+/// come, then Verify with a table root that is right or not, and Commit (or an Abort).
+fn finish_by_hand(c: &mut TcpStream, pages: u64, root_right: bool) {
+    let mut buf = Vec::new();
+    let (e, data) = raw_page(5, 0x5a);
+    c.write_all(&frames::pages(1, vec![e], data)).unwrap();
+    let table = HashTable::new(pages);
+    table.set(5, e.hash);
+    let table_root = if root_right { table.root() } else { table.root() ^ 1 };
+    c.write_all(&frame(Kind::Verify, &Verify { full: false, table_root, memory_root: 0 }.encode())).unwrap();
+    assert_eq!(next_answer(c, &mut buf), Kind::PostcopyStats);
+    let stats = postcopy::decode_stats(&buf).unwrap();
+    assert_eq!(stats.placed, 1, "{stats:?}");
+    assert_eq!(next_answer(c, &mut buf), Kind::Verified);
+    assert_eq!(Verified::decode(&buf).unwrap().equal, root_right);
+    if root_right {
+        c.write_all(&frame(Kind::Commit, &[])).unwrap();
+        assert_eq!(next_answer(c, &mut buf), Kind::Committed);
+    } else {
+        c.write_all(&frame(Kind::Abort, b"digest mismatch")).unwrap();
+    }
+}
+
+/// Plays a source by hand through post-copy's Verify, with a table root that is right or not.
 fn hand_played(root_right: bool) -> Result<(), ReceiveError> {
     let listener = TcpListener::bind("127.0.0.1:0").unwrap();
     let addr = listener.local_addr().unwrap();
-    let pages = 64;
     std::thread::scope(|s| {
         let dest = s.spawn(|| common::receive_one(&listener, &DestOptions::default()));
-        let mut c = TcpStream::connect(addr).unwrap();
-        let mut buf = Vec::new();
-        c.write_all(&frame(Kind::Hello, &frames::hello(42, pages).encode())).unwrap();
-        assert_eq!(wire::read_frame(&mut c, &mut buf).unwrap().kind, Kind::HelloAck);
-        let layout = MemoryLayout { regions: vec![(0, pages * 4096)] };
-        let state = SyntheticGuest::destination(&layout, 1).unwrap().vcpus().save_state().unwrap();
-        c.write_all(&frame(Kind::VcpuState, &state)).unwrap();
-        assert_eq!(wire::read_frame(&mut c, &mut buf).unwrap().kind, Kind::StateAck);
-        let mut missing = Bitmap::new(pages);
-        missing.set(5);
-        for body in postcopy::encode_missing(&missing) {
-            c.write_all(&frame(Kind::Missing, &body)).unwrap();
-            assert_eq!(wire::read_frame(&mut c, &mut buf).unwrap().kind, Kind::MissingAck);
-        }
-        c.write_all(&frame(Kind::Switch, &[])).unwrap();
-        assert_eq!(wire::read_frame(&mut c, &mut buf).unwrap().kind, Kind::Switched);
-        // The page comes on the urgent path, as an answer to a fault would.
-        let (e, data) = raw_page(5, 0x5a);
-        c.write_all(&frames::pages(1, vec![e], data)).unwrap();
-        let table = HashTable::new(pages);
-        table.set(5, e.hash);
-        let table_root = if root_right { table.root() } else { table.root() ^ 1 };
-        c.write_all(&frame(Kind::Verify, &Verify { full: false, table_root, memory_root: 0 }.encode())).unwrap();
-        assert_eq!(wire::read_frame(&mut c, &mut buf).unwrap().kind, Kind::PostcopyStats);
-        let stats = postcopy::decode_stats(&buf).unwrap();
-        assert_eq!(stats.placed, 1, "{stats:?}");
-        assert_eq!(wire::read_frame(&mut c, &mut buf).unwrap().kind, Kind::Verified);
-        assert_eq!(Verified::decode(&buf).unwrap().equal, root_right);
-        if root_right {
-            c.write_all(&frame(Kind::Commit, &[])).unwrap();
-            assert_eq!(wire::read_frame(&mut c, &mut buf).unwrap().kind, Kind::Committed);
-        } else {
-            c.write_all(&frame(Kind::Abort, b"digest mismatch")).unwrap();
-        }
+        let mut c = switch_by_hand(addr, 64, || {});
+        finish_by_hand(&mut c, 64, root_right);
         let (g, _) = dest.join().unwrap()?;
         assert!(!g.vcpus().is_paused(), "a verified post-copy guest runs on");
         Ok(())
     })
+}
+
+/// Presents a Resume for `session` on a new connection and returns the answer's kind and body.
+fn resume_by_hand(addr: std::net::SocketAddr, session: u64) -> (TcpStream, Kind, Vec<u8>) {
+    let mut c = TcpStream::connect(addr).unwrap();
+    let hello = wire::LinkHello { session, link: 0, proof: None };
+    c.write_all(&frame(Kind::Resume, &hello.encode())).unwrap();
+    let mut buf = Vec::new();
+    let kind = wire::read_frame(&mut c, &mut buf).unwrap().kind;
+    (c, kind, buf)
+}
+
+#[test]
+fn a_destination_takes_the_sources_new_control_connection_after_post_copy_lost_the_first() {
+    if !uffd_here() {
+        return;
+    }
+    let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = listener.local_addr().unwrap();
+    let pages = 64;
+    let dopts = DestOptions { postcopy_wait: Duration::from_secs(30), ..Default::default() };
+    std::thread::scope(|s| {
+        let dest = s.spawn(|| common::receive_one(&listener, &dopts));
+        let c = switch_by_hand(addr, pages, || {
+            // Before the switch there is no post-copy to resume: refused, and the migration goes on.
+            let (_, kind, buf) = resume_by_hand(addr, 42);
+            assert_eq!(kind, Kind::Abort);
+            assert!(wire::decode_reason(&buf).contains("no post-copy"), "{}", wire::decode_reason(&buf));
+        });
+        // The control connection is lost: the destination's guest runs on, waiting for page 5.
+        c.shutdown(std::net::Shutdown::Both).unwrap();
+        drop(c);
+        std::thread::sleep(Duration::from_millis(300));
+        // Another session's Resume is refused, and changes nothing.
+        let (_, kind, buf) = resume_by_hand(addr, 43);
+        assert_eq!(kind, Kind::Abort);
+        assert!(wire::decode_reason(&buf).contains("session"), "{}", wire::decode_reason(&buf));
+        // The source's own goes on where the first connection stopped.
+        let (mut c, kind, buf) = resume_by_hand(addr, 42);
+        assert_eq!(kind, Kind::Resumed, "{}", wire::decode_reason(&buf));
+        assert_eq!(postcopy::decode_resumed(&buf, pages).unwrap(), 1, "page 5 is still missing");
+        finish_by_hand(&mut c, pages, true);
+        let (g, r) = dest.join().unwrap().expect("the destination completes on the new connection");
+        assert!(r.verified && r.committed_error.is_none(), "{:?}", r.committed_error);
+        assert_eq!(r.postcopy.map(|p| p.1), Some(1), "page 5 came on the urgent path");
+        assert!(!g.vcpus().is_paused(), "a verified post-copy guest runs on");
+    });
 }
 
 #[test]
@@ -202,7 +316,12 @@ fn a_source_killed_after_the_switch_leaves_a_destination_that_says_the_guest_can
     }
     let listener = TcpListener::bind("127.0.0.1:0").unwrap();
     let addr = listener.local_addr().unwrap();
-    let opts = DestOptions { idle_timeout: Duration::from_secs(5), ..Default::default() };
+    // The destination waits this long for the source to reconnect its control connection.
+    let opts = DestOptions {
+        idle_timeout: Duration::from_secs(5),
+        postcopy_wait: Duration::from_secs(3),
+        ..Default::default()
+    };
     std::thread::scope(|s| {
         let dest = s.spawn(|| common::receive_one(&listener, &opts));
         let mut send = Command::new(env!("CARGO_BIN_EXE_livemig"))
@@ -224,8 +343,9 @@ fn a_source_killed_after_the_switch_leaves_a_destination_that_says_the_guest_can
         send.wait().unwrap();
         assert!(switched, "the source never switched to post-copy");
         let e = dest.join().unwrap().expect_err("a destination missing pages must not report success");
-        let ReceiveError::PostcopyIncomplete { missing, .. } = &e else { panic!("{e:?}") };
+        let ReceiveError::PostcopyIncomplete { missing, reason } = &e else { panic!("{e:?}") };
         assert!(*missing > 0);
+        assert!(reason.contains("did not reconnect within 3s"), "{reason}");
         let text = e.to_string();
         assert!(text.contains("cannot continue") && text.contains("source holds the only complete copy"), "{text}");
     });

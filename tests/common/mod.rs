@@ -9,8 +9,10 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
-/// Forwards one TCP connection to `to`, and when `cut` is set either stops forwarding (the link stalls, as a NIC
-/// that went down) or resets both sides (the link errors).
+/// Forwards TCP connections to `to`, and when `cut` is set either stops forwarding (the link stalls, as a NIC that
+/// went down) or resets both sides (the link errors, and the relay takes no connection after its first: the link is
+/// gone for good). [`Relay::close_all`] ends every connection it forwards at once; a relay that does not reset on
+/// `cut` takes new ones all along.
 pub struct Relay {
     /// Where the source connects.
     pub addr: SocketAddr,
@@ -18,6 +20,10 @@ pub struct Relay {
     pub forwarded: Arc<AtomicU64>,
     /// Set to stall or reset the link.
     pub cut: Arc<AtomicBool>,
+    /// Both sockets of every connection forwarded so far.
+    open: Arc<std::sync::Mutex<Vec<TcpStream>>>,
+    /// Connections accepted so far.
+    pub accepted: Arc<AtomicU64>,
 }
 
 impl Relay {
@@ -26,16 +32,32 @@ impl Relay {
         let l = TcpListener::bind("127.0.0.1:0").unwrap();
         let addr = l.local_addr().unwrap();
         let (forwarded, cut) = (Arc::new(AtomicU64::new(0)), Arc::new(AtomicBool::new(false)));
-        let (f, c) = (forwarded.clone(), cut.clone());
+        let (open, accepted) = (Arc::new(std::sync::Mutex::new(Vec::new())), Arc::new(AtomicU64::new(0)));
+        let (f, c, o, a) = (forwarded.clone(), cut.clone(), open.clone(), accepted.clone());
         std::thread::spawn(move || {
-            let Ok((client, _)) = l.accept() else { return };
-            let server = TcpStream::connect(to).unwrap();
-            for (from, to) in [(client.try_clone().unwrap(), server.try_clone().unwrap()), (server, client)] {
-                let (f, c) = (f.clone(), c.clone());
-                std::thread::spawn(move || pump(from, to, &f, &c, reset_on_cut));
+            while let Ok((client, _)) = l.accept() {
+                let Ok(server) = TcpStream::connect(to) else { return };
+                a.fetch_add(1, Ordering::SeqCst);
+                let mut list = o.lock().unwrap();
+                list.extend([client.try_clone().unwrap(), server.try_clone().unwrap()]);
+                for (from, to) in [(client.try_clone().unwrap(), server.try_clone().unwrap()), (server, client)] {
+                    let (f, c) = (f.clone(), c.clone());
+                    std::thread::spawn(move || pump(from, to, &f, &c, reset_on_cut));
+                }
+                if reset_on_cut {
+                    return;
+                }
             }
         });
-        Relay { addr, forwarded, cut }
+        Relay { addr, forwarded, cut, open, accepted }
+    }
+
+    /// Ends every connection forwarded so far, both ways: each end sees its connection close under it (writes fail,
+    /// reads end), as after a reset. New connections are forwarded as before.
+    pub fn close_all(&self) {
+        for s in self.open.lock().unwrap().drain(..) {
+            let _ = s.shutdown(Shutdown::Both);
+        }
     }
 }
 
