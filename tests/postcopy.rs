@@ -144,7 +144,8 @@ fn postcopy_reconnects_every_connection_lost_during_the_push() {
     let listener = TcpListener::bind("127.0.0.1:0").unwrap();
     let addr = listener.local_addr().unwrap();
     // The control connection and both data links go through relays that end every connection at once, as a reset
-    // does: unlike a silent network, the connections are gone and must be made again.
+    // does, and refuse new ones for a second: unlike a silent network, the connections are gone and must be made
+    // again, and meanwhile no link takes the push.
     let relays = [Relay::start(addr, false), Relay::start(addr, false), Relay::start(addr, false)];
     let src = busy_guest();
     let precopy = PrecopyConfig {
@@ -162,7 +163,7 @@ fn postcopy_reconnects_every_connection_lost_during_the_push() {
         let control = TcpStream::connect(relays[0].addr).unwrap();
         let r = migrate(&src, control, &links, &opts, &SourceSecurity::Insecure, &|p| {
             if p.epoch == 1 && p.round_pages_done > 0 && !closed.swap(true, Ordering::SeqCst) {
-                relays.iter().for_each(Relay::close_all);
+                relays.iter().for_each(|r| r.close_all(Duration::from_secs(1)));
             }
         });
         (r, dest.join().unwrap())
@@ -171,9 +172,10 @@ fn postcopy_reconnects_every_connection_lost_during_the_push() {
     assert!(report.result.is_ok(), "{:?}", report.result);
     assert!(report.verified);
     let pc = report.postcopy.as_ref().expect("a post-copy section");
-    // Every connection was made again: the control connection and both links, once each.
-    assert_eq!(pc.reconnects, 3, "{pc:?}");
-    assert!(relays.iter().all(|r| r.accepted.load(Ordering::SeqCst) == 2));
+    // Every connection was made again: the control connection and both links (one may need two tries: a dial that
+    // lands just before the relay's listener closes is reset with it).
+    assert!(pc.reconnects >= 3, "{pc:?}");
+    assert!(relays.iter().all(|r| r.accepted.load(Ordering::SeqCst) >= 2));
     assert!(report.links.iter().all(|l| !l.failed), "{:?}", report.links);
     let (g, r) = dest.expect("the destination completed on the new connections");
     assert!(r.verified && r.committed_error.is_none(), "{:?}", r.committed_error);

@@ -11,8 +11,8 @@ use std::time::Duration;
 
 /// Forwards TCP connections to `to`, and when `cut` is set either stops forwarding (the link stalls, as a NIC that
 /// went down) or resets both sides (the link errors, and the relay takes no connection after its first: the link is
-/// gone for good). [`Relay::close_all`] ends every connection it forwards at once; a relay that does not reset on
-/// `cut` takes new ones all along.
+/// gone for good). [`Relay::close_all`] ends every connection it forwards at once and refuses new ones for a while (a
+/// reset network that is down for that long); a relay that does not reset on `cut` takes new ones after that.
 pub struct Relay {
     /// Where the source connects.
     pub addr: SocketAddr,
@@ -24,6 +24,8 @@ pub struct Relay {
     open: Arc<std::sync::Mutex<Vec<TcpStream>>>,
     /// Connections accepted so far.
     pub accepted: Arc<AtomicU64>,
+    /// Until when new connections are refused (the listener is closed, then bound again to the same address).
+    down_until: Arc<std::sync::Mutex<Option<std::time::Instant>>>,
 }
 
 impl Relay {
@@ -33,9 +35,31 @@ impl Relay {
         let addr = l.local_addr().unwrap();
         let (forwarded, cut) = (Arc::new(AtomicU64::new(0)), Arc::new(AtomicBool::new(false)));
         let (open, accepted) = (Arc::new(std::sync::Mutex::new(Vec::new())), Arc::new(AtomicU64::new(0)));
-        let (f, c, o, a) = (forwarded.clone(), cut.clone(), open.clone(), accepted.clone());
+        let down_until = Arc::new(std::sync::Mutex::new(None::<std::time::Instant>));
+        let (f, c, o, a, d) = (forwarded.clone(), cut.clone(), open.clone(), accepted.clone(), down_until.clone());
         std::thread::spawn(move || {
-            while let Ok((client, _)) = l.accept() {
+            let mut listener = Some(l);
+            loop {
+                let down = d.lock().unwrap().is_some_and(|t| std::time::Instant::now() < t);
+                if down {
+                    listener = None;
+                } else if listener.is_none() {
+                    listener = Some(TcpListener::bind(addr).unwrap());
+                }
+                let Some(l) = &listener else {
+                    std::thread::sleep(Duration::from_millis(5));
+                    continue;
+                };
+                l.set_nonblocking(true).unwrap();
+                let client = match l.accept() {
+                    Ok((client, _)) => client,
+                    Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
+                        std::thread::sleep(Duration::from_millis(5));
+                        continue;
+                    }
+                    Err(_) => return,
+                };
+                client.set_nonblocking(false).unwrap();
                 let Ok(server) = TcpStream::connect(to) else { return };
                 a.fetch_add(1, Ordering::SeqCst);
                 let mut list = o.lock().unwrap();
@@ -49,12 +73,13 @@ impl Relay {
                 }
             }
         });
-        Relay { addr, forwarded, cut, open, accepted }
+        Relay { addr, forwarded, cut, open, accepted, down_until }
     }
 
     /// Ends every connection forwarded so far, both ways: each end sees its connection close under it (writes fail,
-    /// reads end), as after a reset. New connections are forwarded as before.
-    pub fn close_all(&self) {
+    /// reads end), as after a reset; and refuses new ones for `outage`.
+    pub fn close_all(&self, outage: Duration) {
+        *self.down_until.lock().unwrap() = Some(std::time::Instant::now() + outage);
         for s in self.open.lock().unwrap().drain(..) {
             let _ = s.shutdown(Shutdown::Both);
         }

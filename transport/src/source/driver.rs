@@ -404,10 +404,11 @@ impl Driver<'_> {
         tracing::warn!(link = i, name = link.name(), error = %why, "data link failed; its batches go out on the others");
         let name = link.name().to_string();
         self.emit(MigrationEvent::LinkFailed { link: i, name, error: why.clone() });
-        link.fail();
-        self.link_errors[i] = Some(why.clone());
-        // After a post-copy switch a link that errors is dialled again; the migration waits for it.
+        // After a post-copy switch a link that errors is dialled again, and the migration waits for it: marked so
+        // before it fails, so that no encoder finds every link failed and none coming back.
         let redialing = self.machine.switched_at().is_some() && self.redial_link(i);
+        self.stripe.links[i].fail();
+        self.link_errors[i] = Some(why.clone());
         if self.stripe.links.iter().all(DataLink::is_failed) && !self.pc.dialing.iter().any(|&d| d) {
             self.fail(MigrateError::AllLinksFailed(why));
             return;

@@ -242,7 +242,7 @@ impl Driver<'_> {
         match self.pc.redial.link(i, until, self.ev_tx) {
             Ok(()) => {
                 tracing::warn!(link = i, "post-copy: dialling the data link again");
-                self.pc.dialing[i] = true;
+                self.set_dialing(i, true);
                 true
             }
             Err(e) => {
@@ -254,7 +254,7 @@ impl Driver<'_> {
 
     /// Data link `i` was dialled again and presented: it takes batches again.
     pub(super) fn link_back(&mut self, i: usize, conn: Box<Conn>) {
-        self.pc.dialing[i] = false;
+        self.set_dialing(i, false);
         if self.error.is_some() {
             return;
         }
@@ -270,13 +270,20 @@ impl Driver<'_> {
         self.repace();
     }
 
+    /// Marks link `i` as being dialled again or not; the encoders' batches wait for links while any is.
+    fn set_dialing(&mut self, i: usize, on: bool) {
+        self.pc.dialing[i] = on;
+        let n = self.pc.dialing.iter().filter(|&&d| d).count();
+        self.stripe.redialing.store(n, Ordering::SeqCst);
+    }
+
     /// A connection could not be dialled again in time: the control connection, or the last hope of a data link.
     pub(super) fn gave_up(&mut self, link: Option<usize>, why: &str) {
         let wait = self.opts.precopy.postcopy_wait;
         match link {
             None => self.fail(gave_up(None, why, wait)),
             Some(i) => {
-                self.pc.dialing[i] = false;
+                self.set_dialing(i, false);
                 tracing::warn!(link = i, error = %why, "post-copy: the data link could not be reconnected");
                 if self.stripe.links.iter().all(DataLink::is_failed) && !self.pc.dialing.iter().any(|&d| d) {
                     self.fail(gave_up(link, why, wait));
