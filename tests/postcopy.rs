@@ -179,6 +179,8 @@ fn postcopy_reconnects_every_connection_lost_during_the_push() {
     assert!(report.links.iter().all(|l| !l.failed), "{:?}", report.links);
     let (g, r) = dest.expect("the destination completed on the new connections");
     assert!(r.verified && r.committed_error.is_none(), "{:?}", r.committed_error);
+    // One row per link, however many connections each took.
+    assert_eq!(r.links.iter().map(|l| l.0).collect::<Vec<_>>(), [0, 1], "{:?}", r.links);
     assert_runs(&g);
 }
 

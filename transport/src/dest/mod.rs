@@ -382,6 +382,14 @@ impl<'a> Shared<'a> {
         let totals = self.totals.into_inner().unwrap_or_else(|e| e.into_inner());
         let mut links = self.received.into_inner().unwrap_or_else(|e| e.into_inner());
         links.sort_unstable();
+        // A link the source dialled again (post-copy) came on several connections: one row per link.
+        links.dedup_by(|later, first| {
+            let same = later.0 == first.0;
+            if same {
+                first.1 += later.1;
+            }
+            same
+        });
         DestReport {
             hello,
             pages: totals.counts,
@@ -634,7 +642,7 @@ fn control_loop<'s, 'e: 's, 'a: 'e>(
             }
             Msg::Control(_, r) => r?,
             Msg::Resumed(conn) => {
-                pc.resume(s, conn, control, shared, tx)?;
+                pc.resume(s, conn, (control, opts), shared, tx)?;
                 continue;
             }
         };
@@ -649,7 +657,8 @@ fn control_loop<'s, 'e: 's, 'a: 'e>(
             Kind::Switch if devices.restored && pc.armed.is_none() => pc.switch(s, control, guest, shared)?,
             Kind::Pages if pc.armed.is_some() => pc.urgent(&h, &body, shared)?,
             Kind::Verify if pc.armed.is_some() => {
-                verified = Some(pc.verify(&Verify::decode(&body)?, shared, control, guest)?)
+                let answered = pc.verify(&Verify::decode(&body)?, (shared, control, opts), guest)?;
+                verified = answered.or(verified);
             }
             Kind::Verify => {
                 let want = Verify::decode(&body)?;

@@ -148,7 +148,7 @@ impl PostcopyState {
         &mut self,
         s: &'s std::thread::Scope<'s, 'e>,
         conn: Arc<Conn>,
-        control: &Conn,
+        (control, opts): (&Conn, &super::DestOptions),
         shared: &'e Shared<'a>,
         tx: &crossbeam::channel::Sender<super::Msg>,
     ) -> Result<(), ReceiveError> {
@@ -161,8 +161,8 @@ impl PostcopyState {
             let _w = shared.control_write.lock().unwrap_or_else(|e| e.into_inner());
             *shared.resumed.lock().unwrap_or_else(|e| e.into_inner()) = Some(conn.clone());
         }
-        conn.stream().set_write_timeout(Some(super::WRITE_TIMEOUT)).map_err(WireError::from)?;
-        conn.stream().set_read_timeout(None).map_err(WireError::from)?;
+        let _ = conn.stream().set_write_timeout(Some(super::WRITE_TIMEOUT));
+        let _ = conn.stream().set_read_timeout(None);
         let _ = conn.stream().set_nodelay(true);
         self.generation += 1;
         let (generation, t) = (self.generation, tx.clone());
@@ -175,9 +175,13 @@ impl PostcopyState {
             down_s = self.lost.take().map_or(0.0, |at| at.elapsed().as_secs_f64()),
             "post-copy: resumed on the source's new control connection"
         );
-        send(shared, control, Kind::Resumed, &msg::encode_resumed(pc.remaining()))?;
+        let mut sent = send(shared, control, Kind::Resumed, &msg::encode_resumed(pc.remaining()));
         for pages in pc.awaited().chunks(msg::REQUEST_PAGES) {
-            send(shared, control, Kind::PageRequest, &msg::encode_request(pages))?;
+            sent = sent.and_then(|()| send(shared, control, Kind::PageRequest, &msg::encode_request(pages)));
+        }
+        // A new connection that fails at once is lost like the first: the source dials again.
+        if let Err(e) = sent {
+            self.control_lost(&e, opts);
         }
         Ok(())
     }
@@ -192,27 +196,15 @@ impl PostcopyState {
 
     /// Post-copy's Verify: every page must have arrived; the figures go first, then the verdict on the tables (the
     /// guest runs, so memory cannot be re-hashed). Different tables stop the migration here: the guest ran on memory
-    /// that is not the source's. Returns whether the verification was a full one (never).
+    /// that is not the source's. Returns whether the verification was a full one (never), or None when the answer
+    /// could not be sent: the connection is lost, and the source asks again on its new one.
     pub(super) fn verify(
-        &self,
+        &mut self,
         want: &Verify,
-        shared: &Shared<'_>,
-        control: &Conn,
+        (shared, control, opts): (&Shared<'_>, &Conn, &super::DestOptions),
         guest: &dyn Guest,
-    ) -> Result<bool, ReceiveError> {
-        self.before_verify(shared, control, guest)?;
-        let table_root = shared.rx.root();
-        let equal = table_root == want.table_root && !want.full;
-        send(shared, control, Kind::Verified, &Verified { equal, table_root, memory_root: 0 }.encode())?;
-        if !equal {
-            return Err(ReceiveError::PostcopyMismatch { ours: table_root, theirs: want.table_root });
-        }
-        Ok(false)
-    }
-
-    /// Every page must have arrived. Sends the figures.
-    fn before_verify(&self, shared: &Shared<'_>, control: &Conn, guest: &dyn Guest) -> Result<(), ReceiveError> {
-        let Some(pc) = &self.armed else { return Ok(()) };
+    ) -> Result<Option<bool>, ReceiveError> {
+        let Some(pc) = &self.armed else { return Ok(None) };
         let left = pc.remaining();
         if left > 0 {
             return Err(ReceiveError::PostcopyIncomplete {
@@ -222,8 +214,21 @@ impl PostcopyState {
         }
         // Every page is here: reading the guest's counter cannot fault.
         let stats = PostcopyStats { guest_pages_written: guest.vcpus().pages_written().unwrap_or(0), ..pc.stats() };
-        send(shared, control, Kind::PostcopyStats, &msg::encode_stats(&stats))?;
-        Ok(())
+        let table_root = shared.rx.root();
+        let equal = table_root == want.table_root && !want.full;
+        let verdict = Verified { equal, table_root, memory_root: 0 }.encode();
+        let sent = send(shared, control, Kind::PostcopyStats, &msg::encode_stats(&stats))
+            .and_then(|()| send(shared, control, Kind::Verified, &verdict));
+        if !equal {
+            return Err(ReceiveError::PostcopyMismatch { ours: table_root, theirs: want.table_root });
+        }
+        match sent {
+            Ok(()) => Ok(Some(false)),
+            Err(e) => {
+                self.control_lost(&e, opts);
+                Ok(None)
+            }
+        }
     }
 
     /// The figures so far.
