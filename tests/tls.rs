@@ -1,7 +1,8 @@
 //! Mutual TLS end to end, with the library's drivers on loopback: every refusal the trust model promises, each with a
 //! clear reason, the source guest running and the destination unchanged (still waiting where the attempt was
 //! refused at its handshake); a data link that cannot prove it belongs to the migration; records altered, replayed
-//! or cut on the wire; and a capture of an encrypted migration that holds none of the guest's text.
+//! or cut on the wire; a capture of an encrypted migration that holds none of the guest's text; and post-copy's
+//! reconnect, which a Resume without the first control session's proof cannot take over.
 
 mod common;
 
@@ -390,4 +391,62 @@ fn an_altered_record_on_the_only_link_fails_the_migration_with_the_source_guest_
     // The destination ran no guest: it gave up when the source called the migration off.
     let e = dest.join().unwrap().unwrap_err();
     assert!(!e.is_refusal(), "{e}");
+}
+
+#[test]
+fn post_copy_reconnects_under_tls_and_refuses_a_resume_without_the_sessions_proof() {
+    if let Err(e) = livemig::engine::guest::uffd::Uffd::new() {
+        println!("SKIPPED: userfaultfd unavailable here ({e})");
+        return;
+    }
+    let d = tmp("resume");
+    tls::init(&d, &["src", "dst"]).unwrap();
+    let pair = SecurityPair::from_dir(&d, "src", "dst").unwrap();
+    let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = listener.local_addr().unwrap();
+    // The control connection and the data link go through relays that end them at once, as a reset does.
+    let relays = [common::Relay::start(addr, false), common::Relay::start(addr, false)];
+    let (dest, refusals) = destination(listener, pair.dest.clone());
+    let cfg = SyntheticConfig { memory_bytes: 256 << 20, dirty_rate: 40_000, hot_set_pct: 20.0, ..Default::default() };
+    let g = SyntheticGuest::new(&cfg).unwrap();
+    let session = 0x5e55_2022;
+    let precopy = PrecopyConfig {
+        postcopy: livemig::engine::precopy::PostcopyMode::Always,
+        max_bandwidth: Some(60 << 20),
+        postcopy_wait: Duration::from_secs(30),
+        ..Default::default()
+    };
+    let opts = SourceOptions { session, precopy, link_timeout: Duration::from_millis(500), ..Default::default() };
+    // During the push, a host with a valid certificate that knows the session's number, but not the first control
+    // session's secret, presents a Resume to take the control connection over.
+    let stranger = || {
+        let conn = tls::connect(TcpStream::connect(addr).unwrap(), &pair.source, Duration::from_secs(5)).unwrap();
+        let proof = link_proof(&[0x42; 32], conn.binding().unwrap());
+        let hello = wire::LinkHello { session, link: 0, proof: Some(proof) };
+        wire::write_control(&conn, Kind::Resume, &hello.encode()).unwrap();
+        let mut body = Vec::new();
+        let h = wire::read_frame(&mut &conn, &mut body).unwrap();
+        assert_eq!(h.kind, Kind::Abort);
+        wire::decode_reason(&body)
+    };
+    let answer: Mutex<Option<String>> = Mutex::new(None);
+    let links = [LinkSpec::to(relays[1].addr)];
+    let control = TcpStream::connect(relays[0].addr).unwrap();
+    let r = migrate(&g, control, &links, &opts, &pair.source, &|p| {
+        let mut a = answer.lock().unwrap();
+        if p.epoch == 1 && p.round_pages_done > 0 && a.is_none() {
+            *a = Some(stranger());
+            relays.iter().for_each(|r| r.close_all(Duration::from_millis(500)));
+        }
+    });
+    r.result.unwrap();
+    assert!(r.verified);
+    let pc = r.postcopy.as_ref().expect("a post-copy section");
+    assert!(pc.reconnects >= 2, "{pc:?}");
+    let why = answer.lock().unwrap().clone().expect("the push was never reached");
+    assert!(why.contains("proof does not match this migration's control session"), "{why}");
+    let report = dest.join().unwrap().unwrap();
+    assert!(report.verified && report.security.mode == "mtls", "{:?}", report.security);
+    assert!(refusals.lock().unwrap().iter().any(|r| r.contains("proof does not match")));
+    std::fs::remove_dir_all(&d).unwrap();
 }
