@@ -11,9 +11,9 @@ use livemig::engine::encode::HashTable;
 use livemig::engine::guest::uffd::Uffd;
 use livemig::engine::guest::{MemoryLayout, SyntheticConfig, SyntheticGuest, Vcpus};
 use livemig::engine::precopy::{PostcopyMode, PrecopyConfig};
-use livemig::transport::dest::{DestOptions, ReceiveError};
+use livemig::transport::dest::{DestOptions, DestReport, ReceiveError};
 use livemig::transport::link::LinkSpec;
-use livemig::transport::source::{migrate, SourceOptions};
+use livemig::transport::source::{migrate, Progress, SourceOptions, SourceReport};
 use livemig::transport::tls::SourceSecurity;
 use livemig::transport::wire::{self, postcopy, Kind, Verified, Verify};
 use std::io::{BufRead, BufReader, Write};
@@ -84,68 +84,13 @@ fn postcopy_over_three_links_survives_a_link_cut_during_the_push() {
     assert!(src.vcpus().is_paused(), "the source must stay paused once the destination runs the guest");
 }
 
-#[test]
-fn postcopy_waits_out_every_link_lost_and_resumes_when_they_return() {
-    if !uffd_here() {
-        return;
-    }
-    let listener = TcpListener::bind("127.0.0.1:0").unwrap();
-    let addr = listener.local_addr().unwrap();
-    // The control connection and both data links go through relays that stop forwarding, as a network that went
-    // away does: no reset, the connections stay open and silent.
-    let relays = [Relay::start(addr, false), Relay::start(addr, false), Relay::start(addr, false)];
-    let src = busy_guest();
-    let precopy = PrecopyConfig {
-        postcopy: PostcopyMode::Always,
-        max_bandwidth: Some(60 << 20),
-        postcopy_wait: Duration::from_secs(25),
-        ..Default::default()
-    };
-    let opts = SourceOptions { precopy, link_timeout: Duration::from_millis(500), ..Default::default() };
-    let links = [LinkSpec::to(relays[1].addr), LinkSpec::to(relays[2].addr)];
-    // Longer than every timeout that applies before the switch (10 s), so that only post-copy's wait can cover it.
-    let outage = Duration::from_secs(12);
-    let cut_at = std::sync::Mutex::new(None::<std::time::Instant>);
-    let dopts = DestOptions { postcopy_wait: Duration::from_secs(60), ..Default::default() };
-    let (report, dest) = std::thread::scope(|s| {
-        let dest = s.spawn(|| common::receive_one(&listener, &dopts));
-        let control = TcpStream::connect(relays[0].addr).unwrap();
-        let r = migrate(&src, control, &links, &opts, &SourceSecurity::Insecure, &|p| {
-            let mut at = cut_at.lock().unwrap();
-            if p.epoch == 1 && p.round_pages_done > 0 && at.is_none() {
-                *at = Some(std::time::Instant::now());
-                relays.iter().for_each(|r| r.cut.store(true, Ordering::SeqCst));
-                let cuts: Vec<_> = relays.iter().map(|r| r.cut.clone()).collect();
-                std::thread::spawn(move || {
-                    std::thread::sleep(outage);
-                    cuts.iter().for_each(|c| c.store(false, Ordering::SeqCst));
-                });
-            }
-        });
-        (r, dest.join().unwrap())
-    });
-    let cut_at = cut_at.lock().unwrap().expect("the links were never cut during the push");
-    assert!(cut_at.elapsed() >= outage, "the migration ended during the outage");
-    assert!(report.result.is_ok(), "{:?}", report.result);
-    assert!(report.verified);
-    // Silent links are suspended, not failed: when the network returns each goes on where it stopped.
-    assert!(report.links.iter().all(|l| !l.failed), "{:?}", report.links);
-    assert!(report.links.iter().all(|l| l.bytes_on_wire > 0));
-    let (g, r) = dest.expect("the destination completed after the outage");
-    assert!(r.postcopy.is_some());
-    assert_runs(&g);
-}
+type Received = Result<(SyntheticGuest, DestReport), ReceiveError>;
 
-#[test]
-fn postcopy_reconnects_every_connection_lost_during_the_push() {
-    if !uffd_here() {
-        return;
-    }
+/// A post-copy migration whose control connection and two data links go through relays; `disrupt` is called with
+/// the relays at every progress report, to take the network away during the push.
+fn over_relays(disrupt: impl Fn(&[Relay; 3], &Progress) + Sync) -> (SourceReport, Received, [Relay; 3]) {
     let listener = TcpListener::bind("127.0.0.1:0").unwrap();
     let addr = listener.local_addr().unwrap();
-    // The control connection and both data links go through relays that end every connection at once, as a reset
-    // does, and refuse new ones for a second: unlike a silent network, the connections are gone and must be made
-    // again, and meanwhile no link takes the push.
     let relays = [Relay::start(addr, false), Relay::start(addr, false), Relay::start(addr, false)];
     let src = busy_guest();
     let precopy = PrecopyConfig {
@@ -156,17 +101,62 @@ fn postcopy_reconnects_every_connection_lost_during_the_push() {
     };
     let opts = SourceOptions { precopy, link_timeout: Duration::from_millis(500), ..Default::default() };
     let links = [LinkSpec::to(relays[1].addr), LinkSpec::to(relays[2].addr)];
-    let closed = AtomicBool::new(false);
-    let dopts = DestOptions { postcopy_wait: Duration::from_secs(30), ..Default::default() };
+    let dopts = DestOptions { postcopy_wait: Duration::from_secs(60), ..Default::default() };
     let (report, dest) = std::thread::scope(|s| {
         let dest = s.spawn(|| common::receive_one(&listener, &dopts));
         let control = TcpStream::connect(relays[0].addr).unwrap();
-        let r = migrate(&src, control, &links, &opts, &SourceSecurity::Insecure, &|p| {
-            if p.epoch == 1 && p.round_pages_done > 0 && !closed.swap(true, Ordering::SeqCst) {
-                relays.iter().for_each(|r| r.close_all(Duration::from_secs(1)));
-            }
-        });
+        let r = migrate(&src, control, &links, &opts, &SourceSecurity::Insecure, &|p| disrupt(&relays, p));
         (r, dest.join().unwrap())
+    });
+    (report, dest, relays)
+}
+
+#[test]
+fn postcopy_waits_out_every_link_lost_and_resumes_when_they_return() {
+    if !uffd_here() {
+        return;
+    }
+    // Longer than every timeout that applies before the switch (10 s), so that only post-copy's wait can cover it.
+    let outage = Duration::from_secs(12);
+    let cut_at = std::sync::Mutex::new(None::<std::time::Instant>);
+    // The relays stop forwarding, as a network that went away does: no reset, the connections stay open and silent.
+    let (report, dest, _) = over_relays(|relays, p| {
+        let mut at = cut_at.lock().unwrap();
+        if p.epoch == 1 && p.round_pages_done > 0 && at.is_none() {
+            *at = Some(std::time::Instant::now());
+            relays.iter().for_each(|r| r.cut.store(true, Ordering::SeqCst));
+            let cuts: Vec<_> = relays.iter().map(|r| r.cut.clone()).collect();
+            std::thread::spawn(move || {
+                std::thread::sleep(outage);
+                cuts.iter().for_each(|c| c.store(false, Ordering::SeqCst));
+            });
+        }
+    });
+    let cut_at = cut_at.lock().unwrap().expect("the links were never cut during the push");
+    assert!(cut_at.elapsed() >= outage, "the migration ended during the outage");
+    assert!(report.result.is_ok(), "{:?}", report.result);
+    assert!(report.verified);
+    // Silent links are suspended, not failed: when the network returns each goes on where it stopped.
+    assert!(report.links.iter().all(|l| !l.failed), "{:?}", report.links);
+    assert!(report.links.iter().all(|l| l.bytes_on_wire > 0));
+    assert_eq!(report.postcopy.as_ref().map(|p| p.reconnects), Some(0), "no connection was made again");
+    let (g, r) = dest.expect("the destination completed after the outage");
+    assert!(r.postcopy.is_some());
+    assert_runs(&g);
+}
+
+#[test]
+fn postcopy_reconnects_every_connection_lost_during_the_push() {
+    if !uffd_here() {
+        return;
+    }
+    let closed = AtomicBool::new(false);
+    // The relays end every connection at once, as a reset does, and refuse new ones for a second: unlike a silent
+    // network, the connections are gone and must be made again, and meanwhile no link takes the push.
+    let (report, dest, relays) = over_relays(|relays, p| {
+        if p.epoch == 1 && p.round_pages_done > 0 && !closed.swap(true, Ordering::SeqCst) {
+            relays.iter().for_each(|r| r.close_all(Duration::from_secs(1)));
+        }
     });
     assert!(closed.load(Ordering::SeqCst), "the connections were never closed during the push");
     assert!(report.result.is_ok(), "{:?}", report.result);
