@@ -141,6 +141,19 @@ fn a_tls_source_against_a_plaintext_destination_is_told_so_and_keeps_its_guest()
     assert!(refusals.lock().unwrap().iter().any(|r| r.contains("magic")), "{:?}", refusals.lock().unwrap());
 }
 
+/// A host with a valid certificate that knows a session's number but not its control session's secret: it presents
+/// a `kind` (LinkHello or Resume) with a proof made from another secret, and returns the reason it is refused.
+fn stranger(addr: SocketAddr, security: &SourceSecurity, session: u64, kind: Kind) -> String {
+    let conn = tls::connect(TcpStream::connect(addr).unwrap(), security, Duration::from_secs(5)).unwrap();
+    let proof = link_proof(&[0x42; 32], conn.binding().unwrap());
+    let hello = wire::LinkHello { session, link: 0, proof: Some(proof) };
+    wire::write_control(&conn, kind, &hello.encode()).unwrap();
+    let mut body = Vec::new();
+    let h = wire::read_frame(&mut &conn, &mut body).unwrap();
+    assert_eq!(h.kind, Kind::Abort);
+    wire::decode_reason(&body)
+}
+
 #[test]
 fn a_data_link_of_another_session_is_refused_though_its_certificate_is_valid() {
     let d = tmp("session");
@@ -164,16 +177,7 @@ fn a_data_link_of_another_session_is_refused_though_its_certificate_is_valid() {
     // Mid-migration (at the first progress report), a host with a valid certificate, which knows the session's
     // number but not its control session's secret, presents a data link.
     let answer: Mutex<Option<String>> = Mutex::new(None);
-    let stranger = || {
-        let conn = tls::connect(TcpStream::connect(addr).unwrap(), &pair.source, Duration::from_secs(5)).unwrap();
-        let proof = link_proof(&[0x42; 32], conn.binding().unwrap());
-        let hello = wire::LinkHello { session, link: 0, proof: Some(proof) };
-        wire::write_control(&conn, Kind::LinkHello, &hello.encode()).unwrap();
-        let mut body = Vec::new();
-        let h = wire::read_frame(&mut &conn, &mut body).unwrap();
-        assert_eq!(h.kind, Kind::Abort);
-        wire::decode_reason(&body)
-    };
+    let stranger = || stranger(addr, &pair.source, session, Kind::LinkHello);
     let r = migrate(&g, TcpStream::connect(addr).unwrap(), &[], &opts, &pair.source, &|_| {
         let mut a = answer.lock().unwrap();
         if a.is_none() {
@@ -419,16 +423,7 @@ fn post_copy_reconnects_under_tls_and_refuses_a_resume_without_the_sessions_proo
     let opts = SourceOptions { session, precopy, link_timeout: Duration::from_millis(500), ..Default::default() };
     // During the push, a host with a valid certificate that knows the session's number, but not the first control
     // session's secret, presents a Resume to take the control connection over.
-    let stranger = || {
-        let conn = tls::connect(TcpStream::connect(addr).unwrap(), &pair.source, Duration::from_secs(5)).unwrap();
-        let proof = link_proof(&[0x42; 32], conn.binding().unwrap());
-        let hello = wire::LinkHello { session, link: 0, proof: Some(proof) };
-        wire::write_control(&conn, Kind::Resume, &hello.encode()).unwrap();
-        let mut body = Vec::new();
-        let h = wire::read_frame(&mut &conn, &mut body).unwrap();
-        assert_eq!(h.kind, Kind::Abort);
-        wire::decode_reason(&body)
-    };
+    let stranger = || stranger(addr, &pair.source, session, Kind::Resume);
     let answer: Mutex<Option<String>> = Mutex::new(None);
     let links = [LinkSpec::to(relays[1].addr)];
     let control = TcpStream::connect(relays[0].addr).unwrap();
