@@ -8,8 +8,8 @@
 //! the push, the last round, sent over the data links as every round is, but paced below the measured bandwidth so
 //! that the links' queues stay short. A link that errors is failed and dialled again (see `reconnect`, which also
 //! reconnects the control connection); one that falls silent is suspended, its batches sent on the others (or parked
-//! until one takes them), and used again as soon as it answers. When every link falls
-//! silent (the network went away) everything waits (up to `--postcopy-wait`), since neither side can finish alone.
+//! until one takes them), and used again as soon as it answers. When every link falls silent (the network went away)
+//! everything waits (up to `--postcopy-wait`), since neither side can finish alone.
 //!
 //! Pages the destination's guest faults on come as PageRequests on the control connection. The driver answers each at
 //! once, ahead of the push, with a Pages frame on the control connection itself: raw (no time spent compressing), and

@@ -98,8 +98,9 @@ impl Redialer {
         std::thread::Builder::new().name(format!("lm-redial{i}")).spawn(move || {
             let index = livemig_engine::num::u32_len(i);
             let event = retry(until, &stop, || {
-                let stream = dial().map_err(|e| e.to_string())?;
+                let stream = dial().map_err(|e| Failed::Retry(e.to_string()))?;
                 setup::present_link(stream, &security, session, binding.as_ref(), index, ring.as_ref())
+                    .map_err(Failed::Retry)
             });
             let _ = ev.send(match event {
                 Some(Ok(conn)) => Event::LinkBack(i, Box::new(conn)),
@@ -118,11 +119,11 @@ impl Redialer {
             (self.security.clone(), self.session, self.binding, self.pages, self.stop.clone(), ev.clone());
         std::thread::Builder::new().name("lm-redial-control".into()).spawn(move || {
             let event = retry(until, &stop, || {
-                let stream = dial().map_err(|e| e.to_string())?;
+                let stream = dial().map_err(|e| Failed::Retry(e.to_string()))?;
                 resume(stream, &security, session, binding.as_ref(), pages).map_err(|e| match e {
-                    // Refused: a reason to stop, not to try again.
-                    WireError::PeerAbort(why) => format!("refused: {why}"),
-                    e => e.to_string(),
+                    // The destination refused: a reason to stop, not to try again.
+                    WireError::PeerAbort(why) => Failed::Refused(format!("the destination refused the Resume: {why}")),
+                    e => Failed::Retry(e.to_string()),
                 })
             });
             match event {
@@ -140,9 +141,17 @@ impl Redialer {
     }
 }
 
-/// Calls `attempt` every [`REDIAL_EVERY`] until it succeeds, says it was refused, or `until` passes (the last error);
-/// None once the migration stopped.
-fn retry<T>(until: Instant, stop: &AtomicBool, attempt: impl Fn() -> Result<T, String>) -> Option<Result<T, String>> {
+/// Why an attempt to dial again failed.
+enum Failed {
+    /// Worth another try: the network, or a connection that died on the way.
+    Retry(String),
+    /// The destination said no: final.
+    Refused(String),
+}
+
+/// Calls `attempt` every [`REDIAL_EVERY`] until it succeeds, is refused, or `until` passes (the last error); None
+/// once the migration stopped.
+fn retry<T>(until: Instant, stop: &AtomicBool, attempt: impl Fn() -> Result<T, Failed>) -> Option<Result<T, String>> {
     loop {
         if stop.load(Ordering::SeqCst) {
             return None;
@@ -150,8 +159,9 @@ fn retry<T>(until: Instant, stop: &AtomicBool, attempt: impl Fn() -> Result<T, S
         let started = Instant::now();
         match attempt() {
             Ok(t) => return Some(Ok(t)),
-            Err(why) if why.starts_with("refused: ") || Instant::now() >= until => return Some(Err(why)),
-            Err(why) => tracing::debug!(error = %why, "post-copy: reconnect attempt failed"),
+            Err(Failed::Refused(why)) => return Some(Err(why)),
+            Err(Failed::Retry(why)) if Instant::now() >= until => return Some(Err(why)),
+            Err(Failed::Retry(why)) => tracing::debug!(error = %why, "post-copy: reconnect attempt failed"),
         }
         std::thread::sleep(REDIAL_EVERY.saturating_sub(started.elapsed()));
     }
