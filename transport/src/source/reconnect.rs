@@ -11,8 +11,8 @@
 //!   admits a Resume only while its guest runs in post-copy, asks again for every page its faults still wait for,
 //!   and the driver sends again the one request it may have been waiting on (Verify, Commit).
 //!
-//! A destination that refuses the Resume (it is not running this migration in post-copy any more) ends the
-//! migration with the outcome unknown, as a lost control connection did before. Data links the caller connected
+//! A destination that refuses the Resume (at its cap of waiting connections, or not running this migration in
+//! post-copy any more) is asked again until the wait runs out, and then the migration ends with the outcome unknown. Data links the caller connected
 //! itself ([`super::Links::Streams`]) cannot be dialled again.
 //!
 //! [`DataLink::revive`]: crate::link::data::DataLink::revive
@@ -112,7 +112,7 @@ impl Redialer {
     }
 
     /// Dials the control connection until the destination resumes on it, then reads it as the control reader (of
-    /// `generation`) until it ends. The destination's refusal is final.
+    /// `generation`) until it ends.
     pub(super) fn control(&self, generation: u32, until: Instant, ev: &Sender<Event>) -> std::io::Result<()> {
         let Some(dial) = self.control.clone() else { return Ok(()) };
         let (security, session, binding, pages, stop, ev) =
@@ -121,7 +121,6 @@ impl Redialer {
             let event = retry(until, &stop, || {
                 let stream = dial().map_err(|e| Failed::Retry(e.to_string()))?;
                 resume(stream, &security, session, binding.as_ref(), pages).map_err(|e| match e {
-                    // The destination refused: a reason to stop, not to try again.
                     WireError::PeerAbort(why) => Failed::Refused(format!("the destination refused the Resume: {why}")),
                     e => Failed::Retry(e.to_string()),
                 })
@@ -141,16 +140,17 @@ impl Redialer {
     }
 }
 
-/// Why an attempt to dial again failed.
+/// Why an attempt to dial again failed. Either is tried again: a refusal may pass too (a destination at its cap of
+/// waiting connections, under a flood), and one that does not costs only the wait.
 enum Failed {
-    /// Worth another try: the network, or a connection that died on the way.
+    /// The network, or a connection that died on the way.
     Retry(String),
-    /// The destination said no: final.
+    /// The destination answered with an Abort.
     Refused(String),
 }
 
-/// Calls `attempt` every [`REDIAL_EVERY`] until it succeeds, is refused, or `until` passes (the last error); None
-/// once the migration stopped.
+/// Calls `attempt` every [`REDIAL_EVERY`] until it succeeds or `until` passes (the last error); None once the
+/// migration stopped.
 fn retry<T>(until: Instant, stop: &AtomicBool, attempt: impl Fn() -> Result<T, Failed>) -> Option<Result<T, String>> {
     loop {
         if stop.load(Ordering::SeqCst) {
@@ -159,9 +159,9 @@ fn retry<T>(until: Instant, stop: &AtomicBool, attempt: impl Fn() -> Result<T, F
         let started = Instant::now();
         match attempt() {
             Ok(t) => return Some(Ok(t)),
-            Err(Failed::Refused(why)) => return Some(Err(why)),
-            Err(Failed::Retry(why)) if Instant::now() >= until => return Some(Err(why)),
+            Err(Failed::Retry(why) | Failed::Refused(why)) if Instant::now() >= until => return Some(Err(why)),
             Err(Failed::Retry(why)) => tracing::debug!(error = %why, "post-copy: reconnect attempt failed"),
+            Err(Failed::Refused(why)) => tracing::warn!(error = %why, "post-copy: reconnect attempt refused"),
         }
         std::thread::sleep(REDIAL_EVERY.saturating_sub(started.elapsed()));
     }
