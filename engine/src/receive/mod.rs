@@ -480,7 +480,7 @@ impl<'a> Receiver<'a> {
         if st.rest_pending.take() == Some(key) {
             return self.apply_rest(key, st);
         }
-        if self.placer.get().is_some() {
+        if self.is_placing() {
             return self.apply_frame_buffered(key, entries, zstd_len, st, read);
         }
         let mut others_len = 0usize;

@@ -327,6 +327,11 @@ impl super::Receiver<'_> {
         self.placer.set(placer).is_ok()
     }
 
+    /// Whether post-copy has switched: pages go through a placer.
+    pub fn is_placing(&self) -> bool {
+        self.placer.get().is_some()
+    }
+
     /// Post-copy's form of [`Receiver::apply_frame_in_place`]: a page must be placed whole by the kernel, so the whole
     /// payload is read into buffers first and the frame applied from them.
     pub(super) fn apply_frame_buffered(

@@ -83,7 +83,7 @@ fn present(conn: &Conn, shared: &Shared<'_>) -> Result<Presented, ReceiveError> 
     let h = wire::read_frame(&mut d, &mut body)?;
     let what = match h.kind {
         Kind::LinkHello => "link",
-        Kind::Resume if shared.armed.load(Ordering::SeqCst) => "control connection",
+        Kind::Resume if shared.rx.is_placing() => "control connection",
         Kind::Resume => return Err(ReceiveError::Unbound("a Resume, and no post-copy runs here to resume")),
         Kind::Hello => return Err(ReceiveError::Busy),
         got => return Err(WireError::Unexpected { got, expected: "LinkHello" }.into()),

@@ -302,8 +302,6 @@ struct Shared<'a> {
     /// for the network (`postcopy_wait`) rather than [`MID_FRAME_TIMEOUT`].
     postcopy: AtomicBool,
     postcopy_wait: Duration,
-    /// Set at the switch: from then a Resume may replace a lost control connection.
-    armed: AtomicBool,
     /// The control connection the source reconnected after post-copy lost the first one; writes go to it.
     resumed: Mutex<Option<Arc<Conn>>>,
 }
@@ -366,7 +364,6 @@ impl<'a> Shared<'a> {
             control_write: Mutex::new(()),
             postcopy: AtomicBool::new(false),
             postcopy_wait: opts.postcopy_wait,
-            armed: AtomicBool::new(false),
             resumed: Mutex::new(None),
         }
     }

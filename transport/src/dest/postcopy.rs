@@ -94,7 +94,6 @@ impl PostcopyState {
         shared.rx.set_placer(pc.clone());
         self.armed = Some(pc.clone());
         let live = shared.enter().ok_or_else(|| ReceiveError::Postcopy("the migration is stopping".into()))?;
-        shared.armed.store(true, Ordering::SeqCst);
         std::thread::Builder::new()
             .name("lm-faults".into())
             .spawn_scoped(s, move || serve_faults(&pc, control, shared, live))

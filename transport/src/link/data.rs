@@ -99,6 +99,8 @@ pub struct DataLink {
     failed: AtomicBool,
     /// Silent, after a post-copy switch: takes no batch until it acknowledges one again (see [`DataLink::suspend`]).
     suspended: AtomicBool,
+    /// Failed after a post-copy switch and being dialled again (see [`DataLink::revive`]).
+    dialing: AtomicBool,
     stop: AtomicBool,
     writer_done: AtomicBool,
     /// Set by whichever of the writer and the reader reports the link's failure first, with the reason.
@@ -124,9 +126,20 @@ impl DataLink {
         self.current().0
     }
 
+    /// Marks the link as being dialled again, or no longer.
+    pub fn set_dialing(&self, on: bool) {
+        self.dialing.store(on, Ordering::SeqCst);
+    }
+
+    /// Whether the link is being dialled again: failed, but batches may wait for it.
+    pub fn is_dialing(&self) -> bool {
+        self.dialing.load(Ordering::SeqCst)
+    }
+
     /// Gives a failed link a new connection (post-copy's reconnect), once the driver has taken its batches back: its
     /// threads go on with it, and it takes batches again.
     pub fn revive(&self, stream: Conn) {
+        self.set_dialing(false);
         *self.stream.write().unwrap_or_else(|e| e.into_inner()) = Arc::new(stream);
         self.unacked().clear();
         self.held.store(0, Ordering::Relaxed);
@@ -165,6 +178,7 @@ impl DataLink {
             written: AtomicU64::new(0),
             failed: AtomicBool::new(false),
             suspended: AtomicBool::new(false),
+            dialing: AtomicBool::new(false),
             stop: AtomicBool::new(false),
             writer_done: AtomicBool::new(false),
             reported: AtomicBool::new(false),

@@ -4,7 +4,7 @@ use super::controls::{Change, MigrationEvent};
 use super::{DowntimeParts, Event, MigrateError, Progress, RoundReport, SourceOptions, SourceReport};
 use super::{VerifyMode, DIRTY_SAMPLE};
 use crate::cpu_usage::CpuMeter;
-use crate::link::data::{DataLink, LinkEvent};
+use crate::link::data::LinkEvent;
 use crate::stripe::Stripe;
 use crate::tls::Conn;
 use crate::wire::{self, Kind, Verify, WireError};
@@ -409,7 +409,7 @@ impl Driver<'_> {
         let redialing = self.machine.switched_at().is_some() && self.redial_link(i);
         self.stripe.links[i].fail();
         self.link_errors[i] = Some(why.clone());
-        if self.stripe.links.iter().all(DataLink::is_failed) && !self.pc.dialing.iter().any(|&d| d) {
+        if !self.stripe.links_left() {
             self.fail(MigrateError::AllLinksFailed(why));
             return;
         }

@@ -57,13 +57,10 @@ pub(super) struct PostcopyDriver {
     pub(super) generation: u32,
     /// Since when the control connection has been lost (a reconnect runs).
     pub(super) lost: Option<Instant>,
-    /// Per data link: whether it is being dialled again.
-    pub(super) dialing: Vec<bool>,
 }
 
 impl PostcopyDriver {
     pub(super) fn new(redial: Redialer) -> Self {
-        let dialing = vec![false; redial.links.len()];
         PostcopyDriver {
             report: None,
             pace: None,
@@ -74,7 +71,6 @@ impl PostcopyDriver {
             control: None,
             generation: 0,
             lost: None,
-            dialing,
         }
     }
 

@@ -19,7 +19,6 @@
 
 use super::driver::Driver;
 use super::{setup, Event, MigrateError};
-use crate::link::data::DataLink;
 use crate::stream::Stream;
 use crate::tls::{self, Conn, SourceSecurity};
 use crate::uring::RingIo;
@@ -242,7 +241,7 @@ impl Driver<'_> {
     /// Starts dialling data link `i` again, unless it cannot be (a stream the caller gave) or already is. Returns
     /// whether it is being dialled.
     pub(super) fn redial_link(&mut self, i: usize) -> bool {
-        if self.pc.dialing[i] {
+        if self.stripe.links[i].is_dialing() {
             return true;
         }
         if !self.pc.redial.can_redial(i) {
@@ -252,7 +251,7 @@ impl Driver<'_> {
         match self.pc.redial.link(i, until, self.ev_tx) {
             Ok(()) => {
                 tracing::warn!(link = i, "post-copy: dialling the data link again");
-                self.set_dialing(i, true);
+                self.stripe.links[i].set_dialing(true);
                 true
             }
             Err(e) => {
@@ -264,8 +263,8 @@ impl Driver<'_> {
 
     /// Data link `i` was dialled again and presented: it takes batches again.
     pub(super) fn link_back(&mut self, i: usize, conn: Box<Conn>) {
-        self.set_dialing(i, false);
         if self.error.is_some() {
+            self.stripe.links[i].set_dialing(false);
             return;
         }
         let _ = conn.set_write_timeout(Some(self.opts.precopy.postcopy_wait));
@@ -280,22 +279,15 @@ impl Driver<'_> {
         self.repace();
     }
 
-    /// Marks link `i` as being dialled again or not; the encoders' batches wait for links while any is.
-    fn set_dialing(&mut self, i: usize, on: bool) {
-        self.pc.dialing[i] = on;
-        let n = self.pc.dialing.iter().filter(|&&d| d).count();
-        self.stripe.redialing.store(n, Ordering::SeqCst);
-    }
-
     /// A connection could not be dialled again in time: the control connection, or the last hope of a data link.
     pub(super) fn gave_up(&mut self, link: Option<usize>, why: &str) {
         let wait = self.opts.precopy.postcopy_wait;
         match link {
             None => self.fail(gave_up(None, why, wait)),
             Some(i) => {
-                self.set_dialing(i, false);
+                self.stripe.links[i].set_dialing(false);
                 tracing::warn!(link = i, error = %why, "post-copy: the data link could not be reconnected");
-                if self.stripe.links.iter().all(DataLink::is_failed) && !self.pc.dialing.iter().any(|&d| d) {
+                if !self.stripe.links_left() {
                     self.fail(gave_up(link, why, wait));
                 }
             }

@@ -13,7 +13,7 @@ use crate::link::data::{frame_len, DataLink, LinkLoad, Queued, QUEUE_BATCHES};
 use crossbeam::channel::{bounded, Receiver, Sender};
 use livemig_engine::encode::{BatchSink, EncodedBatch, BATCH_PAGES};
 use pacer::Pacer;
-use std::sync::atomic::{AtomicBool, AtomicU32, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -51,8 +51,6 @@ pub struct Stripe {
     /// Set after a post-copy switch: while no link takes batches but some are suspended rather than failed, or being
     /// dialled again, an encoder's batch waits for one to answer again instead of ending the round.
     pub wait_for_links: AtomicBool,
-    /// Links being dialled again (post-copy's reconnect).
-    pub redialing: AtomicUsize,
     /// The bandwidth cap over all links, which each link's writer takes its frames' slots from.
     pub pacer: Pacer,
 }
@@ -70,7 +68,6 @@ impl Stripe {
             abort: AtomicBool::new(false),
             pacer: Pacer::new(max_bandwidth),
             wait_for_links: AtomicBool::new(false),
-            redialing: AtomicUsize::new(0),
         }
     }
 
@@ -116,11 +113,14 @@ impl Stripe {
 }
 
 impl Stripe {
-    /// Whether a batch no link takes should wait: post-copy, and some link is suspended rather than failed, or is
-    /// being dialled again.
+    /// Whether a batch no link takes should wait: post-copy, and some link may still deliver.
     fn waits_for_links(&self) -> bool {
-        self.wait_for_links.load(Ordering::Relaxed)
-            && (self.redialing.load(Ordering::SeqCst) > 0 || self.links.iter().any(|l| !l.is_failed()))
+        self.wait_for_links.load(Ordering::Relaxed) && self.links_left()
+    }
+
+    /// Whether some link may still deliver: not failed (if only suspended), or being dialled again.
+    pub fn links_left(&self) -> bool {
+        self.links.iter().any(|l| !l.is_failed() || l.is_dialing())
     }
 }
 
